@@ -1,0 +1,82 @@
+"""The DATA byte stream: end-of-data detection and dot-unstuffing (RFC 5321 4.5.2).
+
+Only ``<CRLF>.<CRLF>`` ends a message: a line is a run of bytes ended by CRLF, and
+no bare LF or bare CR counts as a line end, so no ``\\n.\\n``-style variant can end
+a message early or smuggle a second transaction in.  Work is done on whole
+buffers with ``bytes.find``; only lines that begin with a dot cost Python work.
+"""
+
+from __future__ import annotations
+
+_CR = 0x0D
+_LF = 0x0A
+_DOT = 0x2E
+
+
+class DotDecoder:
+    """Incremental decoder of one DATA section.
+
+    Feed it the receive buffer with :meth:`decode`; it returns the unstuffed
+    message bytes it could decide on, how far it consumed, and whether the
+    end-of-data line was seen.  Bytes it cannot decide on yet (a trailing CR,
+    or a dot at the start of a line) are left in the buffer for the next call.
+    """
+
+    __slots__ = ("bol",)
+
+    def __init__(self) -> None:
+        # The first byte after the DATA command line starts a line.
+        self.bol = True
+
+    def decode(self, buf: bytes, pos: int) -> tuple[list[bytes], int, bool]:
+        """Decode ``buf[pos:]``; return (pieces, next position, ended)."""
+        out: list[bytes] = []
+        n = len(buf)
+        while pos < n:
+            if self.bol:
+                if buf[pos] == _DOT:
+                    if n - pos < 2:
+                        break  # a lone dot: need the next byte
+                    if buf[pos + 1] == _CR:
+                        if n - pos < 3:
+                            break  # ".\r": need one more byte
+                        if buf[pos + 2] == _LF:
+                            return out, pos + 3, True
+                    pos += 1  # a stuffed dot: drop it, the line goes on
+                self.bol = False
+                continue
+            i = buf.find(b"\r\n.", pos)
+            if i >= 0:
+                out.append(buf[pos:i + 2])
+                pos = i + 2
+                self.bol = True
+                continue
+            end = n
+            if buf[n - 1] == _CR:
+                end = n - 1  # may be the CR of a CRLF: decide next time
+            if end > pos:
+                out.append(buf[pos:end])
+            pos = end
+            break
+        return out, pos, False
+
+
+def count_bare_newlines(data: bytes, prev_cr: bool) -> int:
+    """Count bare LFs and bare CRs in ``data``, a piece of a CRLF-delimited stream.
+
+    ``prev_cr`` says the previous piece ended with CR, so a leading LF is
+    not bare.  A trailing CR is not counted: the caller passes it on as
+    ``prev_cr`` and counts it as bare if the next piece does not start with LF.
+    """
+    if not data:
+        return 0
+    crlf = data.count(b"\r\n")
+    bare_lf = data.count(b"\n") - crlf
+    bare_cr = data.count(b"\r") - crlf
+    if prev_cr and data[:1] == b"\n":
+        bare_lf -= 1
+    elif prev_cr:
+        bare_cr += 1  # the previous piece's trailing CR was bare after all
+    if data[-1:] == b"\r":
+        bare_cr -= 1
+    return bare_lf + bare_cr

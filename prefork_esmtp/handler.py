@@ -1,0 +1,138 @@
+"""ESMTPHandler: the seed's hooks (Apache2::Protocol::ESMTP) and their defaults.
+
+Subclass it and override the hooks you care about.  One instance serves one
+connection, so instance attributes are the session.  Every hook but HEADER,
+EOH and BODY returns ``(code, *messages)``; several messages make a
+multi-line reply.  The engine adds the framing, the server's hostname where
+RFC 5321 wants it, and default enhanced status codes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+Reply = tuple[Any, ...]
+
+
+class ESMTPHandler:
+    """The base class: carries on a whole ESMTP conversation, accepts and discards mail.
+
+    Properties (the seed's): ``input_handle`` and ``output_handle`` (the
+    session's reader and reply writer), ``chunkmode`` (line mode first, chunk
+    mode after EOH, line mode again after EOM), ``chunksize`` (largest BODY
+    chunk in chunk mode), ``disconnect`` (close once the current reply is sent).
+
+    Session facts the engine keeps up to date: ``client`` (HELO/EHLO domain),
+    ``esmtp`` (True after EHLO), ``env_sender``, ``env_recipients`` (only those
+    RCPT accepted with 2xx), ``mail_params``, ``rcpt_params`` (of the RCPT being
+    handled), ``recipients_params`` (one dict per accepted recipient),
+    ``peer`` and ``local`` ((host, port) tuples), ``hostname`` (this server's).
+    """
+
+    #: Largest BODY chunk in chunk mode, in bytes.
+    chunksize: int = 65536
+    #: Read the body in chunks (True) or line by line (False).  The engine turns
+    #: it on just before EOH and off after EOM; set it in EOH to change that.
+    chunkmode: bool = False
+    #: Set to True in any hook to close the connection after that hook's reply.
+    disconnect: bool = False
+
+    input_handle: Any = None
+    output_handle: Any = None
+    client: str | None = None
+    esmtp: bool = False
+    env_sender: str | None = None
+    env_recipients: list[str] = []
+    mail_params: dict[str, str | None] = {}
+    rcpt_params: dict[str, str | None] = {}
+    recipients_params: list[dict[str, str | None]] = []
+    peer: tuple[str, int] | None = None
+    local: tuple[str, int] | None = None
+    hostname: str = ""
+
+    # -- connection -----------------------------------------------------------
+
+    def CONNECT(self) -> Reply:
+        """Client connected.  The engine puts the hostname first: ``220 <hostname> ...``.
+
+        Return 554 to refuse the session (then only QUIT is served) or 421 to
+        close at once.
+        """
+        return 220, "ESMTP Mail Server"
+
+    def UNKNOWN(self, line: str) -> Reply:
+        """A command the engine does not know; ``line`` is the whole command line."""
+        return 500, f"Command unrecognized: {line}"
+
+    def HELO(self, domain: str) -> Reply:
+        """HELO; ``self.client`` is already set.  The engine puts the hostname first."""
+        return 250, "OK"
+
+    def EHLO(self, domain: str) -> Reply:
+        """EHLO; the first message is the greeting, further ones are extra keywords.
+
+        The engine puts its hostname first and appends the extensions it serves.
+        """
+        return 250, f"{self.client}, pleased to meet you", "HELP"
+
+    # -- transaction ----------------------------------------------------------
+
+    def MAIL(self, env_sender: str) -> Reply:
+        """MAIL FROM; ``env_sender`` is '' for the null sender ``<>``.
+
+        ``self.env_sender`` and ``self.mail_params`` are set; a non-2xx reply
+        starts no transaction.
+        """
+        return 250, f"<{self.env_sender}>, sender ok"
+
+    def RCPT(self, env_recipient: str) -> Reply:
+        """RCPT TO; only a 2xx reply adds ``env_recipient`` to ``self.env_recipients``."""
+        return 250, f"<{env_recipient}>, recipient ok"
+
+    def DATA(self) -> Reply:
+        """DATA, with at least one accepted recipient.  354 lets the message come."""
+        return 354, 'Enter mail, end with "." on a line by itself'
+
+    def HEADER(self, name: str, value: str) -> None:
+        """One header of the message, unfolded.  No reply."""
+
+    def EOH(self) -> None:
+        """End of the header section.  No reply."""
+
+    def BODY(self, chunk: bytes) -> None:
+        """A piece of the body, dot-unstuffed.  No reply."""
+
+    def EOM(self) -> Reply:
+        """End of message.  A 2xx reply means the handler has taken the message."""
+        return 250, "Message accepted for delivery"
+
+    # -- other commands -------------------------------------------------------
+
+    def EXPN(self, address: str) -> Reply:
+        """EXPN."""
+        return 502, "Sorry we don't allow this operation"
+
+    def VRFY(self, address: str) -> Reply:
+        """VRFY."""
+        return 252, "Cannot VRFY user; try RCPT to attempt delivery"
+
+    def NOOP(self) -> Reply:
+        """NOOP."""
+        return 250, "OK"
+
+    def RSET(self) -> Reply:
+        """RSET; the engine has already ended any transaction."""
+        return 250, "OK"
+
+    def HELP(self, command: str | None) -> Reply:
+        """HELP, with the command asked about or None."""
+        from prefork_esmtp import __version__
+
+        return 214, f"This is prefork-esmtp {__version__}"
+
+    def QUIT(self) -> Reply:
+        """QUIT; the connection closes after the reply."""
+        return 221, "Closing connection"
+
+    def DISCONNECT(self) -> None:
+        """The connection is gone, whatever the reason (an addition to the seed): clean up here."""

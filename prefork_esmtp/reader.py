@@ -1,0 +1,129 @@
+"""The line/chunk reader: one buffer per session, large recv()s, bounded memory.
+
+Command lines are found with ``bytes.find``; a line longer than the limit is
+drained to its end and reported, so the session stays in sync and memory stays
+bounded.  DATA is decoded on whole buffers by :class:`~prefork_esmtp.dotdata.DotDecoder`.
+Before every blocking read the reply writer is flushed, which is what makes
+pipelined replies leave in one send.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+
+from prefork_esmtp.dotdata import DotDecoder
+from prefork_esmtp.writer import ReplyWriter
+
+RECV_SIZE = 65536
+
+
+class ClientGone(Exception):
+    """The client closed the connection or it broke."""
+
+
+class ReadTimeout(Exception):
+    """The client sent nothing for the idle timeout."""
+
+
+class LineTooLong(Exception):
+    """A command line exceeded the limit; it has been drained up to its LF."""
+
+
+class Reader:
+    """Reads command lines, DATA sections and exact byte counts from a socket."""
+
+    def __init__(self, sock: socket.socket, writer: ReplyWriter, timeout: float) -> None:
+        self.sock = sock
+        self.writer = writer
+        self.buf = b""
+        self.pos = 0
+        self.received = 0
+        #: whether the last command line ended with a bare LF instead of CRLF
+        self.bare_lf = False
+        #: set by the session while it waits for a command: a blocked read may then
+        #: be interrupted (graceful stop); ``waiting`` is true only inside recv().
+        self.interruptible = False
+        self.waiting = False
+        sock.settimeout(timeout)
+
+    def pending(self) -> bool:
+        """Whether bytes the client sent are buffered and not yet consumed."""
+        return self.pos < len(self.buf)
+
+    def _fill(self) -> None:
+        """Flush pending replies, then block for more input (with the idle timeout)."""
+        try:
+            self.writer.flush()
+            self.waiting = self.interruptible
+            try:
+                data = self.sock.recv(RECV_SIZE)
+            finally:
+                self.waiting = False
+        except (socket.timeout, TimeoutError):
+            raise ReadTimeout() from None
+        except OSError as exc:
+            raise ClientGone(str(exc)) from None
+        if not data:
+            raise ClientGone("connection closed by client")
+        self.received += len(data)
+        if self.pos >= len(self.buf):
+            self.buf = data
+        else:
+            self.buf = self.buf[self.pos:] + data
+        self.pos = 0
+
+    def readline(self, limit: int) -> bytes:
+        """Return the next line without its line end (CRLF, or a bare LF).
+
+        ``limit`` counts the line end too (RFC 5321: 512 octets for a command
+        line).  A longer line is discarded up to and including its LF, then
+        :class:`LineTooLong` is raised.
+        """
+        while True:
+            end = self.pos + limit
+            i = self.buf.find(b"\n", self.pos, end)
+            if i >= 0:
+                line = self.buf[self.pos:i]
+                self.pos = i + 1
+                self.bare_lf = not line.endswith(b"\r")
+                return line if self.bare_lf else line[:-1]
+            if len(self.buf) >= end:
+                self._drain_line()
+                raise LineTooLong()
+            self._fill()
+
+    def _drain_line(self) -> None:
+        """Discard input up to and including the next LF, holding no more than one buffer."""
+        while True:
+            i = self.buf.find(b"\n", self.pos)
+            if i >= 0:
+                self.pos = i + 1
+                return
+            self.buf, self.pos = b"", 0
+            self._fill()
+
+    def read_data(self, decoder: DotDecoder) -> Iterator[bytes]:
+        """Yield the unstuffed pieces of a DATA section up to its ``<CRLF>.<CRLF>``."""
+        while True:
+            if self.pos < len(self.buf):
+                pieces, self.pos, ended = decoder.decode(self.buf, self.pos)
+                yield from pieces
+                if ended:
+                    return
+            self._fill()
+
+    def read(self, size: int) -> bytes:
+        """Return up to ``size`` bytes: what is buffered, else one read's worth."""
+        if self.pos >= len(self.buf):
+            self._fill()
+        data = self.buf[self.pos:self.pos + size]
+        self.pos += len(data)
+        return data
+
+    def read_exact(self, size: int) -> Iterator[bytes]:
+        """Yield exactly ``size`` bytes in the pieces they arrive in (for BDAT)."""
+        while size > 0:
+            data = self.read(size)
+            size -= len(data)
+            yield data

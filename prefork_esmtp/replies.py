@@ -1,0 +1,130 @@
+"""Every reply the engine itself sends, in one table, and the reply formatter.
+
+Handlers return ``(code, *messages)``; the engine frames them (``code-`` /
+``code ``) and, with ENHANCEDSTATUSCODES on, puts a default enhanced status
+code (RFC 3463 / RFC 2034) before any message that lacks one.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, NamedTuple
+
+
+class Reply(NamedTuple):
+    """One SMTP reply: code, enhanced status code ('' for none) and text."""
+
+    code: int
+    enhanced: str
+    text: str
+
+    def format(self, *args: Any) -> "Reply":
+        """The same reply with ``%``-style arguments put into its text."""
+        return self._replace(text=self.text % args)
+
+
+# The engine's own replies.  Names say when each is used.
+SYNTAX_HELO = Reply(501, "5.5.4", "Syntax: HELO hostname")
+SYNTAX_EHLO = Reply(501, "5.5.4", "Syntax: EHLO hostname")
+SYNTAX_NOARGS = Reply(501, "5.5.4", "Syntax: %s")
+SYNTAX_VRFY = Reply(501, "5.5.4", "Syntax: VRFY address")
+SYNTAX_EXPN = Reply(501, "5.5.4", "Syntax: EXPN mailing-list")
+NEED_HELO = Reply(503, "5.5.1", "Error: send HELO/EHLO first")
+NESTED_MAIL = Reply(503, "5.5.1", "Error: nested MAIL command")
+NEED_MAIL = Reply(503, "5.5.1", "Error: need MAIL command")
+NEED_RCPT = Reply(554, "5.5.1", "Error: no valid recipients")
+REJECTED_SESSION = Reply(503, "5.5.1", "Error: this session was refused; send QUIT")
+LINE_TOO_LONG = Reply(500, "5.5.2", "Error: command line too long")
+BAD_CHARACTERS = Reply(500, "5.5.2", "Error: command contains NUL, CR or non-ASCII characters")
+BAD_UTF8 = Reply(500, "5.5.2", "Error: command is not valid UTF-8")
+NON_ASCII_ADDRESS = Reply(553, "5.6.7", "Error: non-ASCII address needs MAIL FROM with SMTPUTF8")
+UNSUPPORTED_PARAMETER = Reply(555, "5.5.4", "Unsupported parameter: %s")
+BAD_SIZE = Reply(501, "5.5.4", "Bad SIZE parameter: %s")
+BAD_BODY = Reply(501, "5.5.4", "Bad BODY parameter: %s (use 7BIT or 8BITMIME)")
+BAD_SMTPUTF8 = Reply(501, "5.5.4", "SMTPUTF8 takes no value")
+SIZE_EXCEEDED = Reply(552, "5.3.4", "Error: message size exceeds the fixed limit of %d octets")
+MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Error: message exceeds the fixed size limit; message discarded")
+HEADER_TOO_BIG = Reply(552, "5.3.4", "Error: message header too long; message discarded")
+TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Error: too many recipients")
+BARE_NEWLINE = Reply(554, "5.6.0", "Error: bare CR or LF in message; lines must end with CRLF")
+HOOK_FAILED = Reply(451, "4.3.0", "Error: local error in processing; try again later")
+TIMEOUT = Reply(421, "4.4.2", "%s Error: timeout exceeded")
+TOO_MANY_ERRORS = Reply(421, "4.7.0", "%s Error: too many errors")
+SHUTTING_DOWN = Reply(421, "4.3.2", "%s Service shutting down, closing connection")
+
+_ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}(?= |$)")
+
+# Default enhanced codes by (verb, code) first, then by code, then by class.
+_BY_VERB = {
+    ("MAIL", 2): "2.1.0",
+    ("RCPT", 2): "2.1.5",
+    ("VRFY", 2): "2.0.0",
+}
+_BY_CODE = {
+    500: "5.5.2", 501: "5.5.4", 502: "5.5.1", 503: "5.5.1", 504: "5.5.4",
+    530: "5.7.0", 535: "5.7.8", 538: "5.7.11", 552: "5.3.4", 555: "5.5.4",
+    421: "4.3.0", 451: "4.3.0", 452: "4.3.1", 454: "4.7.0",
+}
+
+
+def default_enhanced(code: int, verb: str) -> str:
+    """The enhanced status code to put before a message that has none."""
+    cls = code // 100
+    return _BY_VERB.get((verb, cls)) or _BY_CODE.get(code) or f"{cls}.0.0"
+
+
+def has_enhanced(message: str) -> bool:
+    """Whether a reply message already starts with an enhanced status code."""
+    return _ENHANCED.match(message) is not None
+
+
+class BadHookResult(ValueError):
+    """A hook returned something that is not ``(code, *messages)``."""
+
+
+def normalize(result: Any) -> tuple[int, list[str]]:
+    """Turn a hook's return value into (code, lines), or raise BadHookResult.
+
+    Accepts ``(code, msg, ...)``, a list of the same, or a bare code.  Messages
+    are made str; CR and LF inside a message split it into separate lines so a
+    handler can never break the reply framing.
+    """
+    if isinstance(result, int) and not isinstance(result, bool):
+        code, messages = result, ()
+    elif isinstance(result, (tuple, list)) and result:
+        code, *messages = result
+    else:
+        raise BadHookResult(f"expected (code, *messages), got {result!r}")
+    if isinstance(code, str) and code.isdigit():
+        code = int(code)
+    if not isinstance(code, int) or isinstance(code, bool) or not 200 <= code <= 599:
+        raise BadHookResult(f"reply code must be an int from 200 to 599, got {code!r}")
+    lines: list[str] = []
+    for message in messages:
+        if isinstance(message, bytes):
+            message = message.decode("utf-8", "replace")
+        lines.extend(str(message).splitlines() or [""])
+    return code, lines
+
+
+def format_reply(code: int, lines: list[str], enhanced: str | None) -> bytes:
+    """Frame a reply: ``code-text`` lines then ``code text``, CRLF-terminated.
+
+    ``enhanced`` is the default enhanced code for lines without one, or None to
+    add none (greeting, HELO/EHLO, 3xx).  A line that carries its own code sets
+    the default for the lines after it.
+    """
+    if not lines:
+        lines = [""]
+    out = []
+    last = len(lines) - 1
+    for i, line in enumerate(lines):
+        if enhanced is not None:
+            m = _ENHANCED.match(line)
+            if m:
+                enhanced = m.group(0)
+            else:
+                line = f"{enhanced} {line}" if line else enhanced
+        sep = " " if i == last else "-"
+        out.append(f"{code}{sep}{line}\r\n" if line else f"{code}{sep}\r\n")
+    return "".join(out).encode("utf-8", "surrogateescape")

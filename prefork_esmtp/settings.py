@@ -1,0 +1,249 @@
+"""Every setting, declared once: name, type, default, validation, one line of help.
+
+The click options, the TOML keys, the error messages for bad values and the
+settings table in the README all come from :data:`SETTINGS`.  Precedence is
+command line > config file > default.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class SettingError(ValueError):
+    """A bad value for a setting; the message is one line meant for the operator."""
+
+
+# -- value parsers: each takes a str (CLI) or a TOML value and returns the value -----
+
+def parse_int(value: Any, minimum: int = 0) -> int:
+    """An integer, at least ``minimum``."""
+    if isinstance(value, bool):
+        raise SettingError(f"expected an integer, got {value!r}")
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise SettingError(f"expected an integer, got {value!r}") from None
+    if number < minimum:
+        raise SettingError(f"must be at least {minimum}, got {number}")
+    return number
+
+
+_SIZE = re.compile(r"(\d+)\s*([kKmMgG]?)i?[bB]?")
+_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+
+
+def parse_size(value: Any) -> int:
+    """A size in octets: ``10485760``, ``512K``, ``10M``, ``1G`` (binary units)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 0:
+            raise SettingError(f"must not be negative, got {value}")
+        return value
+    m = _SIZE.fullmatch(str(value).strip())
+    if not m:
+        raise SettingError(f"expected a size such as 10485760, 512K or 10M, got {value!r}")
+    return int(m.group(1)) * _UNITS[m.group(2).lower()]
+
+
+def parse_seconds(value: Any) -> float:
+    """A duration in seconds, greater than zero (``300``, ``0.5``)."""
+    if isinstance(value, bool):
+        raise SettingError(f"expected a number of seconds, got {value!r}")
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        raise SettingError(f"expected a number of seconds, got {value!r}") from None
+    if not seconds > 0 or seconds != seconds or seconds == float("inf"):
+        raise SettingError(f"must be a number of seconds greater than 0, got {value!r}")
+    return seconds
+
+
+def parse_bool(value: Any) -> bool:
+    """true/false, yes/no, on/off, 1/0."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise SettingError(f"expected true or false, got {value!r}")
+
+
+def parse_str(value: Any) -> str:
+    """A non-empty string."""
+    if not isinstance(value, str) or not value.strip():
+        raise SettingError(f"expected a non-empty string, got {value!r}")
+    return value.strip()
+
+
+def parse_optional_str(value: Any) -> str | None:
+    """A string, or empty for none."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise SettingError(f"expected a string, got {value!r}")
+    return value.strip() or None
+
+
+@dataclass(frozen=True)
+class Address:
+    """A listen address: host (IPv4, IPv6 or name) and TCP port."""
+
+    host: str
+    port: int
+
+    @property
+    def family(self) -> int:
+        return socket.AF_INET6 if ":" in self.host else socket.AF_INET
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_address(value: Any) -> Address:
+    """``HOST:PORT``, ``[IPV6]:PORT`` or ``:PORT`` (all IPv4 addresses)."""
+    text = parse_str(value)
+    m = re.fullmatch(r"\[([0-9A-Fa-f:.%\w]+)\]:(\d+)|([^:\[\]]*):(\d+)", text)
+    if not m:
+        raise SettingError(f"expected HOST:PORT or [IPV6]:PORT, got {text!r}")
+    host = m.group(1) if m.group(1) is not None else (m.group(3) or "0.0.0.0")
+    port = int(m.group(2) or m.group(4))
+    if not 0 <= port <= 65535:
+        raise SettingError(f"port must be 0 to 65535, got {port}")
+    if m.group(1) is not None:
+        try:
+            ipaddress.IPv6Address(host.split("%")[0])
+        except ValueError:
+            raise SettingError(f"{host!r} is not an IPv6 address") from None
+    return Address(host, port)
+
+
+def parse_handler(value: Any) -> str:
+    """``module:Class`` (or ``module.Class``)."""
+    text = parse_str(value)
+    if not re.fullmatch(r"[A-Za-z_][\w.]*[:.][A-Za-z_]\w*", text):
+        raise SettingError(f"expected module:Class, got {text!r}")
+    return text
+
+
+def choice(*options: str) -> Callable[[Any], str]:
+    """A parser for one of ``options`` (case-insensitive)."""
+
+    def parse(value: Any) -> str:
+        text = str(value).strip().lower()
+        if text not in options:
+            raise SettingError(f"expected one of {', '.join(options)}, got {value!r}")
+        return text
+
+    parse.__doc__ = "one of: " + ", ".join(options)
+    return parse
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting: its TOML key, parser, default, help, and CLI face."""
+
+    name: str
+    parse: Callable[[Any], Any]
+    default: Any
+    help: str
+    section: str
+    multiple: bool = False  # repeatable flag / TOML list
+    flag: bool = False  # a --name/--no-name boolean switch
+    cli: bool = True  # has a command-line option
+    metavar: str = ""
+    minimum: int | None = None
+
+    @property
+    def option(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    def convert(self, value: Any) -> Any:
+        """Parse one value from the CLI or TOML, or raise SettingError."""
+        if self.multiple:
+            values = value if isinstance(value, (list, tuple)) else [value]
+            return [self.parse(v) for v in values]
+        return self.parse(value)
+
+
+def _hostname() -> str:
+    return socket.getfqdn()
+
+
+def _int(minimum: int) -> Callable[[Any], int]:
+    def parse(value: Any) -> int:
+        return parse_int(value, minimum)
+
+    parse.__doc__ = f"an integer, at least {minimum}"
+    return parse
+
+
+SETTINGS: list[Setting] = [
+    # server
+    Setting("listen", parse_address, ["127.0.0.1:2525"], "Address to listen on, HOST:PORT or [IPV6]:PORT; repeat for several.", "server", multiple=True, metavar="HOST:PORT"),
+    Setting("handler", parse_handler, "prefork_esmtp:ESMTPHandler", "The handler class, module:Class. The default accepts and discards all mail.", "server", metavar="MODULE:CLASS"),
+    Setting("hostname", parse_str, None, "This server's name in the greeting and EHLO reply (default: the machine's FQDN).", "server", metavar="NAME"),
+    # limits
+    Setting("max_message_size", parse_size, 10 * 1024 * 1024, "Largest message accepted, in octets (K/M/G suffixes); advertised with SIZE; larger gets 552.", "limits", metavar="SIZE"),
+    Setting("max_line_length", _int(512), 512, "Longest command line in octets including CRLF (RFC 5321 minimum 512); longer gets 500.", "limits", metavar="N"),
+    Setting("max_header_size", _int(1000), 102400, "Longest single header (unfolded) in octets; longer gets 552 after end of data.", "limits", metavar="N"),
+    Setting("max_recipients", _int(100), 1000, "Recipients per message (RFC 5321 minimum 100); more get 452.", "limits", metavar="N"),
+    Setting("max_errors", _int(1), 20, "Error replies per session before 421 and close.", "limits", metavar="N"),
+    Setting("timeout", parse_seconds, 300.0, "Seconds to wait for each read from the client; then 421 and close.", "limits", metavar="SECONDS"),
+    Setting("bare_newline", choice("keep", "reject"), "keep", "A bare CR or LF in message data: keep it as it came, or reject the message with 554 after end of data.", "limits", metavar="POLICY"),
+    # logging
+    Setting("log_level", choice("debug", "info", "warning", "error", "critical"), "info", "Logging level.", "logging", metavar="LEVEL"),
+    Setting("log_file", parse_optional_str, None, "Log to this file instead of standard error (reopened on USR1).", "logging", metavar="FILE"),
+]
+
+BY_NAME = {s.name: s for s in SETTINGS}
+
+
+@dataclass
+class Config:
+    """The effective settings, as attributes named like the settings."""
+
+    values: dict[str, Any] = field(default_factory=dict)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.values[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def resolve(cli: dict[str, Any], file: dict[str, Any], source: str = "config file") -> Config:
+    """Merge CLI values over file values over defaults; raise SettingError naming the culprit.
+
+    ``cli`` maps setting names to raw CLI values (None = not given); ``file``
+    maps TOML keys to values.
+    """
+    for key in file:
+        if key not in BY_NAME:
+            raise SettingError(f"{source}: unknown setting {key!r}")
+    values: dict[str, Any] = {}
+    for setting in SETTINGS:
+        raw = cli.get(setting.name)
+        if raw not in (None, ()):
+            where = setting.option
+        elif setting.name in file:
+            raw, where = file[setting.name], f"{source}: {setting.name}"
+        else:
+            raw, where = None, ""
+        if raw is None:
+            default = setting.default
+            values[setting.name] = setting.convert(default) if default is not None else None
+            continue
+        try:
+            values[setting.name] = setting.convert(raw)
+        except SettingError as exc:
+            raise SettingError(f"{where}: {exc}") from None
+    if values["hostname"] is None:
+        values["hostname"] = _hostname()
+    return Config(values)

@@ -1,0 +1,150 @@
+"""The worker's serve loop: wait on the listeners, accept, serve one session at a time.
+
+The same loop runs alone in the foreground (``start -X``) and in every
+pre-forked worker, where the master passes a wake pipe and a callback that
+reports state (idle/busy, sessions served, heartbeat) to the scoreboard.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import selectors
+import signal
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from prefork_esmtp.session import Session
+from prefork_esmtp.settings import Config
+
+log = logging.getLogger("prefork_esmtp.worker")
+
+#: Seconds between heartbeats while idle.
+TICK = 1.0
+
+Report = Callable[[str, Any], None]
+
+
+def _no_report(state: str, peer: Any) -> None:
+    pass
+
+
+class Worker:
+    """Serves sessions from shared listeners until told to stop or ``max_sessions`` is reached."""
+
+    def __init__(self, listeners: list[socket.socket], handler_class: type, config: Config,
+                 max_sessions: int = 0, report: Report = _no_report,
+                 alive_check: Callable[[], bool] = lambda: True) -> None:
+        self.listeners = listeners
+        self.handler_class = handler_class
+        self.config = config
+        self.max_sessions = max_sessions
+        self.report = report
+        self.alive_check = alive_check
+        self.alive = True
+        self.served = 0
+        self.session: Session | None = None
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+
+    # -- signals --------------------------------------------------------------
+
+    def install_signals(self) -> None:
+        """TERM: finish the current transaction, 421 at the next command, exit.  INT/QUIT: exit now."""
+        signal.signal(signal.SIGTERM, self.handle_term)
+        signal.signal(signal.SIGINT, self.handle_int)
+        signal.signal(signal.SIGQUIT, self.handle_int)
+
+    def handle_term(self, signum: int, frame: Any) -> None:
+        self.stop()
+        session = self.session
+        if session is not None:
+            session.interrupt_if_idle()
+
+    def handle_int(self, signum: int, frame: Any) -> None:
+        raise SystemExit(0)
+
+    def stop(self) -> None:
+        """Ask the loop to end after the current session's transaction."""
+        self.alive = False
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
+
+    def stopping(self) -> bool:
+        return not self.alive
+
+    # -- the loop -------------------------------------------------------------
+
+    def run(self) -> None:
+        """Wait on the listeners and the wake pipe; serve whoever connects."""
+        selector = selectors.DefaultSelector()
+        for sock in self.listeners:
+            selector.register(sock, selectors.EVENT_READ)
+        selector.register(self._wake_r, selectors.EVENT_READ)
+        try:
+            while self.alive:
+                self.report("idle", None)
+                events = selector.select(TICK)
+                if not self.alive or not self.alive_check():
+                    break
+                for key, _ in events:
+                    if key.fileobj == self._wake_r:
+                        self._drain_wake()
+                        continue
+                    if self._accept(key.fileobj):
+                        break  # back to select: fair to the other listeners and workers
+                if self.max_sessions and self.served >= self.max_sessions:
+                    log.info("served %d sessions; recycling", self.served)
+                    break
+        finally:
+            selector.close()
+
+    def _drain_wake(self) -> None:
+        try:
+            while os.read(self._wake_r, 512):
+                pass
+        except OSError:
+            pass
+
+    def _accept(self, listener: Any) -> bool:
+        try:
+            conn, peer = listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return False  # another worker took it
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                log.error("accept failed: %s", exc)
+            return False
+        self.serve(conn, peer)
+        return True
+
+    def serve(self, conn: socket.socket, peer: Any) -> None:
+        """Run one session to its end; nothing a session does kills the worker."""
+        self.report("busy", peer)
+        try:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+        try:
+            self.session = Session(conn, peer, self.handler_class, self.config, self.stopping)
+        except Exception:
+            log.exception("cannot start a session for %s (handler constructor failed?)", peer)
+            try:
+                conn.sendall(f"421 {self.config.hostname} Service not available, try again later\r\n".encode())
+            except OSError:
+                pass
+            conn.close()
+            return
+        try:
+            self.session.run()
+        except Exception:
+            log.exception("session with %s failed", peer)
+            conn.close()
+        finally:
+            self.session = None
+            self.served += 1

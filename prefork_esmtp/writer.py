@@ -1,0 +1,34 @@
+"""The reply writer: replies queue up and go out in one send when input runs dry.
+
+With PIPELINING a client may send a batch of commands in one packet; their
+replies are collected here in order and written with a single ``sendall``
+just before the reader would block for more input (RFC 2920 section 3.2).
+"""
+
+from __future__ import annotations
+
+import socket
+
+
+class ReplyWriter:
+    """Buffers bytes for one client socket and sends them in one go on flush."""
+
+    __slots__ = ("sock", "pending", "sent")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.pending: list[bytes] = []
+        self.sent = 0
+
+    def write(self, data: bytes) -> None:
+        """Queue bytes for the client; nothing is sent until :meth:`flush`."""
+        self.pending.append(data)
+
+    def flush(self) -> None:
+        """Send everything queued, in order, in one system call where possible."""
+        if not self.pending:
+            return
+        data = self.pending[0] if len(self.pending) == 1 else b"".join(self.pending)
+        self.pending.clear()
+        self.sock.sendall(data)
+        self.sent += len(data)
