@@ -57,6 +57,8 @@ class DotDecoder:
             if end > pos:
                 out.append(buf[pos:end])
             pos = end
+            # A buffer that ends with CRLF: the next read starts a line (maybe ".\r\n").
+            self.bol = buf.endswith(b"\r\n")
             break
         return out, pos, False
 

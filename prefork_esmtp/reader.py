@@ -10,7 +10,7 @@ pipelined replies leave in one send.
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from prefork_esmtp.dotdata import DotDecoder
 from prefork_esmtp.writer import ReplyWriter
@@ -33,8 +33,13 @@ class LineTooLong(Exception):
 class Reader:
     """Reads command lines, DATA sections and exact byte counts from a socket."""
 
-    def __init__(self, sock: socket.socket, writer: ReplyWriter, timeout: float) -> None:
+    def __init__(self, sock: socket.socket, writer: ReplyWriter, timeout: float,
+                 check_in: Callable[[float], None] | None = None) -> None:
         self.sock = sock
+        self.timeout = timeout
+        #: called before each blocking read with the longest it may block, so the
+        #: master can tell a worker waiting on a slow client from a stuck one
+        self.check_in = check_in
         self.writer = writer
         self.buf = b""
         self.pos = 0
@@ -55,6 +60,8 @@ class Reader:
         """Flush pending replies, then block for more input (with the idle timeout)."""
         try:
             self.writer.flush()
+            if self.check_in is not None:
+                self.check_in(self.timeout)
             self.waiting = self.interruptible
             try:
                 data = self.sock.recv(RECV_SIZE)

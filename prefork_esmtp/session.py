@@ -42,13 +42,14 @@ class Session:
     """One SMTP session over a connected socket."""
 
     def __init__(self, sock: socket.socket, peer: Any, handler_class: type, config: Config,
-                 stopping: Callable[[], bool] = lambda: False) -> None:
+                 stopping: Callable[[], bool] = lambda: False,
+                 check_in: Callable[[float], None] | None = None) -> None:
         self.sock = sock
         self.config = config
         self.hostname = config.hostname
         self.stopping = stopping
         self.writer = ReplyWriter(sock)
-        self.reader = Reader(sock, self.writer, config.timeout)
+        self.reader = Reader(sock, self.writer, config.timeout, check_in)
         self.errors = 0
         self.closing = False
         self.quit = False

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import select
 import selectors
 import signal
 import socket
@@ -36,13 +37,15 @@ class Worker:
 
     def __init__(self, listeners: list[socket.socket], handler_class: type, config: Config,
                  max_sessions: int = 0, report: Report = _no_report,
-                 alive_check: Callable[[], bool] = lambda: True) -> None:
+                 alive_check: Callable[[], bool] = lambda: True,
+                 check_in: Callable[[float], None] | None = None) -> None:
         self.listeners = listeners
         self.handler_class = handler_class
         self.config = config
         self.max_sessions = max_sessions
         self.report = report
         self.alive_check = alive_check
+        self.check_in = check_in
         self.alive = True
         self.served = 0
         self.session: Session | None = None
@@ -81,28 +84,30 @@ class Worker:
     # -- the loop -------------------------------------------------------------
 
     def run(self) -> None:
-        """Wait on the listeners and the wake pipe; serve whoever connects."""
-        selector = selectors.DefaultSelector()
-        for sock in self.listeners:
-            selector.register(sock, selectors.EVENT_READ)
-        selector.register(self._wake_r, selectors.EVENT_READ)
+        """Wait on the listeners and the wake pipe; serve whoever connects.
+
+        With ``accept_mode = exclusive`` the listeners are registered with
+        EPOLLEXCLUSIVE, so a new connection wakes one idle worker instead of
+        all of them (the accept thundering herd).
+        """
+        poller = _Poller(self.listeners, self._wake_r, self.config.accept_mode == "exclusive")
         try:
             while self.alive:
                 self.report("idle", None)
-                events = selector.select(TICK)
+                ready = poller.wait(TICK)
                 if not self.alive or not self.alive_check():
                     break
-                for key, _ in events:
-                    if key.fileobj == self._wake_r:
+                for fd in ready:
+                    if fd == self._wake_r:
                         self._drain_wake()
                         continue
-                    if self._accept(key.fileobj):
-                        break  # back to select: fair to the other listeners and workers
+                    if self._accept(poller.listener(fd)):
+                        break  # back to waiting: fair to the other listeners and workers
                 if self.max_sessions and self.served >= self.max_sessions:
                     log.info("served %d sessions; recycling", self.served)
                     break
         finally:
-            selector.close()
+            poller.close()
 
     def _drain_wake(self) -> None:
         try:
@@ -131,7 +136,8 @@ class Worker:
         except OSError:
             pass
         try:
-            self.session = Session(conn, peer, self.handler_class, self.config, self.stopping)
+            self.session = Session(conn, peer, self.handler_class, self.config, self.stopping,
+                                   self.check_in)
         except Exception:
             log.exception("cannot start a session for %s (handler constructor failed?)", peer)
             try:
@@ -148,3 +154,36 @@ class Worker:
         finally:
             self.session = None
             self.served += 1
+
+
+class _Poller:
+    """Waits for listeners and the wake pipe: raw epoll (with EPOLLEXCLUSIVE) or a selector."""
+
+    def __init__(self, listeners: list[socket.socket], wake_fd: int, exclusive: bool) -> None:
+        self.by_fd = {sock.fileno(): sock for sock in listeners}
+        self.epoll = getattr(select, "epoll", None)
+        if self.epoll is not None:
+            self.ep = select.epoll()
+            flags = select.EPOLLIN | (getattr(select, "EPOLLEXCLUSIVE", 0) if exclusive else 0)
+            for fd in self.by_fd:
+                self.ep.register(fd, flags)
+            self.ep.register(wake_fd, select.EPOLLIN)
+        else:
+            self.sel = selectors.DefaultSelector()
+            for sock in listeners:
+                self.sel.register(sock, selectors.EVENT_READ)
+            self.sel.register(wake_fd, selectors.EVENT_READ)
+
+    def wait(self, timeout: float) -> list[int]:
+        if self.epoll is not None:
+            return [fd for fd, _ in self.ep.poll(timeout)]
+        return [key.fd for key, _ in self.sel.select(timeout)]
+
+    def listener(self, fd: int) -> socket.socket:
+        return self.by_fd[fd]
+
+    def close(self) -> None:
+        if self.epoll is not None:
+            self.ep.close()
+        else:
+            self.sel.close()

@@ -1,0 +1,1 @@
+"""Ready-made handlers: ``sink`` (accept, log, discard) and ``maildir`` (store each message)."""

@@ -1,0 +1,95 @@
+"""Store each message in a Maildir (``$PREFORK_ESMTP_MAILDIR``, default ``./maildir``).
+
+The message is streamed to ``tmp/`` while it arrives and renamed into
+``new/`` only at EOM, after fsync, so a 250 means the file is on disk and a
+broken session leaves nothing behind (the Maildir delivery protocol).
+Headers are written as HEADER received them: unfolded.  Lines end in LF.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+import os
+import socket
+import time
+
+from prefork_esmtp import ESMTPHandler
+
+log = logging.getLogger("prefork_esmtp.maildir")
+
+_seq = 0
+
+
+def maildir_path() -> str:
+    return os.path.abspath(os.environ.get("PREFORK_ESMTP_MAILDIR", "maildir"))
+
+
+class Maildir(ESMTPHandler):
+    """Delivers every accepted message into one Maildir."""
+
+    file = None
+    tmp_path = ""
+
+    def _discard(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+            try:
+                os.unlink(self.tmp_path)
+            except OSError:
+                pass
+
+    def DATA(self):
+        global _seq
+        self._discard()
+        root = maildir_path()
+        for sub in ("tmp", "new", "cur"):
+            os.makedirs(os.path.join(root, sub), exist_ok=True)
+        _seq += 1
+        self.name = f"{time.time():.6f}.P{os.getpid()}Q{_seq}.{socket.gethostname()}"
+        self.tmp_path = os.path.join(root, "tmp", self.name)
+        self.file = open(self.tmp_path, "wb")
+        self.cr = False
+        peer = self.peer[0] if self.peer else "unknown"
+        self.file.write(f"Return-Path: <{self.env_sender}>\n".encode("utf-8", "surrogateescape"))
+        self.file.write(
+            f"Received: from {self.client} ([{peer}])\n\tby {self.hostname} (prefork-esmtp)"
+            f" with {'ESMTP' if self.esmtp else 'SMTP'}\n\tfor <{self.env_recipients[0]}>;"
+            f" {email.utils.formatdate(localtime=True)}\n".encode("utf-8", "surrogateescape"))
+        return super().DATA()
+
+    def HEADER(self, name: str, value: str) -> None:
+        self.file.write(f"{name}: {value}\n".encode("utf-8", "surrogateescape"))
+
+    def EOH(self) -> None:
+        self.file.write(b"\n")
+
+    def BODY(self, chunk: bytes) -> None:
+        # CRLF -> LF, including a CRLF split across two chunks.
+        if self.cr and chunk[:1] != b"\n":
+            self.file.write(b"\r")
+        self.cr = chunk.endswith(b"\r")
+        if self.cr:
+            chunk = chunk[:-1]
+        self.file.write(chunk.replace(b"\r\n", b"\n"))
+
+    def EOM(self):
+        if self.cr:
+            self.file.write(b"\r")
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        self.file = None
+        final = os.path.join(maildir_path(), "new", self.name)
+        os.rename(self.tmp_path, final)
+        log.info("maildir: from=<%s> to=%s stored as new/%s", self.env_sender,
+                 ",".join(f"<{r}>" for r in self.env_recipients), self.name)
+        return 250, f"2.0.0 Stored as {self.name}"
+
+    def MAIL(self, env_sender: str):
+        self._discard()
+        return super().MAIL(env_sender)
+
+    def DISCONNECT(self) -> None:
+        self._discard()

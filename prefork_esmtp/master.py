@@ -1,0 +1,521 @@
+"""The master: binds nothing itself (the CLI hands it the listeners), forks and supervises workers.
+
+Like gunicorn's arbiter, signal handlers only queue the signal and write to a
+wake pipe; one main loop drains the queue (one ``handle_<signal>`` method per
+signal), reaps children, replaces the dead, kills the stuck, sizes the pool
+(fixed, or adaptive like Apache's prefork with its doubling spawn rate) and
+carries reloads through: a new generation is started, and only once it has
+booted is the old one retired.  The master never reads a client byte.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import random
+import select
+import signal
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from setproctitle import setproctitle
+
+from prefork_esmtp import logs, pidfile, privileges
+from prefork_esmtp.listeners import describe
+from prefork_esmtp.loader import HandlerLoadError, load_handler
+from prefork_esmtp.scoreboard import BUSY, IDLE, STARTING, Scoreboard
+from prefork_esmtp.settings import Config
+from prefork_esmtp.worker import Worker
+
+log = logging.getLogger("prefork_esmtp.master")
+
+#: A worker exits with this status when it cannot boot (handler import failed).
+BOOT_ERROR = 3
+#: Apache's cap on the adaptive pool's doubling spawn rate.
+MAX_SPAWN_RATE = 32
+#: Seconds INT/QUIT give workers before SIGKILL.
+FAST_STOP_SECONDS = 2.0
+
+SIGNALS = {signal.SIGHUP: "hup", signal.SIGTERM: "term", signal.SIGINT: "int", signal.SIGQUIT: "quit",
+           signal.SIGTTIN: "ttin", signal.SIGTTOU: "ttou", signal.SIGUSR1: "usr1", signal.SIGCHLD: "chld"}
+
+
+@dataclass
+class Child:
+    """What the master knows of one worker."""
+
+    pid: int
+    slot: int
+    generation: int
+    started: float
+    retiring: bool = False
+
+
+class Master:
+    """Supervises the worker pool until stopped; ``run()`` returns the exit status."""
+
+    def __init__(self, config: Config, listeners: list[socket.socket],
+                 reload_config: Callable[[], Config], handler_class: type | None = None,
+                 on_ready: Callable[[str], None] = lambda error: None) -> None:
+        self.config = config
+        self.on_ready = on_ready
+        self.listeners = listeners
+        self.reload_config = reload_config
+        self.handler_class = handler_class  # set when preloaded, else workers import it
+        self.ids = privileges.resolve(config.user, config.group)
+        self.pid = os.getpid()
+        self.started = time.time()
+        self.generation = 1
+        self.reloads = 0
+        self.last_error = ""
+        self.children: dict[int, Child] = {}
+        self.queue: list[int] = []
+        self.adaptive = config.min_spare is not None or config.max_spare is not None
+        self.target = config.workers
+        self.max_workers = config.max_workers
+        if self.adaptive:
+            self.target = max(config.min_spare or 1, 1)
+        self.spawn_rate = 1
+        self.last_adapt = 0.0
+        self.booted = False  # some worker of the first generation has booted
+        self.reloading: tuple[int, Config, Any] | None = None  # (old generation, old config, old handler)
+        self.stop_deadline: float | None = None
+        self.exit_status: int | None = None
+        self.fatal = ""
+        nslots = 2 * max(self.target, self.max_workers if self.adaptive else config.workers) + 8
+        board_path = f"{config.pidfile}.scoreboard" if config.pidfile else None
+        self.scoreboard = Scoreboard(nslots, board_path)
+        self.wake_r, self.wake_w = os.pipe()
+        self.error_r, self.error_w = os.pipe()
+        for fd in (self.wake_r, self.wake_w, self.error_r):
+            os.set_blocking(fd, False)
+
+    # -- signals: queue and wake, nothing else -----------------------------------
+
+    def init_signals(self) -> None:
+        for sig in SIGNALS:
+            signal.signal(sig, self._queue_signal)
+
+    def _queue_signal(self, signum: int, frame: Any) -> None:
+        if len(self.queue) < 16:
+            self.queue.append(signum)
+        try:
+            os.write(self.wake_w, b".")
+        except OSError:
+            pass
+
+    def handle_hup(self) -> None:
+        """Graceful reload: new config, new generation; the old one retires once the new one is up."""
+        if self.stop_deadline is not None or self.reloading is not None:
+            log.info("reload ignored: %s", "stopping" if self.stop_deadline else "a reload is in progress")
+            return
+        log.info("reloading (generation %d)", self.generation)
+        try:
+            config = self.reload_config()
+            handler_class = self.handler_class
+            if config.preload:
+                handler_class = load_handler(config.handler, fresh=True)
+            privileges.resolve(config.user, config.group)
+        except Exception as exc:  # SettingError, Fatal, HandlerLoadError, PrivilegeError
+            self._reload_failed(str(exc))
+            return
+        if [str(a) for a in config.listen] != [str(a) for a in self.config.listen]:
+            log.warning("reload: listen addresses changed; keeping %s until a restart",
+                        ", ".join(describe(s) for s in self.listeners))
+            config.values["listen"] = self.config.listen
+        logs.setup(config.log_level, config.log_file)
+        self.reloading = (self.generation, self.config, self.handler_class)
+        self.config, self.handler_class = config, handler_class
+        self.ids = privileges.resolve(config.user, config.group)
+        self.generation += 1
+        if not self.adaptive:
+            self.target = config.workers
+        self.spawn_missing()
+
+    def handle_term(self) -> None:
+        """Graceful stop: workers finish the current transaction, 421 at the next command."""
+        self._begin_stop(signal.SIGTERM, self.config.graceful_timeout, "graceful stop")
+
+    def handle_int(self) -> None:
+        """Fast stop."""
+        self._begin_stop(signal.SIGQUIT, FAST_STOP_SECONDS, "fast stop")
+
+    handle_quit = handle_int
+
+    def handle_ttin(self) -> None:
+        """One worker more."""
+        if self.adaptive:
+            self.max_workers = min(self.max_workers + 1, self.scoreboard.nslots // 2)
+            log.info("TTIN: max workers now %d", self.max_workers)
+        else:
+            self.target = min(self.target + 1, self.scoreboard.nslots // 2)
+            log.info("TTIN: workers now %d", self.target)
+
+    def handle_ttou(self) -> None:
+        """One worker fewer (never fewer than one)."""
+        if self.adaptive:
+            self.max_workers = max(self.max_workers - 1, 1)
+            log.info("TTOU: max workers now %d", self.max_workers)
+        else:
+            self.target = max(self.target - 1, 1)
+            log.info("TTOU: workers now %d", self.target)
+
+    def handle_usr1(self) -> None:
+        """Reopen log files, here and in every worker."""
+        logs.reopen()
+        self._signal_all(signal.SIGUSR1)
+
+    def handle_chld(self) -> None:
+        """Reaping happens on every turn of the loop; the signal only wakes it."""
+
+    # -- the loop -------------------------------------------------------------
+
+    def run(self) -> int:
+        """Start the pool and supervise it; return the process exit status."""
+        self.init_signals()
+        if self.config.pidfile:
+            pidfile.write(self.config.pidfile, self.pid)
+        gc.collect()
+        gc.freeze()  # what the master has built so far stays shared with the workers
+        self._publish()
+        log.info("master pid %d: %s workers, listening on %s", self.pid,
+                 f"adaptive {self.target}..{self.max_workers}" if self.adaptive else self.target,
+                 ", ".join(describe(s) for s in self.listeners))
+        try:
+            self.spawn_missing()
+            while self.exit_status is None:
+                self._sleep()
+                while self.queue:
+                    name = SIGNALS[self.queue.pop(0)]
+                    getattr(self, f"handle_{name}")()
+                self.reap()
+                if self.stop_deadline is not None:
+                    self._continue_stop()
+                    continue
+                self._check_booted()
+                self._check_reload()
+                self.murder_stale()
+                self.manage()
+                self._publish()
+        finally:
+            self._shutdown()
+        return self.exit_status
+
+    def _sleep(self) -> None:
+        try:
+            ready, _, _ = select.select([self.wake_r], [], [], 1.0)
+        except InterruptedError:
+            return
+        if ready:
+            try:
+                while os.read(self.wake_r, 512):
+                    pass
+            except OSError:
+                pass
+
+    def _publish(self) -> None:
+        listeners = ", ".join(describe(s) for s in self.listeners)
+        self.scoreboard.set_header(self.pid, self.generation, self.started, self.reloads, listeners,
+                                   self.last_error)
+        current = sum(1 for c in self.children.values() if c.generation == self.generation)
+        setproctitle(f"prefork-esmtp: master [gen {self.generation}] {current} workers, "
+                     f"listening on {listeners}")
+
+    def _shutdown(self) -> None:
+        for child in list(self.children.values()):
+            try:
+                os.kill(child.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for child in list(self.children.values()):
+            try:
+                os.waitpid(child.pid, 0)
+            except ChildProcessError:
+                pass
+        if self.config.pidfile:
+            pidfile.remove(self.config.pidfile, self.pid)
+        self.scoreboard.close()
+        log.info("master pid %d exiting", self.pid)
+
+    # -- children -------------------------------------------------------------
+
+    def spawn_missing(self) -> None:
+        """Fixed pool: fork until the current generation has ``target`` workers."""
+        current = [c for c in self.children.values() if c.generation == self.generation and not c.retiring]
+        for _ in range(self.target - len(current)):
+            self.spawn()
+
+    def spawn(self) -> None:
+        slot = self.scoreboard.free_slot()
+        if slot is None:
+            log.error("scoreboard full; not starting another worker")
+            return
+        pid = os.fork()
+        if pid == 0:
+            status = 1
+            try:
+                status = self._worker_main(slot)
+            except SystemExit as exc:
+                status = exc.code if isinstance(exc.code, int) else 0
+            except BaseException:
+                log.exception("worker crashed")
+            finally:
+                logging.shutdown()
+                os._exit(status)
+        self.scoreboard.claim(slot, pid, self.generation)
+        self.children[pid] = Child(pid, slot, self.generation, time.time())
+
+    def _worker_main(self, slot: int) -> int:
+        """In the forked child: boot (privileges, handler import) and serve; return exit status."""
+        for sig in SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
+        os.close(self.wake_r)
+        os.close(self.error_r)
+        _die_with_parent(self.pid)
+        random.seed()
+        config, board, generation = self.config, self.scoreboard, self.generation
+        setproctitle(f"prefork-esmtp: worker [gen {generation}] starting")
+        try:
+            privileges.drop(self.ids)
+            handler_class = self.handler_class or load_handler(config.handler, fresh=True)
+        except (HandlerLoadError, OSError) as exc:
+            message = str(exc) if isinstance(exc, HandlerLoadError) else f"cannot drop privileges: {exc}"
+            log.error("worker cannot boot: %s", message)
+            try:
+                os.write(self.error_w, (message[:500] + "\n").encode())
+            except OSError:
+                pass
+            return BOOT_ERROR
+        limit = config.max_connections_per_child
+        if limit:
+            limit += random.randint(0, limit // 10)
+        master_pid = self.pid
+        worker: Worker
+
+        wake_master = [self.wake_w]
+
+        def report(state: str, peer: Any) -> None:
+            peer_text = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else ""
+            code = BUSY if state == "busy" else IDLE
+            board.update(slot, code, worker.served, peer_text, 1.0 if code == IDLE else config.timeout)
+            setproctitle(f"prefork-esmtp: worker [gen {generation}] {state}"
+                         f"{' ' + peer_text if peer_text else ''}, {worker.served} sessions")
+            if wake_master:  # booted: tell the master now rather than at its next tick
+                try:
+                    os.write(wake_master.pop(), b"b")
+                except OSError:
+                    pass
+
+        worker = Worker(self.listeners, handler_class, config, max_sessions=limit, report=report,
+                        alive_check=lambda: os.getppid() == master_pid,
+                        check_in=lambda expect: board.check_in(slot, expect))
+        worker.install_signals()
+        signal.signal(signal.SIGHUP, lambda s, f: worker.stop())  # retire: finish the session, exit
+        signal.signal(signal.SIGUSR1, lambda s, f: logs.reopen())
+        worker.run()
+        return 0
+
+    def reap(self) -> None:
+        """Collect exited workers; a boot failure on first start stops the master."""
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            child = self.children.pop(pid, None)
+            if child is None:
+                continue
+            self.scoreboard.release(child.slot)
+            code = os.waitstatus_to_exitcode(status)
+            if code == BOOT_ERROR:
+                self._boot_failed(child)
+            elif code != 0 and self.stop_deadline is None and not child.retiring:
+                log.warning("worker %d (generation %d) exited with %s; replacing it", pid, child.generation,
+                            f"signal {-code}" if code < 0 else f"status {code}")
+
+    def _boot_error_message(self) -> str:
+        try:
+            data = os.read(self.error_r, 65536).decode(errors="replace")
+        except OSError:
+            data = ""
+        lines = [line for line in data.splitlines() if line.strip()]
+        return lines[-1] if lines else "a worker could not boot"
+
+    def _boot_failed(self, child: Child) -> None:
+        message = self._boot_error_message()
+        if not self.booted and self.reloading is None:
+            self.fatal = message
+            log.error("cannot start: %s", message)
+            self.on_ready(message)
+            self._begin_stop(signal.SIGQUIT, FAST_STOP_SECONDS, "start failed")
+            self.exit_status_on_stop = 1
+        elif self.reloading is not None and child.generation == self.generation:
+            self._abort_reload(message)
+        else:
+            log.error("worker %d could not boot: %s", child.pid, message)
+
+    def murder_stale(self) -> None:
+        """Kill workers that missed their check-in by more than the worker timeout."""
+        now = time.time()
+        timeout = self.config.worker_timeout
+        for child in list(self.children.values()):
+            slot = self.scoreboard.slot(child.slot)
+            if slot.pid != child.pid:
+                continue
+            if now > slot.seen + slot.expect + timeout:
+                log.error("worker %d is stuck (silent %.0fs, state %s); killing it", child.pid,
+                          now - slot.seen, slot.state_name)
+                try:
+                    os.kill(child.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+    def manage(self) -> None:
+        """Size the pool: replace the dead, then grow or shrink (fixed or adaptive)."""
+        if self.reloading is not None:
+            self.spawn_missing()
+            return
+        current = [c for c in self.children.values() if c.generation == self.generation and not c.retiring]
+        if not self.adaptive:
+            if len(current) < self.target:
+                self.spawn_missing()
+            for child in self._pick_idle(current, len(current) - self.target):
+                self._retire(child)
+            return
+        now = time.monotonic()
+        if now - self.last_adapt < 1.0:
+            if len(current) < self.target:
+                self.spawn_missing()
+            return
+        self.last_adapt = now
+        states = {c.pid: self.scoreboard.slot(c.slot).state for c in current}
+        idle = sum(1 for s in states.values() if s in (IDLE, STARTING))
+        min_spare = self.config.min_spare or 0
+        max_spare = self.config.max_spare if self.config.max_spare is not None else max(min_spare, 1) * 2
+        if idle < min_spare and len(current) < self.max_workers:
+            count = min(self.spawn_rate, self.max_workers - len(current), min_spare - idle)
+            for _ in range(count):
+                self.spawn()
+            self.spawn_rate = min(self.spawn_rate * 2, MAX_SPAWN_RATE)
+        else:
+            self.spawn_rate = 1
+        if len(current) > self.max_workers:
+            for child in self._pick_idle(current, len(current) - self.max_workers):
+                self._retire(child)
+        elif idle > max_spare and len(current) > 1:
+            for child in self._pick_idle(current, 1):  # Apache: one per second
+                self._retire(child)
+        self.target = max(1, len([c for c in self.children.values()
+                                  if c.generation == self.generation and not c.retiring]))
+
+    def _pick_idle(self, children: list[Child], count: int) -> list[Child]:
+        if count <= 0:
+            return []
+        ranked = sorted(children, key=lambda c: (self.scoreboard.slot(c.slot).state == BUSY, -c.started))
+        return ranked[:count]
+
+    def _retire(self, child: Child) -> None:
+        child.retiring = True
+        try:
+            os.kill(child.pid, signal.SIGHUP)
+        except ProcessLookupError:
+            pass
+
+    def _signal_all(self, sig: int) -> None:
+        for child in list(self.children.values()):
+            try:
+                os.kill(child.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    # -- reload -----------------------------------------------------------------
+
+    def _check_booted(self) -> None:
+        """The first time a worker is up: the start has succeeded."""
+        if self.booted:
+            return
+        for child in self.children.values():
+            if self.scoreboard.slot(child.slot).state in (IDLE, BUSY):
+                self.booted = True
+                log.info("ready: generation %d serving", self.generation)
+                self.on_ready("")
+                return
+
+    def _check_reload(self) -> None:
+        """Once every worker of the new generation has booted, retire the old ones."""
+        if self.reloading is None:
+            return
+        new = [c for c in self.children.values() if c.generation == self.generation]
+        booted = [c for c in new if self.scoreboard.slot(c.slot).state in (IDLE, BUSY)]
+        if len(booted) < min(self.target, 1) or len(booted) < len(new):
+            return
+        old_generation = self.reloading[0]
+        for child in list(self.children.values()):
+            if child.generation < self.generation and not child.retiring:
+                self._retire(child)
+        self.reloading = None
+        self.reloads += 1
+        self.last_error = ""
+        log.info("reloaded: generation %d serving, generation %d retiring", self.generation, old_generation)
+
+    def _reload_failed(self, message: str) -> None:
+        log.error("reload failed, generation %d keeps serving: %s", self.generation, message)
+        self.reloads += 1
+        self.last_error = message
+        self._publish()
+
+    def _abort_reload(self, message: str) -> None:
+        old_generation, old_config, old_handler = self.reloading
+        for child in list(self.children.values()):
+            if child.generation == self.generation:
+                child.retiring = True
+                try:
+                    os.kill(child.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        self.generation, self.config, self.handler_class = old_generation, old_config, old_handler
+        self.ids = privileges.resolve(old_config.user, old_config.group)
+        self.reloading = None
+        self._reload_failed(message)
+
+    # -- stopping ---------------------------------------------------------------
+
+    exit_status_on_stop = 0
+
+    def _begin_stop(self, sig: int, seconds: float, why: str) -> None:
+        if self.stop_deadline is not None and sig == signal.SIGTERM:
+            return
+        log.info("%s: signalling %d workers", why, len(self.children))
+        self.stop_deadline = time.monotonic() + seconds
+        for sock in self.listeners:
+            sock.close()
+        self._signal_all(sig)
+
+    def _continue_stop(self) -> None:
+        if not self.children:
+            self.exit_status = self.exit_status_on_stop
+            return
+        if time.monotonic() > self.stop_deadline:
+            log.warning("stop timeout: killing %d workers", len(self.children))
+            self._signal_all(signal.SIGKILL)
+            self.stop_deadline = time.monotonic() + 5.0
+
+
+def _die_with_parent(master_pid: int) -> None:
+    """Ask Linux to send us TERM if the master dies (no orphans), where prctl is available."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except Exception:  # not Linux, or no libc: the worker's getppid() check still catches it
+        pass
+    if os.getppid() != master_pid:
+        os._exit(0)  # the master died before prctl took effect

@@ -1,0 +1,66 @@
+"""The master's pidfile: written atomically, never over a live master, removed at exit."""
+
+from __future__ import annotations
+
+import os
+
+
+class PidfileError(Exception):
+    """The pidfile cannot be used; the message is one line for the operator."""
+
+
+def read(path: str) -> int | None:
+    """The pid in ``path``, or None if there is no readable pid there."""
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def alive(pid: int) -> bool:
+    """Whether a process with this pid exists (and is not a zombie we could reap)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def check(path: str) -> None:
+    """Refuse a pidfile naming a live process; a stale one will be replaced."""
+    pid = read(path)
+    if pid is not None and pid != os.getpid() and alive(pid):
+        raise PidfileError(f"pidfile {path} names a running process (pid {pid}); is the server already running?")
+
+
+def write(path: str, pid: int) -> None:
+    """Write ``pid`` to ``path`` atomically (temporary file, then rename)."""
+    check(path)
+    tmp = f"{path}.{pid}.tmp"
+    try:
+        with open(tmp, "w") as f:
+            f.write(f"{pid}\n")
+        os.replace(tmp, path)
+    except OSError as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise PidfileError(f"cannot write pidfile {path}: {exc.strerror}") from None
+
+
+def remove(path: str, pid: int) -> None:
+    """Remove ``path`` if it still names ``pid`` (a successor may have replaced it)."""
+    if read(path) == pid:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass

@@ -1,0 +1,141 @@
+"""The scoreboard: shared memory where workers say what they do and the master reads it.
+
+A header (master pid, start time, generation, listeners, reload outcome) and
+one fixed-size slot per worker (pid, generation, state, sessions served,
+current peer, last check-in).  It lives in an mmap made before fork; with a
+pidfile it is backed by ``<pidfile>.scoreboard`` so ``prefork-esmtp status``
+can read it from another process (Apache's ScoreBoardFile).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+import time
+from dataclasses import dataclass
+from typing import Any
+
+FREE, STARTING, IDLE, BUSY, EXITING = range(5)
+STATE_NAMES = {FREE: "free", STARTING: "starting", IDLE: "idle", BUSY: "busy", EXITING: "exiting"}
+
+# master pid, generation, started, reloads (completed or failed), nslots, listeners, last error
+_HEADER = struct.Struct("<iidII256s256s")
+# pid, generation, state, sessions, started, seen, expect (seconds the worker may stay silent), peer
+_SLOT = struct.Struct("<iiB3xQddd64s")
+_SEEN_OFFSET = struct.calcsize("<iiB3xQd")  # where 'seen' and 'expect' start in a slot
+_MAGIC = b"PFESMTP1"
+
+
+@dataclass
+class Slot:
+    """One worker's row, as read from the scoreboard."""
+
+    index: int
+    pid: int
+    generation: int
+    state: int
+    sessions: int
+    started: float
+    seen: float
+    expect: float
+    peer: str
+
+    @property
+    def state_name(self) -> str:
+        return STATE_NAMES.get(self.state, "?")
+
+
+class Scoreboard:
+    """Fixed-size shared memory; one writer per slot (its worker), the master for the header."""
+
+    def __init__(self, nslots: int, path: str | None = None) -> None:
+        self.nslots = nslots
+        self.size = len(_MAGIC) + _HEADER.size + nslots * _SLOT.size
+        self.path = path
+        if path:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                os.ftruncate(fd, self.size)
+                self.mem = mmap.mmap(fd, self.size)
+            finally:
+                os.close(fd)
+        else:
+            self.mem = mmap.mmap(-1, self.size)
+        self.mem[: len(_MAGIC)] = _MAGIC
+
+    @classmethod
+    def open(cls, path: str) -> "Scoreboard":
+        """Attach to another master's scoreboard file, read-only."""
+        with open(path, "rb") as f:
+            data = f.read()
+        if not data.startswith(_MAGIC):
+            raise ValueError(f"{path} is not a prefork-esmtp scoreboard")
+        board = cls.__new__(cls)
+        board.path = path
+        board.mem = bytearray(data)  # a snapshot is all status needs
+        header = board.header()
+        board.nslots = header["nslots"]
+        board.size = len(data)
+        return board
+
+    def close(self) -> None:
+        if isinstance(self.mem, mmap.mmap):
+            self.mem.close()
+        if self.path:
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+
+    # -- header (master writes) ----------------------------------------------
+
+    def set_header(self, pid: int, generation: int, started: float, reloads: int,
+                   listeners: str, error: str = "") -> None:
+        _HEADER.pack_into(self.mem, len(_MAGIC), pid, generation, started, reloads, self.nslots,
+                          listeners.encode()[:255], error.encode("utf-8", "replace")[:255])
+
+    def header(self) -> dict[str, Any]:
+        pid, generation, started, reloads, nslots, listeners, error = _HEADER.unpack_from(self.mem, len(_MAGIC))
+        return {"pid": pid, "generation": generation, "started": started, "reloads": reloads,
+                "nslots": nslots, "listeners": listeners.rstrip(b"\0").decode(),
+                "error": error.rstrip(b"\0").decode("utf-8", "replace")}
+
+    # -- slots ----------------------------------------------------------------
+
+    def _offset(self, index: int) -> int:
+        return len(_MAGIC) + _HEADER.size + index * _SLOT.size
+
+    def claim(self, index: int, pid: int, generation: int) -> None:
+        """Master: a worker was forked into this slot."""
+        now = time.time()
+        _SLOT.pack_into(self.mem, self._offset(index), pid, generation, STARTING, 0, now, now, 0.0, b"")
+
+    def release(self, index: int) -> None:
+        """Master: the slot's worker is gone."""
+        _SLOT.pack_into(self.mem, self._offset(index), 0, 0, FREE, 0, 0.0, 0.0, 0.0, b"")
+
+    def free_slot(self) -> int | None:
+        for index in range(self.nslots):
+            if self.slot(index).state == FREE:
+                return index
+        return None
+
+    def update(self, index: int, state: int, sessions: int, peer: str, expect: float) -> None:
+        """Worker: record state, sessions served and the peer; check in now."""
+        off = self._offset(index)
+        pid, generation, _, _, started, _, _, _ = _SLOT.unpack_from(self.mem, off)
+        _SLOT.pack_into(self.mem, off, pid, generation, state, sessions, started, time.time(), expect,
+                        peer.encode()[:63])
+
+    def check_in(self, index: int, expect: float) -> None:
+        """Worker: 'alive, and may stay silent for ``expect`` seconds' (before a blocking wait)."""
+        struct.pack_into("<dd", self.mem, self._offset(index) + _SEEN_OFFSET, time.time(), expect)
+
+    def slot(self, index: int) -> Slot:
+        *fields, peer = _SLOT.unpack_from(self.mem, self._offset(index))
+        return Slot(index, *fields, peer.rstrip(b"\0").decode())
+
+    def slots(self) -> list[Slot]:
+        """Every slot in use."""
+        return [s for s in (self.slot(i) for i in range(self.nslots)) if s.state != FREE]

@@ -1,0 +1,283 @@
+"""MessageParser: HEADER (unfolded), EOH placement, BODY in chunk and line mode.
+
+A fake handler records the calls.  Examples pin each rule; hypothesis checks
+the parser against the line-by-line model in tests/reference_models.py for
+messages fed whole and at random split points.
+"""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from prefork_esmtp.message import DEFAULT_CHUNKSIZE, HeaderTooLong, MessageParser
+from reference_models import CRLF, parse_message, text
+
+
+class FakeHandler:
+    """Records HEADER/EOH/BODY calls; ``line_mode`` makes EOH turn chunk mode off."""
+
+    def __init__(self, chunksize: int | None = None, line_mode: bool = False) -> None:
+        self.chunkmode = False
+        if chunksize is not None:
+            self.chunksize = chunksize
+        self.line_mode = line_mode
+        self.calls: list[tuple] = []
+
+    def HEADER(self, name: str, value: str) -> None:
+        assert isinstance(name, str) and isinstance(value, str)
+        self.calls.append(("HEADER", name, value))
+
+    def EOH(self) -> None:
+        self.calls.append(("EOH", self.chunkmode))
+        if self.line_mode:
+            self.chunkmode = False
+
+    def BODY(self, chunk: bytes) -> None:
+        assert isinstance(chunk, bytes) and chunk
+        self.calls.append(("BODY", chunk, self.chunkmode))
+
+    # views
+    def headers(self) -> list[tuple[str, str]]:
+        return [(c[1], c[2]) for c in self.calls if c[0] == "HEADER"]
+
+    def chunks(self) -> list[bytes]:
+        return [c[1] for c in self.calls if c[0] == "BODY"]
+
+    def body(self) -> bytes:
+        return b"".join(self.chunks())
+
+    def shape(self) -> list[str]:
+        """The call sequence with BODY runs collapsed: e.g. HEADER HEADER EOH BODY."""
+        out: list[str] = []
+        for c in self.calls:
+            if not (c[0] == "BODY" and out and out[-1] == "BODY"):
+                out.append(c[0])
+        return out
+
+
+def parse(pieces: list[bytes], chunksize: int | None = None, line_mode: bool = False,
+          max_header_size: int = 1 << 20) -> FakeHandler:
+    handler = FakeHandler(chunksize, line_mode)
+    parser = MessageParser(handler, max_header_size)
+    for piece in pieces:
+        parser.feed(piece)
+    parser.finish()
+    return handler
+
+
+def line_pieces(body: bytes, size: int) -> list[bytes]:
+    """Line mode, modelled: each CRLF-ended line (and a last unended one), cut every ``size`` octets."""
+    lines = body.split(CRLF)
+    lines = [line + CRLF for line in lines[:-1]] + ([lines[-1]] if lines[-1] else [])
+    return [line[i:i + size] for line in lines for i in range(0, len(line), size)]
+
+
+# --- headers and EOH ----------------------------------------------------------
+
+
+def test_headers_unfolded_and_blank_line_ends_them():
+    h = parse([b"Subject: hello\r\n  world\r\n\tagain\r\nTo: a@b.c\r\n\r\nBody line\r\n"])
+    assert h.calls == [
+        ("HEADER", "Subject", "hello  world\tagain"),
+        ("HEADER", "To", "a@b.c"),
+        ("EOH", True),
+        ("BODY", b"Body line\r\n", True),
+    ]
+
+
+def test_blank_line_is_not_part_of_the_body():
+    h = parse([b"A: 1\r\n\r\n\r\nx\r\n"])
+    assert h.headers() == [("A", "1")]
+    assert h.body() == b"\r\nx\r\n"
+
+
+def test_name_loses_wsp_before_colon_value_loses_wsp_after():
+    h = parse([b"Subject \t:  \t spaced  \r\nX-Empty:\r\nX-Colon: a:b: c\r\n\r\n"])
+    assert h.headers() == [("Subject", "spaced  "), ("X-Empty", ""), ("X-Colon", "a:b: c")]
+
+
+def test_eoh_at_first_line_that_is_not_a_header():
+    h = parse([b"Subject: x\r\nThis is not a header\r\nNor: this one\r\n"])
+    assert h.shape() == ["HEADER", "EOH", "BODY"]
+    assert h.body() == b"This is not a header\r\nNor: this one\r\n"
+
+
+@pytest.mark.parametrize("message, headers, body", [
+    (b"Hello there\r\n", [], b"Hello there\r\n"),
+    (b" leading space\r\n", [], b" leading space\r\n"),  # a continuation of nothing
+    (b"\r\nSubject: in body\r\n", [], b"Subject: in body\r\n"),
+    (b": no name\r\n", [], b": no name\r\n"),
+    (b"Bad Name: x\r\n", [], b"Bad Name: x\r\n"),
+    (b"From sender Mon Jan 1\r\nA: b\r\n", [], b"From sender Mon Jan 1\r\nA: b\r\n"),
+    (b"A: b\r\n>From x\r\n", [("A", "b")], b">From x\r\n"),
+    (b"", [], b""),
+    (b"A: b\r\n", [("A", "b")], b""),
+    (b"A: b", [("A", "b")], b""),  # a last header without CRLF
+    (b"A: b\r\nno header", [("A", "b")], b"no header"),
+    (b"A: b\r\n c", [("A", "b c")], b""),
+])
+def test_eoh_placement(message, headers, body):
+    h = parse([message])
+    assert h.headers() == headers
+    assert h.body() == body
+    assert [c[0] for c in h.calls].count("EOH") == 1
+    assert h.shape()[len(headers)] == "EOH"
+
+
+def test_non_ascii_header_kept_with_surrogateescape():
+    h = parse([b"Subject: caf\xc3\xa9 \xff\xfe\r\nX-\xc3\xa9: 1\r\n\r\n"])
+    # a non-ASCII name is not a field-name: that line starts the body
+    assert h.headers() == [("Subject", "caf\u00e9 \udcff\udcfe")]
+    assert h.headers()[0][1].encode("utf-8", "surrogateescape") == b"caf\xc3\xa9 \xff\xfe"
+    assert h.body() == b"X-\xc3\xa9: 1\r\n\r\n"
+
+
+def test_chunk_mode_is_on_at_eoh_and_eoh_may_turn_it_off():
+    h = parse([b"A: 1\r\n\r\nx\r\ny\r\n"], line_mode=True)
+    assert h.calls == [("HEADER", "A", "1"), ("EOH", True),
+                       ("BODY", b"x\r\n", False), ("BODY", b"y\r\n", False)]
+
+
+def test_default_chunksize_when_handler_has_none_or_a_bad_one():
+    body = b"x" * (DEFAULT_CHUNKSIZE + 10)
+    for size in (None, 0, -5, "big"):
+        h = parse([b"\r\n" + body], chunksize=size)
+        assert [len(c) for c in h.chunks()] == [DEFAULT_CHUNKSIZE, 10]
+
+
+# --- body: chunk mode and line mode ---------------------------------------------
+
+
+def test_chunk_mode_chunks_within_chunksize():
+    body = bytes(range(256)) * 3
+    h = parse([b"\r\n" + body[:100], body[100:]], chunksize=64)
+    assert h.body() == body
+    assert all(len(c) <= 64 for c in h.chunks())
+    assert all(c[2] is True for c in h.calls if c[0] == "BODY")
+
+
+def test_line_mode_one_call_per_line():
+    body = b"one\r\ntwo\r\n\r\nthree\r\n"
+    h = parse([b"S: x\r\n\r\n" + body[:5], body[5:]], chunksize=100, line_mode=True)
+    assert h.chunks() == [b"one\r\n", b"two\r\n", b"\r\n", b"three\r\n"]
+
+
+def test_line_mode_bare_newlines_do_not_end_lines():
+    h = parse([b"\r\na\nb\rc\r\nd\r\n"], chunksize=100, line_mode=True)
+    assert h.chunks() == [b"a\nb\rc\r\n", b"d\r\n"]
+
+
+def test_line_mode_long_line_in_chunksize_pieces_and_last_unended_piece():
+    h = parse([b"\r\n" + b"x" * 25 + b"\r\nshort\r\ntail"], chunksize=10, line_mode=True)
+    assert h.chunks() == [b"x" * 10, b"x" * 10, b"xxxxx\r\n", b"short\r\n", b"tail"]
+
+
+def test_line_mode_line_of_exactly_chunksize_with_crlf_straddling():
+    # "aaaa\r\n" is 6 octets: with chunksize 5 the CRLF straddles the cut
+    h = parse([b"\r\naaaa\r\nb\r\n"], chunksize=5, line_mode=True)
+    assert h.chunks() == [b"aaaa\r", b"\n", b"b\r\n"]
+    h = parse([b"\r\naaa\r\nb\r\n"], chunksize=5, line_mode=True)
+    assert h.chunks() == [b"aaa\r\n", b"b\r\n"]
+
+
+# --- HeaderTooLong ---------------------------------------------------------------
+
+
+def test_header_at_the_limit_passes_one_more_octet_raises():
+    # the limit counts name + value octets
+    ok = b"Subject: " + b"v" * 13 + b"\r\n\r\n"  # 7 + 13 = 20
+    assert parse([ok], max_header_size=20).headers() == [("Subject", "v" * 13)]
+    with pytest.raises(HeaderTooLong):
+        parse([b"Subject: " + b"v" * 14 + b"\r\n\r\n"], max_header_size=20)
+
+
+def test_folded_header_too_long_raises():
+    message = b"Subject: start\r\n" + b" more words\r\n" * 10 + b"\r\nbody\r\n"
+    with pytest.raises(HeaderTooLong):
+        parse([message], max_header_size=100)
+    assert parse([message], max_header_size=200).headers()[0][1].startswith("start more words")
+
+
+def test_endless_header_line_raises_before_it_ends():
+    """Memory stays bounded: an over-long header line is refused while it is still coming."""
+    handler = FakeHandler()
+    parser = MessageParser(handler, 100)
+    parser.feed(b"Subject: ")
+    with pytest.raises(HeaderTooLong):
+        for _ in range(100):
+            parser.feed(b"x" * 10)
+    assert len(parser.partial) <= 200
+
+
+def test_long_line_that_is_no_header_goes_to_the_body():
+    line = b"no header here " + b"y" * 300 + b"\r\n"
+    h = parse([line[:50], line[50:]], max_header_size=100)
+    assert h.headers() == [] and h.body() == line
+
+
+# --- properties -------------------------------------------------------------------
+
+TOKENS = [b"Subject: ", b"X-A:", b"To :", b"Bad Name: ", b": ", b" ", b"\t", b"a", b"Zz",
+          b"\xff", b"\xc3\xa9", b":", b"\x00", b".", b"\r", b"\n", b"\r\n", b"\r\n\r\n", b"\r\n "]
+messages = st.lists(st.sampled_from(TOKENS), max_size=40).map(b"".join)
+cuts = st.lists(st.floats(min_value=0.0, max_value=1.0), max_size=8)
+
+
+def split(data: bytes, fractions: list[float]) -> list[bytes]:
+    points = sorted({int(f * len(data)) for f in fractions} | {0, len(data)})
+    return [data[a:b] for a, b in zip(points, points[1:]) if b > a]
+
+
+def expected_calls(message: bytes) -> tuple[list[tuple[str, str]], bytes]:
+    headers, body = parse_message(message)
+    return [(text(n), text(v)) for n, v in headers], body
+
+
+@settings(max_examples=600, deadline=None)
+@given(messages, cuts, st.integers(min_value=1, max_value=12))
+def test_chunk_mode_matches_model_for_any_split(message, fractions, chunksize):
+    headers, body = expected_calls(message)
+    h = parse(split(message, fractions), chunksize=chunksize)
+    assert h.headers() == headers
+    assert h.shape()[:len(headers) + 1] == ["HEADER"] * len(headers) + ["EOH"]
+    assert h.shape()[len(headers) + 1:] in ([], ["BODY"])
+    assert h.body() == body
+    assert all(1 <= len(c) <= chunksize for c in h.chunks())
+    assert all(c[2] is True for c in h.calls if c[0] == "BODY")
+
+
+@settings(max_examples=600, deadline=None)
+@given(messages, cuts, st.integers(min_value=1, max_value=12))
+def test_line_mode_matches_model_for_any_split(message, fractions, chunksize):
+    headers, body = expected_calls(message)
+    h = parse(split(message, fractions), chunksize=chunksize, line_mode=True)
+    assert h.headers() == headers
+    assert h.shape()[:len(headers) + 1] == ["HEADER"] * len(headers) + ["EOH"]
+    # the same pieces whatever the split: whole lines, long ones cut every chunksize octets
+    assert h.chunks() == line_pieces(body, chunksize)
+    assert all(c[2] is False for c in h.calls if c[0] == "BODY")
+
+
+@settings(max_examples=300, deadline=None)
+@given(messages, cuts, cuts)
+def test_two_splits_give_identical_calls(message, a, b):
+    one = parse(split(message, a), chunksize=7, line_mode=True)
+    two = parse(split(message, b), chunksize=7, line_mode=True)
+    assert one.calls == two.calls
+
+
+@settings(max_examples=600, deadline=None)
+@given(messages, cuts, st.integers(min_value=4, max_value=30))
+def test_header_limit_same_outcome_for_any_split(message, fractions, limit):
+    """HeaderTooLong iff the model finds a header over the limit, however the message arrives."""
+    headers, _ = parse_message(message)
+    too_long = any(len(n) + len(v) > limit for n, v in headers)
+    try:
+        h = parse(split(message, fractions), max_header_size=limit)
+    except HeaderTooLong:
+        assert too_long, f"HeaderTooLong for {message!r} (limit {limit})"
+    else:
+        assert not too_long, f"no HeaderTooLong for {message!r} (limit {limit})"
+        assert h.headers() == expected_calls(message)[0]
