@@ -281,7 +281,8 @@ class Master:
         setproctitle(f"prefork-esmtp: worker [gen {generation}] starting")
         try:
             privileges.drop(self.ids)
-            handler_class = self.handler_class or load_handler(config.handler, fresh=True)
+            # The master never imported it (unless preloaded), so this import is fresh.
+            handler_class = self.handler_class or load_handler(config.handler)
         except (HandlerLoadError, OSError) as exc:
             message = str(exc) if isinstance(exc, HandlerLoadError) else f"cannot drop privileges: {exc}"
             log.error("worker cannot boot: %s", message)
@@ -507,15 +508,23 @@ class Master:
             self.stop_deadline = time.monotonic() + 5.0
 
 
-def _die_with_parent(master_pid: int) -> None:
-    """Ask Linux to send us TERM if the master dies (no orphans), where prctl is available."""
+def _load_prctl() -> Any:
+    """libc's prctl, loaded once in the master so forked workers share it."""
     try:
         import ctypes
 
-        libc = ctypes.CDLL(None, use_errno=True)
-        PR_SET_PDEATHSIG = 1
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        return ctypes.CDLL(None, use_errno=True).prctl
     except Exception:  # not Linux, or no libc: the worker's getppid() check still catches it
-        pass
+        return None
+
+
+_PRCTL = _load_prctl()
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(master_pid: int) -> None:
+    """Ask Linux to send us TERM if the master dies (no orphans), where prctl is available."""
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
     if os.getppid() != master_pid:
         os._exit(0)  # the master died before prctl took effect
