@@ -19,7 +19,7 @@ from typing import Any, NoReturn
 
 import click
 
-from prefork_esmtp import __version__, pidfile, privileges
+from prefork_esmtp import __version__, pidfile, privileges, tls
 from prefork_esmtp.listeners import ListenError, bind_all, describe
 from prefork_esmtp.loader import HandlerLoadError, load_handler
 from prefork_esmtp.logs import setup as setup_logging
@@ -100,14 +100,22 @@ def start(config_file: str | None, single: bool, **values: Any) -> None:
         ids = privileges.resolve(config.user, config.group)
         if config.pidfile:
             pidfile.check(config.pidfile)
+        tls_context = tls.make_context(config.tls_cert, config.tls_key, config.tls_client_ca)
+        if config.tls_listen and tls_context is None:
+            raise Fatal("tls_listen needs tls_cert and tls_key")
         handler_class = load_handler(config.handler) if single or config.preload else None
         listeners = bind_all(config.listen)
-    except (HandlerLoadError, ListenError, privileges.PrivilegeError, pidfile.PidfileError) as exc:
+        tls_listeners = bind_all(config.tls_listen)
+    except (HandlerLoadError, ListenError, privileges.PrivilegeError, pidfile.PidfileError,
+            tls.TLSConfigError) as exc:
         raise Fatal(str(exc)) from None
     for sock in listeners:
         log.info("listening on %s", describe(sock))
+    for sock in tls_listeners:
+        log.info("listening on %s (implicit TLS)", describe(sock))
     if single:
-        _run_single(config, listeners, handler_class, ids)
+        _run_single(config, listeners + tls_listeners, handler_class, ids, tls_context,
+                    frozenset(s.fileno() for s in tls_listeners))
         return
     notify = _daemonize() if config.daemon else (lambda error: None)
     from prefork_esmtp.master import Master
@@ -115,7 +123,8 @@ def start(config_file: str | None, single: bool, **values: Any) -> None:
     def reload_config() -> Config:
         return load_config(config_path, values)
 
-    master = Master(config, listeners, reload_config, handler_class, on_ready=notify)
+    master = Master(config, listeners, reload_config, handler_class, on_ready=notify,
+                    tls_listeners=tls_listeners, tls_context=tls_context)
     try:
         status = master.run()
     except pidfile.PidfileError as exc:
@@ -125,11 +134,12 @@ def start(config_file: str | None, single: bool, **values: Any) -> None:
     sys.exit(status)
 
 
-def _run_single(config: Config, listeners: list, handler_class: type, ids: Any) -> None:
+def _run_single(config: Config, listeners: list, handler_class: type, ids: Any, tls_context: Any,
+                tls_fds: frozenset[int]) -> None:
     from prefork_esmtp.worker import Worker
 
     privileges.drop(ids)
-    worker = Worker(listeners, handler_class, config)
+    worker = Worker(listeners, handler_class, config, tls_context=tls_context, tls_listeners=tls_fds)
     worker.install_signals()
     log.info("serving with %s.%s in single-process mode (-X), pid %d",
              handler_class.__module__, handler_class.__qualname__, os.getpid())
@@ -307,8 +317,9 @@ def configtest(config_file: str | None, **values: Any) -> None:
     config = load_config(config_file, values)
     try:
         privileges.resolve(config.user, config.group)
+        tls.make_context(config.tls_cert, config.tls_key, config.tls_client_ca)
         handler_class = load_handler(config.handler)
-    except (HandlerLoadError, privileges.PrivilegeError) as exc:
+    except (HandlerLoadError, privileges.PrivilegeError, tls.TLSConfigError) as exc:
         raise Fatal(str(exc)) from None
     click.echo(f"configuration OK: handler {handler_class.__module__}:{handler_class.__qualname__}, "
                f"listen {', '.join(str(a) for a in config.listen)}")

@@ -49,6 +49,15 @@ class ESMTPHandler:
     peer: tuple[str, int] | None = None
     local: tuple[str, int] | None = None
     hostname: str = ""
+    #: None, or facts about the TLS session: version, cipher, bits, peer_cert, peer_cert_der.
+    tls: dict[str, Any] | None = None
+    #: The identity AUTH proved (the username), or None; and the mechanism used.
+    auth_user: str | None = None
+    auth_mechanism: str | None = None
+    #: Set True if your handler acts on DSN requests (RFC 3461): the engine then
+    #: advertises DSN.  RET, ENVID, NOTIFY and ORCPT are validated and handed over
+    #: in mail_params / rcpt_params either way.
+    dsn: bool = False
 
     # -- connection -----------------------------------------------------------
 
@@ -133,6 +142,25 @@ class ESMTPHandler:
     def QUIT(self) -> Reply:
         """QUIT; the connection closes after the reply."""
         return 221, "Closing connection"
+
+    def STARTTLS(self) -> Reply:
+        """STARTTLS, when TLS is configured (an addition to the seed).
+
+        220 starts the handshake; any other reply refuses it.  After the
+        handshake ``self.tls`` holds the TLS facts and the session starts
+        over (a new EHLO is needed).
+        """
+        return 220, "Ready to start TLS"
+
+    def AUTH(self, mechanism: str, username: str, password: str, authzid: str) -> Any:
+        """Check credentials from AUTH PLAIN or LOGIN (an addition to the seed).
+
+        Return True to accept (235), False to refuse (535 5.7.8), or a reply
+        ``(code, *messages)`` (2xx accepts).  The engine offers AUTH only
+        when a subclass overrides this method, and only inside TLS unless
+        ``auth_plaintext`` is set; the default accepts no one.
+        """
+        return False
 
     def DISCONNECT(self) -> None:
         """The connection is gone, whatever the reason (an addition to the seed): clean up here."""

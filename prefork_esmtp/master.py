@@ -24,7 +24,7 @@ from typing import Any
 
 from setproctitle import setproctitle
 
-from prefork_esmtp import logs, pidfile, privileges
+from prefork_esmtp import logs, pidfile, privileges, tls
 from prefork_esmtp.listeners import describe
 from prefork_esmtp.loader import HandlerLoadError, load_handler
 from prefork_esmtp.scoreboard import BUSY, IDLE, STARTING, Scoreboard
@@ -60,8 +60,12 @@ class Master:
 
     def __init__(self, config: Config, listeners: list[socket.socket],
                  reload_config: Callable[[], Config], handler_class: type | None = None,
-                 on_ready: Callable[[str], None] = lambda error: None) -> None:
+                 on_ready: Callable[[str], None] = lambda error: None, *,
+                 tls_listeners: list[socket.socket] = (), tls_context: Any = None) -> None:
         self.config = config
+        self.tls_context = tls_context
+        self.tls_fds = frozenset(sock.fileno() for sock in tls_listeners)
+        listeners = list(listeners) + list(tls_listeners)
         self.on_ready = on_ready
         self.listeners = listeners
         self.reload_config = reload_config
@@ -120,16 +124,22 @@ class Master:
             if config.preload:
                 handler_class = load_handler(config.handler, fresh=True)
             privileges.resolve(config.user, config.group)
+            tls_context = tls.make_context(config.tls_cert, config.tls_key, config.tls_client_ca)
         except Exception as exc:  # SettingError, Fatal, HandlerLoadError, PrivilegeError
             self._reload_failed(str(exc))
             return
-        if [str(a) for a in config.listen] != [str(a) for a in self.config.listen]:
+        if [str(a) for a in config.listen + config.tls_listen] != \
+                [str(a) for a in self.config.listen + self.config.tls_listen]:
             log.warning("reload: listen addresses changed; keeping %s until a restart",
                         ", ".join(describe(s) for s in self.listeners))
             config.values["listen"] = self.config.listen
+            config.values["tls_listen"] = self.config.tls_listen
+        if self.tls_fds and tls_context is None:
+            log.warning("reload: no TLS certificate any more; TLS listeners keep the old one")
+            tls_context = self.tls_context
         logs.setup(config.log_level, config.log_file)
-        self.reloading = (self.generation, self.config, self.handler_class)
-        self.config, self.handler_class = config, handler_class
+        self.reloading = (self.generation, self.config, self.handler_class, self.tls_context)
+        self.config, self.handler_class, self.tls_context = config, handler_class, tls_context
         self.ids = privileges.resolve(config.user, config.group)
         self.generation += 1
         if not self.adaptive:
@@ -313,7 +323,9 @@ class Master:
 
         worker = Worker(self.listeners, handler_class, config, max_sessions=limit, report=report,
                         alive_check=lambda: os.getppid() == master_pid,
-                        check_in=lambda expect: board.check_in(slot, expect))
+                        check_in=lambda expect: board.check_in(slot, expect),
+                        tls_context=self.tls_context, tls_listeners=self.tls_fds,
+                        ip_sessions=board.sessions_from)
         worker.install_signals()
         signal.signal(signal.SIGHUP, lambda s, f: worker.stop())  # retire: finish the session, exit
         signal.signal(signal.SIGUSR1, lambda s, f: logs.reopen())
@@ -472,7 +484,7 @@ class Master:
         self._publish()
 
     def _abort_reload(self, message: str) -> None:
-        old_generation, old_config, old_handler = self.reloading
+        old_generation, old_config, old_handler, self.tls_context = self.reloading
         for child in list(self.children.values()):
             if child.generation == self.generation:
                 child.retiring = True

@@ -17,6 +17,8 @@ from typing import Any
 # field-name: printable ASCII but colon; obsolete syntax allows WSP before the colon.
 _HEADER = re.compile(rb"[!-9;-~]+[ \t]*:")
 _NAME_END = re.compile(rb"[ \t]*:$")
+# What a line that may still become a header starts with: field-name, then WSP.
+_NAME_RUN = re.compile(rb"[!-9;-~]+[ \t]*")
 
 DEFAULT_CHUNKSIZE = 65536
 
@@ -92,6 +94,31 @@ class MessageParser:
             self.name, self.value = None, b""
             self.handler.HEADER(_text(name), _text(value))
 
+    def _check_name_run(self, line: bytes) -> None:
+        """Refuse a line whose field name (and WSP) alone runs past the limit.
+
+        Header or not, so that the verdict never depends on where the line
+        was cut by the network: a partial line must be judged before its end.
+        """
+        m = _NAME_RUN.match(line)
+        if m is not None and m.end() > self.max_header_size:
+            raise HeaderTooLong()
+
+    def _squeeze(self, partial: bytes) -> bytes:
+        """Bound an incomplete header line: drop the WSP the unfolding drops anyway.
+
+        Raises HeaderTooLong once name + value so far exceed the limit; what
+        is kept is then at most one octet more than the limit.
+        """
+        if partial[:1] in (b" ", b"\t"):  # a continuation: all of it is value
+            raise HeaderTooLong()
+        m = _HEADER.match(partial)
+        name = _NAME_END.sub(b"", m.group(0))
+        value = partial[m.end():].lstrip(b" \t")
+        if len(name) + len(value) > self.max_header_size:
+            raise HeaderTooLong()
+        return name + b":" + value
+
     def _end_headers(self) -> None:
         self._emit_header()
         self.in_headers = False
@@ -107,8 +134,11 @@ class MessageParser:
             if i < 0:
                 self.partial = buf[pos:]
                 if len(self.partial) > self.max_header_size:
+                    # Decide now (memory stays bounded) exactly as the whole line would be.
+                    self._check_name_run(self.partial)
                     if self._is_header_line(self.partial):
-                        raise HeaderTooLong()
+                        self.partial = self._squeeze(self.partial)
+                        return b""
                     self.partial = b""
                     self._end_headers()
                     return buf[pos:]
@@ -118,6 +148,7 @@ class MessageParser:
                 self._end_headers()
                 return buf[i + 2:]
             line = buf[pos:i]
+            self._check_name_run(line)
             if not self._is_header_line(line):
                 self.partial = b""
                 self._end_headers()
@@ -144,10 +175,12 @@ class MessageParser:
             else:
                 i = data.find(b"\r\n", pos, pos + size)
                 if i < 0:
-                    if n - pos < size:
+                    if n - pos <= size:
                         self.partial = data[pos:]  # an incomplete line: wait for its end
                         return
                     end = pos + size  # a line longer than chunksize goes in pieces
+                    if size > 1 and data[end - 1] == 0x0D and data[end] == 0x0A:
+                        end -= 1  # ... but its CRLF is not cut in two
                 else:
                     end = i + 2
             handler.BODY(data[pos:end] if pos or end < n else data)

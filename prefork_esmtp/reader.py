@@ -10,6 +10,7 @@ pipelined replies leave in one send.
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import Callable, Iterator
 
 from prefork_esmtp.dotdata import DotDecoder
@@ -24,6 +25,14 @@ class ClientGone(Exception):
 
 class ReadTimeout(Exception):
     """The client sent nothing for the idle timeout."""
+
+
+class DataTooSlow(Exception):
+    """During DATA/BDAT the client fell below the minimum data rate."""
+
+
+#: Seconds of a message transfer before the minimum data rate applies.
+DATA_RATE_GRACE = 10.0
 
 
 class LineTooLong(Exception):
@@ -50,7 +59,39 @@ class Reader:
         #: be interrupted (graceful stop); ``waiting`` is true only inside recv().
         self.interruptible = False
         self.waiting = False
+        # the minimum data rate: (octets/s, start time, octets received at start), or None
+        self._rate: tuple[float, float, int] | None = None
+        self._short_timeout = False
         sock.settimeout(timeout)
+
+    def start_rate(self, octets_per_second: int) -> None:
+        """From now until :meth:`stop_rate`, require this average rate (after a grace period)."""
+        if octets_per_second > 0:
+            self._rate = (float(octets_per_second), time.monotonic(), self.received)
+
+    def stop_rate(self) -> None:
+        self._rate = None
+        if self._short_timeout:
+            self.sock.settimeout(self.timeout)
+            self._short_timeout = False
+
+    def _rate_timeout(self) -> float | None:
+        """How long the next read may block under the data rate; raise DataTooSlow when out of time."""
+        rate, start, received = self._rate
+        remaining = start + DATA_RATE_GRACE + (self.received - received) / rate - time.monotonic()
+        if remaining <= 0:
+            raise DataTooSlow()
+        return remaining if remaining < self.timeout else None
+
+    def replace_socket(self, sock: socket.socket) -> None:
+        """Continue on a new socket (after STARTTLS), forgetting every byte buffered so far.
+
+        Whatever the client sent in plaintext behind STARTTLS must not be
+        taken as said inside TLS (CVE-2011-0411).
+        """
+        self.sock = sock
+        self.buf, self.pos = b"", 0
+        sock.settimeout(self.timeout)
 
     def pending(self) -> bool:
         """Whether bytes the client sent are buffered and not yet consumed."""
@@ -58,8 +99,14 @@ class Reader:
 
     def _fill(self) -> None:
         """Flush pending replies, then block for more input (with the idle timeout)."""
+        short = None
         try:
             self.writer.flush()
+            if self._rate is not None:
+                short = self._rate_timeout()
+                if short is not None or self._short_timeout:
+                    self.sock.settimeout(short if short is not None else self.timeout)
+                    self._short_timeout = short is not None
             if self.check_in is not None:
                 self.check_in(self.timeout)
             self.waiting = self.interruptible
@@ -68,6 +115,8 @@ class Reader:
             finally:
                 self.waiting = False
         except (socket.timeout, TimeoutError):
+            if short is not None:
+                raise DataTooSlow() from None
             raise ReadTimeout() from None
         except OSError as exc:
             raise ClientGone(str(exc)) from None

@@ -136,6 +136,15 @@ class Scoreboard:
         *fields, peer = _SLOT.unpack_from(self.mem, self._offset(index))
         return Slot(index, *fields, peer.rstrip(b"\0").decode())
 
+    def sessions_from(self, ip: str) -> int:
+        """How many busy workers serve a client at ``ip`` (the per-IP session limit)."""
+        count = 0
+        for index in range(self.nslots):
+            slot = self.slot(index)
+            if slot.state == BUSY and slot.peer.rpartition(":")[0] == ip:
+                count += 1
+        return count
+
     def slots(self) -> list[Slot]:
         """Every slot in use."""
         return [s for s in (self.slot(i) for i in range(self.nslots)) if s.state != FREE]

@@ -2,22 +2,28 @@
 
 A :class:`Session` owns one client socket for its whole life: it greets,
 reads command lines, calls the handler's hooks, writes their replies, and
-receives messages through :class:`~prefork_esmtp.message.MessageParser`.
-Every engine reply comes from :mod:`prefork_esmtp.replies`.
+takes messages in through :class:`~prefork_esmtp.intake.MessageIntake` (DATA
+and BDAT alike).  Every engine reply comes from :mod:`prefork_esmtp.replies`.
 """
 
 from __future__ import annotations
 
 import logging
+import select
 import socket
+import ssl
+import time
 from collections.abc import Callable
 from typing import Any
 
+from prefork_esmtp import params as P
 from prefork_esmtp import replies as R
+from prefork_esmtp import sasl, tls
 from prefork_esmtp.addresses import AddressError, parse_path_argument
-from prefork_esmtp.dotdata import DotDecoder, count_bare_newlines
-from prefork_esmtp.message import HeaderTooLong, MessageParser
-from prefork_esmtp.reader import ClientGone, LineTooLong, Reader, ReadTimeout
+from prefork_esmtp.dotdata import DotDecoder
+from prefork_esmtp.handler import ESMTPHandler
+from prefork_esmtp.intake import MessageIntake
+from prefork_esmtp.reader import ClientGone, DataTooSlow, LineTooLong, Reader, ReadTimeout
 from prefork_esmtp.settings import Config
 from prefork_esmtp.writer import ReplyWriter
 
@@ -26,10 +32,22 @@ log = logging.getLogger("prefork_esmtp.session")
 #: Seconds and octets a closing session waits for the client to go (lingering close).
 LINGER_SECONDS = 1.0
 LINGER_OCTETS = 1 << 20
+#: RFC 4954: an AUTH line (command or response) may be 12288 octets long.
+AUTH_LINE_LIMIT = 12288
+#: Commands that must end a pipelined group (RFC 2920 3.1), so a client must wait after them.
+GROUP_ENDERS = frozenset({"EHLO", "HELO", "DATA", "VRFY", "EXPN", "QUIT", "NOOP", "STARTTLS", "AUTH"})
+#: Commands that move no mail (Postfix's junk commands).
+JUNK = frozenset({"NOOP", "RSET", "VRFY", "EXPN", "HELP"})
+#: What require_tls still allows before TLS.
+BEFORE_TLS = frozenset({"EHLO", "NOOP", "STARTTLS", "QUIT"})
 
 
 class StopSession(Exception):
     """Raised into a session waiting for a command when the server stops."""
+
+
+class AuthCancelled(Exception):
+    """The client answered an AUTH challenge with ``*``."""
 
 
 def _peer_tuple(address: Any) -> tuple[str, int] | None:
@@ -39,21 +57,32 @@ def _peer_tuple(address: Any) -> tuple[str, int] | None:
 
 
 class Session:
-    """One SMTP session over a connected socket."""
+    """One SMTP session over a connected socket.
+
+    ``tls_context`` enables STARTTLS (and is used at once when ``implicit_tls``);
+    ``ip_sessions(ip)`` counts this IP's sessions across all workers.
+    """
 
     def __init__(self, sock: socket.socket, peer: Any, handler_class: type, config: Config,
                  stopping: Callable[[], bool] = lambda: False,
-                 check_in: Callable[[float], None] | None = None) -> None:
+                 check_in: Callable[[float], None] | None = None, *,
+                 tls_context: ssl.SSLContext | None = None, implicit_tls: bool = False,
+                 ip_sessions: Callable[[str], int] | None = None) -> None:
         self.sock = sock
         self.config = config
         self.hostname = config.hostname
         self.stopping = stopping
+        self.tls_context = tls_context
+        self.implicit_tls = implicit_tls
+        self.ip_sessions = ip_sessions
         self.writer = ReplyWriter(sock)
         self.reader = Reader(sock, self.writer, config.timeout, check_in)
         self.errors = 0
+        self.junk = 0
         self.closing = False
         self.quit = False
         self.refused = False  # CONNECT answered 554: only QUIT is served
+        self.intake: MessageIntake | None = None  # a BDAT message under way
         self.peer = _peer_tuple(peer)
         try:
             local = sock.getsockname()
@@ -69,6 +98,9 @@ class Session:
         handler.esmtp = False
         handler.disconnect = False
         handler.chunkmode = False
+        handler.tls = None
+        handler.auth_user = None
+        handler.auth_mechanism = None
         self.handler = handler
         self._reset_transaction()
 
@@ -78,7 +110,8 @@ class Session:
         """Serve the session until QUIT, disconnect, an error limit, a timeout or EOF."""
         linger = True
         try:
-            self._greet()
+            if self._open():
+                self._greet()
             while not self.closing:
                 if self.stopping():
                     self._send(R.SHUTTING_DOWN.format(self.hostname), count=False)
@@ -99,6 +132,9 @@ class Session:
         except ReadTimeout:
             log.info("timeout after %.0fs from %s", self.config.timeout, self._who())
             self._send(R.TIMEOUT.format(self.hostname), count=False)
+        except DataTooSlow:
+            log.info("data rate below %d octets/s from %s", self.config.min_data_rate, self._who())
+            self._send(R.DATA_TOO_SLOW.format(self.hostname), count=False)
         except ClientGone as exc:
             linger = False
             log.debug("client %s gone: %s", self._who(), exc)
@@ -133,7 +169,7 @@ class Session:
                     if not data:
                         break
                     drained += len(data)
-        except OSError:
+        except (OSError, ValueError):
             pass
         try:
             self.handler.DISCONNECT()
@@ -147,7 +183,7 @@ class Session:
     # -- replies --------------------------------------------------------------
 
     def _write(self, code: int, lines: list[str], verb: str) -> None:
-        if verb in ("CONNECT", "HELO", "EHLO") or code < 400 and code >= 300:
+        if verb in ("CONNECT", "HELO", "EHLO") or 300 <= code < 400:
             enhanced = None
         else:
             enhanced = R.default_enhanced(code, verb)
@@ -160,7 +196,7 @@ class Session:
         self._after_reply(reply.code, count)
 
     def _after_reply(self, code: int, count: bool = True) -> None:
-        """Count errors, honour ``disconnect``; may end the session."""
+        """Count errors (sleeping past the soft limit), honour ``disconnect``; may end the session."""
         if code == 421:
             self.closing = True
             return
@@ -170,6 +206,8 @@ class Session:
                 log.info("too many errors (%d) from %s", self.errors, self._who())
                 self._send(R.TOO_MANY_ERRORS.format(self.hostname), count=False)
                 return
+            if self.errors >= self.config.soft_error_limit and self.config.error_sleep:
+                time.sleep(self.config.error_sleep)  # the reply is still queued: it goes out late
         if self.handler.disconnect:
             self.closing = True
 
@@ -209,6 +247,36 @@ class Session:
         h.mail_params = {}
         h.rcpt_params = {}
         h.recipients_params = []
+        self.intake = None
+        self.bdat_used = False
+
+    def _open(self) -> bool:
+        """Before the greeting: implicit TLS, the per-IP limit, a client that talks first."""
+        if self.implicit_tls and not self._start_tls():
+            return False
+        if self.ip_sessions is not None and self.config.max_sessions_per_ip and self.peer:
+            if self.ip_sessions(self.peer[0]) > self.config.max_sessions_per_ip:
+                log.info("too many sessions from %s", self.peer[0])
+                self._send(R.TOO_MANY_FROM_IP.format(self.hostname), count=False)
+                return False
+        if self.config.forbid_unauth_pipelining and self._client_spoke():
+            log.info("%s talked before the greeting", self._who())
+            self._send(R.PIPELINING_ABUSE.format(self.hostname), count=False)
+            self.closing = True
+            return False
+        return True
+
+    def _client_spoke(self) -> bool:
+        """Whether the client has sent anything we have not read (without waiting)."""
+        if self.reader.pending():
+            return True
+        if isinstance(self.sock, ssl.SSLSocket) and self.sock.pending():
+            return True
+        try:
+            readable, _, _ = select.select([self.sock], [], [], 0)
+        except (OSError, ValueError):
+            return False
+        return bool(readable)
 
     def _greet(self) -> None:
         code, lines, failed = self._call("CONNECT")
@@ -227,6 +295,9 @@ class Session:
     # -- dispatch -------------------------------------------------------------
 
     def _dispatch(self, line: bytes) -> None:
+        if self.reader.bare_lf and self.config.command_bare_lf == "reject":
+            self._send(R.BAD_COMMAND_LF)
+            return
         if b"\0" in line or b"\r" in line:
             self._send(R.BAD_CHARACTERS)
             return
@@ -248,11 +319,32 @@ class Session:
         if self.refused and verb != "QUIT":
             self._send(R.REJECTED_SESSION)
             return
+        if self.config.require_tls and self.handler.tls is None and verb not in BEFORE_TLS:
+            self._send(R.TLS_REQUIRED, verb)
+            return
+        if verb in JUNK:
+            self.junk += 1
+            if self.junk > self.config.max_junk_commands:
+                log.info("too many junk commands from %s", self._who())
+                self._send(R.TOO_MANY_JUNK.format(self.hostname), count=False)
+                return
         method = _COMMANDS.get(verb)
         if method is None:
             self._reply_hook("UNKNOWN", text)
-            return
-        method(self, arg.strip(" \t"))
+        else:
+            method(self, arg.strip(" \t"))
+        if verb in GROUP_ENDERS and verb != "DATA":
+            self._check_pipelining()
+
+    def _check_pipelining(self) -> bool:
+        """With forbid_unauth_pipelining: a client that did not wait for our reply is cut off."""
+        if (self.config.forbid_unauth_pipelining and not self.closing and self.handler.auth_user is None
+                and self.reader.pending()):
+            log.info("%s pipelined past a command that ends a group", self._who())
+            self._send(R.PIPELINING_ABUSE.format(self.hostname), count=False)
+            self.closing = True
+            return True
+        return False
 
     def _no_args(self, verb: str, arg: str) -> bool:
         """Answer 501 and return False if a command that takes no argument got one."""
@@ -260,6 +352,8 @@ class Session:
             self._send(R.SYNTAX_NOARGS.format(verb))
             return False
         return True
+
+    # -- HELO, EHLO, STARTTLS, AUTH ---------------------------------------------
 
     def smtp_HELO(self, arg: str) -> None:
         self._greeting("HELO", arg)
@@ -286,6 +380,9 @@ class Session:
         self._write(code, lines, verb)
         self._after_reply(code, count=not failed)
 
+    def _auth_enabled(self) -> bool:
+        return type(self.handler).AUTH is not ESMTPHandler.AUTH
+
     def _with_extensions(self, lines: list[str]) -> list[str]:
         """Append the engine's extension keywords the handler did not list itself."""
         have = {line.split(" ", 1)[0].upper() for line in lines[1:]}
@@ -295,14 +392,144 @@ class Session:
             "8BITMIME",
             "SMTPUTF8",
             "ENHANCEDSTATUSCODES",
-            "HELP",
+            "CHUNKING",
+            "BINARYMIME",
         ]
+        if getattr(self.handler, "dsn", False):
+            extensions.append("DSN")
+        if self.tls_context is not None and self.handler.tls is None:
+            extensions.append("STARTTLS")
+        if self._auth_enabled() and self.handler.auth_user is None and (
+                self.handler.tls is not None or self.config.auth_plaintext):
+            extensions.append("AUTH " + " ".join(sasl.MECHANISMS))
+        extensions.append("HELP")
         return lines + [e for e in extensions if e.split(" ", 1)[0] not in have]
+
+    def smtp_STARTTLS(self, arg: str) -> None:
+        if arg:
+            self._send(R.SYNTAX_STARTTLS, "STARTTLS")
+        elif self.handler.tls is not None:
+            self._send(R.TLS_ACTIVE, "STARTTLS")
+        elif self.tls_context is None:
+            self._send(R.TLS_UNAVAILABLE, "STARTTLS")
+        elif self._reply_hook("STARTTLS") == 220 and not self.closing:
+            self.writer.flush()
+            if not self._start_tls():
+                return
+            h = self.handler  # RFC 3207 4.2: forget everything said before TLS
+            h.client, h.esmtp = None, False
+            h.auth_user = h.auth_mechanism = None
+            self._reset_transaction()
+
+    def _start_tls(self) -> bool:
+        """Handshake (bounded by tls_handshake_timeout); on failure the session ends."""
+        raw = self.sock
+        try:
+            raw.settimeout(self.config.tls_handshake_timeout)
+            wrapped = self.tls_context.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
+            wrapped.do_handshake()
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            log.info("TLS handshake with %s failed: %s", self._who(), exc)
+            self.closing = True
+            self.quit = True  # nothing left to say: close without lingering
+            return False
+        self.sock = wrapped
+        self.writer.sock = wrapped
+        self.reader.replace_socket(wrapped)
+        self.handler.tls = tls.facts(wrapped)
+        log.debug("TLS %s %s with %s", self.handler.tls["version"], self.handler.tls["cipher"], self._who())
+        return True
+
+    def smtp_AUTH(self, arg: str) -> None:
+        h = self.handler
+        if not self._auth_enabled():
+            self._send(R.AUTH_NOT_ENABLED, "AUTH")
+            return
+        if h.tls is None and not self.config.auth_plaintext:
+            self._send(R.AUTH_NEEDS_TLS, "AUTH")
+            return
+        if h.client is None:
+            self._send(R.NEED_HELO, "AUTH")
+            return
+        if h.auth_user is not None:
+            self._send(R.AUTH_TWICE, "AUTH")
+            return
+        if h.env_sender is not None:
+            self._send(R.AUTH_IN_TRANSACTION, "AUTH")
+            return
+        mechanism, _, initial = arg.partition(" ")
+        mechanism, initial = mechanism.upper(), initial.strip()
+        if not mechanism:
+            self._send(R.SYNTAX_AUTH, "AUTH")
+            return
+        if mechanism not in sasl.MECHANISMS:
+            self._send(R.AUTH_MECHANISM, "AUTH")
+            return
+        try:
+            if mechanism == "PLAIN":
+                response = initial or self._challenge("")
+                credentials = sasl.parse_plain(sasl.b64decode(response))
+            else:
+                username = sasl.b64decode(initial or self._challenge(sasl.LOGIN_USERNAME))
+                password = sasl.b64decode(self._challenge(sasl.LOGIN_PASSWORD))
+                credentials = sasl.parse_login(username, password)
+        except AuthCancelled:
+            self._send(R.AUTH_CANCELLED, "AUTH")
+            return
+        except sasl.SASLError as exc:
+            self._send(R.AUTH_BAD_RESPONSE.format(exc), "AUTH")
+            return
+        self._check_credentials(credentials)
+
+    def _challenge(self, text: str) -> str:
+        """Send ``334 text`` and return the client's response line (never logged)."""
+        self.writer.write(f"334 {text}\r\n".encode())
+        try:
+            line = self.reader.readline(AUTH_LINE_LIMIT)
+        except LineTooLong:
+            raise sasl.SASLError("response too long") from None
+        if line.strip() == b"*":
+            raise AuthCancelled()
+        try:
+            return line.decode("ascii").strip()
+        except UnicodeDecodeError:
+            raise sasl.SASLError("response is not base64") from None
+
+    def _check_credentials(self, c: sasl.Credentials) -> None:
+        try:
+            result = self.handler.AUTH(c.mechanism, c.username, c.password, c.authzid)
+        except Exception:
+            log.exception("AUTH hook raised (client %s)", self._who())
+            self._send(R.AUTH_TEMPFAIL, "AUTH", count=False)
+            return
+        if result is True:
+            code, lines = R.AUTH_OK.code, [f"{R.AUTH_OK.enhanced} {R.AUTH_OK.text}"]
+        elif result is False or result is None:
+            code, lines = R.AUTH_FAILED.code, [f"{R.AUTH_FAILED.enhanced} {R.AUTH_FAILED.text}"]
+        else:
+            try:
+                code, lines = R.normalize(result)
+            except R.BadHookResult as exc:
+                log.error("AUTH hook returned a bad reply: %s", exc)
+                self._send(R.AUTH_TEMPFAIL, "AUTH", count=False)
+                return
+        if 200 <= code < 300:
+            self.handler.auth_user, self.handler.auth_mechanism = c.username, c.mechanism
+            log.info("authenticated %s as %r (%s)", self._who(), c.username, c.mechanism)
+        else:
+            log.info("authentication failed for %r from %s", c.username, self._who())
+        self._write(code, lines, "AUTH")
+        self._after_reply(code)
+
+    # -- the transaction --------------------------------------------------------
 
     def smtp_MAIL(self, arg: str) -> None:
         h = self.handler
         if h.client is None:
             self._send(R.NEED_HELO, "MAIL")
+            return
+        if self.config.require_auth and h.auth_user is None:
+            self._send(R.AUTH_REQUIRED, "MAIL")
             return
         if h.env_sender is not None:
             self._send(R.NESTED_MAIL, "MAIL")
@@ -312,7 +539,7 @@ class Session:
         except AddressError as exc:
             self._send(R.Reply(exc.code, exc.enhanced, exc.text), "MAIL")
             return
-        problem = self._check_mail_params(params)
+        problem = P.check_mail(params, self.config.max_message_size, bdat_offered=True)
         if problem is None and not arg.isascii() and "SMTPUTF8" not in params:
             problem = R.NON_ASCII_ADDRESS
         if problem is not None:
@@ -322,23 +549,6 @@ class Session:
         code = self._reply_hook("MAIL", address)
         if not 200 <= code < 300:
             self._reset_transaction()
-
-    def _check_mail_params(self, params: dict[str, str | None]) -> R.Reply | None:
-        for key, value in params.items():
-            if key == "SIZE":
-                if value is None or not value.isdigit() or len(value) > 20:
-                    return R.BAD_SIZE.format(value)
-                if int(value) > self.config.max_message_size:
-                    return R.SIZE_EXCEEDED.format(self.config.max_message_size)
-            elif key == "BODY":
-                if value is None or value.upper() not in ("7BIT", "8BITMIME"):
-                    return R.BAD_BODY.format(value)
-            elif key == "SMTPUTF8":
-                if value is not None:
-                    return R.BAD_SMTPUTF8
-            else:
-                return R.UNSUPPORTED_PARAMETER.format(key)
-        return None
 
     def smtp_RCPT(self, arg: str) -> None:
         h = self.handler
@@ -353,11 +563,11 @@ class Session:
         except AddressError as exc:
             self._send(R.Reply(exc.code, exc.enhanced, exc.text), "RCPT")
             return
-        if params:
-            self._send(R.UNSUPPORTED_PARAMETER.format(next(iter(params))), "RCPT")
-            return
-        if not arg.isascii() and "SMTPUTF8" not in h.mail_params:
-            self._send(R.NON_ASCII_ADDRESS, "RCPT")
+        problem = P.check_rcpt(params)
+        if problem is None and not arg.isascii() and "SMTPUTF8" not in h.mail_params:
+            problem = R.NON_ASCII_ADDRESS
+        if problem is not None:
+            self._send(problem, "RCPT")
             return
         if len(h.env_recipients) >= self.config.max_recipients:
             self._send(R.TOO_MANY_RECIPIENTS, "RCPT", count=False)
@@ -368,70 +578,94 @@ class Session:
             h.env_recipients.append(address)
             h.recipients_params.append(params)
 
-    def smtp_DATA(self, arg: str) -> None:
+    def _transaction_problem(self) -> R.Reply | None:
+        """Why DATA or BDAT cannot start a message now, or None."""
         h = self.handler
+        if h.client is None:
+            return R.NEED_HELO
+        if h.env_sender is None:
+            return R.NEED_MAIL
+        if not h.env_recipients:
+            return R.NEED_RCPT
+        return None
+
+    def _new_intake(self, check_newlines: bool) -> MessageIntake:
+        config = self.config
+        return MessageIntake(self.handler, config.max_message_size, config.max_header_size,
+                             check_newlines and config.bare_newline == "reject", self._who())
+
+    def smtp_DATA(self, arg: str) -> None:
         if not self._no_args("DATA", arg):
             return
-        if h.client is None:
-            self._send(R.NEED_HELO, "DATA")
-            return
-        if h.env_sender is None:
-            self._send(R.NEED_MAIL, "DATA")
-            return
-        if not h.env_recipients:
-            self._send(R.NEED_RCPT, "DATA")
+        problem = self._transaction_problem()
+        if problem is None and self.bdat_used:
+            problem = R.DATA_AFTER_BDAT
+        if problem is None and (self.handler.mail_params.get("BODY") or "").upper() == "BINARYMIME":
+            problem = R.BINARYMIME_NEEDS_BDAT
+        if problem is not None:
+            self._send(problem, "DATA")
             return
         code = self._reply_hook("DATA")
-        if code == 354 and not self.closing:
-            self._receive(self.reader.read_data(DotDecoder()), check_newlines=True)
-
-    def _receive(self, pieces: Any, check_newlines: bool) -> None:
-        """Feed one message to the handler and answer for it after its last byte.
-
-        Whatever goes wrong (size, a header too long, bare newlines, a hook
-        that raises), the rest of the message is read and dropped so the
-        session stays in sync, and EOM is not called: no 250 for a message
-        the handler did not take.
-        """
-        h = self.handler
-        config = self.config
-        parser = MessageParser(h, config.max_header_size)
-        reject_bare = check_newlines and config.bare_newline == "reject"
-        limit = config.max_message_size
-        size = 0
-        prev_cr = False
-        problem: R.Reply | None = None
+        if code != 354 or self.closing or self._check_pipelining():
+            return
+        intake = self._new_intake(check_newlines=True)
+        self.reader.start_rate(self.config.min_data_rate)
         try:
-            for piece in pieces:
-                if problem is not None:
-                    continue
-                size += len(piece)
-                if size > limit:
-                    problem = R.MESSAGE_TOO_BIG
-                    continue
-                if reject_bare:
-                    if count_bare_newlines(piece, prev_cr):
-                        problem = R.BARE_NEWLINE
-                        continue
-                    prev_cr = piece.endswith(b"\r")
-                try:
-                    parser.feed(piece)
-                except HeaderTooLong:
-                    problem = R.HEADER_TOO_BIG
-                except Exception:
-                    log.exception("message hook raised (client %s)", self._who())
-                    problem = R.HOOK_FAILED
-            if problem is None:
-                if reject_bare and prev_cr:
-                    problem = R.BARE_NEWLINE
-                else:
-                    try:
-                        parser.finish()
-                    except Exception:
-                        log.exception("message hook raised (client %s)", self._who())
-                        problem = R.HOOK_FAILED
+            for piece in self.reader.read_data(DotDecoder()):
+                intake.feed(piece)
         finally:
-            h.chunkmode = False
+            self.reader.stop_rate()
+        self._end_message(intake)
+
+    def smtp_BDAT(self, arg: str) -> None:
+        parts = arg.split()
+        if not 1 <= len(parts) <= 2 or not parts[0].isdigit() or len(parts[0]) > 18 or (
+                len(parts) == 2 and parts[1].upper() != "LAST"):
+            self._send(R.SYNTAX_BDAT, "BDAT")
+            self.closing = True  # the chunk's size is unknown: we cannot stay in sync
+            return
+        size, last = int(parts[0]), len(parts) == 2
+        problem = None
+        if self.intake is None:
+            problem = self._transaction_problem()
+            if problem is None:
+                code, lines, failed = self._call("DATA")
+                if code != 354:
+                    self._discard(size)
+                    self._write(code if code >= 400 else 554, lines, "BDAT")
+                    self._after_reply(code, count=not failed)
+                    return
+                self.intake = self._new_intake(check_newlines=False)
+                self.bdat_used = True
+        if problem is not None:
+            self._discard(size)
+            self._send(problem, "BDAT")
+            return
+        intake = self.intake
+        self.reader.start_rate(self.config.min_data_rate)
+        try:
+            for piece in self.reader.read_exact(size):
+                intake.feed(piece)
+        finally:
+            self.reader.stop_rate()
+        if intake.problem is not None and not last:
+            # RFC 3030 4.2: the transaction has failed; later chunks get 503 until MAIL again.
+            self._end_message(intake)
+        elif last:
+            self._end_message(intake)
+        else:
+            self._send(R.CHUNK_OK.format(size), "BDAT")
+
+    def _discard(self, size: int) -> None:
+        """Read and drop a BDAT chunk we refuse, so the session stays in sync."""
+        for _ in self.reader.read_exact(size):
+            pass
+
+    def _end_message(self, intake: MessageIntake) -> None:
+        """Answer for a complete message: the problem's reply, or EOM's."""
+        h = self.handler
+        problem = intake.finish() if intake.problem is None else intake.problem
+        h.chunkmode = False
         if problem is not None:
             log.info("message from %s refused: %d %s", self._who(), problem.code, problem.text)
             self._reset_transaction()
@@ -439,8 +673,10 @@ class Session:
             return
         code = self._reply_hook("EOM")
         log.info("message from=<%s> nrcpt=%d size=%d peer=%s: %d",
-                 h.env_sender, len(h.env_recipients), size, self._who(), code)
+                 h.env_sender, len(h.env_recipients), intake.size, self._who(), code)
         self._reset_transaction()
+
+    # -- the rest ---------------------------------------------------------------
 
     def smtp_RSET(self, arg: str) -> None:
         if self._no_args("RSET", arg):

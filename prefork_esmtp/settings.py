@@ -63,6 +63,15 @@ def parse_seconds(value: Any) -> float:
     return seconds
 
 
+def parse_nonnegative_seconds(value: Any) -> float:
+    """A duration in seconds, zero or more."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0:
+        return 0.0
+    if isinstance(value, str) and value.strip() in ("0", "0.0"):
+        return 0.0
+    return parse_seconds(value)
+
+
 def parse_bool(value: Any) -> bool:
     """true/false, yes/no, on/off, 1/0."""
     if isinstance(value, bool):
@@ -211,6 +220,23 @@ SETTINGS: list[Setting] = [
     Setting("user", parse_optional_str, None, "Workers run as this user (the master binds first, so port 25 works as root).", "server", metavar="USER"),
     Setting("group", parse_optional_str, None, "Workers run with this group (default: the user's primary group).", "server", metavar="GROUP"),
     Setting("daemon", parse_bool, False, "Detach from the terminal after start-up checks pass (use with --log-file and --pidfile).", "server", flag=True),
+    # TLS and AUTH
+    Setting("tls_cert", parse_optional_str, None, "PEM certificate chain for STARTTLS and TLS listeners (HUP reloads it).", "tls", metavar="FILE"),
+    Setting("tls_key", parse_optional_str, None, "PEM private key of tls_cert.", "tls", metavar="FILE"),
+    Setting("tls_client_ca", parse_optional_str, None, "Ask clients for a certificate and verify it against these CAs (handlers see it in self.tls); unset: no client certificates.", "tls", metavar="FILE"),
+    Setting("tls_listen", parse_address, [], "Implicit-TLS address (port 465 style, RFC 8314), HOST:PORT; repeat for several.", "tls", multiple=True, metavar="HOST:PORT"),
+    Setting("tls_handshake_timeout", parse_seconds, 30.0, "Seconds a client may take to complete the TLS handshake.", "tls", metavar="SECONDS"),
+    Setting("require_tls", parse_bool, False, "Refuse everything but EHLO, NOOP, STARTTLS and QUIT with 530 until TLS is on (not for a public MX).", "tls", flag=True),
+    Setting("auth_plaintext", parse_bool, False, "Offer and allow AUTH without TLS (otherwise 538 outside TLS).", "tls", flag=True),
+    Setting("require_auth", parse_bool, False, "Refuse MAIL with 530 until the client has authenticated (a submission port).", "tls", flag=True),
+    # abuse defences
+    Setting("command_bare_lf", choice("accept", "reject"), "accept", "A command line ended by a bare LF: accept it, or reject it with 500 (Postfix's smtpd_forbid_bare_newline idea).", "abuse", metavar="POLICY"),
+    Setting("forbid_unauth_pipelining", parse_bool, False, "Answer 554 and close when an unauthenticated client talks before the greeting or sends more after a command that must end a pipelined group (EHLO, DATA, QUIT, NOOP...).", "abuse", flag=True),
+    Setting("min_data_rate", _int(0), 500, "During DATA/BDAT the client must average at least this many octets per second (after a 10 s grace), else 421; 0 turns it off.", "abuse", metavar="OCTETS"),
+    Setting("max_junk_commands", _int(1), 100, "NOOP, RSET, VRFY, EXPN and HELP commands per session before 421 and close.", "abuse", metavar="N"),
+    Setting("max_sessions_per_ip", _int(0), 0, "Concurrent sessions from one client IP across all workers; more get 421 4.7.0 (0: no limit).", "abuse", metavar="N"),
+    Setting("soft_error_limit", _int(1), 10, "After this many errors in a session, wait error_sleep before each error reply.", "abuse", metavar="N"),
+    Setting("error_sleep", parse_nonnegative_seconds, 1.0, "Seconds to wait before each error reply once past soft_error_limit.", "abuse", metavar="SECONDS"),
     # logging
     Setting("log_level", choice("debug", "info", "warning", "error", "critical"), "info", "Logging level.", "logging", metavar="LEVEL"),
     Setting("log_file", parse_optional_str, None, "Log to this file instead of standard error (reopened on USR1).", "logging", metavar="FILE"),

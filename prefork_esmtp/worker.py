@@ -38,8 +38,13 @@ class Worker:
     def __init__(self, listeners: list[socket.socket], handler_class: type, config: Config,
                  max_sessions: int = 0, report: Report = _no_report,
                  alive_check: Callable[[], bool] = lambda: True,
-                 check_in: Callable[[float], None] | None = None) -> None:
+                 check_in: Callable[[float], None] | None = None, *,
+                 tls_context: Any = None, tls_listeners: frozenset[int] = frozenset(),
+                 ip_sessions: Callable[[str], int] | None = None) -> None:
         self.listeners = listeners
+        self.tls_context = tls_context
+        self.tls_listeners = tls_listeners  # fds of implicit-TLS listeners
+        self.ip_sessions = ip_sessions
         self.handler_class = handler_class
         self.config = config
         self.max_sessions = max_sessions
@@ -47,6 +52,7 @@ class Worker:
         self.alive_check = alive_check
         self.check_in = check_in
         self.alive = True
+        self.shutting_down = False
         self.served = 0
         self.session: Session | None = None
         self._wake_r, self._wake_w = os.pipe()
@@ -62,6 +68,7 @@ class Worker:
         signal.signal(signal.SIGQUIT, self.handle_int)
 
     def handle_term(self, signum: int, frame: Any) -> None:
+        self.shutting_down = True
         self.stop()
         session = self.session
         if session is not None:
@@ -71,7 +78,10 @@ class Worker:
         raise SystemExit(0)
 
     def stop(self) -> None:
-        """Ask the loop to end after the current session's transaction."""
+        """Stop accepting; exit once the current session has ended (a retire on reload).
+
+        Only a shutdown (TERM) also cuts the session short: 421 at its next command.
+        """
         self.alive = False
         try:
             os.write(self._wake_w, b"x")
@@ -79,7 +89,8 @@ class Worker:
             pass
 
     def stopping(self) -> bool:
-        return not self.alive
+        """Whether the session should answer 421 at its next command (TERM received)."""
+        return self.shutting_down
 
     # -- the loop -------------------------------------------------------------
 
@@ -125,10 +136,10 @@ class Worker:
             if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                 log.error("accept failed: %s", exc)
             return False
-        self.serve(conn, peer)
+        self.serve(conn, peer, implicit_tls=listener.fileno() in self.tls_listeners)
         return True
 
-    def serve(self, conn: socket.socket, peer: Any) -> None:
+    def serve(self, conn: socket.socket, peer: Any, implicit_tls: bool = False) -> None:
         """Run one session to its end; nothing a session does kills the worker."""
         self.report("busy", peer)
         try:
@@ -137,7 +148,8 @@ class Worker:
             pass
         try:
             self.session = Session(conn, peer, self.handler_class, self.config, self.stopping,
-                                   self.check_in)
+                                   self.check_in, tls_context=self.tls_context,
+                                   implicit_tls=implicit_tls, ip_sessions=self.ip_sessions)
         except Exception:
             log.exception("cannot start a session for %s (handler constructor failed?)", peer)
             try:

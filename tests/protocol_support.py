@@ -12,15 +12,13 @@ import re
 import socket
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 from conftest import HOSTNAME, RECORDER, Client, Server, server_env, wait_for
 
 __all__ = [
-    "launch", "session_records", "session_hooks", "messages_from", "session_messages",
-    "raw_reply", "nothing_arrives", "unstuff", "stuff", "rss_kib", "final_reply",
+    "launch", "local_port", "session_records", "session_hooks", "messages_from", "session_messages",
+    "raw_reply", "nothing_arrives", "unstuff", "stuff", "rss_kib",
 ]
 
 
@@ -116,12 +114,6 @@ def raw_reply(client: Client, timeout: float = 10.0) -> bytes:
             return out
 
 
-def final_reply(client: Client, timeout: float = 10.0) -> tuple[int, str]:
-    """One reply as (code, last line's text)."""
-    code, lines = client.reply(timeout)
-    return code, lines[-1]
-
-
 def nothing_arrives(client: Client, seconds: float = 0.3) -> bool:
     """True if the server sends nothing (and does not close) within ``seconds``.
 
@@ -157,18 +149,3 @@ def rss_kib(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise AssertionError(f"no VmRSS for pid {pid}")
-
-
-def drain_until_closed(client: Client, timeout: float = 10.0) -> bytes:
-    """Everything the server still sends, until it closes; fails if it does not close."""
-    assert client.closed(timeout), "the server did not close the connection"
-    data, client.buf = client.buf, b""
-    return data
-
-
-def iter_lines(data: bytes) -> Iterator[bytes]:
-    yield from data.split(b"\r\n")
-
-
-def deadline(seconds: float) -> float:
-    return time.monotonic() + seconds

@@ -58,9 +58,15 @@ def bare_newlines(data: bytes) -> int:
 
 # A header line: field-name (printable ASCII but colon), optional WSP, colon.
 HEADER_LINE = re.compile(rb"[!-9;-~]+[ \t]*:")
+# What a line that may still turn out to be a header starts with.
+NAME_RUN = re.compile(rb"[!-9;-~]+[ \t]*")
 
 
-def parse_message(message: bytes) -> tuple[list[tuple[bytes, bytes]], bytes]:
+class HeaderLimit(Exception):
+    """The model's verdict: the header section breaks the header size limit."""
+
+
+def parse_message(message: bytes, limit: int | None = None) -> tuple[list[tuple[bytes, bytes]], bytes]:
     """Split a message into unfolded headers and the body, line by line.
 
     The header section ends at the first empty line (which belongs to neither
@@ -69,24 +75,39 @@ def parse_message(message: bytes) -> tuple[list[tuple[bytes, bytes]], bytes]:
     without CRLF is judged the same way.  Unfolding removes the CRLF before
     a continuation line and keeps its WSP.  Names lose WSP before the colon,
     values lose WSP after it.
+
+    With ``limit``, raise HeaderLimit if a header's name + value exceeds it,
+    or if a line examined in the header section (the line that ends it
+    included) starts with field-name characters and WSP longer than the
+    limit: such a line could still become a header when it ends, and the
+    engine must decide on bounded memory whatever way the line arrives.
     """
     headers: list[list[bytes]] = []
+
+    def result(body: bytes) -> tuple[list[tuple[bytes, bytes]], bytes]:
+        if limit is not None and any(len(n) + len(v) > limit for n, v in headers):
+            raise HeaderLimit()
+        return [(n, v) for n, v in headers], body
+
     pos = 0
     while pos < len(message):
         i = message.find(CRLF, pos)
         line = message[pos:] if i < 0 else message[pos:i]
         nxt = len(message) if i < 0 else i + 2
         if i >= 0 and line == b"":
-            return [tuple(h) for h in headers], message[nxt:]
+            return result(message[nxt:])
+        run = NAME_RUN.match(line)
+        if limit is not None and run and run.end() > limit:
+            raise HeaderLimit()
         if line[:1] in (b" ", b"\t") and headers:
             headers[-1][1] += line
         elif HEADER_LINE.match(line):
             name, _, value = line.partition(b":")
             headers.append([name.rstrip(b" \t"), value.lstrip(b" \t")])
         else:
-            return [tuple(h) for h in headers], message[pos:]
+            return result(message[pos:])
         pos = nxt
-    return [tuple(h) for h in headers], b""
+    return result(b"")
 
 
 def text(data: bytes) -> str:

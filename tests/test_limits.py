@@ -159,16 +159,13 @@ def test_size_is_advertised(srv, client_for):
 
 
 def message_of(size: int) -> bytes:
-    """A message of exactly ``size`` octets, ending with CRLF, no line starting with a dot."""
+    """A message of exactly ``size`` octets: CRLF-ended lines, none starting with a dot."""
     head = b"Subject: size\r\n\r\n"
-    body_len = size - len(head)
-    lines, left = [], body_len
-    while left > 0:
-        n = min(78, left - 2) if left > 2 else left
-        lines.append(b"b" * max(n, 0) + b"\r\n"[: left - max(n, 0)])
-        left -= len(lines[-1])
-    data = head + b"".join(lines)
-    assert len(data) == size and data.endswith(b"\r\n"), (len(data), data[-4:])
+    full, rest = divmod(size - len(head), 80)
+    if rest == 1:
+        full, rest = full - 1, rest + 80
+    data = head + (b"b" * 78 + b"\r\n") * full + (b"b" * (rest - 2) + b"\r\n" if rest else b"")
+    assert len(data) == size and data.endswith(b"\r\n")
     return data
 
 

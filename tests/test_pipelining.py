@@ -16,7 +16,8 @@ REPLY_LINE = re.compile(rb"(\d{3})([ -])([^\r\n]*)\r\n")
 
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory):
-    server = launch(tmp_path_factory.mktemp("pipelining"))
+    # Batches of hundreds of NOOP/VRFY/HELP: lift the junk-command limit (tested in test_abuse).
+    server = launch(tmp_path_factory.mktemp("pipelining"), "--max-junk-commands", "100000")
     yield server
     server.stop()
 
@@ -166,3 +167,22 @@ def test_byte_at_a_time_transaction(srv, c):
     (message,) = session_messages(srv, c)
     assert message["body"] == b".dot line\r\nlast\r\n"
 
+
+
+def test_commands_before_a_half_close_are_all_answered(srv, c):
+    """A client that sends its last commands and shuts down its side still gets every reply."""
+    c.send(b"MAIL FROM:<alice@example.org>\r\nRCPT TO:<bob@example.net>\r\nNOOP\r\n")
+    c.sock.shutdown(socket.SHUT_WR)
+    assert [code for code, _ in c.replies(3)] == [250, 250, 250]
+    assert c.closed(5)
+    assert c.buf == b""
+
+
+def test_nothing_is_answered_after_quit(srv, c):
+    c.send(b"NOOP\r\nQUIT\r\nNOOP\r\nMAIL FROM:<alice@example.org>\r\n")
+    data = one_recv(c)
+    assert c.closed(5)
+    assert parse_replies(data + c.buf) == [
+        (250, "2.0.0 OK"), (221, "2.0.0 Closing connection")]
+    hooks = session_hooks(srv, c)
+    assert hooks[hooks.index("QUIT") - 1:] in (["NOOP", "QUIT"], ["NOOP", "QUIT", "DISCONNECT"])

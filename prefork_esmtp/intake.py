@@ -1,0 +1,69 @@
+"""One message on its way in: size limit, bare-newline policy and hook failures, for DATA and BDAT.
+
+Whatever goes wrong, the intake stops feeding the handler but keeps counting
+nothing and dropping the rest, so the session can read to the end of the
+message and stay in sync; EOM is then never called.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from prefork_esmtp import replies as R
+from prefork_esmtp.dotdata import count_bare_newlines
+from prefork_esmtp.message import HeaderTooLong, MessageParser
+
+log = logging.getLogger("prefork_esmtp.session")
+
+
+class MessageIntake:
+    """Feeds one message to the handler; ``problem`` is the reply owed instead of EOM's."""
+
+    __slots__ = ("parser", "limit", "size", "reject_bare", "prev_cr", "problem", "who")
+
+    def __init__(self, handler: Any, max_size: int, max_header_size: int, reject_bare: bool,
+                 who: str) -> None:
+        self.parser = MessageParser(handler, max_header_size)
+        self.limit = max_size
+        self.size = 0
+        self.reject_bare = reject_bare
+        self.prev_cr = False
+        self.problem: R.Reply | None = None
+        self.who = who
+
+    def feed(self, piece: bytes) -> None:
+        """Take the next piece of the message (dropped once there is a problem)."""
+        if self.problem is not None:
+            return
+        self.size += len(piece)
+        if self.size > self.limit:
+            self.problem = R.MESSAGE_TOO_BIG
+            return
+        if self.reject_bare:
+            if count_bare_newlines(piece, self.prev_cr):
+                self.problem = R.BARE_NEWLINE
+                return
+            self.prev_cr = piece.endswith(b"\r")
+        try:
+            self.parser.feed(piece)
+        except HeaderTooLong:
+            self.problem = R.HEADER_TOO_BIG
+        except Exception:
+            log.exception("message hook raised (client %s)", self.who)
+            self.problem = R.HOOK_FAILED
+
+    def finish(self) -> R.Reply | None:
+        """The message is complete: flush the parser; return the problem, if any."""
+        if self.problem is None:
+            if self.reject_bare and self.prev_cr:
+                self.problem = R.BARE_NEWLINE
+            else:
+                try:
+                    self.parser.finish()
+                except HeaderTooLong:
+                    self.problem = R.HEADER_TOO_BIG
+                except Exception:
+                    log.exception("message hook raised (client %s)", self.who)
+                    self.problem = R.HOOK_FAILED
+        return self.problem
