@@ -31,7 +31,8 @@ class DataTooSlow(Exception):
     """During DATA/BDAT the client fell below the minimum data rate."""
 
 
-#: Seconds of a message transfer before the minimum data rate applies.
+#: Seconds of a message transfer before the minimum data rate applies (the default of
+#: the min_data_rate_grace setting).
 DATA_RATE_GRACE = 10.0
 
 
@@ -59,15 +60,15 @@ class Reader:
         #: be interrupted (graceful stop); ``waiting`` is true only inside recv().
         self.interruptible = False
         self.waiting = False
-        # the minimum data rate: (octets/s, start time, octets received at start), or None
-        self._rate: tuple[float, float, int] | None = None
+        # the minimum data rate: (octets/s, start time, octets received at start, grace), or None
+        self._rate: tuple[float, float, int, float] | None = None
         self._short_timeout = False
         sock.settimeout(timeout)
 
-    def start_rate(self, octets_per_second: int) -> None:
-        """From now until :meth:`stop_rate`, require this average rate (after a grace period)."""
+    def start_rate(self, octets_per_second: int, grace: float = DATA_RATE_GRACE) -> None:
+        """From now until :meth:`stop_rate`, require this average rate (after ``grace`` seconds)."""
         if octets_per_second > 0:
-            self._rate = (float(octets_per_second), time.monotonic(), self.received)
+            self._rate = (float(octets_per_second), time.monotonic(), self.received, grace)
 
     def stop_rate(self) -> None:
         self._rate = None
@@ -77,8 +78,8 @@ class Reader:
 
     def _rate_timeout(self) -> float | None:
         """How long the next read may block under the data rate; raise DataTooSlow when out of time."""
-        rate, start, received = self._rate
-        remaining = start + DATA_RATE_GRACE + (self.received - received) / rate - time.monotonic()
+        rate, start, received, grace = self._rate
+        remaining = start + grace + (self.received - received) / rate - time.monotonic()
         if remaining <= 0:
             raise DataTooSlow()
         return remaining if remaining < self.timeout else None

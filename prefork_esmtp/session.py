@@ -160,6 +160,8 @@ class Session:
         """
         try:
             self.writer.flush()
+            if isinstance(self.sock, ssl.SSLSocket):
+                self._tls_close_notify()
             self.sock.shutdown(socket.SHUT_WR)
             if linger:
                 self.sock.settimeout(LINGER_SECONDS)
@@ -176,6 +178,18 @@ class Session:
         except Exception:
             log.exception("DISCONNECT hook failed for %s", self._who())
         self.sock.close()
+
+    def _tls_close_notify(self) -> None:
+        """Send TLS close_notify before the FIN, without waiting for the client's.
+
+        Without it a client cannot tell our close from a truncation (OpenSSL 3
+        reports "unexpected eof"); waiting for the client's close_notify could block.
+        """
+        try:
+            self.sock.setblocking(False)
+            self.sock.unwrap()
+        except (ssl.SSLError, OSError, ValueError):
+            pass  # SSLWantReadError: ours is sent, the client's has not come
 
     def _who(self) -> str:
         return f"{self.peer[0]}:{self.peer[1]}" if self.peer else "client"
@@ -206,7 +220,7 @@ class Session:
                 log.info("too many errors (%d) from %s", self.errors, self._who())
                 self._send(R.TOO_MANY_ERRORS.format(self.hostname), count=False)
                 return
-            if self.errors >= self.config.soft_error_limit and self.config.error_sleep:
+            if self.errors > self.config.soft_error_limit and self.config.error_sleep:
                 time.sleep(self.config.error_sleep)  # the reply is still queued: it goes out late
         if self.handler.disconnect:
             self.closing = True
@@ -251,7 +265,7 @@ class Session:
         self.bdat_used = False
 
     def _open(self) -> bool:
-        """Before the greeting: implicit TLS, the per-IP limit, a client that talks first."""
+        """Before the greeting: implicit TLS, the per-IP limit (a client that talks first: _greet)."""
         if self.implicit_tls and not self._start_tls():
             return False
         if self.ip_sessions is not None and self.config.max_sessions_per_ip and self.peer:
@@ -259,11 +273,6 @@ class Session:
                 log.info("too many sessions from %s", self.peer[0])
                 self._send(R.TOO_MANY_FROM_IP.format(self.hostname), count=False)
                 return False
-        if self.config.forbid_unauth_pipelining and self._client_spoke():
-            log.info("%s talked before the greeting", self._who())
-            self._send(R.PIPELINING_ABUSE.format(self.hostname), count=False)
-            self.closing = True
-            return False
         return True
 
     def _client_spoke(self) -> bool:
@@ -288,6 +297,12 @@ class Session:
             code, self.closing = 421, True
         elif code >= 500:
             code, self.refused = 554, True
+        elif self.config.forbid_unauth_pipelining and self._client_spoke():
+            # checked as late as possible: the whole wait for the greeting (CONNECT included) counts
+            log.info("%s talked before the greeting", self._who())
+            self._send(R.PIPELINING_ABUSE.format(self.hostname), count=False)
+            self.closing = True
+            return
         self._write(code, lines, "CONNECT")
         if self.handler.disconnect:
             self.closing = True
@@ -423,18 +438,18 @@ class Session:
 
     def _start_tls(self) -> bool:
         """Handshake (bounded by tls_handshake_timeout); on failure the session ends."""
-        raw = self.sock
         try:
-            raw.settimeout(self.config.tls_handshake_timeout)
-            wrapped = self.tls_context.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
+            self.sock.settimeout(self.config.tls_handshake_timeout)
+            wrapped = self.tls_context.wrap_socket(self.sock, server_side=True,
+                                                   do_handshake_on_connect=False)
+            # The plain socket is detached now: from here on, closing means closing this one.
+            self.sock = self.writer.sock = wrapped
             wrapped.do_handshake()
         except (ssl.SSLError, OSError, ValueError) as exc:
             log.info("TLS handshake with %s failed: %s", self._who(), exc)
             self.closing = True
             self.quit = True  # nothing left to say: close without lingering
             return False
-        self.sock = wrapped
-        self.writer.sock = wrapped
         self.reader.replace_socket(wrapped)
         self.handler.tls = tls.facts(wrapped)
         log.debug("TLS %s %s with %s", self.handler.tls["version"], self.handler.tls["cipher"], self._who())
@@ -609,7 +624,7 @@ class Session:
         if code != 354 or self.closing or self._check_pipelining():
             return
         intake = self._new_intake(check_newlines=True)
-        self.reader.start_rate(self.config.min_data_rate)
+        self.reader.start_rate(self.config.min_data_rate, self.config.min_data_rate_grace)
         try:
             for piece in self.reader.read_data(DotDecoder()):
                 intake.feed(piece)
@@ -642,7 +657,7 @@ class Session:
             self._send(problem, "BDAT")
             return
         intake = self.intake
-        self.reader.start_rate(self.config.min_data_rate)
+        self.reader.start_rate(self.config.min_data_rate, self.config.min_data_rate_grace)
         try:
             for piece in self.reader.read_exact(size):
                 intake.feed(piece)

@@ -232,7 +232,8 @@ SETTINGS: list[Setting] = [
     # abuse defences
     Setting("command_bare_lf", choice("accept", "reject"), "accept", "A command line ended by a bare LF: accept it, or reject it with 500 (Postfix's smtpd_forbid_bare_newline idea).", "abuse", metavar="POLICY"),
     Setting("forbid_unauth_pipelining", parse_bool, False, "Answer 554 and close when an unauthenticated client talks before the greeting or sends more after a command that must end a pipelined group (EHLO, DATA, QUIT, NOOP...).", "abuse", flag=True),
-    Setting("min_data_rate", _int(0), 500, "During DATA/BDAT the client must average at least this many octets per second (after a 10 s grace), else 421; 0 turns it off.", "abuse", metavar="OCTETS"),
+    Setting("min_data_rate", _int(0), 500, "During DATA/BDAT the client must average at least this many octets per second (after min_data_rate_grace), else 421; 0 turns it off.", "abuse", metavar="OCTETS"),
+    Setting("min_data_rate_grace", parse_nonnegative_seconds, 10.0, "Seconds at the start of each DATA/BDAT transfer before min_data_rate applies.", "abuse", metavar="SECONDS"),
     Setting("max_junk_commands", _int(1), 100, "NOOP, RSET, VRFY, EXPN and HELP commands per session before 421 and close.", "abuse", metavar="N"),
     Setting("max_sessions_per_ip", _int(0), 0, "Concurrent sessions from one client IP across all workers; more get 421 4.7.0 (0: no limit).", "abuse", metavar="N"),
     Setting("soft_error_limit", _int(1), 10, "After this many errors in a session, wait error_sleep before each error reply.", "abuse", metavar="N"),

@@ -17,6 +17,14 @@ MAIL local part       eomraise / eomreject -> EOM raises / answers 554
 Environment           PREFORK_TEST_CONNECT=421|554 -> CONNECT answers that
                       PREFORK_TEST_CHUNKSIZE=n -> chunksize
                       PREFORK_TEST_TAG=x -> recorded as "tag" (reload tests)
+                      PREFORK_TEST_EOM_DELAY=s -> EOM sleeps s seconds (load tests)
+                      PREFORK_TEST_CONNECT_DELAY=s -> CONNECT sleeps s seconds first
+Records of EHLO and EOM also carry "tls" (None, or version, cipher, bits and
+the peer certificate's subject) and "auth_user"/"auth_mechanism"; STARTTLS is
+recorded too.  Subclasses: AuthRecorder (AUTH accepts alice/s3cret; any other
+user is refused, user "tempfail" gets a 454 reply, user "raise" raises; each
+call recorded with mechanism, username, authzid, never the password) and
+DSNRecorder (dsn = True, so the engine advertises DSN).
 """
 
 from __future__ import annotations
@@ -25,11 +33,13 @@ import base64
 import itertools
 import json
 import os
+import time
 
 from prefork_esmtp import ESMTPHandler
 
 _counter = itertools.count()
 TAG = os.environ.get("PREFORK_TEST_TAG", "")
+EOM_DELAY = float(os.environ.get("PREFORK_TEST_EOM_DELAY") or 0)
 
 
 def _local(address: str | None) -> str:
@@ -58,6 +68,11 @@ class Recorder(ESMTPHandler):
             entry["sender"] = self.env_sender
             entry["recipients"] = list(self.env_recipients)
             entry["mail_params"] = dict(self.mail_params)
+            entry["recipients_params"] = [dict(p) for p in self.recipients_params]
+        if hook in ("EHLO", "EOM"):
+            entry["tls"] = _tls_facts(self.tls)
+            entry["auth_user"] = self.auth_user
+            entry["auth_mechanism"] = self.auth_mechanism
         line = (json.dumps(entry) + "\n").encode()
         path = os.environ.get("PREFORK_TEST_RECORD")
         if path:
@@ -83,6 +98,9 @@ class Recorder(ESMTPHandler):
 
     def CONNECT(self):
         self._record("CONNECT", list(self.peer or ()), list(self.local or ()))
+        delay = os.environ.get("PREFORK_TEST_CONNECT_DELAY")
+        if delay:
+            time.sleep(float(delay))
         code = os.environ.get("PREFORK_TEST_CONNECT")
         if code:
             return int(code), "Go away"
@@ -130,6 +148,8 @@ class Recorder(ESMTPHandler):
 
     def EOM(self):
         self._record("EOM")
+        if EOM_DELAY:
+            time.sleep(EOM_DELAY)
         local = _local(self.env_sender)
         if local == "eomraise":
             raise RuntimeError("EOM raised on purpose")
@@ -165,5 +185,37 @@ class Recorder(ESMTPHandler):
         self._record("UNKNOWN", line)
         return super().UNKNOWN(line)
 
+    def STARTTLS(self):
+        self._record("STARTTLS")
+        return super().STARTTLS()
+
     def DISCONNECT(self):
         self._record("DISCONNECT")
+
+
+def _tls_facts(tls):
+    """The JSON-able part of ``self.tls``: version, cipher, bits, the peer certificate's subject."""
+    if tls is None:
+        return None
+    peer = tls.get("peer_cert") or {}
+    subject = {k: v for rdn in peer.get("subject", ()) for k, v in rdn}
+    return {"version": tls.get("version"), "cipher": tls.get("cipher"), "bits": tls.get("bits"),
+            "peer_subject": subject or None, "peer_cert_der": bool(tls.get("peer_cert_der"))}
+
+
+class AuthRecorder(Recorder):
+    """The recorder with an AUTH hook: alice/s3cret is the only good password."""
+
+    def AUTH(self, mechanism, username, password, authzid):
+        self._record("AUTH", mechanism, username, authzid)
+        if username == "tempfail":
+            return 454, "4.7.0 Try again later"
+        if username == "raise":
+            raise RuntimeError("AUTH raised on purpose")
+        return username == "alice" and password == "s3cret"
+
+
+class DSNRecorder(Recorder):
+    """The recorder announcing DSN support (RFC 3461)."""
+
+    dsn = True

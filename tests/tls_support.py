@@ -1,0 +1,178 @@
+"""Helpers for the TLS, AUTH, BDAT, DSN and abuse tests: certificates made with
+openssl at test time, a server launcher for module-scoped fixtures (any
+handler, TLS listeners, pre-forked mode), TLS client contexts and small SMTP
+helpers over raw sockets.
+"""
+
+from __future__ import annotations
+
+import re
+import ssl
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from conftest import HOSTNAME, RECORDER, Client, Server, require_tool, server_env, wait_for
+
+__all__ = ["PKI", "make_pki", "make_leaf", "launch", "client_context", "starttls_client",
+           "ehlo_keywords", "sid_of", "records_of", "messages_of"]
+
+
+@dataclass
+class PKI:
+    """A test CA and what it signed: the server's certificate and a client certificate."""
+
+    directory: Path
+    ca: Path
+    ca_key: Path
+    cert: Path  # CN=mx.test.example, O=First; SAN mx.test.example and 127.0.0.1
+    key: Path
+    client_cert: Path  # CN=client.example
+    client_key: Path
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    result = subprocess.run([require_tool("openssl"), *args], cwd=str(cwd), capture_output=True,
+                            timeout=30)
+    assert result.returncode == 0, result.stderr.decode(errors="replace")
+
+
+def _key(path: Path) -> None:
+    _openssl("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", str(path),
+             cwd=path.parent)
+
+
+def make_leaf(pki: PKI, name: str, subject: str, server: bool = True) -> tuple[Path, Path]:
+    """A certificate signed by the test CA: (cert, key) named ``name``.pem / ``name``.key."""
+    d = pki.directory
+    key, csr, cert, ext = d / f"{name}.key", d / f"{name}.csr", d / f"{name}.pem", d / f"{name}.ext"
+    _key(key)
+    _openssl("req", "-new", "-key", str(key), "-out", str(csr), "-subj", subject, cwd=d)
+    usage = "serverAuth" if server else "clientAuth"
+    san = f"subjectAltName=DNS:{HOSTNAME},IP:127.0.0.1\n" if server else ""
+    ext.write_text(f"{san}basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n"
+                   f"extendedKeyUsage={usage}\n")
+    _openssl("x509", "-req", "-in", str(csr), "-CA", str(pki.ca), "-CAkey", str(pki.ca_key),
+             "-CAcreateserial", "-out", str(cert), "-days", "2", "-extfile", str(ext), cwd=d)
+    return cert, key
+
+
+def make_pki(directory: Path) -> PKI:
+    """Make a CA, a server certificate for mx.test.example/127.0.0.1 and a client certificate."""
+    directory.mkdir(parents=True, exist_ok=True)
+    ca, ca_key = directory / "ca.pem", directory / "ca.key"
+    _key(ca_key)
+    _openssl("req", "-x509", "-new", "-key", str(ca_key), "-out", str(ca), "-days", "2",
+             "-subj", "/CN=prefork-esmtp test CA",
+             "-addext", "basicConstraints=critical,CA:TRUE",
+             "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=directory)
+    pki = PKI(directory, ca, ca_key, directory / "cert.pem", directory / "cert.key",
+              directory / "client.pem", directory / "client.key")
+    make_leaf(pki, "cert", f"/CN={HOSTNAME}/O=First")
+    make_leaf(pki, "client", "/CN=client.example/O=Client", server=False)
+    return pki
+
+
+def launch(directory: Path, *args: str, handler: str = RECORDER, env: dict[str, str] | None = None,
+           mode: tuple[str, ...] = ("-X",), tls_listen: bool = False) -> Server:
+    """Start ``prefork-esmtp start`` (``-X`` unless ``mode`` says otherwise); the caller stops it.
+
+    With ``tls_listen`` an implicit-TLS listener is opened too: its port is ``srv.tls_port``.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    n = len(list(directory.glob("server*.log"))) + 1
+    log_path, record_path = directory / f"server{n}.log", directory / f"records{n}.jsonl"
+    environment = server_env({"PREFORK_TEST_RECORD": str(record_path), **(env or {})})
+    cmd = [sys.executable, "-m", "prefork_esmtp", "start", *mode, "--hostname", HOSTNAME,
+           "--listen", "127.0.0.1:0", "--handler", handler, *args]
+    if tls_listen:
+        cmd += ["--tls-listen", "127.0.0.1:0"]
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=environment,
+                                cwd=str(directory))
+    srv = Server(proc, log_path, record_path)
+
+    def ready() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited with {proc.returncode}:\n{srv.log()}")
+        return "serving with" in srv.log() or "ready: generation" in srv.log()
+
+    wait_for(ready, 15, message="the server to be ready")
+    log = srv.log()
+    srv.port = int(re.search(r"listening on 127\.0\.0\.1:(\d+)\n", log).group(1))
+    srv.ports = [srv.port]
+    tls = re.search(r"listening on 127\.0\.0\.1:(\d+) \(implicit TLS\)", log)
+    srv.tls_port = int(tls.group(1)) if tls else 0
+    return srv
+
+
+def client_context(pki: PKI, client_cert: bool = False) -> ssl.SSLContext:
+    """A verifying client context that trusts only the test CA."""
+    context = ssl.create_default_context(cafile=str(pki.ca))
+    if client_cert:
+        context.load_cert_chain(str(pki.client_cert), str(pki.client_key))
+    return context
+
+
+def starttls_client(pki: PKI, srv: Server, client_cert: bool = False) -> Client:
+    """A raw Client after EHLO, STARTTLS and the handshake (no EHLO inside TLS yet)."""
+    c = Client(srv.connect())
+    assert c.reply()[0] == 220
+    assert c.cmd("EHLO client.example")[0] == 250
+    code, lines = c.cmd("STARTTLS")
+    assert code == 220, (code, lines)
+    assert c.buf == b""
+    c.sock = client_context(pki, client_cert).wrap_socket(c.sock, server_hostname=HOSTNAME)
+    return c
+
+
+def ehlo_keywords(lines: list[str]) -> set[str]:
+    """The extension keywords of an EHLO reply (its lines after the first)."""
+    return {line.split(" ", 1)[0].upper() for line in lines[1:]}
+
+
+def sid_of(srv: Server, client: Client) -> str:
+    """The recorder's session id for ``client`` (found by the client's own port)."""
+    port = getattr(client, "local_port", None)
+    if port is None:
+        sock = client.sock
+        port = client.local_port = sock.getsockname()[1]
+
+    def find() -> str | None:
+        for r in srv.records():
+            if r["hook"] == "CONNECT" and r["args"] and r["args"][0][1:2] == [port]:
+                return r["sid"]
+        return None
+
+    return wait_for(find, 5, message="the session's CONNECT record")
+
+
+def records_of(srv: Server, client: Client) -> list[dict]:
+    sid = sid_of(srv, client)
+    return [r for r in srv.records() if r["sid"] == sid]
+
+
+def messages_of(srv: Server, client: Client) -> list[dict]:
+    """Messages whose EOM was called in ``client``'s session (as Server.accepted_messages)."""
+    sid = sid_of(srv, client)
+    out = []
+    current = None
+    for r in srv.records():
+        if r["sid"] != sid:
+            continue
+        if r["hook"] == "DATA":
+            current = {"headers": [], "body": b"", "hooks": ["DATA"]}
+        elif current is None:
+            continue
+        else:
+            current["hooks"].append(r["hook"])
+            if r["hook"] == "HEADER":
+                current["headers"].append(tuple(r["args"]))
+            elif r["hook"] == "BODY":
+                current["body"] += r["bytes"]
+            elif r["hook"] == "EOM":
+                current.update(record=r, sender=r["sender"], recipients=r["recipients"])
+                out.append(current)
+                current = None
+    return out
