@@ -59,7 +59,7 @@ class MessageParser:
     def finish(self) -> None:
         """End of message: flush what is pending; EOH is always called before EOM."""
         if self.in_headers:
-            tail, self.partial = self.partial, b""
+            tail, self.partial = bytes(self.partial), b""
             if tail and self._is_header_line(tail):
                 self._take_header_line(tail)
                 tail = b""
@@ -67,7 +67,7 @@ class MessageParser:
             if tail:
                 self._feed_body(tail)
         if self.partial:
-            tail, self.partial = self.partial, b""
+            tail, self.partial = bytes(self.partial), b""
             self.handler.BODY(tail)
 
     # -- headers --------------------------------------------------------------
@@ -84,7 +84,7 @@ class MessageParser:
             self._emit_header()
             m = _HEADER.match(line)
             self.name = _NAME_END.sub(b"", m.group(0))
-            self.value = line[m.end():].lstrip(b" \t")
+            self.value = bytearray(line[m.end():].lstrip(b" \t"))  # grows in place when folded
         if len(self.name) + len(self.value) > self.max_header_size:
             raise HeaderTooLong()
 
@@ -108,14 +108,15 @@ class MessageParser:
         """Bound an incomplete header line: drop the WSP the unfolding drops anyway.
 
         Raises HeaderTooLong once name + value so far exceed the limit; what
-        is kept is then at most one octet more than the limit.
+        is kept is then at most two octets (colon, CR) more than the limit.
         """
         if partial[:1] in (b" ", b"\t"):  # a continuation: all of it is value
             raise HeaderTooLong()
         m = _HEADER.match(partial)
         name = _NAME_END.sub(b"", m.group(0))
         value = partial[m.end():].lstrip(b" \t")
-        if len(name) + len(value) > self.max_header_size:
+        # a last CR may be the start of the line's CRLF, not value
+        if len(name) + len(value) - value.endswith(b"\r") > self.max_header_size:
             raise HeaderTooLong()
         return name + b":" + value
 
@@ -127,17 +128,23 @@ class MessageParser:
 
     def _feed_headers(self, data: bytes) -> bytes:
         """Consume header lines; return what follows the header section, if reached."""
-        buf = self.partial + data if self.partial else data
+        if self.partial:
+            if b"\n" not in data and len(self.partial) + len(data) <= self.max_header_size:
+                self.partial += data  # no line can end here: grow, do not rescan (a trickle stays linear)
+                return b""
+            buf = bytes(self.partial) + data
+        else:
+            buf = data
         pos = 0
         while True:
             i = buf.find(b"\r\n", pos)
             if i < 0:
-                self.partial = buf[pos:]
+                self.partial = bytearray(buf[pos:])
                 if len(self.partial) > self.max_header_size:
                     # Decide now (memory stays bounded) exactly as the whole line would be.
                     self._check_name_run(self.partial)
                     if self._is_header_line(self.partial):
-                        self.partial = self._squeeze(self.partial)
+                        self.partial = bytearray(self._squeeze(self.partial))
                         return b""
                     self.partial = b""
                     self._end_headers()
@@ -165,7 +172,11 @@ class MessageParser:
     def _feed_body(self, data: bytes) -> None:
         handler = self.handler
         if self.partial:
-            data, self.partial = self.partial + data, b""
+            if (not handler.chunkmode and b"\n" not in data
+                    and len(self.partial) + len(data) <= self._chunksize()):
+                self.partial += data  # still no line end: grow, do not rescan (a trickle stays linear)
+                return
+            data, self.partial = bytes(self.partial) + data, b""
         pos = 0
         n = len(data)
         while pos < n:
@@ -176,7 +187,7 @@ class MessageParser:
                 i = data.find(b"\r\n", pos, pos + size)
                 if i < 0:
                     if n - pos <= size:
-                        self.partial = data[pos:]  # an incomplete line: wait for its end
+                        self.partial = bytearray(data[pos:])  # an incomplete line: wait for its end
                         return
                     end = pos + size  # a line longer than chunksize goes in pieces
                     if size > 1 and data[end - 1] == 0x0D and data[end] == 0x0A:

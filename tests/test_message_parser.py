@@ -304,6 +304,7 @@ def test_header_limit_same_outcome_for_any_split(message, fractions, limit):
     [b"X-Long: " + b"v" * 14, b"\r\n\r\n"],  # more than 20 octets wait without their CRLF
     [b"X-Long:" + b" " * 30, b"v" * 14 + b"\r\n\r\n"],  # WSP after the colon is not counted
     [b"X-Long" + b" " * 3, b"  : " + b"v" * 14 + b"\r\n\r\n"],
+    [b"X-Long: " + b"v" * 14 + b"\r", b"\n\r\n"],  # the CR of the CRLF is not value
 ])
 def test_header_at_the_limit_whatever_the_split(pieces):
     """name + value = 6 + 14 = 20 = the limit: accepted however the octets arrive."""
