@@ -160,7 +160,8 @@ def _daemonize() -> Callable[[str], None]:
     if os.fork() > 0:
         os.close(ready_w)
         with os.fdopen(ready_r, "rb") as pipe:
-            message = pipe.read().decode(errors="replace").strip()
+            # One line, not up to EOF: the workers forked before the report inherit the pipe.
+            message = pipe.readline().decode(errors="replace").strip()
         if message != "ok":
             fail(message or "the daemon exited during start-up")
         os._exit(0)
@@ -178,7 +179,7 @@ def _daemonize() -> Callable[[str], None]:
         if not sent[0]:
             sent[0] = True
             try:
-                os.write(ready_w, (error or "ok").encode())
+                os.write(ready_w, (error or "ok").encode() + b"\n")
                 os.close(ready_w)
             except OSError:
                 pass

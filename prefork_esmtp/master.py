@@ -264,7 +264,14 @@ class Master:
         if slot is None:
             log.error("scoreboard full; not starting another worker")
             return
-        pid = os.fork()
+        # Claimed before the fork: a worker that boots fast must not have its first report
+        # overwritten by the master's bookkeeping (status showed busy workers as "starting").
+        self.scoreboard.claim(slot, 0, self.generation)
+        try:
+            pid = os.fork()
+        except OSError:
+            self.scoreboard.release(slot)
+            raise
         if pid == 0:
             status = 1
             try:
@@ -276,7 +283,7 @@ class Master:
             finally:
                 logging.shutdown()
                 os._exit(status)
-        self.scoreboard.claim(slot, pid, self.generation)
+        self.scoreboard.set_pid(slot, pid)
         self.children[pid] = Child(pid, slot, self.generation, time.time())
 
     def _worker_main(self, slot: int) -> int:
@@ -291,6 +298,8 @@ class Master:
         setproctitle(f"prefork-esmtp: worker [gen {generation}] starting")
         try:
             privileges.drop(self.ids)
+            if self.ids is not None:
+                _die_with_parent(self.pid)  # a uid/gid change cleared the parent-death signal
             # The master never imported it (unless preloaded), so this import is fresh.
             handler_class = self.handler_class or load_handler(config.handler)
         except (HandlerLoadError, OSError) as exc:
@@ -362,6 +371,8 @@ class Master:
 
     def _boot_failed(self, child: Child) -> None:
         message = self._boot_error_message()
+        if self.fatal:
+            return  # the start has already failed and is stopping: one report, not one per worker
         if not self.booted and self.reloading is None:
             self.fatal = message
             log.error("cannot start: %s", message)
@@ -507,6 +518,13 @@ class Master:
         log.info("%s: signalling %d workers", why, len(self.children))
         self.stop_deadline = time.monotonic() + seconds
         for sock in self.listeners:
+            # Workers still in a session hold copies of the listener; closing ours alone would
+            # leave it accepting into a backlog nobody serves.  Shutting it down stops listening
+            # in every process: new clients are refused at once (and can try another MX).
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
             sock.close()
         self._signal_all(sig)
 

@@ -24,6 +24,11 @@ _HEADER = struct.Struct("<iidII256s256s")
 # pid, generation, state, sessions, started, seen, expect (seconds the worker may stay silent), peer
 _SLOT = struct.Struct("<iiB3xQddd64s")
 _SEEN_OFFSET = struct.calcsize("<iiB3xQd")  # where 'seen' and 'expect' start in a slot
+# After the fork the master writes only the pid and the worker only its own fields (state,
+# sessions, seen, expect, peer), so neither can overwrite the other's news.
+_STATE_OFFSET = struct.calcsize("<ii")
+_STATE = struct.Struct("<B3xQ")  # state, sessions
+_SEEN = struct.Struct("<dd64s")  # seen, expect, peer
 _MAGIC = b"PFESMTP1"
 
 
@@ -107,9 +112,13 @@ class Scoreboard:
         return len(_MAGIC) + _HEADER.size + index * _SLOT.size
 
     def claim(self, index: int, pid: int, generation: int) -> None:
-        """Master: a worker was forked into this slot."""
+        """Master, before the fork: reserve the slot for a worker (its pid follows with set_pid)."""
         now = time.time()
         _SLOT.pack_into(self.mem, self._offset(index), pid, generation, STARTING, 0, now, now, 0.0, b"")
+
+    def set_pid(self, index: int, pid: int) -> None:
+        """Master, after the fork: the slot's worker pid (the worker may have reported already)."""
+        struct.pack_into("<i", self.mem, self._offset(index), pid)
 
     def release(self, index: int) -> None:
         """Master: the slot's worker is gone."""
@@ -124,9 +133,8 @@ class Scoreboard:
     def update(self, index: int, state: int, sessions: int, peer: str, expect: float) -> None:
         """Worker: record state, sessions served and the peer; check in now."""
         off = self._offset(index)
-        pid, generation, _, _, started, _, _, _ = _SLOT.unpack_from(self.mem, off)
-        _SLOT.pack_into(self.mem, off, pid, generation, state, sessions, started, time.time(), expect,
-                        peer.encode()[:63])
+        _STATE.pack_into(self.mem, off + _STATE_OFFSET, state, sessions)
+        _SEEN.pack_into(self.mem, off + _SEEN_OFFSET, time.time(), expect, peer.encode()[:63])
 
     def check_in(self, index: int, expect: float) -> None:
         """Worker: 'alive, and may stay silent for ``expect`` seconds' (before a blocking wait)."""
@@ -146,5 +154,5 @@ class Scoreboard:
         return count
 
     def slots(self) -> list[Slot]:
-        """Every slot in use."""
-        return [s for s in (self.slot(i) for i in range(self.nslots)) if s.state != FREE]
+        """Every slot in use (not one claimed for a fork that has not returned yet)."""
+        return [s for s in (self.slot(i) for i in range(self.nslots)) if s.state != FREE and s.pid]

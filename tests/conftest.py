@@ -116,6 +116,8 @@ def start_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
     """Start ``prefork-esmtp start -X`` (or another mode) on a free loopback port.
 
     Usage: ``srv = start_server("--max-recipients", "100", env={...})``.
+    A pool instead of ``-X``: ``mode=("--workers", "4", "--pidfile", str(tmp_path / "p.pid"))``.
+    ``log_file=path`` adds ``--log-file path``; ``srv.log()`` then reads that file.
     The port is read from the server's own "listening on" log line, so there
     is no race for a free port.
     """
@@ -124,7 +126,7 @@ def start_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
 
     def start(*args: str, env: dict[str, str] | None = None, handler: str = RECORDER,
               mode: tuple[str, ...] = ("-X",), listen: tuple[str, ...] = ("127.0.0.1:0",),
-              wait: bool = True) -> Server:
+              wait: bool = True, log_file: Path | None = None) -> Server:
         counter[0] += 1
         log_path = tmp_path / f"server{counter[0]}.log"
         record_path = tmp_path / f"records{counter[0]}.jsonl"
@@ -135,11 +137,12 @@ def start_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
         if handler:
             cmd += ["--handler", handler]
         cmd += list(args)
-        log_file = open(log_path, "wb")
-        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=environment,
-                                cwd=str(tmp_path))
-        log_file.close()
-        srv = Server(proc, log_path, record_path)
+        if log_file is not None:  # the server logs there; its stdout/stderr still go to log_path
+            cmd += ["--log-file", str(log_file)]
+        with open(log_path, "wb") as output:
+            proc = subprocess.Popen(cmd, stdout=output, stderr=subprocess.STDOUT, env=environment,
+                                    cwd=str(tmp_path))
+        srv = Server(proc, log_file if log_file is not None else log_path, record_path)
         servers.append(srv)
         if wait:
             def ready() -> list[str] | None:
