@@ -35,6 +35,45 @@ def wait_for(condition: Callable[[], object], timeout: float = 10.0, interval: f
         time.sleep(interval)
 
 
+def messages_from(records: list[dict]) -> list[dict]:
+    """The messages whose EOM was called, rebuilt from one session's hook records.
+
+    Each: headers [(name, value)], body bytes, chunks [(bytes, chunkmode)], eoh,
+    hooks (DATA to EOM), the EOM record, and its sender, recipients, mail_params, tag.
+    """
+    out = []
+    current: dict | None = None
+    for r in records:
+        if r["hook"] == "DATA":
+            current = {"headers": [], "body": b"", "chunks": [], "eoh": False, "hooks": ["DATA"]}
+            continue
+        if current is None:
+            continue
+        current["hooks"].append(r["hook"])
+        if r["hook"] == "HEADER":
+            current["headers"].append(tuple(r["args"]))
+        elif r["hook"] == "EOH":
+            current["eoh"] = True
+        elif r["hook"] == "BODY":
+            current["body"] += r["bytes"]
+            current["chunks"].append((r["bytes"], r["chunkmode"]))
+        elif r["hook"] == "EOM":
+            current.update(record=r, sender=r["sender"], recipients=r["recipients"],
+                           mail_params=r.get("mail_params"), tag=r.get("tag"))
+            out.append(current)
+            current = None
+    return out
+
+
+@pytest.fixture
+def clients() -> Iterator[list]:
+    """A list to put raw clients in; every one is closed at teardown."""
+    opened: list = []
+    yield opened
+    for c in opened:
+        c.close()
+
+
 class Server:
     """A running ``prefork-esmtp start`` process and what it left behind."""
 
@@ -69,27 +108,8 @@ class Server:
         return by_sid
 
     def accepted_messages(self) -> list[dict]:
-        """Messages whose EOM was called: headers, body bytes, envelope."""
-        out = []
-        for records in self.sessions().values():
-            current: dict | None = None
-            for r in records:
-                if r["hook"] == "DATA":
-                    current = {"headers": [], "body": b"", "chunks": [], "eoh": False}
-                elif current is None:
-                    continue
-                elif r["hook"] == "HEADER":
-                    current["headers"].append(tuple(r["args"]))
-                elif r["hook"] == "EOH":
-                    current["eoh"] = True
-                elif r["hook"] == "BODY":
-                    current["body"] += r["bytes"]
-                    current["chunks"].append((r["bytes"], r["chunkmode"]))
-                elif r["hook"] == "EOM":
-                    current.update(sender=r["sender"], recipients=r["recipients"], tag=r.get("tag"))
-                    out.append(current)
-                    current = None
-        return out
+        """Messages whose EOM was called, in every session: see :func:`messages_from`."""
+        return [m for records in self.sessions().values() for m in messages_from(records)]
 
     def connect(self, timeout: float = 10.0) -> socket.socket:
         return socket.create_connection(("127.0.0.1", self.port), timeout=timeout)

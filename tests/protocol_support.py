@@ -14,7 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import HOSTNAME, RECORDER, Client, Server, server_env, wait_for
+from conftest import HOSTNAME, RECORDER, Client, Server, messages_from, server_env, wait_for
 
 __all__ = [
     "launch", "local_port", "session_records", "session_hooks", "messages_from", "session_messages",
@@ -75,29 +75,6 @@ def session_records(srv: Server, client: Client) -> list[dict]:
 def session_hooks(srv: Server, client: Client) -> list[str]:
     return [r["hook"] for r in session_records(srv, client)]
 
-
-def messages_from(records: list[dict]) -> list[dict]:
-    """Messages whose EOM was called, from one session's records (as Server.accepted_messages)."""
-    out = []
-    current: dict | None = None
-    for r in records:
-        if r["hook"] == "DATA":
-            current = {"headers": [], "body": b"", "chunks": [], "eoh": False}
-        elif current is None:
-            continue
-        elif r["hook"] == "HEADER":
-            current["headers"].append(tuple(r["args"]))
-        elif r["hook"] == "EOH":
-            current["eoh"] = True
-        elif r["hook"] == "BODY":
-            current["body"] += r["bytes"]
-            current["chunks"].append((r["bytes"], r["chunkmode"]))
-        elif r["hook"] == "EOM":
-            current.update(sender=r["sender"], recipients=r["recipients"],
-                           mail_params=r.get("mail_params"))
-            out.append(current)
-            current = None
-    return out
 
 
 def session_messages(srv: Server, client: Client) -> list[dict]:

@@ -42,14 +42,6 @@ def connect(srv, greet: bool = True) -> Client:
     return c
 
 
-@pytest.fixture
-def clients():
-    opened: list[Client] = []
-    yield opened
-    for c in opened:
-        c.close()
-
-
 # -- bare LF in commands ------------------------------------------------------------------
 
 def test_command_bare_lf_reject(start_server, clients):

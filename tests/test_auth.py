@@ -54,14 +54,6 @@ def submission(pki, tmp_path_factory):
 
 
 @pytest.fixture
-def clients():
-    opened: list[Client] = []
-    yield opened
-    for c in opened:
-        c.close()
-
-
-@pytest.fixture
 def tc(srv, pki, clients):
     """A raw client inside TLS (STARTTLS) after EHLO: AUTH may start."""
     c = starttls_client(pki, srv)

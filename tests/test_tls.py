@@ -38,14 +38,6 @@ def srv(pki, tmp_path_factory):
     server.stop()
 
 
-@pytest.fixture
-def clients():
-    opened: list[Client] = []
-    yield opened
-    for c in opened:
-        c.close()
-
-
 def plain_client(srv, clients) -> Client:
     c = Client(srv.connect())
     clients.append(c)

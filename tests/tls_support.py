@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from conftest import HOSTNAME, RECORDER, Client, Server, require_tool, server_env, wait_for
+from conftest import HOSTNAME, RECORDER, Client, Server, messages_from, require_tool, server_env, wait_for
 
 __all__ = ["PKI", "make_pki", "make_leaf", "launch", "client_context", "starttls_client",
            "ehlo_keywords", "sid_of", "records_of", "messages_of"]
@@ -154,25 +154,5 @@ def records_of(srv: Server, client: Client) -> list[dict]:
 
 
 def messages_of(srv: Server, client: Client) -> list[dict]:
-    """Messages whose EOM was called in ``client``'s session (as Server.accepted_messages)."""
-    sid = sid_of(srv, client)
-    out = []
-    current = None
-    for r in srv.records():
-        if r["sid"] != sid:
-            continue
-        if r["hook"] == "DATA":
-            current = {"headers": [], "body": b"", "hooks": ["DATA"]}
-        elif current is None:
-            continue
-        else:
-            current["hooks"].append(r["hook"])
-            if r["hook"] == "HEADER":
-                current["headers"].append(tuple(r["args"]))
-            elif r["hook"] == "BODY":
-                current["body"] += r["bytes"]
-            elif r["hook"] == "EOM":
-                current.update(record=r, sender=r["sender"], recipients=r["recipients"])
-                out.append(current)
-                current = None
-    return out
+    """Messages whose EOM was called in ``client``'s session (see conftest.messages_from)."""
+    return messages_from(records_of(srv, client))
