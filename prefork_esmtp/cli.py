@@ -22,6 +22,7 @@ import click
 from prefork_esmtp import __version__, pidfile, privileges, tls
 from prefork_esmtp.listeners import ListenError, bind_all, describe
 from prefork_esmtp.loader import HandlerLoadError, load_handler
+from prefork_esmtp.logs import reopen as reopen_logs
 from prefork_esmtp.logs import setup as setup_logging
 from prefork_esmtp.settings import SETTINGS, Config, SettingError, resolve
 
@@ -141,6 +142,7 @@ def _run_single(config: Config, listeners: list, handler_class: type, ids: Any, 
     privileges.drop(ids)
     worker = Worker(listeners, handler_class, config, tls_context=tls_context, tls_listeners=tls_fds)
     worker.install_signals()
+    signal.signal(signal.SIGUSR1, lambda s, f: reopen_logs())
     log.info("serving with %s.%s in single-process mode (-X), pid %d",
              handler_class.__module__, handler_class.__qualname__, os.getpid())
     try:

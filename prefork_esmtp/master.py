@@ -68,6 +68,12 @@ class Master:
         listeners = list(listeners) + list(tls_listeners)
         self.on_ready = on_ready
         self.listeners = listeners
+        # Described once: the sockets are closed when a stop begins, their names are still wanted.
+        self.listener_text = ", ".join(describe(s) for s in listeners)
+        # Respawn back-off after workers fail to boot once the server is up (a handler
+        # broken on disk after start): no fork loop, and TTIN/reload still work later.
+        self.boot_failures = 0
+        self.spawn_paused_until = 0.0
         self.reload_config = reload_config
         self.handler_class = handler_class  # set when preloaded, else workers import it
         self.ids = privileges.resolve(config.user, config.group)
@@ -131,9 +137,9 @@ class Master:
         if [str(a) for a in config.listen + config.tls_listen] != \
                 [str(a) for a in self.config.listen + self.config.tls_listen]:
             log.warning("reload: listen addresses changed; keeping %s until a restart",
-                        ", ".join(describe(s) for s in self.listeners))
-            config.values["listen"] = self.config.listen
-            config.values["tls_listen"] = self.config.tls_listen
+                        self.listener_text)
+            config.set("listen", self.config.listen)
+            config.set("tls_listen", self.config.tls_listen)
         if self.tls_fds and tls_context is None:
             log.warning("reload: no TLS certificate any more; TLS listeners keep the old one")
             tls_context = self.tls_context
@@ -142,9 +148,18 @@ class Master:
         self.config, self.handler_class, self.tls_context = config, handler_class, tls_context
         self.ids = privileges.resolve(config.user, config.group)
         self.generation += 1
+        self.boot_failures, self.spawn_paused_until = 0, 0.0  # an operator's reload: try at once
         if not self.adaptive:
-            self.target = config.workers
+            self.target = self._capped(config.workers)
         self.spawn_missing()
+
+    def _capped(self, workers: int) -> int:
+        """At most half the scoreboard: room for the old generation while a new one boots."""
+        limit = self.scoreboard.nslots // 2
+        if workers > limit:
+            log.warning("workers = %d: this master has room for %d (restart to grow beyond it)",
+                        workers, limit)
+        return min(workers, limit)
 
     def handle_term(self) -> None:
         """Graceful stop: workers finish the current transaction, 421 at the next command."""
@@ -194,7 +209,7 @@ class Master:
         self._publish()
         log.info("master pid %d: %s workers, listening on %s", self.pid,
                  f"adaptive {self.target}..{self.max_workers}" if self.adaptive else self.target,
-                 ", ".join(describe(s) for s in self.listeners))
+                 self.listener_text)
         try:
             self.spawn_missing()
             while self.exit_status is None:
@@ -228,7 +243,7 @@ class Master:
                 pass
 
     def _publish(self) -> None:
-        listeners = ", ".join(describe(s) for s in self.listeners)
+        listeners = self.listener_text
         self.scoreboard.set_header(self.pid, self.generation, self.started, self.reloads, listeners,
                                    self.last_error)
         current = sum(1 for c in self.children.values() if c.generation == self.generation)
@@ -260,6 +275,9 @@ class Master:
             self.spawn()
 
     def spawn(self) -> None:
+        """Fork one worker of the current generation (unless paused, full, or fork fails)."""
+        if time.monotonic() < self.spawn_paused_until:
+            return
         slot = self.scoreboard.free_slot()
         if slot is None:
             log.error("scoreboard full; not starting another worker")
@@ -269,9 +287,11 @@ class Master:
         self.scoreboard.claim(slot, 0, self.generation)
         try:
             pid = os.fork()
-        except OSError:
+        except OSError as exc:  # EAGAIN (process limit), ENOMEM: keep serving, retry next turn
             self.scoreboard.release(slot)
-            raise
+            log.error("cannot fork a worker: %s", exc)
+            self.spawn_paused_until = time.monotonic() + 1.0
+            return
         if pid == 0:
             status = 1
             try:
@@ -290,6 +310,11 @@ class Master:
         """In the forked child: boot (privileges, handler import) and serve; return exit status."""
         for sig in SIGNALS:
             signal.signal(sig, signal.SIG_DFL)
+        # While booting (the handler import may be slow): USR1 must not kill us, and a
+        # retire (HUP) must not be lost; TERM, INT and QUIT may end a worker that serves no one.
+        retire_early: list[bool] = []
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+        signal.signal(signal.SIGHUP, lambda s, f: retire_early.append(True))
         os.close(self.wake_r)
         os.close(self.error_r)
         _die_with_parent(self.pid)
@@ -338,6 +363,8 @@ class Master:
         worker.install_signals()
         signal.signal(signal.SIGHUP, lambda s, f: worker.stop())  # retire: finish the session, exit
         signal.signal(signal.SIGUSR1, lambda s, f: logs.reopen())
+        if retire_early:
+            return 0
         worker.run()
         return 0
 
@@ -382,7 +409,11 @@ class Master:
         elif self.reloading is not None and child.generation == self.generation:
             self._abort_reload(message)
         else:
-            log.error("worker %d could not boot: %s", child.pid, message)
+            self.boot_failures += 1
+            pause = min(2.0 ** self.boot_failures, 60.0)
+            self.spawn_paused_until = time.monotonic() + pause
+            log.error("worker %d could not boot: %s; no new workers for %.0fs (fix the handler, then reload)",
+                      child.pid, message, pause)
 
     def murder_stale(self) -> None:
         """Kill workers that missed their check-in by more than the worker timeout."""

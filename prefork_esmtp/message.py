@@ -126,10 +126,14 @@ class MessageParser:
         self.handler.chunkmode = True  # the seed: chunk mode after the headers; EOH may undo it
         self.handler.EOH()
 
+    def _ends_a_line(self, data: bytes) -> bool:
+        """Whether ``data`` completes a CRLF after the incomplete line held in ``partial``."""
+        return b"\r\n" in data or (data[:1] == b"\n" and self.partial.endswith(b"\r"))
+
     def _feed_headers(self, data: bytes) -> bytes:
         """Consume header lines; return what follows the header section, if reached."""
         if self.partial:
-            if b"\n" not in data and len(self.partial) + len(data) <= self.max_header_size:
+            if not self._ends_a_line(data) and len(self.partial) + len(data) <= self.max_header_size:
                 self.partial += data  # no line can end here: grow, do not rescan (a trickle stays linear)
                 return b""
             buf = bytes(self.partial) + data
@@ -172,7 +176,7 @@ class MessageParser:
     def _feed_body(self, data: bytes) -> None:
         handler = self.handler
         if self.partial:
-            if (not handler.chunkmode and b"\n" not in data
+            if (not handler.chunkmode and not self._ends_a_line(data)
                     and len(self.partial) + len(data) <= self._chunksize()):
                 self.partial += data  # still no line end: grow, do not rescan (a trickle stays linear)
                 return

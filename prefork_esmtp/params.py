@@ -29,7 +29,7 @@ def check_mail(params: dict[str, str | None], max_size: int, bdat_offered: bool)
     """The reply owed to MAIL for its parameters, or None when they are all fine."""
     for key, value in params.items():
         if key == "SIZE":
-            if value is None or not value.isdigit() or len(value) > 20:
+            if value is None or not (value.isascii() and value.isdigit()) or len(value) > 20:
                 return R.BAD_SIZE.format(value)
             if int(value) > max_size:
                 return R.SIZE_EXCEEDED.format(max_size)

@@ -27,6 +27,10 @@ class ReadTimeout(Exception):
     """The client sent nothing for the idle timeout."""
 
 
+class StopSession(Exception):
+    """The server is stopping and the session may be ended now (421)."""
+
+
 class DataTooSlow(Exception):
     """During DATA/BDAT the client fell below the minimum data rate."""
 
@@ -60,6 +64,8 @@ class Reader:
         #: be interrupted (graceful stop); ``waiting`` is true only inside recv().
         self.interruptible = False
         self.waiting = False
+        #: asked just before an interruptible read: true means end the session now
+        self.stop_check: Callable[[], bool] | None = None
         # the minimum data rate: (octets/s, start time, octets received at start, grace), or None
         self._rate: tuple[float, float, int, float] | None = None
         self._short_timeout = False
@@ -112,6 +118,9 @@ class Reader:
                 self.check_in(self.timeout)
             self.waiting = self.interruptible
             try:
+                # A stop signalled before ``waiting`` was set found nothing to interrupt: look again.
+                if self.waiting and self.stop_check is not None and self.stop_check():
+                    raise StopSession()
                 data = self.sock.recv(RECV_SIZE)
             finally:
                 self.waiting = False

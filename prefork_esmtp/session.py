@@ -23,7 +23,7 @@ from prefork_esmtp.addresses import AddressError, parse_path_argument
 from prefork_esmtp.dotdata import DotDecoder
 from prefork_esmtp.handler import ESMTPHandler
 from prefork_esmtp.intake import MessageIntake
-from prefork_esmtp.reader import ClientGone, DataTooSlow, LineTooLong, Reader, ReadTimeout
+from prefork_esmtp.reader import ClientGone, DataTooSlow, LineTooLong, Reader, ReadTimeout, StopSession
 from prefork_esmtp.settings import Config
 from prefork_esmtp.writer import ReplyWriter
 
@@ -40,10 +40,6 @@ GROUP_ENDERS = frozenset({"EHLO", "HELO", "DATA", "VRFY", "EXPN", "QUIT", "NOOP"
 JUNK = frozenset({"NOOP", "RSET", "VRFY", "EXPN", "HELP"})
 #: What require_tls still allows before TLS.
 BEFORE_TLS = frozenset({"EHLO", "NOOP", "STARTTLS", "QUIT"})
-
-
-class StopSession(Exception):
-    """Raised into a session waiting for a command when the server stops."""
 
 
 class AuthCancelled(Exception):
@@ -77,6 +73,7 @@ class Session:
         self.ip_sessions = ip_sessions
         self.writer = ReplyWriter(sock)
         self.reader = Reader(sock, self.writer, config.timeout, check_in)
+        self.reader.stop_check = self._stop_now
         self.errors = 0
         self.junk = 0
         self.closing = False
@@ -113,7 +110,7 @@ class Session:
             if self._open():
                 self._greet()
             while not self.closing:
-                if self.stopping():
+                if self._stop_now():
                     self._send(R.SHUTTING_DOWN.format(self.hostname), count=False)
                     break
                 try:
@@ -145,10 +142,15 @@ class Session:
         """From a signal handler: if blocked waiting for a command, end the session now.
 
         The session then answers 421 and closes.  Anywhere else (mid-command,
-        mid-DATA) the session goes on and answers 421 at the next command.
+        inside a transaction) the session goes on and answers 421 at the first
+        command after the transaction.
         """
-        if self.reader.waiting:
+        if self.reader.waiting and self.handler.env_sender is None:
             raise StopSession()
+
+    def _stop_now(self) -> bool:
+        """The server is stopping and no transaction is open: end with 421."""
+        return self.stopping() and self.handler.env_sender is None
 
     def _close(self, linger: bool) -> None:
         """Send what is pending, tell the handler, close the socket.
@@ -311,17 +313,17 @@ class Session:
 
     def _dispatch(self, line: bytes) -> None:
         if self.reader.bare_lf and self.config.command_bare_lf == "reject":
-            self._send(R.BAD_COMMAND_LF)
+            self._refuse(R.BAD_COMMAND_LF, line)
             return
         if b"\0" in line or b"\r" in line:
-            self._send(R.BAD_CHARACTERS)
+            self._refuse(R.BAD_CHARACTERS, line)
             return
         if line.isascii():
             text = line.decode("ascii")
         else:
             verb = line[:5].upper()
             if verb not in (b"MAIL ", b"RCPT "):
-                self._send(R.BAD_CHARACTERS)
+                self._refuse(R.BAD_CHARACTERS, line)
                 return
             try:
                 text = line.decode("utf-8")
@@ -332,10 +334,10 @@ class Session:
         verb, _, arg = text.partition(" ")
         verb = verb.upper()
         if self.refused and verb != "QUIT":
-            self._send(R.REJECTED_SESSION)
+            self._refuse(R.REJECTED_SESSION, line)
             return
         if self.config.require_tls and self.handler.tls is None and verb not in BEFORE_TLS:
-            self._send(R.TLS_REQUIRED, verb)
+            self._refuse(R.TLS_REQUIRED, line)
             return
         if verb in JUNK:
             self.junk += 1
@@ -350,6 +352,20 @@ class Session:
             method(self, arg.strip(" \t"))
         if verb in GROUP_ENDERS and verb != "DATA":
             self._check_pipelining()
+
+    def _refuse(self, reply: R.Reply, line: bytes) -> None:
+        """Refuse a command before its verb runs; a BDAT's chunk is still read and dropped.
+
+        Otherwise the chunk's bytes (third-party message content) would be
+        taken as commands.  A BDAT whose size cannot be read ends the session.
+        """
+        if line[:5].upper() == b"BDAT ":
+            parts = line[5:].split()
+            if parts and parts[0].isdigit() and len(parts[0]) <= 18:
+                self._discard(int(parts[0]))
+            else:
+                self.closing = True
+        self._send(reply, line[:4].decode("ascii", "replace").upper())
 
     def _check_pipelining(self) -> bool:
         """With forbid_unauth_pipelining: a client that did not wait for our reply is cut off."""
@@ -428,7 +444,10 @@ class Session:
         elif self.tls_context is None:
             self._send(R.TLS_UNAVAILABLE, "STARTTLS")
         elif self._reply_hook("STARTTLS") == 220 and not self.closing:
-            self.writer.flush()
+            try:
+                self.writer.flush()
+            except OSError as exc:
+                raise ClientGone(str(exc)) from None
             if not self._start_tls():
                 return
             h = self.handler  # RFC 3207 4.2: forget everything said before TLS

@@ -11,7 +11,7 @@ import ipaddress
 import re
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -246,17 +246,26 @@ SETTINGS: list[Setting] = [
 BY_NAME = {s.name: s for s in SETTINGS}
 
 
-@dataclass
 class Config:
-    """The effective settings, as attributes named like the settings."""
+    """The effective settings, as plain attributes named like the settings.
 
-    values: dict[str, Any] = field(default_factory=dict)
+    Plain instance attributes, not a lookup hook: the session reads settings
+    on every command, so the cheapest attribute access is the right one.
+    """
 
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self.values[name]
-        except KeyError:
-            raise AttributeError(name) from None
+    def __init__(self, values: dict[str, Any]) -> None:
+        self.__dict__.update(values)
+
+    @property
+    def values(self) -> dict[str, Any]:
+        """Every setting by name."""
+        return dict(self.__dict__)
+
+    def set(self, name: str, value: Any) -> None:
+        """Change one setting (the master keeps its listeners across a reload)."""
+        if name not in BY_NAME:
+            raise KeyError(name)
+        setattr(self, name, value)
 
 
 def resolve(cli: dict[str, Any], file: dict[str, Any], source: str = "config file") -> Config:

@@ -232,3 +232,17 @@ def test_handler_sees_the_same_hooks_as_with_data(srv):
     via_data, via_bdat = seen
     assert [h[0] for h in via_data][:2] == ["DATA", "HEADER"] and via_data[-1][0] == "EOM"
     assert via_bdat == via_data
+
+
+def test_bdat_refused_before_tls_is_read_and_dropped_not_run_as_commands(tmp_path, client_for):
+    """With --require-tls a pipelined BDAT gets 530, and its chunk must not be taken as commands."""
+    srv = launch(tmp_path / "srv", "--require-tls", "--error-sleep", "0")
+    try:
+        c = client_for(srv)
+        chunk = b"STARTTLS\r\nQUIT\r\n"  # third-party content that looks like commands
+        c.send(b"EHLO x\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.org>\r\n"
+               + b"BDAT %d LAST\r\n" % len(chunk) + chunk + b"NOOP\r\n")
+        codes = [code for code, _ in c.replies(5)]
+        assert codes == [250, 530, 530, 530, 250]
+    finally:
+        srv.stop()

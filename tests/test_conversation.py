@@ -475,3 +475,11 @@ def test_connect_421_closes(start_server, client_for):
     c2 = client_for(srv, greet=False)
     assert c2.reply()[0] == 421
     assert srv.proc.poll() is None
+
+
+@pytest.mark.parametrize("value", ["\u00b2", "\u0661\u0662"])
+def test_size_with_non_ascii_digits_is_501_not_a_crash(ehloed, value):
+    """str.isdigit() is true for superscripts and Arabic-Indic digits; int() is not."""
+    code, lines = ehloed.cmd(f"MAIL FROM:<alice@example.org> SMTPUTF8 SIZE={value}".encode())
+    assert (code, lines[0].split(" ")[0]) == (501, "5.5.4"), lines
+    assert ehloed.cmd("NOOP")[0] == 250

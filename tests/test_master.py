@@ -235,6 +235,44 @@ def test_term_during_data_finishes_the_message_then_421(start_server, client_for
     assert not (tmp_path / "p.pid").exists()
 
 
+def test_term_lets_an_open_transaction_finish_then_421(start_server, client_for, tmp_path):
+    """TERM after MAIL/RCPT but before DATA: the transaction still completes (design.md)."""
+    srv = start_server("--graceful-timeout", "5", mode=pool_mode(tmp_path, "--workers", "2"))
+    wait_pool(srv, 2)
+    client = client_for(srv)
+    assert client.cmd("EHLO client.example")[0] == 250
+    assert client.cmd("MAIL FROM:<a@example.org>")[0] == 250
+    assert client.cmd("RCPT TO:<b@example.org>")[0] == 250
+    os.kill(srv.proc.pid, signal.SIGTERM)
+    wait_for(lambda: len(workers_of(srv.proc.pid)) == 1, 5, message="the idle worker to exit")
+    assert client.cmd("DATA")[0] == 354
+    client.send(b"Subject: finished\r\n\r\nafter TERM\r\n.\r\n")
+    assert client.reply()[0] == 250
+    code, lines = client.cmd("NOOP")
+    assert code == 421, lines
+    assert client.closed()
+    assert srv.proc.wait(10) == 0
+    assert [m["body"] for m in srv.accepted_messages()] == [b"after TERM\r\n"]
+
+
+def test_usr1_while_workers_boot_does_not_kill_them(start_server, tmp_path):
+    """logrotate's USR1 may come while a slow handler module is still importing."""
+    (tmp_path / "slowimport.py").write_text(
+        "import time\ntime.sleep(1.5)\nfrom prefork_esmtp import ESMTPHandler\n"
+        "class Handler(ESMTPHandler):\n    pass\n")
+    log_file = tmp_path / "server.log"
+    srv = start_server("--log-file", str(log_file), handler="slowimport:Handler",
+                       mode=pool_mode(tmp_path, "--workers", "2"), wait=False,
+                       env={"PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])})
+    wait_for(lambda: len(workers_of(srv.proc.pid)) == 2, 10, message="two workers forked")
+    booting = set(workers_of(srv.proc.pid))
+    os.kill(srv.proc.pid, signal.SIGUSR1)  # the master forwards it to the booting workers
+    wait_for(lambda: log_file.exists() and "ready: generation 1 serving" in log_file.read_text(), 15,
+             message="the pool to boot")
+    assert set(workers_of(srv.proc.pid)) == booting
+    assert "exited with signal" not in log_file.read_text()
+
+
 def test_term_kills_what_is_left_at_the_graceful_timeout(start_server, client_for, tmp_path):
     srv = start_server("--graceful-timeout", "1", mode=pool_mode(tmp_path, "--workers", "2"))
     wait_pool(srv, 2)

@@ -163,3 +163,41 @@ def test_reload_rereads_the_config_file_and_rejects_a_bad_one(start_server, tmp_
     assert result.returncode == 0, result.stderr
     new_pool = wait_pool(srv, 3)
     assert not new_pool & old_pool
+
+
+def test_handler_broken_on_disk_after_start_pauses_respawns_instead_of_looping(start_server, tmp_path):
+    """Without --preload a replacement worker imports the file as it is now: if that fails, back off."""
+    write_handler(tmp_path, "version one")
+    srv = start_server(handler="reloadable:Handler", mode=pool_mode(tmp_path, "--workers", "2"),
+                       env=handler_env(tmp_path))
+    pool = wait_pool(srv, 2)
+    (tmp_path / "reloadable.py").write_text("class Handler(:\n    pass\n")  # broken, no reload
+    os.kill(min(pool), signal.SIGKILL)
+    wait_for(lambda: "could not boot" in srv.log(), 10, message="the replacement's boot failure")
+    assert "no new workers for 2s" in srv.log()
+    # A respawn loop forks and fails dozens of times a second.  Wait until the back-off has
+    # let a second attempt happen (after 2 s), then count: the attempts are a handful.
+    wait_for(lambda: "no new workers for 4s" in srv.log(), 10, message="the second, longer back-off")
+    assert srv.log().count("worker cannot boot") <= 3, srv.log()
+    assert srv.proc.poll() is None
+    assert len(workers_of(srv.proc.pid)) == 1  # the surviving worker still serves
+    # the operator fixes the file and reloads: back to a full pool at once
+    write_handler(tmp_path, "version two")
+    result = reload_command(tmp_path)
+    assert result.returncode == 0, result.stderr
+    wait_pool(srv, 2)
+
+
+def test_reload_to_more_workers_than_the_master_has_room_for(start_server, tmp_path):
+    config = tmp_path / "server.toml"
+    config.write_text("workers = 1\n")
+    srv = start_server("--config", str(config), mode=pool_mode(tmp_path))
+    wait_pool(srv, 1)
+    config.write_text("workers = 50\n")  # the scoreboard was sized for 1 (room for 5)
+    result = reload_command(tmp_path)
+    assert result.returncode == 0, result.stderr
+    wait_pool(srv, 5)
+    assert "this master has room for 5" in srv.log()
+    result = reload_command(tmp_path)  # and the next reload is not wedged
+    assert result.returncode == 0, result.stderr
+    assert status_json(tmp_path / "p.pid")["master"]["generation"] == 3

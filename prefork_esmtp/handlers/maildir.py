@@ -2,7 +2,8 @@
 
 The message is streamed to ``tmp/`` while it arrives and renamed into
 ``new/`` only at EOM, after fsync, so a 250 means the file is on disk and a
-broken session leaves nothing behind (the Maildir delivery protocol).
+broken session leaves nothing behind (the Maildir delivery protocol); the
+directory is fsynced after the rename too.
 Headers are written as HEADER received them: unfolded.  Lines end in LF.
 """
 
@@ -81,8 +82,13 @@ class Maildir(ESMTPHandler):
         os.fsync(self.file.fileno())
         self.file.close()
         self.file = None
-        final = os.path.join(maildir_path(), "new", self.name)
-        os.rename(self.tmp_path, final)
+        new_dir = os.path.join(maildir_path(), "new")
+        os.rename(self.tmp_path, os.path.join(new_dir, self.name))
+        fd = os.open(new_dir, os.O_RDONLY)  # the rename itself must be on disk before the 250
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         log.info("maildir: from=<%s> to=%s stored as new/%s", self.env_sender,
                  ",".join(f"<{r}>" for r in self.env_recipients), self.name)
         return 250, f"2.0.0 Stored as {self.name}"
