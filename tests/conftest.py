@@ -83,6 +83,7 @@ class Server:
         self.record_path = record_path
         self.port = 0
         self.ports: list[int] = []
+        self.tls_port = 0
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -131,48 +132,66 @@ def server_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+_LISTENING = re.compile(r"listening on (?:\[[^\]]+\]|[\d.]+):(\d+)( \(implicit TLS\))?$", re.M)
+
+
+def launch(directory: Path, *args: str, env: dict[str, str] | None = None, handler: str = RECORDER,
+           mode: tuple[str, ...] = ("-X",), listen: tuple[str, ...] = ("127.0.0.1:0",),
+           tls_listen: bool = False, wait: bool = True, log_file: Path | None = None) -> Server:
+    """Start ``prefork-esmtp start`` (``-X`` unless ``mode`` says otherwise) in ``directory``.
+
+    The caller stops it (or uses the ``start_server`` fixture, which does).
+    ``mode=("--workers", "4", "--pidfile", ...)`` runs a pool; ``tls_listen`` adds an
+    implicit-TLS listener (``srv.tls_port``); ``log_file`` adds ``--log-file`` and
+    ``srv.log()`` reads it.  Ports come from the server's own "listening on"
+    lines, so there is no race for a free port; with ``wait`` it returns once
+    the server serves (``-X``) or its first workers have booted (a pool).
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    n = len(list(directory.glob("server*.log"))) + 1
+    log_path, record_path = directory / f"server{n}.log", directory / f"records{n}.jsonl"
+    environment = server_env({"PREFORK_TEST_RECORD": str(record_path), **(env or {})})
+    cmd = [sys.executable, "-m", "prefork_esmtp", "start", *mode, "--hostname", HOSTNAME]
+    for address in listen:
+        cmd += ["--listen", address]
+    if handler:
+        cmd += ["--handler", handler]
+    cmd += list(args)
+    if tls_listen:
+        cmd += ["--tls-listen", "127.0.0.1:0"]
+    if log_file is not None:  # the server logs there; its stdout/stderr still go to log_path
+        cmd += ["--log-file", str(log_file)]
+    with open(log_path, "wb") as output:
+        proc = subprocess.Popen(cmd, stdout=output, stderr=subprocess.STDOUT, env=environment,
+                                cwd=str(directory))
+    srv = Server(proc, log_file if log_file is not None else log_path, record_path)
+    if wait:
+        def ready() -> bool:
+            if proc.poll() is not None:
+                raise AssertionError(f"server exited with {proc.returncode}:\n{srv.log()}")
+            log = srv.log()
+            return "serving with" in log or "ready: generation" in log
+
+        wait_for(ready, 15, message="the server to be ready")
+        found = _LISTENING.findall(srv.log())
+        srv.ports = [int(port) for port, tls in found if not tls]
+        srv.port = srv.ports[0] if srv.ports else 0
+        tls_ports = [int(port) for port, tls in found if tls]
+        srv.tls_port = tls_ports[0] if tls_ports else 0
+    return srv
+
+
 @pytest.fixture
 def start_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
-    """Start ``prefork-esmtp start -X`` (or another mode) on a free loopback port.
+    """Start servers with :func:`launch` in this test's ``tmp_path``; all are stopped at teardown.
 
     Usage: ``srv = start_server("--max-recipients", "100", env={...})``.
-    A pool instead of ``-X``: ``mode=("--workers", "4", "--pidfile", str(tmp_path / "p.pid"))``.
-    ``log_file=path`` adds ``--log-file path``; ``srv.log()`` then reads that file.
-    The port is read from the server's own "listening on" log line, so there
-    is no race for a free port.
     """
     servers: list[Server] = []
-    counter = [0]
 
-    def start(*args: str, env: dict[str, str] | None = None, handler: str = RECORDER,
-              mode: tuple[str, ...] = ("-X",), listen: tuple[str, ...] = ("127.0.0.1:0",),
-              wait: bool = True, log_file: Path | None = None) -> Server:
-        counter[0] += 1
-        log_path = tmp_path / f"server{counter[0]}.log"
-        record_path = tmp_path / f"records{counter[0]}.jsonl"
-        environment = server_env({"PREFORK_TEST_RECORD": str(record_path), **(env or {})})
-        cmd = [sys.executable, "-m", "prefork_esmtp", "start", *mode, "--hostname", HOSTNAME]
-        for address in listen:
-            cmd += ["--listen", address]
-        if handler:
-            cmd += ["--handler", handler]
-        cmd += list(args)
-        if log_file is not None:  # the server logs there; its stdout/stderr still go to log_path
-            cmd += ["--log-file", str(log_file)]
-        with open(log_path, "wb") as output:
-            proc = subprocess.Popen(cmd, stdout=output, stderr=subprocess.STDOUT, env=environment,
-                                    cwd=str(tmp_path))
-        srv = Server(proc, log_file if log_file is not None else log_path, record_path)
+    def start(*args: str, **kwargs) -> Server:
+        srv = launch(tmp_path, *args, **kwargs)
         servers.append(srv)
-        if wait:
-            def ready() -> list[str] | None:
-                if proc.poll() is not None:
-                    raise AssertionError(f"server exited with {proc.returncode}:\n{srv.log()}")
-                found = re.findall(r"listening on \[?[\w.:]+\]?:(\d+)", srv.log())
-                return found if len(found) >= len(listen) else None
-            found = wait_for(ready, 15, message="the server's 'listening on' line")
-            srv.ports = [int(p) for p in found]
-            srv.port = srv.ports[0]
         return srv
 
     yield start

@@ -8,46 +8,17 @@ recording handler logs with CONNECT as the peer address.
 
 from __future__ import annotations
 
-import re
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
-from conftest import HOSTNAME, RECORDER, Client, Server, messages_from, server_env, wait_for
+import pytest
+
+from conftest import Client, Server, launch, messages_from, wait_for
 
 __all__ = [
-    "launch", "local_port", "session_records", "session_hooks", "messages_from", "session_messages",
+    "launch", "module_server", "local_port", "session_records", "session_hooks", "messages_from", "session_messages",
     "raw_reply", "nothing_arrives", "unstuff", "stuff", "rss_kib",
 ]
-
-
-def launch(directory: Path, *args: str, env: dict[str, str] | None = None) -> Server:
-    """Start ``prefork-esmtp start -X`` with the recording handler in ``directory``.
-
-    The same command line as conftest's ``start_server``, for module-scoped
-    fixtures (that one is function-scoped); the caller stops the server.
-    """
-    directory.mkdir(parents=True, exist_ok=True)
-    log_path = directory / "server.log"
-    record_path = directory / "records.jsonl"
-    environment = server_env({"PREFORK_TEST_RECORD": str(record_path), **(env or {})})
-    cmd = [sys.executable, "-m", "prefork_esmtp", "start", "-X", "--hostname", HOSTNAME,
-           "--listen", "127.0.0.1:0", "--handler", RECORDER, *args]
-    with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=environment,
-                                cwd=str(directory))
-    srv = Server(proc, log_path, record_path)
-
-    def ready() -> str | None:
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited with {proc.returncode}:\n{srv.log()}")
-        m = re.search(r"listening on \[?[\w.:]+\]?:(\d+)", srv.log())
-        return m.group(1) if m else None
-
-    srv.port = int(wait_for(ready, 15, message="the server's 'listening on' line"))
-    srv.ports = [srv.port]
-    return srv
 
 
 def local_port(client: Client) -> int:
@@ -126,3 +97,15 @@ def rss_kib(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+def module_server(name: str, *args: str, **kwargs):
+    """A module-scoped fixture: one :func:`conftest.launch`-ed server shared by a module's tests."""
+
+    @pytest.fixture(scope="module")
+    def fixture(tmp_path_factory):
+        server = launch(tmp_path_factory.mktemp(name), *args, **kwargs)
+        yield server
+        server.stop()
+
+    return fixture

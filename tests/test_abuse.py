@@ -13,6 +13,7 @@ import time
 import pytest
 
 from conftest import HOSTNAME, Client, wait_for
+from protocol_support import module_server
 from tls_support import launch, messages_of, records_of
 
 from prefork_esmtp.scoreboard import Scoreboard
@@ -73,14 +74,10 @@ def test_command_bare_lf_accepted_by_default(start_server, clients):
 
 # -- forbid_unauth_pipelining ---------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def strict(tmp_path_factory):
-    """forbid_unauth_pipelining, and a CONNECT hook that takes 0.3 s (a slow greeting)."""
-    server = launch(tmp_path_factory.mktemp("strict"), "--forbid-unauth-pipelining", "--auth-plaintext",
+# forbid_unauth_pipelining, and a CONNECT hook that takes 0.3 s (a slow greeting).
+strict = module_server("strict", "--forbid-unauth-pipelining", "--auth-plaintext",
                     "--error-sleep", "0", handler="recorder:AuthRecorder",
                     env={"PREFORK_TEST_CONNECT_DELAY": "0.3"})
-    yield server
-    server.stop()
 
 
 def test_talking_before_the_greeting_554_and_close(strict):
@@ -165,12 +162,8 @@ def test_authenticated_client_may_pipeline(strict):
 
 # -- minimum data rate (slowloris) -------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def slow(tmp_path_factory):
-    server = launch(tmp_path_factory.mktemp("slow"), "--min-data-rate", "100", "--min-data-rate-grace", "1",
+slow = module_server("slow", "--min-data-rate", "100", "--min-data-rate-grace", "1",
                     "--error-sleep", "0")
-    yield server
-    server.stop()
 
 
 def trickle(c: Client, deadline: float = 6.0) -> tuple[float, tuple[int, list[str]]]:

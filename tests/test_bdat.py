@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import Client
-from protocol_support import launch
+from protocol_support import module_server, launch
 from tls_support import ehlo_keywords, messages_of, records_of
 
 MAX_SIZE = 4096
@@ -18,12 +18,8 @@ MESSAGE = (b"From: alice@example.org\r\nTo: bob@example.net\r\nSubject: chunked\
            b"First line.\r\n.leading dot\r\n..two dots\r\n\r\nLast line.\r\n")
 
 
-@pytest.fixture(scope="module")
-def srv(tmp_path_factory):
-    server = launch(tmp_path_factory.mktemp("bdat"), "--max-message-size", str(MAX_SIZE),
+srv = module_server("bdat", "--max-message-size", str(MAX_SIZE),
                     "--error-sleep", "0")
-    yield server
-    server.stop()
 
 
 @pytest.fixture

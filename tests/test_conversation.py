@@ -12,17 +12,13 @@ import smtplib
 import pytest
 
 from conftest import HOSTNAME, wait_for
-from protocol_support import launch, session_hooks, session_messages, session_records
+from protocol_support import module_server, session_hooks, session_messages, session_records
 from prefork_esmtp import __version__
 
 DEFAULT_SIZE = 10 * 1024 * 1024
 
 
-@pytest.fixture(scope="module")
-def srv(tmp_path_factory):
-    server = launch(tmp_path_factory.mktemp("conversation"))
-    yield server
-    server.stop()
+srv = module_server("conversation")
 
 
 @pytest.fixture

@@ -8,21 +8,14 @@ from __future__ import annotations
 import pytest
 
 from conftest import Client
-from tls_support import ehlo_keywords, launch, records_of
+from protocol_support import module_server
+from tls_support import ehlo_keywords, records_of
 
 
-@pytest.fixture(scope="module")
-def dsn_srv(tmp_path_factory):
-    server = launch(tmp_path_factory.mktemp("dsn"), "--error-sleep", "0", handler="recorder:DSNRecorder")
-    yield server
-    server.stop()
+dsn_srv = module_server("dsn", "--error-sleep", "0", handler="recorder:DSNRecorder")
 
 
-@pytest.fixture(scope="module")
-def plain_srv(tmp_path_factory):
-    server = launch(tmp_path_factory.mktemp("nodsn"), "--error-sleep", "0")
-    yield server
-    server.stop()
+plain_srv = module_server("nodsn", "--error-sleep", "0")
 
 
 def connect(srv) -> tuple[Client, list[str]]:

@@ -14,24 +14,16 @@ import struct
 import pytest
 
 from conftest import wait_for
-from protocol_support import (launch, local_port, nothing_arrives, raw_reply, session_hooks,
+from protocol_support import (module_server, local_port, nothing_arrives, raw_reply, session_hooks,
                               session_messages, session_records, stuff)
 
 CHUNKSIZE = 100
 
 
-@pytest.fixture(scope="module")
-def srv(tmp_path_factory):
-    server = launch(tmp_path_factory.mktemp("hooks"))
-    yield server
-    server.stop()
+srv = module_server("hooks")
 
 
-@pytest.fixture(scope="module")
-def small_chunks(tmp_path_factory):
-    server = launch(tmp_path_factory.mktemp("hooks-chunks"), env={"PREFORK_TEST_CHUNKSIZE": str(CHUNKSIZE)})
-    yield server
-    server.stop()
+small_chunks = module_server("hooks-chunks", env={"PREFORK_TEST_CHUNKSIZE": str(CHUNKSIZE)})
 
 
 def ehlo(client_for, server):

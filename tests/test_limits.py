@@ -7,39 +7,26 @@ from __future__ import annotations
 
 import time
 
-import pytest
 
 from conftest import HOSTNAME, wait_for
-from protocol_support import (launch, local_port, nothing_arrives, rss_kib, session_hooks, session_messages,
+from protocol_support import (module_server, local_port, nothing_arrives, rss_kib, session_hooks, session_messages,
                               session_records)
 
 SMALL_SIZE = 2000
 HEADER_LIMIT = 1000
 
 
-@pytest.fixture(scope="module")
-def srv(tmp_path_factory):
-    """Small limits: message size 2000, header size 1000, 100 recipients."""
-    server = launch(tmp_path_factory.mktemp("limits"), "--max-message-size", str(SMALL_SIZE),
+# Small limits: message size 2000, header size 1000, 100 recipients.
+srv = module_server("limits", "--max-message-size", str(SMALL_SIZE),
                     "--max-header-size", str(HEADER_LIMIT), "--max-recipients", "100")
-    yield server
-    server.stop()
 
 
-@pytest.fixture(scope="module")
-def plain(tmp_path_factory):
-    """The default settings."""
-    server = launch(tmp_path_factory.mktemp("limits-default"))
-    yield server
-    server.stop()
+# The default settings.
+plain = module_server("limits-default")
 
 
-@pytest.fixture(scope="module")
-def slow(tmp_path_factory):
-    """A one-second idle timeout."""
-    server = launch(tmp_path_factory.mktemp("limits-timeout"), "--timeout", "1")
-    yield server
-    server.stop()
+# A one-second idle timeout.
+slow = module_server("limits-timeout", "--timeout", "1")
 
 
 def ehlo(client_for, server):

@@ -260,8 +260,8 @@ def test_usr1_while_workers_boot_does_not_kill_them(start_server, tmp_path):
     (tmp_path / "slowimport.py").write_text(
         "import time\ntime.sleep(1.5)\nfrom prefork_esmtp import ESMTPHandler\n"
         "class Handler(ESMTPHandler):\n    pass\n")
-    log_file = tmp_path / "server.log"
-    srv = start_server("--log-file", str(log_file), handler="slowimport:Handler",
+    log_file = tmp_path / "prefork.log"
+    srv = start_server(log_file=log_file, handler="slowimport:Handler",
                        mode=pool_mode(tmp_path, "--workers", "2"), wait=False,
                        env={"PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])})
     wait_for(lambda: len(workers_of(srv.proc.pid)) == 2, 10, message="two workers forked")

@@ -9,17 +9,13 @@ import socket
 
 import pytest
 
-from protocol_support import launch, session_hooks, session_messages
+from protocol_support import module_server, session_hooks, session_messages
 
 REPLY_LINE = re.compile(rb"(\d{3})([ -])([^\r\n]*)\r\n")
 
 
-@pytest.fixture(scope="module")
-def srv(tmp_path_factory):
-    # Batches of hundreds of NOOP/VRFY/HELP: lift the junk-command limit (tested in test_abuse).
-    server = launch(tmp_path_factory.mktemp("pipelining"), "--max-junk-commands", "100000")
-    yield server
-    server.stop()
+# Batches of hundreds of NOOP/VRFY/HELP: lift the junk-command limit (tested in test_abuse).
+srv = module_server("pipelining", "--max-junk-commands", "100000")
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from conftest import Client, Server, wait_for
-from protocol_support import launch
+from protocol_support import module_server
 from reference_models import bare_newlines, find_end_of_data, parse_message, text, unstuff
 
 # Short timeouts so an abandoned session cannot hold the single -X process for
@@ -470,11 +470,7 @@ def test_data_accepts_exactly_what_crlf_dot_crlf_ends(start_server, policy):
     assert_healthy(srv)
 
 
-@pytest.fixture(scope="module")
-def data_srv(tmp_path_factory):
-    server = launch(tmp_path_factory.mktemp("properties"), *BASE_ARGS, "--max-errors", str(MAX_ERRORS_C))
-    yield server
-    server.stop()
+data_srv = module_server("properties", *BASE_ARGS, "--max-errors", str(MAX_ERRORS_C))
 
 
 @pytest.mark.parametrize("stream", [

@@ -15,7 +15,7 @@ import socket
 
 import pytest
 
-from protocol_support import launch, nothing_arrives, session_hooks, session_messages, unstuff
+from protocol_support import module_server, nothing_arrives, session_hooks, session_messages, unstuff
 
 HEAD = b"Subject: smuggle\r\n\r\n"
 SMUGGLED = (b"MAIL FROM:<evil@attacker.example>\r\n"
@@ -44,18 +44,10 @@ VARIANTS = {
 }
 
 
-@pytest.fixture(scope="module")
-def keep(tmp_path_factory):
-    server = launch(tmp_path_factory.mktemp("smuggle-keep"))
-    yield server
-    server.stop()
+keep = module_server("smuggle-keep")
 
 
-@pytest.fixture(scope="module")
-def reject(tmp_path_factory):
-    server = launch(tmp_path_factory.mktemp("smuggle-reject"), "--bare-newline", "reject")
-    yield server
-    server.stop()
+reject = module_server("smuggle-reject", "--bare-newline", "reject")
 
 
 def open_data(client_for, srv):

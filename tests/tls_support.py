@@ -6,14 +6,12 @@ helpers over raw sockets.
 
 from __future__ import annotations
 
-import re
 import ssl
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from conftest import HOSTNAME, RECORDER, Client, Server, messages_from, require_tool, server_env, wait_for
+from conftest import Client, HOSTNAME, Server, launch, messages_from, require_tool, wait_for
 
 __all__ = ["PKI", "make_pki", "make_leaf", "launch", "client_context", "starttls_client",
            "ehlo_keywords", "sid_of", "records_of", "messages_of"]
@@ -72,39 +70,6 @@ def make_pki(directory: Path) -> PKI:
     make_leaf(pki, "cert", f"/CN={HOSTNAME}/O=First")
     make_leaf(pki, "client", "/CN=client.example/O=Client", server=False)
     return pki
-
-
-def launch(directory: Path, *args: str, handler: str = RECORDER, env: dict[str, str] | None = None,
-           mode: tuple[str, ...] = ("-X",), tls_listen: bool = False) -> Server:
-    """Start ``prefork-esmtp start`` (``-X`` unless ``mode`` says otherwise); the caller stops it.
-
-    With ``tls_listen`` an implicit-TLS listener is opened too: its port is ``srv.tls_port``.
-    """
-    directory.mkdir(parents=True, exist_ok=True)
-    n = len(list(directory.glob("server*.log"))) + 1
-    log_path, record_path = directory / f"server{n}.log", directory / f"records{n}.jsonl"
-    environment = server_env({"PREFORK_TEST_RECORD": str(record_path), **(env or {})})
-    cmd = [sys.executable, "-m", "prefork_esmtp", "start", *mode, "--hostname", HOSTNAME,
-           "--listen", "127.0.0.1:0", "--handler", handler, *args]
-    if tls_listen:
-        cmd += ["--tls-listen", "127.0.0.1:0"]
-    with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=environment,
-                                cwd=str(directory))
-    srv = Server(proc, log_path, record_path)
-
-    def ready() -> bool:
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited with {proc.returncode}:\n{srv.log()}")
-        return "serving with" in srv.log() or "ready: generation" in srv.log()
-
-    wait_for(ready, 15, message="the server to be ready")
-    log = srv.log()
-    srv.port = int(re.search(r"listening on 127\.0\.0\.1:(\d+)\n", log).group(1))
-    srv.ports = [srv.port]
-    tls = re.search(r"listening on 127\.0\.0\.1:(\d+) \(implicit TLS\)", log)
-    srv.tls_port = int(tls.group(1)) if tls else 0
-    return srv
 
 
 def client_context(pki: PKI, client_cert: bool = False) -> ssl.SSLContext:
