@@ -97,18 +97,13 @@ def start(config_file: str | None, single: bool, **values: Any) -> None:
     config = load_config(config_file, values)
     setup_logging(config.log_level, config.log_file)
     config_path = os.path.abspath(config_file) if config_file else None
+    ids, tls_context, handler_class = _preflight(config, import_handler=single or config.preload)
     try:
-        ids = privileges.resolve(config.user, config.group)
         if config.pidfile:
             pidfile.check(config.pidfile)
-        tls_context = tls.make_context(config.tls_cert, config.tls_key, config.tls_client_ca)
-        if config.tls_listen and tls_context is None:
-            raise Fatal("tls_listen needs tls_cert and tls_key")
-        handler_class = load_handler(config.handler) if single or config.preload else None
         listeners = bind_all(config.listen)
         tls_listeners = bind_all(config.tls_listen)
-    except (HandlerLoadError, ListenError, privileges.PrivilegeError, pidfile.PidfileError,
-            tls.TLSConfigError) as exc:
+    except (ListenError, pidfile.PidfileError) as exc:
         raise Fatal(str(exc)) from None
     for sock in listeners:
         log.info("listening on %s", describe(sock))
@@ -133,6 +128,19 @@ def start(config_file: str | None, single: bool, **values: Any) -> None:
     if master.fatal:
         raise Fatal(master.fatal)
     sys.exit(status)
+
+
+def _preflight(config: Config, import_handler: bool) -> tuple[Any, Any, type | None]:
+    """What start and configtest both check: (worker uid/gid, TLS context, handler class or None)."""
+    try:
+        ids = privileges.resolve(config.user, config.group)
+        tls_context = tls.make_context(config.tls_cert, config.tls_key, config.tls_client_ca)
+        if config.tls_listen and tls_context is None:
+            raise Fatal("tls_listen needs tls_cert and tls_key")
+        handler_class = load_handler(config.handler) if import_handler else None
+    except (HandlerLoadError, privileges.PrivilegeError, tls.TLSConfigError) as exc:
+        raise Fatal(str(exc)) from None
+    return ids, tls_context, handler_class
 
 
 def _run_single(config: Config, listeners: list, handler_class: type, ids: Any, tls_context: Any,
@@ -318,12 +326,7 @@ def _duration(seconds: float) -> str:
 def configtest(config_file: str | None, **values: Any) -> None:
     """Check the configuration and import the handler (like apachectl -t)."""
     config = load_config(config_file, values)
-    try:
-        privileges.resolve(config.user, config.group)
-        tls.make_context(config.tls_cert, config.tls_key, config.tls_client_ca)
-        handler_class = load_handler(config.handler)
-    except (HandlerLoadError, privileges.PrivilegeError, tls.TLSConfigError) as exc:
-        raise Fatal(str(exc)) from None
+    _, _, handler_class = _preflight(config, import_handler=True)
     click.echo(f"configuration OK: handler {handler_class.__module__}:{handler_class.__qualname__}, "
                f"listen {', '.join(str(a) for a in config.listen)}")
 

@@ -45,13 +45,7 @@ class MessageIntake:
                 self.problem = R.BARE_NEWLINE
                 return
             self.prev_cr = piece.endswith(b"\r")
-        try:
-            self.parser.feed(piece)
-        except HeaderTooLong:
-            self.problem = R.HEADER_TOO_BIG
-        except Exception:
-            log.exception("message hook raised (client %s)", self.who)
-            self.problem = R.HOOK_FAILED
+        self._parse(self.parser.feed, piece)
 
     def finish(self) -> R.Reply | None:
         """The message is complete: flush the parser; return the problem, if any."""
@@ -59,11 +53,15 @@ class MessageIntake:
             if self.reject_bare and self.prev_cr:
                 self.problem = R.BARE_NEWLINE
             else:
-                try:
-                    self.parser.finish()
-                except HeaderTooLong:
-                    self.problem = R.HEADER_TOO_BIG
-                except Exception:
-                    log.exception("message hook raised (client %s)", self.who)
-                    self.problem = R.HOOK_FAILED
+                self._parse(self.parser.finish)
         return self.problem
+
+    def _parse(self, step: Any, *args: bytes) -> None:
+        """Run a parser step (which calls hooks); a failure becomes the problem."""
+        try:
+            step(*args)
+        except HeaderTooLong:
+            self.problem = R.HEADER_TOO_BIG
+        except Exception:
+            log.exception("message hook raised (client %s)", self.who)
+            self.problem = R.HOOK_FAILED

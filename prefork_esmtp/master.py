@@ -92,7 +92,8 @@ class Master:
         self.spawn_rate = 1
         self.last_adapt = 0.0
         self.booted = False  # some worker of the first generation has booted
-        self.reloading: tuple[int, Config, Any] | None = None  # (old generation, old config, old handler)
+        # while a reload is under way: what to go back to if the new generation cannot boot
+        self.reloading: tuple[int, Config, Any, Any, Any] | None = None  # generation, config, handler, TLS, ids
         self.stop_deadline: float | None = None
         self.exit_status: int | None = None
         self.fatal = ""
@@ -129,7 +130,7 @@ class Master:
             handler_class = self.handler_class
             if config.preload:
                 handler_class = load_handler(config.handler, fresh=True)
-            privileges.resolve(config.user, config.group)
+            ids = privileges.resolve(config.user, config.group)
             tls_context = tls.make_context(config.tls_cert, config.tls_key, config.tls_client_ca)
         except Exception as exc:  # SettingError, Fatal, HandlerLoadError, PrivilegeError
             self._reload_failed(str(exc))
@@ -144,9 +145,8 @@ class Master:
             log.warning("reload: no TLS certificate any more; TLS listeners keep the old one")
             tls_context = self.tls_context
         logs.setup(config.log_level, config.log_file)
-        self.reloading = (self.generation, self.config, self.handler_class, self.tls_context)
-        self.config, self.handler_class, self.tls_context = config, handler_class, tls_context
-        self.ids = privileges.resolve(config.user, config.group)
+        self.reloading = (self.generation, self.config, self.handler_class, self.tls_context, self.ids)
+        self.config, self.handler_class, self.tls_context, self.ids = config, handler_class, tls_context, ids
         self.generation += 1
         self.boot_failures, self.spawn_paused_until = 0, 0.0  # an operator's reload: try at once
         if not self.adaptive:
@@ -174,10 +174,10 @@ class Master:
     def handle_ttin(self) -> None:
         """One worker more."""
         if self.adaptive:
-            self.max_workers = min(self.max_workers + 1, self.scoreboard.nslots // 2)
+            self.max_workers = self._capped(self.max_workers + 1)
             log.info("TTIN: max workers now %d", self.max_workers)
         else:
-            self.target = min(self.target + 1, self.scoreboard.nslots // 2)
+            self.target = self._capped(self.target + 1)
             log.info("TTIN: workers now %d", self.target)
 
     def handle_ttou(self) -> None:
@@ -526,7 +526,7 @@ class Master:
         self._publish()
 
     def _abort_reload(self, message: str) -> None:
-        old_generation, old_config, old_handler, self.tls_context = self.reloading
+        old_generation, old_config, old_handler, self.tls_context, self.ids = self.reloading
         for child in list(self.children.values()):
             if child.generation == self.generation:
                 child.retiring = True
@@ -535,7 +535,6 @@ class Master:
                 except ProcessLookupError:
                     pass
         self.generation, self.config, self.handler_class = old_generation, old_config, old_handler
-        self.ids = privileges.resolve(old_config.user, old_config.group)
         self.reloading = None
         self._reload_failed(message)
 

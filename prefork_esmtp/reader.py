@@ -14,13 +14,9 @@ import time
 from collections.abc import Callable, Iterator
 
 from prefork_esmtp.dotdata import DotDecoder
-from prefork_esmtp.writer import ReplyWriter
+from prefork_esmtp.writer import ClientGone, ReplyWriter
 
 RECV_SIZE = 65536
-
-
-class ClientGone(Exception):
-    """The client closed the connection or it broke."""
 
 
 class ReadTimeout(Exception):

@@ -18,6 +18,11 @@ class Reply(NamedTuple):
     enhanced: str
     text: str
 
+    @property
+    def line(self) -> str:
+        """The reply's text with its enhanced status code in front, as one reply line."""
+        return f"{self.enhanced} {self.text}" if self.enhanced else self.text
+
     def format(self, *args: Any) -> "Reply":
         """The same reply with ``%``-style arguments put into its text."""
         return self._replace(text=self.text % args)

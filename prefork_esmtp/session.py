@@ -23,9 +23,9 @@ from prefork_esmtp.addresses import AddressError, parse_path_argument
 from prefork_esmtp.dotdata import DotDecoder
 from prefork_esmtp.handler import ESMTPHandler
 from prefork_esmtp.intake import MessageIntake
-from prefork_esmtp.reader import ClientGone, DataTooSlow, LineTooLong, Reader, ReadTimeout, StopSession
+from prefork_esmtp.reader import DataTooSlow, LineTooLong, Reader, ReadTimeout, StopSession
 from prefork_esmtp.settings import Config
-from prefork_esmtp.writer import ReplyWriter
+from prefork_esmtp.writer import ClientGone, ReplyWriter
 
 log = logging.getLogger("prefork_esmtp.session")
 
@@ -44,6 +44,15 @@ BEFORE_TLS = frozenset({"EHLO", "NOOP", "STARTTLS", "QUIT"})
 
 class AuthCancelled(Exception):
     """The client answered an AUTH challenge with ``*``."""
+
+
+def _bdat_arguments(arg: str) -> tuple[int, bool] | None:
+    """``size [LAST]`` of a BDAT command as (size, last), or None when malformed."""
+    parts = arg.split()
+    if not 1 <= len(parts) <= 2 or not (parts[0].isascii() and parts[0].isdigit()) \
+            or len(parts[0]) > 18 or (len(parts) == 2 and parts[1].upper() != "LAST"):
+        return None
+    return int(parts[0]), len(parts) == 2
 
 
 def _peer_tuple(address: Any) -> tuple[str, int] | None:
@@ -145,7 +154,7 @@ class Session:
         inside a transaction) the session goes on and answers 421 at the first
         command after the transaction.
         """
-        if self.reader.waiting and self.handler.env_sender is None:
+        if self.reader.waiting and self._stop_now():
             raise StopSession()
 
     def _stop_now(self) -> bool:
@@ -173,7 +182,7 @@ class Session:
                     if not data:
                         break
                     drained += len(data)
-        except (OSError, ValueError):
+        except (OSError, ValueError, ClientGone):
             pass
         try:
             self.handler.DISCONNECT()
@@ -207,8 +216,7 @@ class Session:
 
     def _send(self, reply: R.Reply, verb: str = "", count: bool = True) -> None:
         """Send one of the engine's own replies."""
-        line = f"{reply.enhanced} {reply.text}" if reply.enhanced else reply.text
-        self._write(reply.code, [line], verb)
+        self._write(reply.code, [reply.line], verb)
         self._after_reply(reply.code, count)
 
     def _after_reply(self, code: int, count: bool = True) -> None:
@@ -240,8 +248,7 @@ class Session:
             log.error("%s hook returned a bad reply: %s", hook, exc)
         except Exception:
             log.exception("%s hook raised (client %s)", hook, self._who())
-        failed = R.HOOK_FAILED
-        return failed.code, [f"{failed.enhanced} {failed.text}"], True
+        return R.HOOK_FAILED.code, [R.HOOK_FAILED.line], True
 
     def _reply_hook(self, hook: str, *args: Any) -> int:
         """Call a hook, send its reply, return its code.
@@ -264,7 +271,6 @@ class Session:
         h.rcpt_params = {}
         h.recipients_params = []
         self.intake = None
-        self.bdat_used = False
 
     def _open(self) -> bool:
         """Before the greeting: implicit TLS, the per-IP limit (a client that talks first: _greet)."""
@@ -360,9 +366,9 @@ class Session:
         taken as commands.  A BDAT whose size cannot be read ends the session.
         """
         if line[:5].upper() == b"BDAT ":
-            parts = line[5:].split()
-            if parts and parts[0].isdigit() and len(parts[0]) <= 18:
-                self._discard(int(parts[0]))
+            chunk = _bdat_arguments(line[5:].decode("ascii", "replace"))
+            if chunk is not None:
+                self._discard(chunk[0])
             else:
                 self.closing = True
         self._send(reply, line[:4].decode("ascii", "replace").upper())
@@ -444,10 +450,7 @@ class Session:
         elif self.tls_context is None:
             self._send(R.TLS_UNAVAILABLE, "STARTTLS")
         elif self._reply_hook("STARTTLS") == 220 and not self.closing:
-            try:
-                self.writer.flush()
-            except OSError as exc:
-                raise ClientGone(str(exc)) from None
+            self.writer.flush()
             if not self._start_tls():
                 return
             h = self.handler  # RFC 3207 4.2: forget everything said before TLS
@@ -537,9 +540,9 @@ class Session:
             self._send(R.AUTH_TEMPFAIL, "AUTH", count=False)
             return
         if result is True:
-            code, lines = R.AUTH_OK.code, [f"{R.AUTH_OK.enhanced} {R.AUTH_OK.text}"]
+            code, lines = R.AUTH_OK.code, [R.AUTH_OK.line]
         elif result is False or result is None:
-            code, lines = R.AUTH_FAILED.code, [f"{R.AUTH_FAILED.enhanced} {R.AUTH_FAILED.text}"]
+            code, lines = R.AUTH_FAILED.code, [R.AUTH_FAILED.line]
         else:
             try:
                 code, lines = R.normalize(result)
@@ -632,7 +635,7 @@ class Session:
         if not self._no_args("DATA", arg):
             return
         problem = self._transaction_problem()
-        if problem is None and self.bdat_used:
+        if problem is None and self.intake is not None:  # BDAT chunks already came
             problem = R.DATA_AFTER_BDAT
         if problem is None and (self.handler.mail_params.get("BODY") or "").upper() == "BINARYMIME":
             problem = R.BINARYMIME_NEEDS_BDAT
@@ -652,13 +655,12 @@ class Session:
         self._end_message(intake)
 
     def smtp_BDAT(self, arg: str) -> None:
-        parts = arg.split()
-        if not 1 <= len(parts) <= 2 or not parts[0].isdigit() or len(parts[0]) > 18 or (
-                len(parts) == 2 and parts[1].upper() != "LAST"):
+        chunk = _bdat_arguments(arg)
+        if chunk is None:
             self._send(R.SYNTAX_BDAT, "BDAT")
             self.closing = True  # the chunk's size is unknown: we cannot stay in sync
             return
-        size, last = int(parts[0]), len(parts) == 2
+        size, last = chunk
         problem = None
         if self.intake is None:
             problem = self._transaction_problem()
@@ -670,7 +672,6 @@ class Session:
                     self._after_reply(code, count=not failed)
                     return
                 self.intake = self._new_intake(check_newlines=False)
-                self.bdat_used = True
         if problem is not None:
             self._discard(size)
             self._send(problem, "BDAT")
@@ -682,10 +683,8 @@ class Session:
                 intake.feed(piece)
         finally:
             self.reader.stop_rate()
-        if intake.problem is not None and not last:
-            # RFC 3030 4.2: the transaction has failed; later chunks get 503 until MAIL again.
-            self._end_message(intake)
-        elif last:
+        if last or intake.problem is not None:
+            # After a failed chunk (RFC 3030 4.2) the transaction is over: later chunks get 503.
             self._end_message(intake)
         else:
             self._send(R.CHUNK_OK.format(size), "BDAT")
@@ -698,7 +697,7 @@ class Session:
     def _end_message(self, intake: MessageIntake) -> None:
         """Answer for a complete message: the problem's reply, or EOM's."""
         h = self.handler
-        problem = intake.finish() if intake.problem is None else intake.problem
+        problem = intake.finish()
         h.chunkmode = False
         if problem is not None:
             log.info("message from %s refused: %d %s", self._who(), problem.code, problem.text)

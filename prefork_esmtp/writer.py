@@ -10,6 +10,10 @@ from __future__ import annotations
 import socket
 
 
+class ClientGone(Exception):
+    """The client closed the connection or it broke (while we read or wrote)."""
+
+
 class ReplyWriter:
     """Buffers bytes for one client socket and sends them in one go on flush."""
 
@@ -30,5 +34,8 @@ class ReplyWriter:
             return
         data = self.pending[0] if len(self.pending) == 1 else b"".join(self.pending)
         self.pending.clear()
-        self.sock.sendall(data)
+        try:
+            self.sock.sendall(data)
+        except OSError as exc:  # reset, broken pipe, send timeout, TLS error
+            raise ClientGone(str(exc)) from None
         self.sent += len(data)

@@ -244,6 +244,12 @@ def test_configtest_fails_on_an_unimportable_handler(tmp_path):
     assert "cannot import handler module 'nosuchmodule'" in line, line
 
 
+def test_configtest_checks_what_start_checks_tls_listen_needs_a_certificate(tmp_path):
+    for command in ("configtest", "start"):
+        line = one_error_line(cli(command, "--tls-listen", "127.0.0.1:0", "--handler", RECORDER))
+        assert line == "prefork-esmtp: error: tls_listen needs tls_cert and tls_key", (command, line)
+
+
 # -- --daemon ------------------------------------------------------------------------------------
 
 def test_daemon_detaches_serves_and_stops(tmp_path, strays):
