@@ -13,7 +13,7 @@ import pytest
 
 from conftest import HOSTNAME, Client, wait_for
 from test_tls import require_swaks_tls
-from tls_support import (client_context, ehlo_keywords, launch, make_pki, messages_of, records_of,
+from tls_support import (pki, client_context, ehlo_keywords, launch, messages_of, records_of,  # noqa: F401 (pki is a fixture)
                          starttls_client)
 
 AUTH_HANDLER = "recorder:AuthRecorder"
@@ -27,11 +27,6 @@ def b64(data: str | bytes) -> str:
 
 def plain(user: str, password: str, authzid: str = "") -> str:
     return b64(f"{authzid}\0{user}\0{password}")
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture(scope="module")

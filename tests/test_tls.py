@@ -18,14 +18,9 @@ import warnings
 import pytest
 
 from conftest import HOSTNAME, ROOT, Client, require_tool, server_env, wait_for
-from tls_support import client_context, ehlo_keywords, launch, make_leaf, make_pki, records_of
+from tls_support import pki, client_context, ehlo_keywords, launch, make_leaf, records_of  # noqa: F401 (pki is a fixture)
 
 MESSAGE = b"Subject: over TLS\r\nFrom: a@example.org\r\n\r\nSecret body.\r\n"
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture(scope="module")

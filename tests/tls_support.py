@@ -11,6 +11,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
 from conftest import Client, HOSTNAME, Server, launch, messages_from, require_tool, wait_for
 
 __all__ = ["PKI", "make_pki", "make_leaf", "launch", "client_context", "starttls_client",
@@ -71,6 +73,12 @@ def make_pki(directory: Path) -> PKI:
     make_leaf(pki, "client", "/CN=client.example/O=Client", server=False)
     return pki
 
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> PKI:
+    """Certificates for one test module (import this fixture from tls_support)."""
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 def client_context(pki: PKI, client_cert: bool = False) -> ssl.SSLContext:
     """A verifying client context that trusts only the test CA."""
