@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from dataclasses import dataclass, field
 
 MECHANISMS = ("PLAIN", "LOGIN")
@@ -18,14 +19,24 @@ LOGIN_USERNAME = "VXNlcm5hbWU6"
 LOGIN_PASSWORD = "UGFzc3dvcmQ6"
 
 
+#: RFC 4954 section 4: groups of four base64 characters, padding only in the last group.
+_BASE64 = re.compile(r"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?")
+
+
 class SASLError(ValueError):
     """A client response that is not valid for the mechanism."""
 
 
 def b64decode(text: str) -> bytes:
-    """Strict base64 (RFC 4954: ``=`` alone is an empty response)."""
+    """Strict base64 (RFC 4954: ``=`` alone is an empty response).
+
+    The standard library accepts surplus padding after a complete group
+    (``QUJD==``); the RFC's grammar does not, so neither do we.
+    """
     if text == "=":
         return b""
+    if not _BASE64.fullmatch(text):
+        raise SASLError("bad base64")
     try:
         return base64.b64decode(text.encode("ascii"), validate=True)
     except (binascii.Error, UnicodeEncodeError):

@@ -206,6 +206,8 @@ def test_star_cancels_with_501(srv, tc):
     ["AUTH LOGIN", "YWxpY2U"],  # base64 with its padding missing
     ["AUTH LOGIN", b64("alice"), "s3cret"],  # the password not encoded
     ["AUTH PLAIN " + b64("alice s3cret")],  # base64 fine, but not authzid NUL authcid NUL password
+    ["AUTH LOGIN", b64("abc") + "=="],  # surplus padding after a complete group (RFC 4954 4)
+    ["AUTH PLAIN " + plain("alice", PASSWORD) + "===="],  # a whole group of padding
 ])
 def test_bad_base64_or_response_501(srv, tc, exchange):
     for line in exchange[:-1]:
@@ -339,3 +341,18 @@ def test_passwords_never_in_logs(start_server, client_for):
     for user, password in attempts:
         for form in (password, b64(password), plain(user, password)):
             assert form not in log, f"{form!r} appears in the server log"
+
+
+@pytest.mark.parametrize("text,ok", [
+    ("QUJD", True), ("QUI=", True), ("QQ==", True), ("", True), ("=", True),
+    ("QUJD=", False), ("QUJD==", False), ("QQ=", False), ("QQ===", False), ("QQ==QQ==", False),
+    ("QU JD", False), ("QUJ", False),
+])
+def test_b64decode_follows_rfc4954_grammar(text, ok):
+    from prefork_esmtp import sasl
+
+    if ok:
+        sasl.b64decode(text)
+    else:
+        with pytest.raises(sasl.SASLError):
+            sasl.b64decode(text)
