@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 from prefork_esmtp.handler import ESMTPHandler
@@ -30,6 +31,8 @@ def load_handler(spec: str, fresh: bool = False) -> type[ESMTPHandler]:
         module = importlib.import_module(module_name)
     except Exception as exc:  # any error in the handler's module: import, syntax, runtime
         reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        if isinstance(exc, ModuleNotFoundError):
+            reason += _unreadable_path_note()
         raise HandlerLoadError(f"cannot import handler module {module_name!r}: {reason}") from None
     try:
         cls = getattr(module, class_name)
@@ -38,3 +41,27 @@ def load_handler(spec: str, fresh: bool = False) -> type[ESMTPHandler]:
     if not (isinstance(cls, type) and issubclass(cls, ESMTPHandler)):
         raise HandlerLoadError(f"{spec} is not a subclass of prefork_esmtp.ESMTPHandler")
     return cls
+
+
+def _unreadable_path_note() -> str:
+    """Name the import directories this process cannot enter (a worker after a privilege drop).
+
+    Without it an operator sees only "No module named ..." for a handler that
+    is plainly on disk, but in a directory the worker's user cannot read.
+    """
+    blocked = []
+    for entry in sys.path:
+        path = os.path.abspath(entry or ".")
+        try:
+            os.stat(path)
+        except PermissionError:
+            blocked.append(path)
+            continue
+        except OSError:
+            continue
+        if os.path.isdir(path) and not os.access(path, os.R_OK | os.X_OK):
+            blocked.append(path)
+    if not blocked:
+        return ""
+    return (f" (the worker runs as uid {os.geteuid()}, which cannot read "
+            f"{', '.join(blocked[:3])}: make the handler's directory readable by that user)")

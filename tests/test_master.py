@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import pwd
 import re
+import shutil
 import signal
 import smtplib
 import socket
@@ -21,7 +22,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import wait_for
+from conftest import launch, server_env, wait_for
 from master_support import pool_mode, pool_pids, processes, strays, title, wait_gone, wait_pool, workers_of  # noqa: F401
 
 
@@ -141,6 +142,17 @@ def world_writable_dir() -> Path:
     return path
 
 
+def readable_handler_env(records: Path) -> dict[str, str]:
+    """PYTHONPATH with a copy of the test handler where a dropped worker can read it.
+
+    The checkout may live in a directory other users cannot enter (a 0700 temporary
+    directory); workers running as ``nobody`` import the handler after the drop.
+    """
+    shutil.copy(Path(__file__).with_name("recorder.py"), records / "recorder.py")
+    (records / "recorder.py").chmod(0o644)
+    return {"PYTHONPATH": os.pathsep.join([str(records), server_env()["PYTHONPATH"]])}
+
+
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="privilege drop needs root")
 
 
@@ -149,7 +161,7 @@ def test_master_killed_leaves_no_worker_after_privilege_drop(start_server, clien
     """Changing uid clears the parent-death signal; the workers must still go with the master."""
     records = world_writable_dir()
     srv = start_server("--timeout", "60", "--user", "nobody", mode=pool_mode(tmp_path, "--workers", "3"),
-                       env={"PREFORK_TEST_RECORD": str(records / "records.jsonl")})
+                       env={"PREFORK_TEST_RECORD": str(records / "records.jsonl"), **readable_handler_env(records)})
     client = client_for(srv)
     assert client.cmd("EHLO client.example")[0] == 250
     _kill_master_and_check_workers_go(srv, client, strays)
@@ -161,7 +173,7 @@ def test_workers_drop_privileges_and_master_stays_root(start_server, tmp_path):
     records = world_writable_dir()
     record_file = records / "records.jsonl"
     srv = start_server("--user", "nobody", mode=pool_mode(tmp_path, "--workers", "2"),
-                       env={"PREFORK_TEST_RECORD": str(record_file)})
+                       env={"PREFORK_TEST_RECORD": str(record_file), **readable_handler_env(records)})
     pids = wait_pool(srv, 2)
     master = psutil.Process(srv.proc.pid)
     assert master.uids().real == 0 and master.uids().effective == 0
@@ -174,6 +186,24 @@ def test_workers_drop_privileges_and_master_stays_root(start_server, tmp_path):
     # the handler ran as nobody: the file it created is nobody's
     assert record_file.stat().st_uid == nobody.pw_uid
     assert stat.S_IMODE(records.stat().st_mode) == 0o777
+
+
+@needs_root
+def test_handler_unreadable_by_worker_user_is_named(tmp_path):
+    """A handler in a directory the dropped user cannot enter: the error says so."""
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    (private / "privhandler.py").write_text("from prefork_esmtp import ESMTPHandler\n"
+                                            "class H(ESMTPHandler):\n    pass\n")
+    srv = launch(tmp_path, "--user", "nobody", handler="privhandler:H", wait=False,
+                 mode=pool_mode(tmp_path, "--workers", "1"),
+                 env={"PYTHONPATH": os.pathsep.join([str(private), server_env()["PYTHONPATH"]])})
+    try:
+        assert srv.proc.wait(30) != 0
+    finally:
+        srv.stop()
+    log = srv.log()
+    assert "No module named 'privhandler'" in log and "cannot read" in log and str(private) in log, log
 
 
 # -- adaptive pool -------------------------------------------------------------------------------
