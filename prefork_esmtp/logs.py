@@ -25,11 +25,14 @@ def setup(level: str, path: str | None) -> None:
 
 
 def reopen() -> None:
-    """Reopen the log file (after logrotate moved it away)."""
+    """Reopen the log file (after logrotate moved it away).
+
+    ``setStream`` is the handler's public way to swap streams (it flushes the
+    old one under the handler's lock); no stat of the file on every record,
+    as ``WatchedFileHandler`` would do.
+    """
     if isinstance(_handler, logging.FileHandler):
-        _handler.acquire()
-        try:
-            _handler.close()
-            _handler.stream = _handler._open()
-        finally:
-            _handler.release()
+        stream = open(_handler.baseFilename, _handler.mode, encoding=_handler.encoding)
+        old = _handler.setStream(stream)
+        if old is not None:
+            old.close()
