@@ -18,8 +18,8 @@ CPU time of the server's whole process tree (psutil, before and after; the
 times of reaped children are included).  It reports median messages/s (MB/s
 for ``big``), CPU microseconds per message, the median USS of prefork-esmtp's
 workers, the median idle worker USS of a fresh server after 2,000 sessions,
-ratios of prefork-esmtp to each peer and pass/fail against the targets of
-issue 3.  It then measures the accept herd (``--accept-mode exclusive`` against
+ratios of prefork-esmtp to each peer and pass/fail against the targets
+(``RATIO_TARGETS``).  It then measures the accept herd (``--accept-mode exclusive`` against
 ``shared``): messages/s, and with ``perf stat`` on the workers the accept4()
 calls, failed accepts, epoll_wait() returns and context switches per
 connection.  Everything goes into ``benchmarks/RESULTS.md``; the section that
@@ -63,7 +63,7 @@ MIB = 1024 * 1024
 PROFILE_BEGIN = "<!-- profile:begin -->"
 PROFILE_END = "<!-- profile:end -->"
 
-#: Targets of issue 3 ("Benchmark"): (workload, peer, minimum ratio prefork/peer).
+#: The throughput targets: (workload, peer, minimum ratio prefork/peer).
 RATIO_TARGETS = [
     ("conn", "aiosmtpd", 2.0),
     ("conn", "haraka", 1.5),
@@ -710,7 +710,7 @@ def render(args: argparse.Namespace, workloads: list[Workload], servers: list[Se
     w("")
 
     # targets
-    w("## Targets (issue 3)")
+    w("## Targets")
     w("")
     w("| target | measured | result |")
     w("|---|---|---|")

@@ -1,4 +1,4 @@
-"""ESMTPHandler: the seed's hooks (Apache2::Protocol::ESMTP) and their defaults.
+"""ESMTPHandler: the hooks of Apache2::Protocol::ESMTP and their defaults.
 
 Subclass it and override the hooks you care about.  One instance serves one
 connection, so instance attributes are the session.  Every hook but HEADER,
@@ -17,7 +17,7 @@ Reply = tuple[Any, ...]
 class ESMTPHandler:
     """The base class: carries on a whole ESMTP conversation, accepts and discards mail.
 
-    Properties (the seed's): ``input_handle`` and ``output_handle`` (the
+    Properties (those of Apache2::Protocol::ESMTP): ``input_handle`` and ``output_handle`` (the
     session's reader and reply writer), ``chunkmode`` (line mode first, chunk
     mode after EOH, line mode again after EOM), ``chunksize`` (largest BODY
     chunk in chunk mode), ``disconnect`` (close once the current reply is sent).
@@ -144,7 +144,7 @@ class ESMTPHandler:
         return 221, "Closing connection"
 
     def STARTTLS(self) -> Reply:
-        """STARTTLS, when TLS is configured (an addition to the seed).
+        """STARTTLS, when TLS is configured (not in Apache2::Protocol::ESMTP).
 
         220 starts the handshake; any other reply refuses it.  After the
         handshake ``self.tls`` holds the TLS facts and the session starts
@@ -153,7 +153,7 @@ class ESMTPHandler:
         return 220, "Ready to start TLS"
 
     def AUTH(self, mechanism: str, username: str, password: str, authzid: str) -> Any:
-        """Check credentials from AUTH PLAIN or LOGIN (an addition to the seed).
+        """Check credentials from AUTH PLAIN or LOGIN (not in Apache2::Protocol::ESMTP).
 
         Return True to accept (235), False to refuse (535 5.7.8), or a reply
         ``(code, *messages)`` (2xx accepts).  The engine offers AUTH only
@@ -163,4 +163,4 @@ class ESMTPHandler:
         return False
 
     def DISCONNECT(self) -> None:
-        """The connection is gone, whatever the reason (an addition to the seed): clean up here."""
+        """The connection is gone, whatever the reason (not in Apache2::Protocol::ESMTP): clean up here."""

@@ -1,4 +1,4 @@
-"""Abuse defences (issue 4): bare LF in commands, unauthenticated pipelining and
+"""Abuse defences: bare LF in commands, unauthenticated pipelining and
 talking before the greeting, slowloris (minimum data rate), junk-command floods,
 the per-IP session limit across workers, and error-sleep past the soft error
 limit.  Each defence triggers, and the server keeps serving other clients.

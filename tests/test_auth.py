@@ -1,4 +1,4 @@
-"""AUTH (RFC 4954) with PLAIN (RFC 4616) and LOGIN, issue 4: swaks, smtplib and raw
+"""AUTH (RFC 4954) with PLAIN (RFC 4616) and LOGIN: swaks, smtplib and raw
 sockets; every failure code; passwords never logged.  The handler is
 recorder:AuthRecorder, whose AUTH hook accepts alice/s3cret only.
 """

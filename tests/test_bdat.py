@@ -1,4 +1,4 @@
-"""CHUNKING and BINARYMIME (RFC 3030), issue 4, by raw socket: exact octet counts,
+"""CHUNKING and BINARYMIME (RFC 3030) by raw socket: exact octet counts,
 no dot handling, 250 per chunk, pipelined chunks, limits across chunks, and the
 handler seeing the same HEADER/EOH/BODY/EOM as with DATA.
 """

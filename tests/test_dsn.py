@@ -1,4 +1,4 @@
-"""DSN parameters (RFC 3461), issue 4: MAIL RET/ENVID and RCPT NOTIFY/ORCPT are
+"""DSN parameters (RFC 3461): MAIL RET/ENVID and RCPT NOTIFY/ORCPT are
 parsed, validated (bad values 501, not 555) and handed to the handler; DSN is
 advertised only when the handler says it supports DSN (recorder:DSNRecorder).
 """

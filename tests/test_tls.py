@@ -1,4 +1,4 @@
-"""TLS (issue 4): STARTTLS (RFC 3207) and implicit TLS (RFC 8314) with real
+"""TLS: STARTTLS (RFC 3207) and implicit TLS (RFC 8314) with real
 certificates made at test time, driven by smtplib, ``openssl s_client``,
 ``swaks --tls``, ``curl smtps://`` and raw sockets for exact bytes.
 """
