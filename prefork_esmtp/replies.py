@@ -31,6 +31,7 @@ class Reply(NamedTuple):
 # The engine's own replies.  Names say when each is used.
 SYNTAX_HELO = Reply(501, "5.5.4", "Syntax: HELO hostname")
 SYNTAX_EHLO = Reply(501, "5.5.4", "Syntax: EHLO hostname")
+HELO_CONTROL = Reply(501, "5.5.2", "Error: the HELO/EHLO name contains a control character")
 SYNTAX_NOARGS = Reply(501, "5.5.4", "Syntax: %s")
 SYNTAX_VRFY = Reply(501, "5.5.4", "Syntax: VRFY address")
 SYNTAX_EXPN = Reply(501, "5.5.4", "Syntax: EXPN mailing-list")

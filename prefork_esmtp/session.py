@@ -29,8 +29,10 @@ from prefork_esmtp.writer import ClientGone, ReplyWriter
 
 log = logging.getLogger("prefork_esmtp.session")
 
-#: Seconds and octets a closing session waits for the client to go (lingering close).
-LINGER_SECONDS = 1.0
+#: A closing session reads what the client still sends for at most this long in all
+#: (Apache: 2 s), each read waiting at most LINGER_READ_SECONDS, and at most this many octets.
+LINGER_SECONDS = 2.0
+LINGER_READ_SECONDS = 1.0
 LINGER_OCTETS = 1 << 20
 #: RFC 4954: an AUTH line (command or response) may be 12288 octets long.
 AUTH_LINE_LIMIT = 12288
@@ -175,9 +177,13 @@ class Session:
                 self._tls_close_notify()
             self.sock.shutdown(socket.SHUT_WR)
             if linger:
-                self.sock.settimeout(LINGER_SECONDS)
+                deadline = time.monotonic() + LINGER_SECONDS
                 drained = 0
                 while drained < LINGER_OCTETS:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break  # a client dripping bytes must not hold the worker
+                    self.sock.settimeout(min(left, LINGER_READ_SECONDS))
                     data = self.sock.recv(65536)
                     if not data:
                         break
@@ -401,6 +407,10 @@ class Session:
     def _greeting(self, verb: str, arg: str) -> None:
         if not arg:
             self._send(R.SYNTAX_HELO if verb == "HELO" else R.SYNTAX_EHLO, verb)
+            return
+        if not arg.isprintable():
+            # ESC, BEL, DEL...: the name ends up in Received lines and logs
+            self._send(R.HELO_CONTROL, verb)
             return
         h = self.handler
         previous = (h.client, h.esmtp)
