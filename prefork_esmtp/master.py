@@ -27,6 +27,7 @@ from setproctitle import setproctitle
 from prefork_esmtp import logs, pidfile, privileges, tls
 from prefork_esmtp.listeners import describe
 from prefork_esmtp.loader import HandlerLoadError, load_handler
+from prefork_esmtp.pool import adaptive_step, max_spare_default
 from prefork_esmtp.scoreboard import BUSY, IDLE, STARTING, Scoreboard
 from prefork_esmtp.settings import Config
 from prefork_esmtp.worker import Worker
@@ -35,13 +36,13 @@ log = logging.getLogger("prefork_esmtp.master")
 
 #: A worker exits with this status when it cannot boot (handler import failed).
 BOOT_ERROR = 3
-#: Apache's cap on the adaptive pool's doubling spawn rate.
-MAX_SPAWN_RATE = 32
 #: Seconds INT/QUIT give workers before SIGKILL.
 FAST_STOP_SECONDS = 2.0
 
 SIGNALS = {signal.SIGHUP: "hup", signal.SIGTERM: "term", signal.SIGINT: "int", signal.SIGQUIT: "quit",
            signal.SIGTTIN: "ttin", signal.SIGTTOU: "ttou", signal.SIGUSR1: "usr1", signal.SIGCHLD: "chld"}
+#: Signals whose every delivery counts; the others coalesce while one of their kind waits.
+COUNTED_SIGNALS = frozenset({signal.SIGTTIN, signal.SIGTTOU})
 
 
 @dataclass
@@ -112,7 +113,10 @@ class Master:
             signal.signal(sig, self._queue_signal)
 
     def _queue_signal(self, signum: int, frame: Any) -> None:
-        if len(self.queue) < 16:
+        # Coalesced: a signal already waiting is not queued twice, and no kind is ever
+        # dropped (a burst of CHLD from recycling workers must not hide a TERM).
+        # TTIN/TTOU each count (two TTINs: two workers more), up to a bound.
+        if signum not in self.queue or (signum in COUNTED_SIGNALS and self.queue.count(signum) < 64):
             self.queue.append(signum)
         try:
             os.write(self.wake_w, b".")
@@ -285,13 +289,20 @@ class Master:
         # Claimed before the fork: a worker that boots fast must not have its first report
         # overwritten by the master's bookkeeping (status showed busy workers as "starting").
         self.scoreboard.claim(slot, 0, self.generation)
+        # Signals stay blocked across the fork until the child has its own handlers: a TERM
+        # that lands in between is then delivered to the worker's handler, not lost in a
+        # copy of the master's queue.
+        signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
         try:
             pid = os.fork()
         except OSError as exc:  # EAGAIN (process limit), ENOMEM: keep serving, retry next turn
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
             self.scoreboard.release(slot)
             log.error("cannot fork a worker: %s", exc)
             self.spawn_paused_until = time.monotonic() + 1.0
             return
+        if pid != 0:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
         if pid == 0:
             status = 1
             try:
@@ -315,6 +326,7 @@ class Master:
         retire_early: list[bool] = []
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)
         signal.signal(signal.SIGHUP, lambda s, f: retire_early.append(True))
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)  # blocked by spawn() across the fork
         os.close(self.wake_r)
         os.close(self.error_r)
         _die_with_parent(self.pid)
@@ -415,6 +427,16 @@ class Master:
             log.error("worker %d could not boot: %s; no new workers for %.0fs (fix the handler, then reload)",
                       child.pid, message, pause)
 
+    def _boot_hung(self, child: Child, message: str) -> None:
+        """A worker killed while booting: abort the reload it belongs to, or back off respawns."""
+        if self.reloading is not None and child.generation == self.generation:
+            self._abort_reload(message)
+            return
+        self.boot_failures += 1
+        pause = min(2.0 ** self.boot_failures, 60.0)
+        self.spawn_paused_until = time.monotonic() + pause
+        log.error("%s; no new workers for %.0fs", message, pause)
+
     def murder_stale(self) -> None:
         """Kill workers that missed their check-in by more than the worker timeout."""
         now = time.time()
@@ -430,6 +452,11 @@ class Master:
                     os.kill(child.pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
+                if slot.state == STARTING:
+                    # A hanging handler import is a boot failure like a broken one: no retry loop.
+                    child.retiring = True
+                    self._boot_hung(child, f"worker {child.pid} did not boot within {timeout:.0f}s "
+                                           "(the handler import hangs?)")
 
     def manage(self) -> None:
         """Size the pool: replace the dead, then grow or shrink (fixed or adaptive)."""
@@ -449,23 +476,15 @@ class Master:
                 self.spawn_missing()
             return
         self.last_adapt = now
-        states = {c.pid: self.scoreboard.slot(c.slot).state for c in current}
-        idle = sum(1 for s in states.values() if s in (IDLE, STARTING))
-        min_spare = self.config.min_spare or 0
-        max_spare = self.config.max_spare if self.config.max_spare is not None else max(min_spare, 1) * 2
-        if idle < min_spare and len(current) < self.max_workers:
-            count = min(self.spawn_rate, self.max_workers - len(current), min_spare - idle)
-            for _ in range(count):
-                self.spawn()
-            self.spawn_rate = min(self.spawn_rate * 2, MAX_SPAWN_RATE)
-        else:
-            self.spawn_rate = 1
-        if len(current) > self.max_workers:
-            for child in self._pick_idle(current, len(current) - self.max_workers):
-                self._retire(child)
-        elif idle > max_spare and len(current) > 1:
-            for child in self._pick_idle(current, 1):  # Apache: one per second
-                self._retire(child)
+        idle = sum(1 for c in current if self.scoreboard.slot(c.slot).state in (IDLE, STARTING))
+        step = adaptive_step(len(current), idle, self.config.min_spare or 0,
+                             max_spare_default(self.config.min_spare, self.config.max_spare),
+                             self.max_workers, self.spawn_rate)
+        for _ in range(step.spawn):
+            self.spawn()
+        self.spawn_rate = step.spawn_rate
+        for child in self._pick_idle(current, step.retire):  # Apache: one spare per second
+            self._retire(child)
         self.target = max(1, len([c for c in self.children.values()
                                   if c.generation == self.generation and not c.retiring]))
 
@@ -528,10 +547,13 @@ class Master:
     def _abort_reload(self, message: str) -> None:
         old_generation, old_config, old_handler, self.tls_context, self.ids = self.reloading
         for child in list(self.children.values()):
-            if child.generation == self.generation:
+            if child.generation == self.generation and not child.retiring:
+                # Those already serving finish their session like any retiring worker (no
+                # connection is cut); only those still booting are killed.
+                booting = self.scoreboard.slot(child.slot).state == STARTING
                 child.retiring = True
                 try:
-                    os.kill(child.pid, signal.SIGKILL)
+                    os.kill(child.pid, signal.SIGKILL if booting else signal.SIGHUP)
                 except ProcessLookupError:
                     pass
         self.generation, self.config, self.handler_class = old_generation, old_config, old_handler
