@@ -20,6 +20,30 @@ from prefork_esmtp import ESMTPHandler
 log = logging.getLogger("prefork_esmtp.maildir")
 
 _seq = 0
+#: Maildir convention: a file in tmp/ this old is left over from a crash and may go.
+STALE_TMP_SECONDS = 36 * 3600
+_cleaned: set[str] = set()  # roots whose tmp/ this process has swept
+
+
+def clean_stale_tmp(root: str, now: float | None = None) -> int:
+    """Remove tmp/ files older than 36 hours (workers killed mid-message); return how many."""
+    tmp = os.path.join(root, "tmp")
+    limit = (time.time() if now is None else now) - STALE_TMP_SECONDS
+    removed = 0
+    try:
+        entries = list(os.scandir(tmp))
+    except OSError:
+        return 0
+    for entry in entries:
+        try:
+            if entry.is_file(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_mtime < limit:
+                os.unlink(entry.path)
+                removed += 1
+        except OSError:
+            pass
+    if removed:
+        log.info("maildir: removed %d stale files from %s", removed, tmp)
+    return removed
 
 
 def maildir_path() -> str:
@@ -47,6 +71,9 @@ class Maildir(ESMTPHandler):
         root = maildir_path()
         for sub in ("tmp", "new", "cur"):
             os.makedirs(os.path.join(root, sub), exist_ok=True)
+        if root not in _cleaned:
+            _cleaned.add(root)
+            clean_stale_tmp(root)
         _seq += 1
         self.name = f"{time.time():.6f}.P{os.getpid()}Q{_seq}.{socket.gethostname()}"
         self.tmp_path = os.path.join(root, "tmp", self.name)
@@ -76,22 +103,30 @@ class Maildir(ESMTPHandler):
         self.file.write(chunk.replace(b"\r\n", b"\n"))
 
     def EOM(self):
+        try:
+            self._store()
+        except BaseException:
+            self._discard()  # no copy left in tmp/ per failed try (the engine answers 451)
+            raise
+        log.info("maildir: from=<%s> to=%s stored as new/%s", self.env_sender,
+                 ",".join(f"<{r}>" for r in self.env_recipients), self.name)
+        return 250, f"2.0.0 Stored as {self.name}"
+
+    def _store(self) -> None:
+        """Flush and fsync the file, rename it into new/, fsync the directory."""
         if self.cr:
             self.file.write(b"\r")
         self.file.flush()
         os.fsync(self.file.fileno())
-        self.file.close()
-        self.file = None
         new_dir = os.path.join(maildir_path(), "new")
         os.rename(self.tmp_path, os.path.join(new_dir, self.name))
+        self.file.close()
+        self.file = None
         fd = os.open(new_dir, os.O_RDONLY)  # the rename itself must be on disk before the 250
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
-        log.info("maildir: from=<%s> to=%s stored as new/%s", self.env_sender,
-                 ",".join(f"<{r}>" for r in self.env_recipients), self.name)
-        return 250, f"2.0.0 Stored as {self.name}"
 
     def MAIL(self, env_sender: str):
         self._discard()
