@@ -48,3 +48,33 @@ def test_stale_tmp_files_are_removed_fresh_ones_kept(tmp_path, monkeypatch):
     assert not old.exists() and fresh.exists()
     h.DISCONNECT()
     assert sorted(os.listdir(tmp_path / "tmp")) == ["fresh.P1Q2.host"]
+
+
+@pytest.mark.parametrize("esmtp,tls,auth,utf8,word", [
+    (False, None, None, False, "SMTP"), (True, None, None, False, "ESMTP"),
+    (True, {"version": "TLSv1.3"}, None, False, "ESMTPS"), (True, None, "alice", False, "ESMTPA"),
+    (True, {"version": "TLSv1.3"}, "alice", False, "ESMTPSA"), (True, {"version": "TLSv1.3"}, None, True, "UTF8SMTPS"),
+])
+def test_received_with_word_follows_rfc3848_and_rfc6531(esmtp, tls, auth, utf8, word):
+    h = M.Maildir()
+    h.esmtp, h.tls, h.auth_user = esmtp, tls, auth
+    h.mail_params = {"SMTPUTF8": True} if utf8 else {}
+    assert M.with_protocol(h) == word
+
+
+@pytest.mark.parametrize("recipients", [["b@example.org"], ["b@example.org", "c@example.org"]])
+def test_received_names_a_recipient_only_when_there_is_one(tmp_path, monkeypatch, recipients):
+    h = handler_for(tmp_path, monkeypatch)
+    h.env_recipients = recipients
+    h.tls = h.auth_user = None
+    h.mail_params = {}
+    assert h.DATA()[0] == 354
+    h.EOH()
+    assert h.EOM()[0] == 250
+    stored = (tmp_path / "new" / os.listdir(tmp_path / "new")[0]).read_text()
+    received = stored.split("\n\n", 1)[0]
+    assert "with ESMTP" in received
+    if len(recipients) == 1:
+        assert "for <b@example.org>" in received
+    else:
+        assert "example.org>" not in received.split("Received:", 1)[1], "no recipient leaks to the others"

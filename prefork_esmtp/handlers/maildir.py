@@ -50,6 +50,20 @@ def maildir_path() -> str:
     return os.path.abspath(os.environ.get("PREFORK_ESMTP_MAILDIR", "maildir"))
 
 
+def with_protocol(handler: ESMTPHandler) -> str:
+    """The ``with`` word of a Received line: SMTP, ESMTP, ESMTPS, ESMTPA, ESMTPSA (RFC 3848),
+    UTF8SMTP... (RFC 6531) from what the session used."""
+    if not getattr(handler, "esmtp", False):
+        return "SMTP"
+    utf8 = "SMTPUTF8" in (getattr(handler, "mail_params", None) or {})
+    word = "UTF8SMTP" if utf8 else "ESMTP"
+    if getattr(handler, "tls", None) is not None:
+        word += "S"
+    if getattr(handler, "auth_user", None) is not None:
+        word += "A"
+    return word
+
+
 class Maildir(ESMTPHandler):
     """Delivers every accepted message into one Maildir."""
 
@@ -81,9 +95,11 @@ class Maildir(ESMTPHandler):
         self.cr = False
         peer = self.peer[0] if self.peer else "unknown"
         self.file.write(f"Return-Path: <{self.env_sender}>\n".encode("utf-8", "surrogateescape"))
+        # RFC 5321 4.4: name the recipient only when there is exactly one, never leak the others.
+        recipient = f"\n\tfor <{self.env_recipients[0]}>" if len(self.env_recipients) == 1 else ""
         self.file.write(
             f"Received: from {self.client} ([{peer}])\n\tby {self.hostname} (prefork-esmtp)"
-            f" with {'ESMTP' if self.esmtp else 'SMTP'}\n\tfor <{self.env_recipients[0]}>;"
+            f" with {with_protocol(self)}{recipient};"
             f" {email.utils.formatdate(localtime=True)}\n".encode("utf-8", "surrogateescape"))
         return super().DATA()
 
