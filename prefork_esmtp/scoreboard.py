@@ -59,7 +59,13 @@ class Scoreboard:
         self.size = len(_MAGIC) + _HEADER.size + nslots * _SLOT.size
         self.path = path
         if path:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            # Never through a planted symlink or into someone else's file: remove what is
+            # there (a stale board, or the link itself, never its target), then create anew.
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
             try:
                 os.ftruncate(fd, self.size)
                 self.mem = mmap.mmap(fd, self.size)
