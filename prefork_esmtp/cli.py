@@ -214,6 +214,9 @@ def _find_master(config_file: str | None, pidfile_path: str | None) -> tuple[int
         raise Fatal(f"no server running: cannot read a pid from {config.pidfile}")
     if not pidfile.alive(pid):
         raise Fatal(f"no server running: pid {pid} from {config.pidfile} is gone (stale pidfile)")
+    if not pidfile.is_master(pid):
+        raise Fatal(f"no server running: pid {pid} from {config.pidfile} is not a prefork-esmtp master "
+                    "(stale pidfile; that process was left alone)")
     return pid, config.pidfile, config
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+import psutil
+
 
 class PidfileError(Exception):
     """The pidfile cannot be used; the message is one line for the operator."""
@@ -34,10 +36,28 @@ def alive(pid: int) -> bool:
         return True
 
 
+def is_master(pid: int) -> bool:
+    """Whether ``pid`` is a prefork-esmtp master, by its process title or command line.
+
+    A pidfile left by a crash may name a pid the kernel has since given to an
+    unrelated process: that one must never be signalled, nor block a start.
+    """
+    try:
+        words = psutil.Process(pid).cmdline()
+    except psutil.AccessDenied:
+        return True  # cannot tell: the careful answer for start (refuse) and stop (the kill fails anyway)
+    except psutil.Error:
+        return False
+    line = " ".join(words)
+    if line.startswith("prefork-esmtp: master"):
+        return True
+    return any(w.endswith(("prefork-esmtp", "prefork_esmtp")) for w in words) and "start" in words
+
+
 def check(path: str) -> None:
-    """Refuse a pidfile naming a live process; a stale one will be replaced."""
+    """Refuse a pidfile naming a live master; a stale one (gone, or someone else) will be replaced."""
     pid = read(path)
-    if pid is not None and pid != os.getpid() and alive(pid):
+    if pid is not None and pid != os.getpid() and alive(pid) and is_master(pid):
         raise PidfileError(f"pidfile {path} names a running process (pid {pid}); is the server already running?")
 
 

@@ -176,14 +176,18 @@ def test_port_in_use(tmp_path):
     assert result.stderr.splitlines() == [line]
 
 
-def test_live_pidfile_is_refused(tmp_path):
+def test_live_pidfile_is_refused(start_server, tmp_path):
+    """A pidfile naming a running master refuses a second start (one naming anyone else: see
+    test_pidfile_identity)."""
     pidfile = tmp_path / "p.pid"
-    pidfile.write_text(f"{os.getpid()}\n")
+    srv = start_server("--pidfile", str(pidfile), mode=("--workers", "1"))
+    master = srv.proc.pid
+    assert pidfile.read_text() == f"{master}\n"
     result = start(tmp_path, "--workers", "1", "--pidfile", str(pidfile))
     line = one_error_line(result)
-    assert f"pidfile {pidfile} names a running process (pid {os.getpid()})" in line, line
+    assert f"pidfile {pidfile} names a running process (pid {master})" in line, line
     assert result.stderr.splitlines() == [line]
-    assert pidfile.read_text() == f"{os.getpid()}\n"
+    assert pidfile.read_text() == f"{master}\n"
 
 
 BAD_OPTIONS = [
