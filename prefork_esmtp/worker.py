@@ -24,6 +24,8 @@ log = logging.getLogger("prefork_esmtp.worker")
 
 #: Seconds between heartbeats while idle.
 TICK = 1.0
+#: After TERM a worker exits by itself this long past graceful_timeout (its master may be gone).
+ORPHAN_GRACE = 2.0
 
 Report = Callable[[str, Any], None]
 
@@ -68,8 +70,25 @@ class Worker:
         signal.signal(signal.SIGQUIT, self.handle_int)
 
     def handle_term(self, signum: int, frame: Any) -> None:
+        """Graceful stop, also what PR_SET_PDEATHSIG sends when the master dies.
+
+        Our copies of the listeners close at once, so the port is free for a
+        new master even while this session finishes; and the session gets
+        ``graceful_timeout`` seconds (plus ORPHAN_GRACE) at most, as the master would allow.
+        """
+        first = not self.shutting_down
         self.shutting_down = True
         self.stop()
+        if first:
+            for sock in self.listeners:
+                try:
+                    sock.close()
+                except OSError:
+                    pass
+            # A live master kills what is left at graceful_timeout (and says so in its log);
+            # this bound is for an orphan, whose master cannot.
+            signal.signal(signal.SIGALRM, lambda s, f: os._exit(0))
+            signal.setitimer(signal.ITIMER_REAL, self.config.graceful_timeout + ORPHAN_GRACE)
         session = self.session
         if session is not None:
             session.interrupt_if_idle()
