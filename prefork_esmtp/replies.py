@@ -84,6 +84,8 @@ DATA_AFTER_BDAT = Reply(503, "5.5.1", "Error: DATA after BDAT in one transaction
 BINARYMIME_NEEDS_BDAT = Reply(503, "5.5.1", "Error: BODY=BINARYMIME needs BDAT, not DATA")
 HOOK_FAILED = Reply(451, "4.3.0", "Error: local error in processing; try again later")
 TIMEOUT = Reply(421, "4.4.2", "%s Error: timeout exceeded")
+COMMAND_TOO_SLOW = Reply(421, "4.4.2", "%s Error: command line not complete in time")
+SESSION_TOO_LONG = Reply(421, "4.4.2", "%s Error: session time limit reached")
 TOO_MANY_ERRORS = Reply(421, "4.7.0", "%s Error: too many errors")
 SHUTTING_DOWN = Reply(421, "4.3.2", "%s Service shutting down, closing connection")
 

@@ -23,7 +23,8 @@ from prefork_esmtp.addresses import AddressError, parse_path_argument
 from prefork_esmtp.dotdata import DotDecoder
 from prefork_esmtp.handler import ESMTPHandler
 from prefork_esmtp.intake import MessageIntake
-from prefork_esmtp.reader import DataTooSlow, LineTooLong, Reader, ReadTimeout, StopSession
+from prefork_esmtp.reader import (CommandTooSlow, DataTooSlow, LineTooLong, Reader, ReadTimeout,
+                                  SessionTooLong, StopSession)
 from prefork_esmtp.settings import Config
 from prefork_esmtp.writer import ClientGone, ReplyWriter
 
@@ -85,6 +86,8 @@ class Session:
         self.writer = ReplyWriter(sock)
         self.reader = Reader(sock, self.writer, config.timeout, check_in)
         self.reader.stop_check = self._stop_now
+        self.reader.command_deadline = config.command_deadline
+        self.reader.limit_session(config.max_session_time)
         self.errors = 0
         self.junk = 0
         self.closing = False
@@ -143,6 +146,12 @@ class Session:
         except DataTooSlow:
             log.info("data rate below %d octets/s from %s", self.config.min_data_rate, self._who())
             self._send(R.DATA_TOO_SLOW.format(self.hostname), count=False)
+        except CommandTooSlow:
+            log.info("command line not complete within %.0fs from %s", self.config.command_deadline, self._who())
+            self._send(R.COMMAND_TOO_SLOW.format(self.hostname), count=False)
+        except SessionTooLong:
+            log.info("session time limit (%.0fs) reached for %s", self.config.max_session_time, self._who())
+            self._send(R.SESSION_TOO_LONG.format(self.hostname), count=False)
         except ClientGone as exc:
             linger = False
             log.debug("client %s gone: %s", self._who(), exc)

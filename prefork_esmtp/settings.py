@@ -232,6 +232,8 @@ SETTINGS: list[Setting] = [
     # abuse defences
     Setting("command_bare_lf", choice("accept", "reject"), "accept", "A command line ended by a bare LF: accept it, or reject it with 500 (Postfix's smtpd_forbid_bare_newline idea).", "abuse", metavar="POLICY"),
     Setting("forbid_unauth_pipelining", parse_bool, False, "Answer 554 and close when an unauthenticated client talks before the greeting or sends more after a command that must end a pipelined group (EHLO, DATA, QUIT, NOOP...).", "abuse", flag=True),
+    Setting("command_deadline", parse_nonnegative_seconds, 30.0, "Seconds a client may take to send one command line once its first octet arrived (Postfix's smtpd_per_record_deadline idea), else 421; 0 turns it off.", "abuse", metavar="SECONDS"),
+    Setting("max_session_time", parse_nonnegative_seconds, 3600.0, "Seconds a whole session may last; then 421 at the next read, a message under way is not accepted; 0 turns it off.", "abuse", metavar="SECONDS"),
     Setting("min_data_rate", _int(0), 500, "During DATA/BDAT the client must average at least this many octets per second (after min_data_rate_grace), else 421; 0 turns it off.", "abuse", metavar="OCTETS"),
     Setting("min_data_rate_grace", parse_nonnegative_seconds, 10.0, "Seconds at the start of each DATA/BDAT transfer before min_data_rate applies.", "abuse", metavar="SECONDS"),
     Setting("max_junk_commands", _int(1), 100, "NOOP, RSET, VRFY, EXPN and HELP commands per session before 421 and close.", "abuse", metavar="N"),
