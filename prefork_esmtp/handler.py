@@ -14,6 +14,14 @@ from typing import Any
 Reply = tuple[Any, ...]
 
 
+class HandlerConfigError(ValueError):
+    """A handler option is wrong; ``configure`` raises it and its message is shown to the operator.
+
+    One line, naming the option: ``root: expected a directory name, got 5``.
+    A plain ``ValueError`` from ``configure`` is reported the same way.
+    """
+
+
 class ESMTPHandler:
     """The base class: carries on a whole ESMTP conversation, accepts and discards mail.
 
@@ -58,6 +66,27 @@ class ESMTPHandler:
     #: advertises DSN.  RET, ENVID, NOTIFY and ORCPT are validated and handed over
     #: in mail_params / rcpt_params either way.
     dsn: bool = False
+
+    # -- configuration (once per worker process, before any connection) -------
+
+    @classmethod
+    def configure(cls, options: dict[str, Any]) -> None:
+        """Take the handler options: the ``[handler]`` table and ``--handler-option KEY=VALUE``.
+
+        Called on the handler class once per worker (again in each new worker
+        after a reload; in the master with ``--preload``; in-process with
+        ``-X``; and by ``configtest``) before any connection.  ``options`` is a
+        fresh dict the engine owns: values are strings from the command line,
+        or any TOML value from the file.  Each class pops the keys it knows,
+        stores what it needs on ``cls`` (so a subclass's values never touch its
+        parent or a sibling), and passes the rest to ``super().configure``; this
+        base refuses whatever nobody took.  Raise :class:`HandlerConfigError`
+        (or ``ValueError``) with one line to refuse a value: start, configtest
+        and reload then fail with that line.
+        """
+        if options:
+            names = ", ".join(repr(k) for k in sorted(options))
+            raise HandlerConfigError(f"unknown handler option{'s' if len(options) > 1 else ''} {names}")
 
     # -- connection -----------------------------------------------------------
 

@@ -141,6 +141,31 @@ def parse_handler(value: Any) -> str:
     return text
 
 
+# -- handler options: not settings of the server but of the handler class, which checks them.
+# Their TOML face is the [handler] table, their CLI face a repeatable flag.
+
+#: The repeatable command-line flag, and its help.
+HANDLER_OPTION_FLAG = "--handler-option"
+HANDLER_OPTION_HELP = ("An option for the handler class, KEY=VALUE; repeat for several. "
+                       "Overrides the same key of the config file's [handler] table.")
+_OPTION_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
+#: The key of the ``[handler]`` table that names the class (TOML cannot have both
+#: ``handler = "module:Class"`` and a ``[handler]`` table); never a handler option.
+HANDLER_CLASS_KEY = "class"
+
+
+def parse_handler_option(value: Any) -> tuple[str, str]:
+    """``KEY=VALUE``, one handler option from the command line (the value may be empty)."""
+    text = value if isinstance(value, str) else ""
+    key, sep, option = text.partition("=")
+    key = key.strip()
+    if not sep or not _OPTION_KEY.fullmatch(key):
+        raise SettingError(f"expected KEY=VALUE, got {value!r}")
+    if key == HANDLER_CLASS_KEY:
+        raise SettingError("'class' is not a handler option: name the class with --handler")
+    return key, option
+
+
 def choice(*options: str) -> Callable[[Any], str]:
     """A parser for one of ``options`` (case-insensitive)."""
 
@@ -263,6 +288,9 @@ class Config:
         """Every setting by name."""
         return dict(self.__dict__)
 
+    #: The handler's options: the [handler] table, overridden key by key by --handler-option.
+    handler_options: dict[str, Any]
+
     def set(self, name: str, value: Any) -> None:
         """Change one setting (the master keeps its listeners across a reload)."""
         if name not in BY_NAME:
@@ -273,9 +301,13 @@ class Config:
 def resolve(cli: dict[str, Any], file: dict[str, Any], source: str = "config file") -> Config:
     """Merge CLI values over file values over defaults; raise SettingError naming the culprit.
 
-    ``cli`` maps setting names to raw CLI values (None = not given); ``file``
-    maps TOML keys to values.
+    ``cli`` maps setting names to raw CLI values (None = not given), and
+    ``handler_option`` to the ``KEY=VALUE`` strings of ``--handler-option``;
+    ``file`` maps TOML keys to values.  The file's ``[handler]`` table holds the
+    handler's options (and may name its class with ``class``).  Both end up in
+    ``Config.handler_options``, one dict, the command line overriding key by key.
     """
+    file, options, class_in_table = _split_handler_table(file, source)
     for key in file:
         if key not in BY_NAME:
             raise SettingError(f"{source}: unknown setting {key!r}")
@@ -286,6 +318,8 @@ def resolve(cli: dict[str, Any], file: dict[str, Any], source: str = "config fil
             where = setting.option
         elif setting.name in file:
             raw, where = file[setting.name], f"{source}: {setting.name}"
+            if setting.name == "handler" and class_in_table:
+                where = f"{source}: [handler] class"
         else:
             raw, where = None, ""
         if raw is None:
@@ -296,6 +330,31 @@ def resolve(cli: dict[str, Any], file: dict[str, Any], source: str = "config fil
             values[setting.name] = setting.convert(raw)
         except SettingError as exc:
             raise SettingError(f"{where}: {exc}") from None
+    for text in cli.get("handler_option") or ():
+        try:
+            key, value = parse_handler_option(text)
+        except SettingError as exc:
+            raise SettingError(f"{HANDLER_OPTION_FLAG}: {exc}") from None
+        options[key] = value
+    values["handler_options"] = options
     if values["hostname"] is None:
         values["hostname"] = _hostname()
     return Config(values)
+
+
+def _split_handler_table(file: dict[str, Any], source: str) -> tuple[dict[str, Any], dict[str, Any], bool]:
+    """The file's settings without the ``[handler]`` table, the table's options, and whether it named the class.
+
+    A ``class`` key in the table stands for the ``handler`` setting.
+    """
+    table = file.get("handler")
+    if not isinstance(table, dict):
+        return file, {}, False
+    rest = {k: v for k, v in file.items() if k != "handler"}
+    options = dict(table)
+    if HANDLER_CLASS_KEY in options:
+        rest["handler"] = options.pop(HANDLER_CLASS_KEY)
+    for key in options:
+        if not _OPTION_KEY.fullmatch(key):
+            raise SettingError(f"{source}: [handler] option {key!r}: expected a name of letters, digits, _ . -")
+    return rest, options, HANDLER_CLASS_KEY in table
