@@ -35,6 +35,10 @@ class ESMTPHandler:
     RCPT accepted with 2xx), ``mail_params``, ``rcpt_params`` (of the RCPT being
     handled), ``recipients_params`` (one dict per accepted recipient),
     ``peer`` and ``local`` ((host, port) tuples), ``hostname`` (this server's).
+
+    The message as it came (not in Apache2::Protocol::ESMTP): ``header_raw``
+    while HEADER runs, and ``header_section`` from EOH on, so a handler can
+    keep the message byte for byte.
     """
 
     #: Largest BODY chunk in chunk mode, in bytes.
@@ -62,6 +66,13 @@ class ESMTPHandler:
     #: The identity AUTH proved (the username), or None; and the mechanism used.
     auth_user: str | None = None
     auth_mechanism: str | None = None
+    #: While HEADER runs: that header's exact bytes as received, folding, spacing and
+    #: line ends (CRLF, or a bare LF the bare-newline policy keeps) included.
+    header_raw: bytes = b""
+    #: From EOH until the next message starts: the exact bytes of the header section
+    #: as received, with the empty line that ended it if there was one.
+    #: ``header_section`` followed by the BODY chunks is the message, byte for byte.
+    header_section: bytes = b""
     #: Set True if your handler acts on DSN requests (RFC 3461): the engine then
     #: advertises DSN.  RET, ENVID, NOTIFY and ORCPT are validated and handed over
     #: in mail_params / rcpt_params either way.
@@ -132,10 +143,17 @@ class ESMTPHandler:
         return 354, 'Enter mail, end with "." on a line by itself'
 
     def HEADER(self, name: str, value: str) -> None:
-        """One header of the message, unfolded.  No reply."""
+        """One header of the message, unfolded.  No reply.
+
+        ``self.header_raw`` holds its exact bytes as received (all its lines, line ends included).
+        """
 
     def EOH(self) -> None:
-        """End of the header section.  No reply."""
+        """End of the header section.  No reply.
+
+        ``self.header_section`` holds the exact bytes of the header section as
+        received, with the empty line that ended it if there was one.
+        """
 
     def BODY(self, chunk: bytes) -> None:
         """A piece of the body, dot-unstuffed.  No reply."""

@@ -648,7 +648,8 @@ class Session:
     def _new_intake(self, check_newlines: bool) -> MessageIntake:
         config = self.config
         return MessageIntake(self.handler, config.max_message_size, config.max_header_size,
-                             check_newlines and config.bare_newline == "reject", self._who())
+                             check_newlines and config.bare_newline == "reject", self._who(),
+                             config.max_header_lines, config.bare_newline == "keep")
 
     def smtp_DATA(self, arg: str) -> None:
         if not self._no_args("DATA", arg):

@@ -227,6 +227,7 @@ SETTINGS: list[Setting] = [
     Setting("max_message_size", parse_size, 10 * 1024 * 1024, "Largest message accepted, in octets (K/M/G suffixes); advertised with SIZE; larger gets 552.", "limits", metavar="SIZE"),
     Setting("max_line_length", _int(512), 512, "Longest command line in octets including CRLF (RFC 5321 minimum 512); longer gets 500.", "limits", metavar="N"),
     Setting("max_header_size", _int(1000), 102400, "Longest single header (unfolded) in octets; longer gets 552 after end of data.", "limits", metavar="N"),
+    Setting("max_header_lines", _int(1), 1000, "Most header lines per message, continuation lines included; more get 552 after end of data.", "limits", metavar="N"),
     Setting("max_recipients", _int(100), 1000, "Recipients per message (RFC 5321 minimum 100); more get 452.", "limits", metavar="N"),
     Setting("max_errors", _int(1), 20, "Error replies per session before 421 and close.", "limits", metavar="N"),
     Setting("timeout", parse_seconds, 300.0, "Seconds to wait for each read from the client; then 421 and close.", "limits", metavar="SECONDS"),
