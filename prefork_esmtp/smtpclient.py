@@ -323,17 +323,16 @@ class SMTPClient:
         count = max(replies, 1) if last else 1
         return [self.read_reply(self.data_timeout if last else None) for _ in range(count)]
 
-    def xforward(self, attributes: dict[str, str | None]) -> list[Reply]:
-        """XFORWARD (Postfix) with the attributes the upstream announced, in commands of at most 512 octets."""
-        allowed = set(self.extensions.get("XFORWARD", "").upper().split())
-        return self._attribute_commands("XFORWARD", attributes, allowed)
+    def xforward_commands(self, attributes: dict[str, str | None]) -> list[str]:
+        """XFORWARD (Postfix) lines with the attributes the upstream announced, each at most 512 octets."""
+        return self._attribute_commands("XFORWARD", attributes)
 
-    def xclient(self, attributes: dict[str, str | None]) -> list[Reply]:
-        """XCLIENT (Postfix): the upstream starts over with a new greeting, so EHLO again after it."""
-        allowed = set(self.extensions.get("XCLIENT", "").upper().split())
-        return self._attribute_commands("XCLIENT", attributes, allowed)
+    def xclient_commands(self, attributes: dict[str, str | None]) -> list[str]:
+        """XCLIENT (Postfix) lines; the upstream answers each with a new greeting, so EHLO again after them."""
+        return self._attribute_commands("XCLIENT", attributes)
 
-    def _attribute_commands(self, verb: str, attributes: dict[str, str | None], allowed: set[str]) -> list[Reply]:
+    def _attribute_commands(self, verb: str, attributes: dict[str, str | None]) -> list[str]:
+        allowed = set(self.extensions.get(verb, "").upper().split())
         words = [f"{name}={xtext(value) if value else '[UNAVAILABLE]'}"
                  for name, value in attributes.items() if name in allowed]
         commands, current = [], verb
@@ -344,4 +343,4 @@ class SMTPClient:
             current += " " + word
         if current != verb:
             commands.append(current)
-        return [self.command(line) for line in commands]
+        return commands

@@ -1,0 +1,123 @@
+"""Helpers for the relay and LMTP tests: a relay in front of an upstream, and upstreams that misbehave.
+
+``start_relay(start_server, upstream, *options)`` runs the real ``prefork-esmtp``
+with the Relay handler.  :class:`ScriptedUpstream` is a loopback SMTP server in
+a thread that answers from a script and keeps the exact bytes it received, for
+the failures a real server will not produce on demand (silence, garbage, a
+close after 354) and for byte-for-byte checks of what the relay sent.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Callable
+
+from conftest import Server
+
+RELAY = "prefork_esmtp.handlers.relay:Relay"
+
+
+def start_relay(start_server: Callable[..., Server], upstream: str, *options: str, args: tuple[str, ...] = (),
+                handler: str = RELAY, **kwargs) -> Server:
+    """A relay (``-X`` unless ``mode`` is given) whose upstream is ``upstream`` (``host:port``)."""
+    flags = ["--handler-option", f"upstream={upstream}"]
+    for option in options:
+        flags += ["--handler-option", option]
+    return start_server(*flags, *args, handler=handler, **kwargs)
+
+
+class ScriptedUpstream:
+    """An SMTP server in a thread, one connection at a time, with a behaviour per test.
+
+    ``behaviour``: "ok" (a plain ESMTP server), "silent" (greets, then never
+    answers), "garbage" (greets, then answers nonsense), "close_after_354"
+    (closes once the message starts), "refuse" (554 greeting), "eom_451".
+    ``messages`` holds each message's exact DATA bytes (end-of-data line excluded);
+    ``commands`` every command line received.
+    """
+
+    def __init__(self, behaviour: str = "ok", extensions: tuple[str, ...] = ("PIPELINING", "8BITMIME")) -> None:
+        self.behaviour = behaviour
+        self.extensions = extensions
+        self.messages: list[bytes] = []
+        self.commands: list[str] = []
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.2)
+        self.port = self.listener.getsockname()[1]
+        self.address = f"127.0.0.1:{self.port}"
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.stopping.set()
+        self.thread.join(10)
+        self.listener.close()
+
+    def __enter__(self) -> "ScriptedUpstream":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _serve(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                continue
+            with conn:
+                conn.settimeout(20)
+                try:
+                    self._session(conn)
+                except OSError:
+                    pass
+
+    def _session(self, conn: socket.socket) -> None:
+        reader = conn.makefile("rb")
+        if self.behaviour == "refuse":
+            conn.sendall(b"554 5.7.1 upstream says no\r\n")
+            return
+        conn.sendall(b"220 upstream.test ESMTP\r\n")
+        while not self.stopping.is_set():
+            line = reader.readline(4096)
+            if not line:
+                return
+            command = line.decode("utf-8", "replace").rstrip("\r\n")
+            self.commands.append(command)
+            verb = command.split(" ", 1)[0].upper()
+            if self.behaviour == "silent" and verb != "EHLO":
+                self.stopping.wait(30)
+                return
+            if self.behaviour == "garbage" and verb != "EHLO":
+                conn.sendall(b"this is not smtp\r\n")
+                continue
+            if verb == "EHLO":
+                lines = ["upstream.test", *self.extensions]
+                conn.sendall("".join(f"250{'-' if i < len(lines) - 1 else ' '}{text}\r\n"
+                                     for i, text in enumerate(lines)).encode())
+            elif verb == "DATA":
+                conn.sendall(b"354 go ahead\r\n")
+                if self.behaviour == "close_after_354":
+                    return
+                lines: list[bytes] = []
+                while True:
+                    more = reader.readline(1 << 20)
+                    if not more:
+                        return
+                    if more == b".\r\n" and (not lines or lines[-1].endswith(b"\r\n")):
+                        break
+                    lines.append(more)
+                self.messages.append(b"".join(lines))
+                if self.behaviour == "eom_451":
+                    conn.sendall(b"451 4.3.0 upstream queue trouble\r\n")
+                else:
+                    conn.sendall(f"250 2.0.0 queued as Q{len(self.messages)}\r\n".encode())
+            elif verb == "QUIT":
+                conn.sendall(b"221 bye\r\n")
+                return
+            elif verb == "RCPT" and "unknown" in command.lower():
+                conn.sendall(b"550 5.1.1 <unknown@example.org>: user unknown here\r\n")
+            else:
+                conn.sendall(b"250 2.0.0 ok\r\n")
