@@ -24,7 +24,7 @@ from prefork_esmtp.loader import HandlerLoadError, configure_handler, load_handl
 from prefork_esmtp.reporter import ScoreboardReporter
 from prefork_esmtp.scoreboard import Scoreboard
 from prefork_esmtp.settings import Config
-from prefork_esmtp.worker import Worker
+from prefork_esmtp.worker import TICK, Worker
 
 log = logging.getLogger("prefork_esmtp.worker")
 
@@ -105,7 +105,7 @@ def _boot_and_serve(plan: WorkerPlan) -> int:
     if limit:
         limit += random.randint(0, limit // 10)
     reporter = ScoreboardReporter(plan.scoreboard, plan.slot, plan.generation, plan.master_pid,
-                                  busy_expect=config.timeout, wake_fd=plan.wake_fd)
+                                  idle_expect=TICK, busy_expect=config.timeout, wake_fd=plan.wake_fd)
     worker = Worker(plan.listeners, handler_class, config, max_sessions=limit, reporter=reporter,
                     tls_context=plan.tls_context, tls_listeners=plan.tls_fds)
     worker.install_signals()

@@ -35,6 +35,8 @@ log = logging.getLogger("prefork_esmtp.master")
 
 #: Seconds INT/QUIT give workers before SIGKILL.
 FAST_STOP_SECONDS = 2.0
+#: Longest pause of new workers after repeated boot failures (the pause doubles up to it).
+BOOT_BACKOFF_MAX = 60.0
 
 SIGNALS = {signal.SIGHUP: "hup", signal.SIGTERM: "term", signal.SIGINT: "int", signal.SIGQUIT: "quit",
            signal.SIGTTIN: "ttin", signal.SIGTTOU: "ttou", signal.SIGUSR1: "usr1", signal.SIGCHLD: "chld"}
@@ -352,9 +354,7 @@ class Master:
         elif self.reloading is not None and child.generation == self.generation:
             self._abort_reload(message)
         else:
-            self.boot_failures += 1
-            pause = min(2.0 ** self.boot_failures, 60.0)
-            self.spawn_paused_until = time.monotonic() + pause
+            pause = self._pause_spawns()
             log.error("worker %d could not boot: %s; no new workers for %.0fs (fix the handler, then reload)",
                       child.pid, message, pause)
 
@@ -363,10 +363,15 @@ class Master:
         if self.reloading is not None and child.generation == self.generation:
             self._abort_reload(message)
             return
-        self.boot_failures += 1
-        pause = min(2.0 ** self.boot_failures, 60.0)
-        self.spawn_paused_until = time.monotonic() + pause
+        pause = self._pause_spawns()
         log.error("%s; no new workers for %.0fs", message, pause)
+
+    def _pause_spawns(self) -> float:
+        """One boot failure more: no new workers for 2, 4, 8 ... up to BOOT_BACKOFF_MAX seconds."""
+        self.boot_failures += 1
+        pause = min(2.0 ** self.boot_failures, BOOT_BACKOFF_MAX)
+        self.spawn_paused_until = time.monotonic() + pause
+        return pause
 
     def murder_stale(self) -> None:
         """Kill workers that missed their check-in by more than the worker timeout."""

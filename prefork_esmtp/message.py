@@ -14,13 +14,13 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from prefork_esmtp.handler import DEFAULT_CHUNKSIZE
+
 # field-name: printable ASCII but colon; obsolete syntax allows WSP before the colon.
 _HEADER = re.compile(rb"[!-9;-~]+[ \t]*:")
 _NAME_END = re.compile(rb"[ \t]*:$")
 # What a line that may still become a header starts with: field-name, then WSP.
 _NAME_RUN = re.compile(rb"[!-9;-~]+[ \t]*")
-
-DEFAULT_CHUNKSIZE = 65536
 
 
 class HeaderTooLong(Exception):

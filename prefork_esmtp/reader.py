@@ -31,11 +31,6 @@ class DataTooSlow(Exception):
     """During DATA/BDAT the client fell below the minimum data rate."""
 
 
-#: Seconds of a message transfer before the minimum data rate applies (the default of
-#: the min_data_rate_grace setting).
-DATA_RATE_GRACE = 10.0
-
-
 class LineTooLong(Exception):
     """A command line exceeded the limit; it has been drained up to its LF."""
 
@@ -67,7 +62,7 @@ class Reader:
         self._short_timeout = False
         sock.settimeout(timeout)
 
-    def start_rate(self, octets_per_second: int, grace: float = DATA_RATE_GRACE) -> None:
+    def start_rate(self, octets_per_second: int, grace: float) -> None:
         """From now until :meth:`stop_rate`, require this average rate (after ``grace`` seconds)."""
         if octets_per_second > 0:
             self._rate = (float(octets_per_second), time.monotonic(), self.received, grace)

@@ -15,10 +15,6 @@ from setproctitle import setproctitle
 
 from prefork_esmtp.scoreboard import BUSY, IDLE, Scoreboard
 
-#: Seconds an idle worker promises to check in again (the serve loop's tick).
-IDLE_EXPECT = 1.0
-
-
 class Reporter:
     """Reports nothing: one process in the foreground (``-X``) has no master to tell."""
 
@@ -55,18 +51,20 @@ class ScoreboardReporter(Reporter):
     next tick.
     """
 
-    def __init__(self, board: Scoreboard, slot: int, generation: int, master_pid: int,
-                 busy_expect: float, wake_fd: int | None = None) -> None:
+    def __init__(self, board: Scoreboard, slot: int, generation: int, master_pid: int, *,
+                 idle_expect: float, busy_expect: float, wake_fd: int | None = None) -> None:
         self.board = board
         self.slot = slot
         self.generation = generation
         self.master_pid = master_pid
-        self.busy_expect = busy_expect  # the read timeout: how long a busy worker may wait on its client
+        # how long the worker may stay silent: idle, its serve loop's tick; busy, the client read timeout
+        self.idle_expect = idle_expect
+        self.busy_expect = busy_expect
         self.wake_fd = wake_fd
         self.sessions = 0
 
     def idle(self) -> None:
-        self._report(IDLE, "idle", "", IDLE_EXPECT)
+        self._report(IDLE, "idle", "", self.idle_expect)
 
     def busy(self, peer: Any) -> None:
         peer_text = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else ""

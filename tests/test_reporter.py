@@ -7,7 +7,7 @@ import os
 import pytest
 from setproctitle import getproctitle, setproctitle
 
-from prefork_esmtp.reporter import NO_REPORTER, IDLE_EXPECT, ScoreboardReporter
+from prefork_esmtp.reporter import NO_REPORTER, ScoreboardReporter
 from prefork_esmtp.scoreboard import BUSY, IDLE, Scoreboard
 
 
@@ -25,11 +25,12 @@ def board():
 def test_busy_idle_and_served_reach_the_slot(board):
     wake_r, wake_w = os.pipe()
     try:
-        reporter = ScoreboardReporter(board, 2, 7, os.getppid(), busy_expect=300.0, wake_fd=wake_w)
+        reporter = ScoreboardReporter(board, 2, 7, os.getppid(), idle_expect=1.5, busy_expect=300.0,
+                                      wake_fd=wake_w)
         reporter.idle()
         assert os.read(wake_r, 16) == b"b"  # the master hears of the boot at once
         slot = board.slot(2)
-        assert (slot.state, slot.sessions, slot.peer, slot.expect) == (IDLE, 0, "", IDLE_EXPECT)
+        assert (slot.state, slot.sessions, slot.peer, slot.expect) == (IDLE, 0, "", 1.5)
 
         reporter.busy(("192.0.2.7", 4000))
         slot = board.slot(2)
@@ -53,8 +54,8 @@ def test_busy_idle_and_served_reach_the_slot(board):
 
 
 def test_master_alive_is_the_parent_check(board):
-    assert ScoreboardReporter(board, 2, 7, os.getppid(), 300.0).master_alive()
-    assert not ScoreboardReporter(board, 2, 7, os.getpid(), 300.0).master_alive()
+    assert ScoreboardReporter(board, 2, 7, os.getppid(), idle_expect=1.0, busy_expect=300.0).master_alive()
+    assert not ScoreboardReporter(board, 2, 7, os.getpid(), idle_expect=1.0, busy_expect=300.0).master_alive()
 
 
 def test_the_single_process_reporter_reports_nothing():
