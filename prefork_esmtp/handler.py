@@ -13,6 +13,9 @@ from typing import Any
 
 Reply = tuple[Any, ...]
 
+#: Largest BODY chunk in chunk mode unless a handler sets ``chunksize``.
+DEFAULT_CHUNKSIZE = 65536
+
 
 class HandlerConfigError(ValueError):
     """A handler option is wrong; ``configure`` raises it and its message is shown to the operator.
@@ -42,7 +45,7 @@ class ESMTPHandler:
     """
 
     #: Largest BODY chunk in chunk mode, in bytes.
-    chunksize: int = 65536
+    chunksize: int = DEFAULT_CHUNKSIZE
     #: Read the body in chunks (True) or line by line (False).  The engine turns
     #: it on just before EOH and off after EOM; set it in EOH to change that.
     chunkmode: bool = False

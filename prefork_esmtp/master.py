@@ -13,7 +13,6 @@ from __future__ import annotations
 import gc
 import logging
 import os
-import random
 import select
 import signal
 import socket
@@ -25,19 +24,19 @@ from typing import Any
 from setproctitle import setproctitle
 
 from prefork_esmtp import logs, pidfile, privileges, tls
+from prefork_esmtp.boot import BOOT_ERROR, WorkerPlan, run_worker
 from prefork_esmtp.listeners import describe
-from prefork_esmtp.loader import HandlerLoadError, configure_handler, load_handler
+from prefork_esmtp.loader import configure_handler, load_handler
 from prefork_esmtp.pool import adaptive_step, max_spare_default
 from prefork_esmtp.scoreboard import BUSY, IDLE, STARTING, Scoreboard
 from prefork_esmtp.settings import Config
-from prefork_esmtp.worker import Worker
 
 log = logging.getLogger("prefork_esmtp.master")
 
-#: A worker exits with this status when it cannot boot (handler import failed).
-BOOT_ERROR = 3
 #: Seconds INT/QUIT give workers before SIGKILL.
 FAST_STOP_SECONDS = 2.0
+#: Longest pause of new workers after repeated boot failures (the pause doubles up to it).
+BOOT_BACKOFF_MAX = 60.0
 
 SIGNALS = {signal.SIGHUP: "hup", signal.SIGTERM: "term", signal.SIGINT: "int", signal.SIGQUIT: "quit",
            signal.SIGTTIN: "ttin", signal.SIGTTOU: "ttou", signal.SIGUSR1: "usr1", signal.SIGCHLD: "chld"}
@@ -305,85 +304,14 @@ class Master:
         if pid != 0:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
         if pid == 0:
-            status = 1
-            try:
-                status = self._worker_main(slot)
-            except SystemExit as exc:
-                status = exc.code if isinstance(exc.code, int) else 0
-            except BaseException:
-                log.exception("worker crashed")
-            finally:
-                logging.shutdown()
-                os._exit(status)
+            run_worker(WorkerPlan(
+                master_pid=self.pid, slot=slot, generation=self.generation, config=self.config,
+                handler_class=self.handler_class, ids=self.ids, listeners=self.listeners,
+                tls_context=self.tls_context, tls_fds=self.tls_fds, scoreboard=self.scoreboard,
+                wake_fd=self.wake_w, error_fd=self.error_w, master_fds=(self.wake_r, self.error_r),
+                signals=frozenset(SIGNALS)))
         self.scoreboard.set_pid(slot, pid)
         self.children[pid] = Child(pid, slot, self.generation, time.time())
-
-    def _worker_main(self, slot: int) -> int:
-        """In the forked child: boot (privileges, handler import) and serve; return exit status."""
-        for sig in SIGNALS:
-            signal.signal(sig, signal.SIG_DFL)
-        # While booting (the handler import may be slow): USR1 must not kill us, and a
-        # retire (HUP) must not be lost; TERM, INT and QUIT may end a worker that serves no one.
-        retire_early: list[bool] = []
-        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-        signal.signal(signal.SIGHUP, lambda s, f: retire_early.append(True))
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)  # blocked by spawn() across the fork
-        os.close(self.wake_r)
-        os.close(self.error_r)
-        _die_with_parent(self.pid)
-        random.seed()
-        config, board, generation = self.config, self.scoreboard, self.generation
-        setproctitle(f"prefork-esmtp: worker [gen {generation}] starting")
-        try:
-            privileges.drop(self.ids)
-            if self.ids is not None:
-                _die_with_parent(self.pid)  # a uid/gid change cleared the parent-death signal
-            # The master never imported it (unless preloaded, and then configured it too),
-            # so this import is fresh and its options are this generation's.
-            handler_class = self.handler_class
-            if handler_class is None:
-                handler_class = load_handler(config.handler)
-                configure_handler(handler_class, config.handler_options)
-        except (HandlerLoadError, OSError) as exc:
-            message = str(exc) if isinstance(exc, HandlerLoadError) else f"cannot drop privileges: {exc}"
-            log.error("worker cannot boot: %s", message)
-            try:
-                os.write(self.error_w, (message[:500] + "\n").encode())
-            except OSError:
-                pass
-            return BOOT_ERROR
-        limit = config.max_connections_per_child
-        if limit:
-            limit += random.randint(0, limit // 10)
-        master_pid = self.pid
-        worker: Worker
-
-        wake_master = [self.wake_w]
-
-        def report(state: str, peer: Any) -> None:
-            peer_text = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else ""
-            code = BUSY if state == "busy" else IDLE
-            board.update(slot, code, worker.served, peer_text, 1.0 if code == IDLE else config.timeout)
-            setproctitle(f"prefork-esmtp: worker [gen {generation}] {state}"
-                         f"{' ' + peer_text if peer_text else ''}, {worker.served} sessions")
-            if wake_master:  # booted: tell the master now rather than at its next tick
-                try:
-                    os.write(wake_master.pop(), b"b")
-                except OSError:
-                    pass
-
-        worker = Worker(self.listeners, handler_class, config, max_sessions=limit, report=report,
-                        alive_check=lambda: os.getppid() == master_pid,
-                        check_in=lambda expect: board.check_in(slot, expect),
-                        tls_context=self.tls_context, tls_listeners=self.tls_fds,
-                        ip_sessions=board.sessions_from)
-        worker.install_signals()
-        signal.signal(signal.SIGHUP, lambda s, f: worker.stop())  # retire: finish the session, exit
-        signal.signal(signal.SIGUSR1, lambda s, f: logs.reopen())
-        if retire_early:
-            return 0
-        worker.run()
-        return 0
 
     def reap(self) -> None:
         """Collect exited workers; a boot failure on first start stops the master."""
@@ -426,9 +354,7 @@ class Master:
         elif self.reloading is not None and child.generation == self.generation:
             self._abort_reload(message)
         else:
-            self.boot_failures += 1
-            pause = min(2.0 ** self.boot_failures, 60.0)
-            self.spawn_paused_until = time.monotonic() + pause
+            pause = self._pause_spawns()
             log.error("worker %d could not boot: %s; no new workers for %.0fs (fix the handler, then reload)",
                       child.pid, message, pause)
 
@@ -437,10 +363,15 @@ class Master:
         if self.reloading is not None and child.generation == self.generation:
             self._abort_reload(message)
             return
-        self.boot_failures += 1
-        pause = min(2.0 ** self.boot_failures, 60.0)
-        self.spawn_paused_until = time.monotonic() + pause
+        pause = self._pause_spawns()
         log.error("%s; no new workers for %.0fs", message, pause)
+
+    def _pause_spawns(self) -> float:
+        """One boot failure more: no new workers for 2, 4, 8 ... up to BOOT_BACKOFF_MAX seconds."""
+        self.boot_failures += 1
+        pause = min(2.0 ** self.boot_failures, BOOT_BACKOFF_MAX)
+        self.spawn_paused_until = time.monotonic() + pause
+        return pause
 
     def murder_stale(self) -> None:
         """Kill workers that missed their check-in by more than the worker timeout."""
@@ -594,24 +525,3 @@ class Master:
             self._signal_all(signal.SIGKILL)
             self.stop_deadline = time.monotonic() + 5.0
 
-
-def _load_prctl() -> Any:
-    """libc's prctl, loaded once in the master so forked workers share it."""
-    try:
-        import ctypes
-
-        return ctypes.CDLL(None, use_errno=True).prctl
-    except Exception:  # not Linux, or no libc: the worker's getppid() check still catches it
-        return None
-
-
-_PRCTL = _load_prctl()
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent(master_pid: int) -> None:
-    """Ask Linux to send us TERM if the master dies (no orphans), where prctl is available."""
-    if _PRCTL is not None:
-        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    if os.getppid() != master_pid:
-        os._exit(0)  # the master died before prctl took effect

@@ -23,16 +23,13 @@ def read(path: str) -> int | None:
 
 def alive(pid: int) -> bool:
     """Whether a process with this pid exists (and is not a zombie we could reap)."""
+    if pid <= 0:
+        return False  # 0 and -1 name process groups, never one master
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
+    except psutil.Error:  # there, but we may not look: count it as alive
         return True
 
 

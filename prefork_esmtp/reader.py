@@ -31,6 +31,7 @@ class DataTooSlow(Exception):
     """During DATA/BDAT the client fell below the minimum data rate."""
 
 
+<<<<<<< HEAD
 class CommandTooSlow(Exception):
     """A command line took longer than the command deadline from its first octet to its end."""
 
@@ -44,6 +45,8 @@ class SessionTooLong(Exception):
 DATA_RATE_GRACE = 10.0
 
 
+=======
+>>>>>>> hconf
 class LineTooLong(Exception):
     """A command line exceeded the limit; it has been drained up to its LF."""
 
@@ -80,7 +83,7 @@ class Reader:
         self._current_timeout = timeout
         sock.settimeout(timeout)
 
-    def start_rate(self, octets_per_second: int, grace: float = DATA_RATE_GRACE) -> None:
+    def start_rate(self, octets_per_second: int, grace: float) -> None:
         """From now until :meth:`stop_rate`, require this average rate (after ``grace`` seconds)."""
         if octets_per_second > 0:
             self._rate = (float(octets_per_second), time.monotonic(), self.received, grace)

@@ -23,8 +23,13 @@ from prefork_esmtp.addresses import AddressError, parse_path_argument
 from prefork_esmtp.dotdata import DotDecoder
 from prefork_esmtp.handler import ESMTPHandler
 from prefork_esmtp.intake import MessageIntake
+<<<<<<< HEAD
 from prefork_esmtp.reader import (CommandTooSlow, DataTooSlow, LineTooLong, Reader, ReadTimeout,
                                   SessionTooLong, StopSession)
+=======
+from prefork_esmtp.reader import DataTooSlow, LineTooLong, Reader, ReadTimeout, StopSession
+from prefork_esmtp.reporter import NO_REPORTER, Reporter
+>>>>>>> hconf
 from prefork_esmtp.settings import Config
 from prefork_esmtp.writer import ClientGone, ReplyWriter
 
@@ -68,23 +73,21 @@ class Session:
     """One SMTP session over a connected socket.
 
     ``tls_context`` enables STARTTLS (and is used at once when ``implicit_tls``);
-    ``ip_sessions(ip)`` counts this IP's sessions across all workers.
+    ``reporter`` gets the check-ins and counts this IP's sessions across all workers.
     """
 
     def __init__(self, sock: socket.socket, peer: Any, handler_class: type, config: Config,
-                 stopping: Callable[[], bool] = lambda: False,
-                 check_in: Callable[[float], None] | None = None, *,
-                 tls_context: ssl.SSLContext | None = None, implicit_tls: bool = False,
-                 ip_sessions: Callable[[str], int] | None = None) -> None:
+                 stopping: Callable[[], bool] = lambda: False, reporter: Reporter = NO_REPORTER, *,
+                 tls_context: ssl.SSLContext | None = None, implicit_tls: bool = False) -> None:
         self.sock = sock
         self.config = config
         self.hostname = config.hostname
         self.stopping = stopping
         self.tls_context = tls_context
         self.implicit_tls = implicit_tls
-        self.ip_sessions = ip_sessions
+        self.ip_sessions = reporter.sessions_from
         self.writer = ReplyWriter(sock)
-        self.reader = Reader(sock, self.writer, config.timeout, check_in)
+        self.reader = Reader(sock, self.writer, config.timeout, reporter.check_in)
         self.reader.stop_check = self._stop_now
         self.reader.command_deadline = config.command_deadline
         self.reader.limit_session(config.max_session_time)

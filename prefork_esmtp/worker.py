@@ -1,8 +1,10 @@
 """The worker's serve loop: wait on the listeners, accept, serve one session at a time.
 
 The same loop runs alone in the foreground (``start -X``) and in every
-pre-forked worker, where the master passes a wake pipe and a callback that
-reports state (idle/busy, sessions served, heartbeat) to the scoreboard.
+pre-forked worker (booted by :mod:`prefork_esmtp.boot`), which hands it a
+reporter that tells the scoreboard its state (idle/busy, sessions served,
+check-ins); ``-X`` uses the base :class:`~prefork_esmtp.reporter.Reporter`,
+which reports nothing.
 """
 
 from __future__ import annotations
@@ -14,9 +16,9 @@ import select
 import selectors
 import signal
 import socket
-from collections.abc import Callable
 from typing import Any
 
+from prefork_esmtp.reporter import NO_REPORTER, Reporter
 from prefork_esmtp.session import Session
 from prefork_esmtp.settings import Config
 
@@ -27,32 +29,19 @@ TICK = 1.0
 #: After TERM a worker exits by itself this long past graceful_timeout (its master may be gone).
 ORPHAN_GRACE = 2.0
 
-Report = Callable[[str, Any], None]
-
-
-def _no_report(state: str, peer: Any) -> None:
-    pass
-
-
 class Worker:
     """Serves sessions from shared listeners until told to stop or ``max_sessions`` is reached."""
 
     def __init__(self, listeners: list[socket.socket], handler_class: type, config: Config,
-                 max_sessions: int = 0, report: Report = _no_report,
-                 alive_check: Callable[[], bool] = lambda: True,
-                 check_in: Callable[[float], None] | None = None, *,
-                 tls_context: Any = None, tls_listeners: frozenset[int] = frozenset(),
-                 ip_sessions: Callable[[str], int] | None = None) -> None:
+                 max_sessions: int = 0, reporter: Reporter = NO_REPORTER, *,
+                 tls_context: Any = None, tls_listeners: frozenset[int] = frozenset()) -> None:
         self.listeners = listeners
         self.tls_context = tls_context
         self.tls_listeners = tls_listeners  # fds of implicit-TLS listeners
-        self.ip_sessions = ip_sessions
         self.handler_class = handler_class
         self.config = config
         self.max_sessions = max_sessions
-        self.report = report
-        self.alive_check = alive_check
-        self.check_in = check_in
+        self.reporter = reporter
         self.alive = True
         self.shutting_down = False
         self.served = 0
@@ -126,9 +115,9 @@ class Worker:
         poller = _Poller(self.listeners, self._wake_r, self.config.accept_mode == "exclusive")
         try:
             while self.alive:
-                self.report("idle", None)
+                self.reporter.idle()
                 ready = poller.wait(TICK)
-                if self.shutting_down or not self.alive_check():
+                if self.shutting_down or not self.reporter.master_alive():
                     break
                 # Told to retire (HUP, TTOU, max-spare) while the wait returned: still accept
                 # what it reported.  With EPOLLEXCLUSIVE the kernel woke only this worker for
@@ -166,15 +155,14 @@ class Worker:
 
     def serve(self, conn: socket.socket, peer: Any, implicit_tls: bool = False) -> None:
         """Run one session to its end; nothing a session does kills the worker."""
-        self.report("busy", peer)
+        self.reporter.busy(peer)
         try:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass
         try:
             self.session = Session(conn, peer, self.handler_class, self.config, self.stopping,
-                                   self.check_in, tls_context=self.tls_context,
-                                   implicit_tls=implicit_tls, ip_sessions=self.ip_sessions)
+                                   self.reporter, tls_context=self.tls_context, implicit_tls=implicit_tls)
         except Exception:
             log.exception("cannot start a session for %s (handler constructor failed?)", peer)
             try:
@@ -191,6 +179,7 @@ class Worker:
         finally:
             self.session = None
             self.served += 1
+            self.reporter.served()
 
 
 class _Poller:

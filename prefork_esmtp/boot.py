@@ -1,0 +1,139 @@
+"""A pre-forked worker's life after the fork: boot (signals, privileges, handler) and serve.
+
+The master forks and calls :func:`run_worker` in the child with a
+:class:`WorkerPlan`, everything the worker needs from it; nothing here runs
+in the master but the import.  A worker that cannot boot writes one line to
+the master's error pipe and exits with :data:`BOOT_ERROR`, so the master
+stops (first start) or aborts the reload instead of respawning in a loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import signal
+import socket
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+from setproctitle import setproctitle
+
+from prefork_esmtp import logs, privileges
+from prefork_esmtp.loader import HandlerLoadError, configure_handler, load_handler
+from prefork_esmtp.reporter import ScoreboardReporter
+from prefork_esmtp.scoreboard import Scoreboard
+from prefork_esmtp.settings import Config
+from prefork_esmtp.worker import TICK, Worker
+
+log = logging.getLogger("prefork_esmtp.worker")
+
+#: A worker exits with this status when it cannot boot (handler import or options refused).
+BOOT_ERROR = 3
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    """What a forked worker gets from its master: its slot, generation, config and file descriptors."""
+
+    master_pid: int
+    slot: int
+    generation: int
+    config: Config
+    #: preloaded and configured by the master, or None: import and configure it here
+    handler_class: type | None
+    ids: Any  # the uid/gid to drop to, or None
+    listeners: list[socket.socket]
+    tls_context: Any
+    tls_fds: frozenset[int]  # fds of the implicit-TLS listeners
+    scoreboard: Scoreboard
+    wake_fd: int  # the master's wake pipe: written once, when booted
+    error_fd: int  # the master's boot-error pipe: one line if the boot fails
+    master_fds: tuple[int, ...]  # the master's own ends of its pipes, closed at once
+    signals: frozenset[int]  # the master's signals: blocked across the fork, reset here
+
+
+def run_worker(plan: WorkerPlan) -> NoReturn:
+    """In the forked child: boot, serve, and leave with ``os._exit`` (never back into the master's code)."""
+    status = 1
+    try:
+        status = _boot_and_serve(plan)
+    except SystemExit as exc:
+        status = exc.code if isinstance(exc.code, int) else 0
+    except BaseException:
+        log.exception("worker crashed")
+    finally:
+        logging.shutdown()
+        os._exit(status)
+
+
+def _boot_and_serve(plan: WorkerPlan) -> int:
+    """Boot (privileges, handler import and options) and serve; return the exit status."""
+    for sig in plan.signals:
+        signal.signal(sig, signal.SIG_DFL)
+    # While booting (the handler import may be slow): USR1 must not kill us, and a
+    # retire (HUP) must not be lost; TERM, INT and QUIT may end a worker that serves no one.
+    retire_early: list[bool] = []
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, lambda s, f: retire_early.append(True))
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, plan.signals)  # blocked by the master across the fork
+    for fd in plan.master_fds:
+        os.close(fd)
+    die_with_parent(plan.master_pid)
+    random.seed()
+    config = plan.config
+    setproctitle(f"prefork-esmtp: worker [gen {plan.generation}] starting")
+    try:
+        privileges.drop(plan.ids)
+        if plan.ids is not None:
+            die_with_parent(plan.master_pid)  # a uid/gid change cleared the parent-death signal
+        # The master never imported it (unless preloaded, and then configured it too),
+        # so this import is fresh and its options are this generation's.
+        handler_class = plan.handler_class
+        if handler_class is None:
+            handler_class = load_handler(config.handler)
+            configure_handler(handler_class, config.handler_options)
+    except (HandlerLoadError, OSError) as exc:
+        message = str(exc) if isinstance(exc, HandlerLoadError) else f"cannot drop privileges: {exc}"
+        log.error("worker cannot boot: %s", message)
+        try:
+            os.write(plan.error_fd, (message[:500] + "\n").encode())
+        except OSError:
+            pass
+        return BOOT_ERROR
+    limit = config.max_connections_per_child
+    if limit:
+        limit += random.randint(0, limit // 10)
+    reporter = ScoreboardReporter(plan.scoreboard, plan.slot, plan.generation, plan.master_pid,
+                                  idle_expect=TICK, busy_expect=config.timeout, wake_fd=plan.wake_fd)
+    worker = Worker(plan.listeners, handler_class, config, max_sessions=limit, reporter=reporter,
+                    tls_context=plan.tls_context, tls_listeners=plan.tls_fds)
+    worker.install_signals()
+    signal.signal(signal.SIGHUP, lambda s, f: worker.stop())  # retire: finish the session, exit
+    signal.signal(signal.SIGUSR1, lambda s, f: logs.reopen())
+    if retire_early:
+        return 0
+    worker.run()
+    return 0
+
+
+def _load_prctl() -> Any:
+    """libc's prctl, loaded once when the master imports this module, so forked workers share it."""
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except Exception:  # not Linux, or no libc: the worker's getppid() check still catches it
+        return None
+
+
+_PRCTL = _load_prctl()
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(master_pid: int) -> None:
+    """Ask Linux to send us TERM if the master dies (no orphans), where prctl is available."""
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != master_pid:
+        os._exit(0)  # the master died before prctl took effect

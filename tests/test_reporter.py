@@ -1,0 +1,67 @@
+"""The worker's reporter: what reaches the scoreboard slot and the master's wake pipe."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from setproctitle import getproctitle, setproctitle
+
+from prefork_esmtp.reporter import NO_REPORTER, ScoreboardReporter
+from prefork_esmtp.scoreboard import BUSY, IDLE, Scoreboard
+
+
+@pytest.fixture
+def board():
+    """A scoreboard with slot 2 claimed; the test process's title is put back afterwards."""
+    title = getproctitle()
+    board = Scoreboard(4)
+    board.claim(2, 0, 7)
+    yield board
+    board.close()
+    setproctitle(title)
+
+
+def test_busy_idle_and_served_reach_the_slot(board):
+    wake_r, wake_w = os.pipe()
+    try:
+        reporter = ScoreboardReporter(board, 2, 7, os.getppid(), idle_expect=1.5, busy_expect=300.0,
+                                      wake_fd=wake_w)
+        reporter.idle()
+        assert os.read(wake_r, 16) == b"b"  # the master hears of the boot at once
+        slot = board.slot(2)
+        assert (slot.state, slot.sessions, slot.peer, slot.expect) == (IDLE, 0, "", 1.5)
+
+        reporter.busy(("192.0.2.7", 4000))
+        slot = board.slot(2)
+        assert (slot.state, slot.sessions, slot.peer, slot.expect) == (BUSY, 0, "192.0.2.7:4000", 300.0)
+        assert reporter.sessions_from("192.0.2.7") == 1
+        assert reporter.sessions_from("192.0.2.8") == 0
+        reporter.check_in(12.5)
+        assert board.slot(2).expect == 12.5
+
+        reporter.served()
+        reporter.idle()
+        slot = board.slot(2)
+        assert (slot.state, slot.sessions, slot.peer) == (IDLE, 1, "")
+        assert getproctitle() == "prefork-esmtp: worker [gen 7] idle, 1 sessions"
+        os.set_blocking(wake_r, False)
+        with pytest.raises(BlockingIOError):
+            os.read(wake_r, 16)  # written once only
+    finally:
+        os.close(wake_r)
+        os.close(wake_w)
+
+
+def test_master_alive_is_the_parent_check(board):
+    assert ScoreboardReporter(board, 2, 7, os.getppid(), idle_expect=1.0, busy_expect=300.0).master_alive()
+    assert not ScoreboardReporter(board, 2, 7, os.getpid(), idle_expect=1.0, busy_expect=300.0).master_alive()
+
+
+def test_the_single_process_reporter_reports_nothing():
+    NO_REPORTER.idle()
+    NO_REPORTER.busy(("192.0.2.7", 4000))
+    NO_REPORTER.served()
+    NO_REPORTER.check_in(1.0)
+    assert NO_REPORTER.master_alive()
+    assert NO_REPORTER.sessions_from("192.0.2.7") == 0
