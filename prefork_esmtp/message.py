@@ -22,19 +22,11 @@ from __future__ import annotations
 import re
 from typing import Any
 
-<<<<<<< HEAD
+from prefork_esmtp.handler import DEFAULT_CHUNKSIZE
+
 # field-name (printable ASCII but colon), the WSP after it, and the colon if there is one:
 # a line is a header when the colon is there (obsolete syntax allows WSP before it).
 _FIELD = re.compile(rb"([!-9;-~]+)[ \t]*(:?)")
-=======
-from prefork_esmtp.handler import DEFAULT_CHUNKSIZE
-
-# field-name: printable ASCII but colon; obsolete syntax allows WSP before the colon.
-_HEADER = re.compile(rb"[!-9;-~]+[ \t]*:")
-_NAME_END = re.compile(rb"[ \t]*:$")
-# What a line that may still become a header starts with: field-name, then WSP.
-_NAME_RUN = re.compile(rb"[!-9;-~]+[ \t]*")
->>>>>>> hconf
 
 
 class HeaderTooLong(Exception):

@@ -31,7 +31,6 @@ class DataTooSlow(Exception):
     """During DATA/BDAT the client fell below the minimum data rate."""
 
 
-<<<<<<< HEAD
 class CommandTooSlow(Exception):
     """A command line took longer than the command deadline from its first octet to its end."""
 
@@ -40,13 +39,6 @@ class SessionTooLong(Exception):
     """The session outlived the session deadline (max_session_time)."""
 
 
-#: Seconds of a message transfer before the minimum data rate applies (the default of
-#: the min_data_rate_grace setting).
-DATA_RATE_GRACE = 10.0
-
-
-=======
->>>>>>> hconf
 class LineTooLong(Exception):
     """A command line exceeded the limit; it has been drained up to its LF."""
 

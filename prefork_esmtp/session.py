@@ -23,13 +23,9 @@ from prefork_esmtp.addresses import AddressError, parse_path_argument
 from prefork_esmtp.dotdata import DotDecoder
 from prefork_esmtp.handler import ESMTPHandler
 from prefork_esmtp.intake import MessageIntake
-<<<<<<< HEAD
 from prefork_esmtp.reader import (CommandTooSlow, DataTooSlow, LineTooLong, Reader, ReadTimeout,
                                   SessionTooLong, StopSession)
-=======
-from prefork_esmtp.reader import DataTooSlow, LineTooLong, Reader, ReadTimeout, StopSession
 from prefork_esmtp.reporter import NO_REPORTER, Reporter
->>>>>>> hconf
 from prefork_esmtp.settings import Config
 from prefork_esmtp.writer import ClientGone, ReplyWriter
 
