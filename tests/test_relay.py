@@ -250,3 +250,70 @@ def test_bad_relay_options_are_one_line_at_configtest(option, message):
     assert result.returncode != 0
     lines = [line for line in (result.stderr + result.stdout).splitlines() if line.strip()]
     assert len(lines) == 1 and message in lines[0], lines
+
+
+# -- TLS to the upstream -------------------------------------------------------------------
+
+from tls_support import pki  # noqa: E402  (the module's certificates)
+
+
+@pytest.fixture
+def tls_upstream(start_server, pki):
+    return start_server("--tls-cert", str(pki.cert), "--tls-key", str(pki.key))
+
+
+def _relay_one(relay) -> tuple[int, list[str]]:
+    c = connect(relay)
+    assert c.cmd("EHLO client.example")[0] == 250
+    code, lines = c.cmd("MAIL FROM:<alice@example.org>")
+    if code == 250:
+        assert c.cmd("RCPT TO:<bob@example.org>")[0] == 250
+        assert c.cmd("DATA")[0] == 354
+        c.send(STUFFED + b".\r\n")
+        code, lines = c.reply()
+    c.close()
+    return code, lines
+
+
+@pytest.mark.parametrize("mode, ca, expected", [
+    ("required", True, "TLSv1.3"),   # verified against the test CA
+    ("opportunistic", False, "TLSv1.3"),  # encrypted, identity not checked
+    ("none", False, None),
+])
+def test_tls_to_the_upstream(start_server, tls_upstream, pki, mode, ca, expected):
+    options = [f"tls={mode}"] + ([f"tls_ca={pki.ca}"] if ca else [])
+    relay = start_relay(start_server, f"127.0.0.1:{tls_upstream.port}", *options)
+    assert _relay_one(relay)[0] == 250
+    [message] = tls_upstream.accepted_messages()
+    tls = message["record"]["tls"]
+    assert (tls or {}).get("version") == expected
+
+
+def test_required_tls_refuses_an_unverified_upstream(start_server, tls_upstream):
+    relay = start_relay(start_server, f"127.0.0.1:{tls_upstream.port}", "tls=required")  # system CAs only
+    code, lines = _relay_one(relay)
+    assert code == 451 and lines[0].startswith("4.7.5 "), (code, lines)
+    assert tls_upstream.accepted_messages() == []
+
+
+def test_required_tls_refuses_an_upstream_without_starttls(start_server, pki):
+    upstream = start_server()
+    relay = start_relay(start_server, f"127.0.0.1:{upstream.port}", "tls=required", f"tls_ca={pki.ca}")
+    code, lines = _relay_one(relay)
+    assert code == 451 and lines[0].startswith("4.7.5 ") and "STARTTLS" in lines[0], (code, lines)
+
+
+def test_binarymime_goes_upstream_with_bdat(start_server):
+    upstream = start_server()
+    relay = start_relay(start_server, f"127.0.0.1:{upstream.port}")
+    c = connect(relay)
+    assert c.cmd("EHLO client.example")[0] == 250
+    assert c.cmd("MAIL FROM:<alice@example.org> BODY=BINARYMIME")[0] == 250
+    assert c.cmd("RCPT TO:<bob@example.org>")[0] == 250
+    body = b"Subject: binary\r\n\r\n\x00\x01\xff bare\nlf and a lone .\r\n.\r\n"
+    c.send(f"BDAT {len(body)} LAST\r\n".encode() + body)
+    assert c.reply()[0] == 250
+    c.close()
+    [message] = upstream.accepted_messages()
+    assert message["mail_params"] == {"BODY": "BINARYMIME"}
+    assert message["body"] == b"\x00\x01\xff bare\nlf and a lone .\r\n.\r\n"
