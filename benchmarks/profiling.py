@@ -50,7 +50,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import run as bench  # noqa: E402  (the benchmark's process helpers and workloads)
+from measure import Sample, Workload, drive, rate  # noqa: E402  (the benchmark's parts)
+from procs import end_all, end_process, free_port, greets, log, on_signal, process_tree, spawn  # noqa: E402
+from report import PROFILE_BEGIN, PROFILE_END, machine  # noqa: E402
+from servers import PreforkServer, Server  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -78,21 +81,21 @@ def func_name(key: tuple[str, int, str]) -> str:
 
 # -- 1. cProfile ----------------------------------------------------------------------------------
 
-def cprofile_run(args: argparse.Namespace, wl: bench.Workload, workdir: Path, clock: str) -> dict[str, Any]:
+def cprofile_run(args: argparse.Namespace, wl: Workload, workdir: Path, clock: str) -> dict[str, Any]:
     outdir = workdir / f"cprofile-{clock}-{wl.key}"
     outdir.mkdir()
-    srv = bench.PreforkServer(args.workers, key=f"cprofile-{wl.key}")
+    srv = PreforkServer(args.workers, key=f"cprofile-{wl.key}")
     srv.exe = [sys.executable, str(HERE / "cprofile_launcher.py")]
     env = dict(os.environ, PREFORK_ESMTP_CPROFILE_DIR=str(outdir), PREFORK_ESMTP_CPROFILE_CLOCK=clock)
-    port = bench.free_port()
+    port = free_port()
     logf = open(workdir / f"cprofile-{wl.key}.log", "wb")
-    proc = bench.spawn(srv.command(port), stdout=logf, stderr=subprocess.STDOUT, env=env)
+    proc = spawn(srv.command(port), stdout=logf, stderr=subprocess.STDOUT, env=env)
     srv.proc, srv.root, srv.port = proc, proc.pid, port
     try:
         wait_ready(srv, args.workers)
-        sample = bench.drive(srv, wl, wl.count, args.run_timeout)
-        bench.log(f"cProfile ({clock} clock) {wl.key}: {bench.rate(wl, sample):.0f} msgs/s under the profiler"
-                  + ("" if sample.ok else f" FAILED: {sample.error}"))
+        sample = drive(srv, wl, wl.count, args.run_timeout)
+        log(f"cProfile ({clock} clock) {wl.key}: {rate(wl, sample):.0f} msgs/s under the profiler"
+            + ("" if sample.ok else f" FAILED: {sample.error}"))
     finally:
         srv.stop_signal = signal.SIGTERM  # graceful: workers leave run() and dump their stats
         srv.stop()
@@ -114,16 +117,16 @@ def cprofile_run(args: argparse.Namespace, wl: bench.Workload, workdir: Path, cl
     by_incl = sorted((r for r in rows if "Worker.run" not in r[0] and "_profiled_run" not in r[0]),
                      key=lambda r: r[3], reverse=True)[:args.top]
     calls = sum(r[1] for r in rows)
-    return {"clock": clock, "rate": bench.rate(wl, sample), "messages": wl.count, "total_cpu": total,
+    return {"clock": clock, "rate": rate(wl, sample), "messages": wl.count, "total_cpu": total,
             "self": by_self, "incl": by_incl, "calls": calls, "files": len(files)}
 
 
-def wait_ready(srv: bench.Server, workers: int) -> None:
+def wait_ready(srv: Server, workers: int) -> None:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if srv.proc is not None and srv.proc.poll() is not None:
             raise RuntimeError(f"server exited at start-up ({srv.proc.returncode})")
-        if len(bench.process_tree(srv.root)) - 1 >= workers and bench.greets(srv.port):
+        if len(process_tree(srv.root)) - 1 >= workers and greets(srv.port):
             time.sleep(0.5)
             srv.refresh_tree()
             return
@@ -133,20 +136,20 @@ def wait_ready(srv: bench.Server, workers: int) -> None:
 
 # -- 2./3. tools attached to the workers of a plain server -----------------------------------------
 
-def attached_run(args: argparse.Namespace, wl: bench.Workload, workdir: Path, count: int,
-                 tool: Callable[[list[int], Path], list[str]], tag: str) -> tuple[Path, bench.Sample]:
-    srv = bench.PreforkServer(args.workers, key=f"{tag}-{wl.key}")
+def attached_run(args: argparse.Namespace, wl: Workload, workdir: Path, count: int,
+                 tool: Callable[[list[int], Path], list[str]], tag: str) -> tuple[Path, Sample]:
+    srv = PreforkServer(args.workers, key=f"{tag}-{wl.key}")
     out = workdir / f"{tag}-{wl.key}.out"
     try:
         srv.start(workdir)
         pids = [p.pid for p in srv.workers()]
-        attached = bench.spawn(tool(pids, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        attached = spawn(tool(pids, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(1.0)
         try:
-            sample = bench.drive(srv, wl, count, args.run_timeout)
+            sample = drive(srv, wl, count, args.run_timeout)
         finally:
-            bench.end_process(attached, signal.SIGINT, grace=30)
-        bench.log(f"{tag} {wl.key}: {bench.rate(wl, sample):.0f} msgs/s with {tag} attached")
+            end_process(attached, signal.SIGINT, grace=30)
+        log(f"{tag} {wl.key}: {rate(wl, sample):.0f} msgs/s with {tag} attached")
     finally:
         srv.stop()
     return out, sample
@@ -160,7 +163,7 @@ def perf_works() -> bool:
     return r.returncode == 0
 
 
-def perf_run(args: argparse.Namespace, wl: bench.Workload, workdir: Path) -> dict[str, Any]:
+def perf_run(args: argparse.Namespace, wl: Workload, workdir: Path) -> dict[str, Any]:
     perf = shutil.which("perf") or "perf"
     data, sample = attached_run(args, wl, workdir, wl.count,
                                 lambda pids, out: [perf, "record", "-F", "999", "-q", "-o", str(out),
@@ -179,7 +182,7 @@ def perf_run(args: argparse.Namespace, wl: bench.Workload, workdir: Path) -> dic
     return {"dso": report("dso")[:8], "sym": report("sym")[:args.top]}
 
 
-def strace_run(args: argparse.Namespace, wl: bench.Workload, workdir: Path) -> dict[str, Any]:
+def strace_run(args: argparse.Namespace, wl: Workload, workdir: Path) -> dict[str, Any]:
     strace = shutil.which("strace") or "strace"
     count = args.strace_messages
     out, sample = attached_run(args, wl, workdir, count,
@@ -199,10 +202,10 @@ def strace_run(args: argparse.Namespace, wl: bench.Workload, workdir: Path) -> d
 
 # -- report -----------------------------------------------------------------------------------------
 
-def render(args: argparse.Namespace, workloads: dict[str, bench.Workload], results: dict[str, dict],
+def render(args: argparse.Namespace, workloads: dict[str, Workload], results: dict[str, dict],
            notes: str) -> str:
-    m = bench.machine()
-    lines = [bench.PROFILE_BEGIN, "## Profile: where prefork-esmtp's CPU goes", ""]
+    m = machine()
+    lines = [PROFILE_BEGIN, "## Profile: where prefork-esmtp's CPU goes", ""]
     w = lines.append
     w(f"Written by `benchmarks/profiling.py` on "
       f"{datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}, {m['cpu']}, {m['cores']} cores, "
@@ -237,7 +240,7 @@ def render(args: argparse.Namespace, workloads: dict[str, bench.Workload], resul
     if notes:
         w(notes.strip())
         w("")
-    w(bench.PROFILE_END)
+    w(PROFILE_END)
     return "\n".join(lines)
 
 
@@ -275,9 +278,9 @@ def render_cprofile(w: Callable[[str], None], cp: dict[str, Any], top: int) -> N
 
 def write_section(path: Path, section: str) -> None:
     text = path.read_text() if path.exists() else "# prefork-esmtp benchmark results\n"
-    i, j = text.find(bench.PROFILE_BEGIN), text.find(bench.PROFILE_END)
+    i, j = text.find(PROFILE_BEGIN), text.find(PROFILE_END)
     if i >= 0 and j > i:
-        text = text[:i] + section + text[j + len(bench.PROFILE_END):]
+        text = text[:i] + section + text[j + len(PROFILE_END):]
     else:
         text = text.rstrip() + "\n\n" + section + "\n"
     path.write_text(text)
@@ -302,12 +305,12 @@ def main() -> int:
                    help="markdown file appended to the section (analysis, suggestions), if it exists")
     args = p.parse_args()
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, bench._on_signal)
+        signal.signal(sig, on_signal)
     workloads = {
-        "conn": bench.Workload("conn", "Connection per message (2 KB, 20 parallel sessions)", 20, 2048,
-                               False, args.conn_messages),
-        "persist": bench.Workload("persist", "Persistent sessions (2 KB, 20 sessions, `-d`)", 20, 2048,
-                                  True, args.persist_messages),
+        "conn": Workload("conn", "Connection per message (2 KB, 20 parallel sessions)", 20, 2048,
+                         False, args.conn_messages),
+        "persist": Workload("persist", "Persistent sessions (2 KB, 20 sessions, `-d`)", 20, 2048,
+                            True, args.persist_messages),
     }
     use_perf = not args.no_perf and perf_works()
     use_strace = not args.no_strace and shutil.which("strace") is not None
@@ -323,10 +326,10 @@ def main() -> int:
                 res["strace"] = strace_run(args, wl, workdir)
             results[key] = res
     except KeyboardInterrupt:
-        bench.log("interrupted")
+        log("interrupted")
         return 130
     finally:
-        bench.end_all()
+        end_all()
     notes = args.notes.read_text() if args.notes and args.notes.exists() else ""
     section = render(args, workloads, results, notes)
     write_section(args.output, section)

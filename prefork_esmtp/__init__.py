@@ -6,6 +6,6 @@ Subclass :class:`ESMTPHandler`, override the SMTP hooks you care about, and run
 
 __version__ = "0.1.0"
 
-from prefork_esmtp.handler import ESMTPHandler  # noqa: E402  (the public face)
+from prefork_esmtp.handler import ESMTPHandler, HandlerConfigError  # noqa: E402  (the public face)
 
-__all__ = ["ESMTPHandler", "__version__"]
+__all__ = ["ESMTPHandler", "HandlerConfigError", "__version__"]

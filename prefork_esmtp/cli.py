@@ -21,10 +21,11 @@ import click
 
 from prefork_esmtp import __version__, pidfile, privileges, tls
 from prefork_esmtp.listeners import ListenError, bind_all, describe
-from prefork_esmtp.loader import HandlerLoadError, load_handler
+from prefork_esmtp.loader import HandlerLoadError, configure_handler, load_handler
 from prefork_esmtp.logs import reopen as reopen_logs
 from prefork_esmtp.logs import setup as setup_logging
-from prefork_esmtp.settings import SETTINGS, Config, SettingError, resolve
+from prefork_esmtp.settings import (HANDLER_OPTION_FLAG, HANDLER_OPTION_HELP, SETTINGS, Config, SettingError,
+                                    resolve)
 
 log = logging.getLogger("prefork_esmtp")
 
@@ -39,10 +40,13 @@ def fail(message: str, status: int = 1) -> NoReturn:
 
 
 def settings_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Add one click option per setting (plus --config) to a command."""
+    """Add one click option per setting (plus --config and --handler-option) to a command."""
     for setting in reversed(SETTINGS):
         if not setting.cli:
             continue
+        if setting.name == "handler":  # listed right after --handler
+            func = click.option(HANDLER_OPTION_FLAG, "handler_option", multiple=True, metavar="KEY=VALUE",
+                                help=HANDLER_OPTION_HELP)(func)
         if setting.flag:
             opt = click.option(f"{setting.option}/--no-{setting.option[2:]}", setting.name,
                                default=None, help=setting.help)
@@ -138,6 +142,8 @@ def _preflight(config: Config, import_handler: bool) -> tuple[Any, Any, type | N
         if config.tls_listen and tls_context is None:
             raise Fatal("tls_listen needs tls_cert and tls_key")
         handler_class = load_handler(config.handler) if import_handler else None
+        if handler_class is not None:  # -X, --preload and configtest: configured here, before serving
+            configure_handler(handler_class, config.handler_options)
     except (HandlerLoadError, privileges.PrivilegeError, tls.TLSConfigError) as exc:
         raise Fatal(str(exc)) from None
     return ids, tls_context, handler_class

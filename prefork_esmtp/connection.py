@@ -71,6 +71,8 @@ class Connection:
         self.waiting = False
         self.writer = ReplyWriter(self)
         self.reader = Reader(self, config.timeout)
+        self.reader.command_deadline = config.command_deadline
+        self.reader.limit_session(config.max_session_time)
 
     # -- the socket, as the reader and the writer see it ------------------------
 

@@ -16,6 +16,14 @@ from prefork_esmtp.state import ConnectionState, Envelope
 Reply = tuple[Any, ...]
 
 
+class HandlerConfigError(ValueError):
+    """A handler option is wrong; ``configure`` raises it and its message is shown to the operator.
+
+    One line, naming the option: ``root: expected a directory name, got 5``.
+    A plain ``ValueError`` from ``configure`` is reported the same way.
+    """
+
+
 class ESMTPHandler:
     """The base class: carries on a whole ESMTP conversation, accepts and discards mail.
 
@@ -33,6 +41,10 @@ class ESMTPHandler:
     and ``local`` ((host, port) tuples), ``hostname`` (this server's), ``tls``,
     ``auth_user``, ``auth_mechanism``.  Outside a session (a unit test) they
     show the defaults, or what :func:`prefork_esmtp.state.attach` gave.
+
+    The message as it came (not in Apache2::Protocol::ESMTP): ``header_raw``
+    while HEADER runs, and ``header_section`` from EOH on, so a handler can
+    keep the message byte for byte.
     """
 
     #: Largest BODY chunk in chunk mode, in bytes.
@@ -45,10 +57,38 @@ class ESMTPHandler:
     #: The session's reader (``readline(limit)``, ``read(n)``) and reply writer (``write``, ``flush``).
     input_handle: Any = None
     output_handle: Any = None
+    #: While HEADER runs: that header's exact bytes as received, folding, spacing and
+    #: line ends (CRLF, or a bare LF the bare-newline policy keeps) included.
+    header_raw: bytes = b""
+    #: From EOH until the next message starts: the exact bytes of the header section
+    #: as received, with the empty line that ended it if there was one.
+    #: ``header_section`` followed by the BODY chunks is the message, byte for byte.
+    header_section: bytes = b""
     #: Set True if your handler acts on DSN requests (RFC 3461): the engine then
     #: advertises DSN.  RET, ENVID, NOTIFY and ORCPT are validated and handed over
     #: in mail_params / rcpt_params either way.
     dsn: bool = False
+
+    # -- configuration (once per worker process, before any connection) -------
+
+    @classmethod
+    def configure(cls, options: dict[str, Any]) -> None:
+        """Take the handler options: the ``[handler]`` table and ``--handler-option KEY=VALUE``.
+
+        Called on the handler class once per worker (again in each new worker
+        after a reload; in the master with ``--preload``; in-process with
+        ``-X``; and by ``configtest``) before any connection.  ``options`` is a
+        fresh dict the engine owns: values are strings from the command line,
+        or any TOML value from the file.  Each class pops the keys it knows,
+        stores what it needs on ``cls`` (so a subclass's values never touch its
+        parent or a sibling), and passes the rest to ``super().configure``; this
+        base refuses whatever nobody took.  Raise :class:`HandlerConfigError`
+        (or ``ValueError``) with one line to refuse a value: start, configtest
+        and reload then fail with that line.
+        """
+        if options:
+            names = ", ".join(repr(k) for k in sorted(options))
+            raise HandlerConfigError(f"unknown handler option{'s' if len(options) > 1 else ''} {names}")
 
     # The engine's state objects behind the session facts; set by the engine
     # (state.attach), or made on first use for a handler outside a session.
@@ -174,10 +214,17 @@ class ESMTPHandler:
         return 354, 'Enter mail, end with "." on a line by itself'
 
     def HEADER(self, name: str, value: str) -> None:
-        """One header of the message, unfolded.  No reply."""
+        """One header of the message, unfolded.  No reply.
+
+        ``self.header_raw`` holds its exact bytes as received (all its lines, line ends included).
+        """
 
     def EOH(self) -> None:
-        """End of the header section.  No reply."""
+        """End of the header section.  No reply.
+
+        ``self.header_section`` holds the exact bytes of the header section as
+        received, with the empty line that ended it if there was one.
+        """
 
     def BODY(self, chunk: bytes) -> None:
         """A piece of the body, dot-unstuffed.  No reply."""

@@ -1,4 +1,4 @@
-"""One message on its way in: size limit, bare-newline policy and hook failures, for DATA and BDAT.
+"""One message on its way in: size and header limits, bare-newline policy and hook failures, for DATA and BDAT.
 
 Whatever goes wrong, the intake stops feeding the handler but keeps counting
 nothing and dropping the rest, so the session can read to the end of the
@@ -12,7 +12,7 @@ from typing import Any
 
 from prefork_esmtp import replies as R
 from prefork_esmtp.dotdata import count_bare_newlines
-from prefork_esmtp.message import HeaderTooLong, MessageParser
+from prefork_esmtp.message import HeaderTooLong, MessageParser, TooManyHeaderLines
 
 log = logging.getLogger("prefork_esmtp.session")
 
@@ -23,8 +23,9 @@ class MessageIntake:
     __slots__ = ("parser", "limit", "size", "reject_bare", "prev_cr", "problem", "who")
 
     def __init__(self, handler: Any, max_size: int, max_header_size: int, reject_bare: bool,
-                 who: str) -> None:
-        self.parser = MessageParser(handler, max_header_size)
+                 who: str, max_header_lines: int | None = None, lf_ends_lines: bool = False) -> None:
+        """``lf_ends_lines``: a bare LF ends a header line for parsing (the bare-newline policy keeps it)."""
+        self.parser = MessageParser(handler, max_header_size, max_header_lines, lf_ends_lines)
         self.limit = max_size
         self.size = 0
         self.reject_bare = reject_bare
@@ -66,6 +67,8 @@ class MessageIntake:
             step(*args)
         except HeaderTooLong:
             self.problem = R.HEADER_TOO_BIG
+        except TooManyHeaderLines:
+            self.problem = R.TOO_MANY_HEADER_LINES
         except Exception:
             log.exception("message hook raised (client %s)", self.who)
             self.problem = R.HOOK_FAILED

@@ -1,12 +1,14 @@
-"""Importing the handler class named by ``module:Class``."""
+"""Importing the handler class named by ``module:Class``, and handing it its options."""
 
 from __future__ import annotations
 
 import importlib
 import os
 import sys
+from collections.abc import Mapping
+from typing import Any
 
-from prefork_esmtp.handler import ESMTPHandler
+from prefork_esmtp.handler import ESMTPHandler, HandlerConfigError
 
 
 class HandlerLoadError(Exception):
@@ -41,6 +43,24 @@ def load_handler(spec: str, fresh: bool = False) -> type[ESMTPHandler]:
     if not (isinstance(cls, type) and issubclass(cls, ESMTPHandler)):
         raise HandlerLoadError(f"{spec} is not a subclass of prefork_esmtp.ESMTPHandler")
     return cls
+
+
+def configure_handler(cls: type[ESMTPHandler], options: Mapping[str, Any]) -> None:
+    """Call ``cls.configure`` with a fresh copy of ``options``; a refusal becomes HandlerLoadError.
+
+    The message is one line naming the handler, so start, configtest and
+    reload all report it the way they report an import failure.
+    """
+    try:
+        cls.configure(dict(options))
+    except (HandlerConfigError, ValueError) as exc:
+        reason = str(exc).strip() or type(exc).__name__
+    except Exception as exc:  # a bug in configure: still one line, never a traceback for the operator
+        reason = f"configure() failed: {type(exc).__name__}: {exc}".strip()
+    else:
+        return
+    name = f"{cls.__module__}:{cls.__qualname__}"
+    raise HandlerLoadError(f"handler {name}: {reason.splitlines()[0]}") from None
 
 
 def _unreadable_path_note() -> str:

@@ -26,7 +26,7 @@ from setproctitle import setproctitle
 
 from prefork_esmtp import logs, pidfile, privileges, tls
 from prefork_esmtp.listeners import describe
-from prefork_esmtp.loader import HandlerLoadError, load_handler
+from prefork_esmtp.loader import HandlerLoadError, configure_handler, load_handler
 from prefork_esmtp.pool import adaptive_step, max_spare_default
 from prefork_esmtp.scoreboard import BUSY, IDLE, STARTING, Scoreboard
 from prefork_esmtp.settings import Config
@@ -131,9 +131,10 @@ class Master:
         log.info("reloading (generation %d)", self.generation)
         try:
             config = self.reload_config()
-            handler_class = self.handler_class
+            handler_class = None  # without --preload each new worker imports and configures it
             if config.preload:
                 handler_class = load_handler(config.handler, fresh=True)
+                configure_handler(handler_class, config.handler_options)
             ids = privileges.resolve(config.user, config.group)
             tls_context = tls.make_context(config.tls_cert, config.tls_key, config.tls_client_ca)
         except Exception as exc:  # SettingError, Fatal, HandlerLoadError, PrivilegeError
@@ -337,8 +338,12 @@ class Master:
             privileges.drop(self.ids)
             if self.ids is not None:
                 _die_with_parent(self.pid)  # a uid/gid change cleared the parent-death signal
-            # The master never imported it (unless preloaded), so this import is fresh.
-            handler_class = self.handler_class or load_handler(config.handler)
+            # The master never imported it (unless preloaded, and then configured it too),
+            # so this import is fresh and its options are this generation's.
+            handler_class = self.handler_class
+            if handler_class is None:
+                handler_class = load_handler(config.handler)
+                configure_handler(handler_class, config.handler_options)
         except (HandlerLoadError, OSError) as exc:
             message = str(exc) if isinstance(exc, HandlerLoadError) else f"cannot drop privileges: {exc}"
             log.error("worker cannot boot: %s", message)

@@ -2,11 +2,19 @@
 
 The same parser serves DATA (after dot-unstuffing) and BDAT (raw chunks), so a
 handler sees the same calls whichever the client used.  Headers are unfolded
-(RFC 5322 2.2.3: CRLF before WSP removed) and handed over as str, non-ASCII
-kept with UTF-8 and surrogateescape.  The header section ends at the empty
-line, or at the first line that is not a header (that line starts the body).
-The body goes out in chunks of at most ``chunksize`` while ``chunkmode`` is on,
-and line by line (CRLF included) while it is off.
+(RFC 5322 2.2.3: the line end before WSP removed) and handed over as str,
+non-ASCII kept with UTF-8 and surrogateescape; the exact bytes of each header
+(``header_raw``) and of the whole header section (``header_section``) are set
+on the handler as well, so it can keep the message byte for byte.  The header
+section ends at the empty line, or at the first line that is not a header
+(that line starts the body).  The body goes out in chunks of at most
+``chunksize`` while ``chunkmode`` is on, and line by line (line end included)
+while it is off (a line of the body ends with CRLF).
+
+Header lines end with CRLF; with ``lf_ends_lines`` a bare LF ends them too
+(as Postfix reads mail), so a message written with LF line ends keeps its
+structure: headers apart, EOH at the empty line, the body in BODY.  The bytes
+themselves are never changed.
 """
 
 from __future__ import annotations
@@ -14,17 +22,19 @@ from __future__ import annotations
 import re
 from typing import Any
 
-# field-name: printable ASCII but colon; obsolete syntax allows WSP before the colon.
-_HEADER = re.compile(rb"[!-9;-~]+[ \t]*:")
-_NAME_END = re.compile(rb"[ \t]*:$")
-# What a line that may still become a header starts with: field-name, then WSP.
-_NAME_RUN = re.compile(rb"[!-9;-~]+[ \t]*")
+# field-name (printable ASCII but colon), the WSP after it, and the colon if there is one:
+# a line is a header when the colon is there (obsolete syntax allows WSP before it).
+_FIELD = re.compile(rb"([!-9;-~]+)[ \t]*(:?)")
 
 DEFAULT_CHUNKSIZE = 65536
 
 
 class HeaderTooLong(Exception):
     """One header (unfolded) exceeded the header size limit."""
+
+
+class TooManyHeaderLines(Exception):
+    """The header section has more lines (continuation lines included) than the cap."""
 
 
 def _text(data: bytes) -> str:
@@ -35,18 +45,30 @@ class MessageParser:
     """Feeds one message to a handler's HEADER/EOH/BODY hooks.
 
     Exceptions from hooks propagate to the caller, which stops feeding and
-    answers for the whole message.
+    answers for the whole message.  Every byte of the header section is kept
+    (``section``) until EOH, so that the handler gets the exact bytes;
+    offsets into it say where each header and the section end.
     """
 
-    __slots__ = ("handler", "max_header_size", "in_headers", "partial", "name", "value")
+    __slots__ = ("handler", "max_header_size", "max_header_lines", "lf", "in_headers", "partial",
+                 "name", "value", "lines", "section", "line_off", "header_off")
 
-    def __init__(self, handler: Any, max_header_size: int) -> None:
+    def __init__(self, handler: Any, max_header_size: int, max_header_lines: int | None = None,
+                 lf_ends_lines: bool = False) -> None:
         self.handler = handler
         self.max_header_size = max_header_size
+        self.max_header_lines = max_header_lines
+        self.lf = lf_ends_lines
         self.in_headers = True
-        self.partial = b""  # an incomplete line
+        self.partial = b""  # an incomplete line (while in headers: maybe squeezed, see _squeeze)
         self.name: bytes | None = None  # the header being collected
         self.value = b""
+        self.lines = 0  # header lines taken so far
+        self.section = bytearray()  # every byte fed while in headers, as it came
+        self.line_off = 0  # where the line being examined starts, in ``section``
+        self.header_off = 0  # where the header being collected starts, in ``section``
+        handler.header_raw = b""
+        handler.header_section = b""
 
     def feed(self, data: bytes) -> None:
         """Take the next piece of the message."""
@@ -60,10 +82,14 @@ class MessageParser:
         """End of message: flush what is pending; EOH is always called before EOM."""
         if self.in_headers:
             tail, self.partial = bytes(self.partial), b""
-            if tail and self._is_header_line(tail):
-                self._take_header_line(tail)
-                tail = b""
-            self._end_headers()
+            end = len(self.section)
+            if tail:
+                header = self._classify(tail)
+                if header is not None:
+                    self._take_header_line(tail, header)
+                    self._end_headers(end, end)
+                    return
+            self._end_headers(self.line_off, self.line_off)
             if tail:
                 self._feed_body(tail)
         if self.partial:
@@ -72,100 +98,127 @@ class MessageParser:
 
     # -- headers --------------------------------------------------------------
 
-    def _is_header_line(self, line: bytes) -> bool:
-        if line[:1] in (b" ", b"\t"):
-            return self.name is not None
-        return _HEADER.match(line) is not None
+    def _classify(self, line: bytes) -> re.Match[bytes] | bool | None:
+        """What a header-section line is: a header (its match), a continuation (True) or neither (None).
 
-    def _take_header_line(self, line: bytes) -> None:
+        A line whose field name (and WSP) alone runs past the limit is refused,
+        header or not, so that the verdict never depends on where the network
+        cut the line: a partial line must be judged before its end.
+        """
         if line[:1] in (b" ", b"\t"):
-            self.value += line  # unfolding: the CRLF goes, the WSP stays
+            return True if self.name is not None else None
+        m = _FIELD.match(line)
+        if m is None:
+            return None
+        if m.start(2) > self.max_header_size:
+            raise HeaderTooLong()
+        return m if m.end(2) > m.start(2) else None
+
+    def _take_header_line(self, line: bytes, header: re.Match[bytes] | bool) -> None:
+        """Add one header line (its line end stripped) to the header being collected."""
+        self.lines += 1
+        if self.max_header_lines is not None and self.lines > self.max_header_lines:
+            raise TooManyHeaderLines()
+        if header is True:
+            self.value += line  # unfolding: the line end goes, the WSP stays
         else:
-            self._emit_header()
-            m = _HEADER.match(line)
-            self.name = _NAME_END.sub(b"", m.group(0))
-            self.value = bytearray(line[m.end():].lstrip(b" \t"))  # grows in place when folded
+            self._emit_header(self.line_off)
+            self.header_off = self.line_off
+            self.name = header.group(1)
+            self.value = bytearray(line[header.end():].lstrip(b" \t"))  # grows in place when folded
         if len(self.name) + len(self.value) > self.max_header_size:
             raise HeaderTooLong()
 
-    def _emit_header(self) -> None:
+    def _emit_header(self, end: int) -> None:
+        """Hand the header collected so far to HEADER; its exact bytes run up to ``end``."""
         if self.name is not None:
             name, value = self.name, self.value
             self.name, self.value = None, b""
-            self.handler.HEADER(_text(name), _text(value))
+            handler = self.handler
+            handler.header_raw = bytes(self.section[self.header_off:end])
+            handler.HEADER(_text(name), _text(value))
 
-    def _check_name_run(self, line: bytes) -> None:
-        """Refuse a line whose field name (and WSP) alone runs past the limit.
-
-        Header or not, so that the verdict never depends on where the line
-        was cut by the network: a partial line must be judged before its end.
-        """
-        m = _NAME_RUN.match(line)
-        if m is not None and m.end() > self.max_header_size:
-            raise HeaderTooLong()
-
-    def _squeeze(self, partial: bytes) -> bytes:
+    def _squeeze(self, partial: bytes, header: re.Match[bytes] | bool) -> bytes:
         """Bound an incomplete header line: drop the WSP the unfolding drops anyway.
 
         Raises HeaderTooLong once name + value so far exceed the limit; what
         is kept is then at most two octets (colon, CR) more than the limit.
+        Only the parsing copy is squeezed: ``section`` keeps every byte.
         """
-        if partial[:1] in (b" ", b"\t"):  # a continuation: all of it is value
+        if header is True:  # a continuation: all of it is value
             raise HeaderTooLong()
-        m = _HEADER.match(partial)
-        name = _NAME_END.sub(b"", m.group(0))
-        value = partial[m.end():].lstrip(b" \t")
+        name = header.group(1)
+        value = partial[header.end():].lstrip(b" \t")
         # a last CR may be the start of the line's CRLF, not value
         if len(name) + len(value) - value.endswith(b"\r") > self.max_header_size:
             raise HeaderTooLong()
         return name + b":" + value
 
-    def _end_headers(self) -> None:
-        self._emit_header()
+    def _end_headers(self, header_end: int, section_end: int) -> None:
+        """The header section is over: the last header ends at ``header_end``, the section at ``section_end``."""
+        self._emit_header(header_end)
         self.in_headers = False
-        self.handler.chunkmode = True  # the seed: chunk mode after the headers; EOH may undo it
-        self.handler.EOH()
+        handler = self.handler
+        handler.header_section = bytes(self.section[:section_end])
+        self.section = bytearray()
+        handler.chunkmode = True  # the seed: chunk mode after the headers; EOH may undo it
+        handler.EOH()
 
-    def _ends_a_line(self, data: bytes) -> bool:
-        """Whether ``data`` completes a CRLF after the incomplete line held in ``partial``."""
+    def _ends_a_line(self, data: bytes, lf: bool) -> bool:
+        """Whether ``data`` completes a line after the incomplete line held in ``partial``."""
+        if lf:
+            return b"\n" in data
         return b"\r\n" in data or (data[:1] == b"\n" and self.partial.endswith(b"\r"))
 
     def _feed_headers(self, data: bytes) -> bytes:
         """Consume header lines; return what follows the header section, if reached."""
+        self.section += data
         if self.partial:
-            if not self._ends_a_line(data) and len(self.partial) + len(data) <= self.max_header_size:
+            if not self._ends_a_line(data, self.lf) and len(self.partial) + len(data) <= self.max_header_size:
                 self.partial += data  # no line can end here: grow, do not rescan (a trickle stays linear)
                 return b""
             buf = bytes(self.partial) + data
         else:
             buf = data
+        # Offsets in ``section`` of positions in ``buf`` past the partial line (where every
+        # line end lies): the partial line may have been squeezed, the new data never is.
+        base = len(self.section) - len(buf)
+        lf = self.lf
         pos = 0
         while True:
-            i = buf.find(b"\r\n", pos)
+            if lf:
+                i = buf.find(b"\n", pos)
+                nxt = i + 1
+                if i > pos and buf[i - 1] == 0x0D:
+                    i -= 1  # CRLF
+            else:
+                i = buf.find(b"\r\n", pos)
+                nxt = i + 2
             if i < 0:
                 self.partial = bytearray(buf[pos:])
                 if len(self.partial) > self.max_header_size:
                     # Decide now (memory stays bounded) exactly as the whole line would be.
-                    self._check_name_run(self.partial)
-                    if self._is_header_line(self.partial):
-                        self.partial = bytearray(self._squeeze(self.partial))
+                    header = self._classify(self.partial)
+                    if header is not None:
+                        self.partial = bytearray(self._squeeze(self.partial, header))
                         return b""
                     self.partial = b""
-                    self._end_headers()
+                    self._end_headers(self.line_off, self.line_off)
                     return buf[pos:]
                 return b""
             if i == pos:  # the empty line: end of headers, not part of the body
                 self.partial = b""
-                self._end_headers()
-                return buf[i + 2:]
+                self._end_headers(self.line_off, base + nxt)
+                return buf[nxt:]
             line = buf[pos:i]
-            self._check_name_run(line)
-            if not self._is_header_line(line):
+            header = self._classify(line)
+            if header is None:
                 self.partial = b""
-                self._end_headers()
+                self._end_headers(self.line_off, self.line_off)
                 return buf[pos:]
-            self._take_header_line(line)
-            pos = i + 2
+            self._take_header_line(line, header)
+            pos = nxt
+            self.line_off = base + nxt
 
     # -- body -----------------------------------------------------------------
 
@@ -176,7 +229,7 @@ class MessageParser:
     def _feed_body(self, data: bytes) -> None:
         handler = self.handler
         if self.partial:
-            if (not handler.chunkmode and not self._ends_a_line(data)
+            if (not handler.chunkmode and not self._ends_a_line(data, False)
                     and len(self.partial) + len(data) <= self._chunksize()):
                 self.partial += data  # still no line end: grow, do not rescan (a trickle stays linear)
                 return

@@ -29,6 +29,14 @@ class DataTooSlow(Exception):
     """During DATA/BDAT the client fell below the minimum data rate."""
 
 
+class CommandTooSlow(Exception):
+    """A command line took longer than the command deadline from its first octet to its end."""
+
+
+class SessionTooLong(Exception):
+    """The session outlived the session deadline (max_session_time)."""
+
+
 #: Seconds of a message transfer before the minimum data rate applies (the default of
 #: the min_data_rate_grace setting).
 DATA_RATE_GRACE = 10.0
@@ -51,7 +59,12 @@ class Reader:
         self.bare_lf = False
         # the minimum data rate: (octets/s, start time, octets received at start, grace), or None
         self._rate: tuple[float, float, int, float] | None = None
-        self._short_timeout = False
+        #: monotonic time by which a command line must be complete once its first octet
+        #: arrived (set by readline when command_deadline is on), and the session's end
+        self.command_deadline = 0.0
+        self.session_deadline: float | None = None
+        self._line_deadline: float | None = None
+        self._current_timeout = timeout
         sock.settimeout(timeout)
 
     def start_rate(self, octets_per_second: int, grace: float = DATA_RATE_GRACE) -> None:
@@ -61,17 +74,37 @@ class Reader:
 
     def stop_rate(self) -> None:
         self._rate = None
-        if self._short_timeout:
-            self.sock.settimeout(self.timeout)
-            self._short_timeout = False
 
-    def _rate_timeout(self) -> float | None:
-        """How long the next read may block under the data rate; raise DataTooSlow when out of time."""
-        rate, start, received, grace = self._rate
-        remaining = start + grace + (self.received - received) / rate - time.monotonic()
-        if remaining <= 0:
-            raise DataTooSlow()
-        return remaining if remaining < self.timeout else None
+    def limit_session(self, seconds: float) -> None:
+        """End the session (SessionTooLong at the next read) ``seconds`` from now; 0: no limit."""
+        self.session_deadline = time.monotonic() + seconds if seconds > 0 else None
+
+    def _read_timeout(self) -> tuple[float, type[Exception]]:
+        """How long the next read may block, and what to raise if it times out.
+
+        The idle timeout, shortened by whichever deadline comes first: the
+        minimum data rate, the current command line's deadline, the session's.
+        A deadline already past raises at once.
+        """
+        timeout, why = self.timeout, ReadTimeout
+        if self._rate is None and self._line_deadline is None and self.session_deadline is None:
+            return timeout, why
+        now = time.monotonic()
+        if self._rate is not None:
+            rate, start, received, grace = self._rate
+            left = start + grace + (self.received - received) / rate - now
+            if left <= 0:
+                raise DataTooSlow()
+            if left < timeout:
+                timeout, why = left, DataTooSlow
+        for deadline, exc in ((self._line_deadline, CommandTooSlow), (self.session_deadline, SessionTooLong)):
+            if deadline is not None:
+                left = deadline - now
+                if left <= 0:
+                    raise exc()
+                if left < timeout:
+                    timeout, why = left, exc
+        return timeout, why
 
     def forget_buffered(self) -> None:
         """Start afresh after STARTTLS: forget every byte buffered so far, back to the idle timeout.
@@ -81,25 +114,23 @@ class Reader:
         """
         self.buf, self.pos = b"", 0
         self.sock.settimeout(self.timeout)
+        self._current_timeout = self.timeout
 
     def pending(self) -> bool:
         """Whether bytes the client sent are buffered and not yet consumed."""
         return self.pos < len(self.buf)
 
     def _fill(self) -> None:
-        """Block for more input (with the idle timeout, or less under the data rate)."""
-        short = None
+        """Block for more input: the idle timeout, shortened by whichever deadline comes first."""
+        why: type[Exception] = ReadTimeout
         try:
-            if self._rate is not None:
-                short = self._rate_timeout()
-                if short is not None or self._short_timeout:
-                    self.sock.settimeout(short if short is not None else self.timeout)
-                    self._short_timeout = short is not None
+            timeout, why = self._read_timeout()
+            if timeout != self._current_timeout:
+                self.sock.settimeout(timeout)
+                self._current_timeout = timeout
             data = self.sock.recv(RECV_SIZE)
         except (socket.timeout, TimeoutError):
-            if short is not None:
-                raise DataTooSlow() from None
-            raise ReadTimeout() from None
+            raise why() from None
         except OSError as exc:
             raise ClientGone(str(exc)) from None
         if not data:
@@ -116,20 +147,27 @@ class Reader:
 
         ``limit`` counts the line end too (RFC 5321: 512 octets for a command
         line).  A longer line is discarded up to and including its LF, then
-        :class:`LineTooLong` is raised.
+        :class:`LineTooLong` is raised.  Once the line's first octet is here, the
+        whole line must arrive within ``command_deadline`` seconds (when set), so a
+        client dripping a byte at a time cannot hold the worker for ``limit`` idle timeouts.
         """
-        while True:
-            end = self.pos + limit
-            i = self.buf.find(b"\n", self.pos, end)
-            if i >= 0:
-                line = self.buf[self.pos:i]
-                self.pos = i + 1
-                self.bare_lf = not line.endswith(b"\r")
-                return line if self.bare_lf else line[:-1]
-            if len(self.buf) >= end:
-                self._drain_line()
-                raise LineTooLong()
-            self._fill()
+        try:
+            while True:
+                end = self.pos + limit
+                i = self.buf.find(b"\n", self.pos, end)
+                if i >= 0:
+                    line = self.buf[self.pos:i]
+                    self.pos = i + 1
+                    self.bare_lf = not line.endswith(b"\r")
+                    return line if self.bare_lf else line[:-1]
+                if len(self.buf) >= end:
+                    self._drain_line()
+                    raise LineTooLong()
+                if self._line_deadline is None and self.command_deadline and self.pos < len(self.buf):
+                    self._line_deadline = time.monotonic() + self.command_deadline
+                self._fill()
+        finally:
+            self._line_deadline = None
 
     def _drain_line(self) -> None:
         """Discard input up to and including the next LF, holding no more than one buffer."""

@@ -22,7 +22,7 @@ from typing import Any
 from prefork_esmtp import replies as R
 from prefork_esmtp.auth import AUTH_KEYWORD, Auth
 from prefork_esmtp.connection import Connection, StopSession
-from prefork_esmtp.reader import DataTooSlow, LineTooLong, ReadTimeout
+from prefork_esmtp.reader import CommandTooSlow, DataTooSlow, LineTooLong, ReadTimeout, SessionTooLong
 from prefork_esmtp.settings import Config
 from prefork_esmtp.state import ConnectionState, attach
 from prefork_esmtp.transaction import Transaction, bdat_arguments
@@ -112,6 +112,12 @@ class Session:
         except DataTooSlow:
             log.info("data rate below %d octets/s from %s", self.config.min_data_rate, conn.who)
             self._answer(R.DATA_TOO_SLOW.format(self.hostname))
+        except CommandTooSlow:
+            log.info("command line not complete within %.0fs from %s", self.config.command_deadline, conn.who)
+            self._answer(R.COMMAND_TOO_SLOW.format(self.hostname))
+        except SessionTooLong:
+            log.info("session time limit (%.0fs) reached for %s", self.config.max_session_time, conn.who)
+            self._answer(R.SESSION_TOO_LONG.format(self.hostname))
         except ClientGone as exc:
             linger = False
             log.debug("client %s gone: %s", conn.who, exc)

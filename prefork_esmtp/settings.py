@@ -141,6 +141,31 @@ def parse_handler(value: Any) -> str:
     return text
 
 
+# -- handler options: not settings of the server but of the handler class, which checks them.
+# Their TOML face is the [handler] table, their CLI face a repeatable flag.
+
+#: The repeatable command-line flag, and its help.
+HANDLER_OPTION_FLAG = "--handler-option"
+HANDLER_OPTION_HELP = ("An option for the handler class, KEY=VALUE; repeat for several. "
+                       "Overrides the same key of the config file's [handler] table.")
+_OPTION_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
+#: The key of the ``[handler]`` table that names the class (TOML cannot have both
+#: ``handler = "module:Class"`` and a ``[handler]`` table); never a handler option.
+HANDLER_CLASS_KEY = "class"
+
+
+def parse_handler_option(value: Any) -> tuple[str, str]:
+    """``KEY=VALUE``, one handler option from the command line (the value may be empty)."""
+    text = value if isinstance(value, str) else ""
+    key, sep, option = text.partition("=")
+    key = key.strip()
+    if not sep or not _OPTION_KEY.fullmatch(key):
+        raise SettingError(f"expected KEY=VALUE, got {value!r}")
+    if key == HANDLER_CLASS_KEY:
+        raise SettingError("'class' is not a handler option: name the class with --handler")
+    return key, option
+
+
 def choice(*options: str) -> Callable[[Any], str]:
     """A parser for one of ``options`` (case-insensitive)."""
 
@@ -202,6 +227,7 @@ SETTINGS: list[Setting] = [
     Setting("max_message_size", parse_size, 10 * 1024 * 1024, "Largest message accepted, in octets (K/M/G suffixes); advertised with SIZE; larger gets 552.", "limits", metavar="SIZE"),
     Setting("max_line_length", _int(512), 512, "Longest command line in octets including CRLF (RFC 5321 minimum 512); longer gets 500.", "limits", metavar="N"),
     Setting("max_header_size", _int(1000), 102400, "Longest single header (unfolded) in octets; longer gets 552 after end of data.", "limits", metavar="N"),
+    Setting("max_header_lines", _int(1), 1000, "Most header lines per message, continuation lines included; more get 552 after end of data.", "limits", metavar="N"),
     Setting("max_recipients", _int(100), 1000, "Recipients per message (RFC 5321 minimum 100); more get 452.", "limits", metavar="N"),
     Setting("max_errors", _int(1), 20, "Error replies per session before 421 and close.", "limits", metavar="N"),
     Setting("timeout", parse_seconds, 300.0, "Seconds to wait for each read from the client; then 421 and close.", "limits", metavar="SECONDS"),
@@ -232,6 +258,8 @@ SETTINGS: list[Setting] = [
     # abuse defences
     Setting("command_bare_lf", choice("accept", "reject"), "accept", "A command line ended by a bare LF: accept it, or reject it with 500 (Postfix's smtpd_forbid_bare_newline idea).", "abuse", metavar="POLICY"),
     Setting("forbid_unauth_pipelining", parse_bool, False, "Answer 554 and close when an unauthenticated client talks before the greeting or sends more after a command that must end a pipelined group (EHLO, DATA, QUIT, NOOP...).", "abuse", flag=True),
+    Setting("command_deadline", parse_nonnegative_seconds, 30.0, "Seconds a client may take to send one command line once its first octet arrived (Postfix's smtpd_per_record_deadline idea), else 421; 0 turns it off.", "abuse", metavar="SECONDS"),
+    Setting("max_session_time", parse_nonnegative_seconds, 3600.0, "Seconds a whole session may last; then 421 at the next read, a message under way is not accepted; 0 turns it off.", "abuse", metavar="SECONDS"),
     Setting("min_data_rate", _int(0), 500, "During DATA/BDAT the client must average at least this many octets per second (after min_data_rate_grace), else 421; 0 turns it off.", "abuse", metavar="OCTETS"),
     Setting("min_data_rate_grace", parse_nonnegative_seconds, 10.0, "Seconds at the start of each DATA/BDAT transfer before min_data_rate applies.", "abuse", metavar="SECONDS"),
     Setting("max_junk_commands", _int(1), 100, "NOOP, RSET, VRFY, EXPN and HELP commands per session before 421 and close.", "abuse", metavar="N"),
@@ -261,6 +289,9 @@ class Config:
         """Every setting by name."""
         return dict(self.__dict__)
 
+    #: The handler's options: the [handler] table, overridden key by key by --handler-option.
+    handler_options: dict[str, Any]
+
     def set(self, name: str, value: Any) -> None:
         """Change one setting (the master keeps its listeners across a reload)."""
         if name not in BY_NAME:
@@ -271,9 +302,13 @@ class Config:
 def resolve(cli: dict[str, Any], file: dict[str, Any], source: str = "config file") -> Config:
     """Merge CLI values over file values over defaults; raise SettingError naming the culprit.
 
-    ``cli`` maps setting names to raw CLI values (None = not given); ``file``
-    maps TOML keys to values.
+    ``cli`` maps setting names to raw CLI values (None = not given), and
+    ``handler_option`` to the ``KEY=VALUE`` strings of ``--handler-option``;
+    ``file`` maps TOML keys to values.  The file's ``[handler]`` table holds the
+    handler's options (and may name its class with ``class``).  Both end up in
+    ``Config.handler_options``, one dict, the command line overriding key by key.
     """
+    file, options, class_in_table = _split_handler_table(file, source)
     for key in file:
         if key not in BY_NAME:
             raise SettingError(f"{source}: unknown setting {key!r}")
@@ -284,6 +319,8 @@ def resolve(cli: dict[str, Any], file: dict[str, Any], source: str = "config fil
             where = setting.option
         elif setting.name in file:
             raw, where = file[setting.name], f"{source}: {setting.name}"
+            if setting.name == "handler" and class_in_table:
+                where = f"{source}: [handler] class"
         else:
             raw, where = None, ""
         if raw is None:
@@ -294,6 +331,31 @@ def resolve(cli: dict[str, Any], file: dict[str, Any], source: str = "config fil
             values[setting.name] = setting.convert(raw)
         except SettingError as exc:
             raise SettingError(f"{where}: {exc}") from None
+    for text in cli.get("handler_option") or ():
+        try:
+            key, value = parse_handler_option(text)
+        except SettingError as exc:
+            raise SettingError(f"{HANDLER_OPTION_FLAG}: {exc}") from None
+        options[key] = value
+    values["handler_options"] = options
     if values["hostname"] is None:
         values["hostname"] = _hostname()
     return Config(values)
+
+
+def _split_handler_table(file: dict[str, Any], source: str) -> tuple[dict[str, Any], dict[str, Any], bool]:
+    """The file's settings without the ``[handler]`` table, the table's options, and whether it named the class.
+
+    A ``class`` key in the table stands for the ``handler`` setting.
+    """
+    table = file.get("handler")
+    if not isinstance(table, dict):
+        return file, {}, False
+    rest = {k: v for k, v in file.items() if k != "handler"}
+    options = dict(table)
+    if HANDLER_CLASS_KEY in options:
+        rest["handler"] = options.pop(HANDLER_CLASS_KEY)
+    for key in options:
+        if not _OPTION_KEY.fullmatch(key):
+            raise SettingError(f"{source}: [handler] option {key!r}: expected a name of letters, digits, _ . -")
+    return rest, options, HANDLER_CLASS_KEY in table

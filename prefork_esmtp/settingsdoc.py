@@ -69,7 +69,22 @@ def example_toml() -> str:
             else:
                 out.append(f"# {s.name} = {_toml_value(s.default)}")
             out.append("")
+    out += HANDLER_TABLE_EXAMPLE
     return "\n".join(out)
+
+
+#: The end of the example file: the handler's options (lines starting with ## are an example).
+HANDLER_TABLE_EXAMPLE = [
+    "# --- Handler options ---",
+    "# The handler class's own options go in a [handler] table at the end of the file (a table",
+    "# takes every key below its header). Its key `class` names the handler class: TOML allows",
+    "# either that or the handler key above, not both. The handler's configure() checks the",
+    "# other keys; --handler-option KEY=VALUE overrides one. For the ready-made Maildir handler:",
+    "## [handler]",
+    '## class = "prefork_esmtp.handlers.maildir:Maildir"',
+    '## root = "/var/mail/incoming"   # default: $PREFORK_ESMTP_MAILDIR, else ./maildir',
+    "",
+]
 
 
 def write(root: Path) -> None:

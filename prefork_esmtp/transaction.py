@@ -123,7 +123,8 @@ class Transaction:
     def _new_intake(self, check_newlines: bool) -> MessageIntake:
         config = self.config
         return MessageIntake(self.handler, config.max_message_size, config.max_header_size,
-                             check_newlines and config.bare_newline == "reject", self.conn.who)
+                             check_newlines and config.bare_newline == "reject", self.conn.who,
+                             config.max_header_lines, config.bare_newline == "keep")
 
     def data(self, arg: str) -> R.Answer:
         """DATA: the DATA hook's 354 (an interim reply), the message up to <CRLF>.<CRLF>, then EOM.

@@ -68,6 +68,9 @@ class Worker:
         signal.signal(signal.SIGTERM, self.handle_term)
         signal.signal(signal.SIGINT, self.handle_int)
         signal.signal(signal.SIGQUIT, self.handle_int)
+        # A signal that lands just before the wait starts wakes it at once (the C-level
+        # handler writes to the wake pipe), instead of only at the next tick.
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
 
     def handle_term(self, signum: int, frame: Any) -> None:
         """Graceful stop, also what PR_SET_PDEATHSIG sends when the master dies.
@@ -125,8 +128,11 @@ class Worker:
             while self.alive:
                 self.report("idle", None)
                 ready = poller.wait(TICK)
-                if not self.alive or not self.alive_check():
+                if self.shutting_down or not self.alive_check():
                     break
+                # Told to retire (HUP, TTOU, max-spare) while the wait returned: still accept
+                # what it reported.  With EPOLLEXCLUSIVE the kernel woke only this worker for
+                # that connection; leaving without it would strand the client until the next one.
                 for fd in ready:
                     if fd == self._wake_r:
                         self._drain_wake()

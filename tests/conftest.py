@@ -38,22 +38,26 @@ def wait_for(condition: Callable[[], object], timeout: float = 10.0, interval: f
 def messages_from(records: list[dict]) -> list[dict]:
     """The messages whose EOM was called, rebuilt from one session's hook records.
 
-    Each: headers [(name, value)], body bytes, chunks [(bytes, chunkmode)], eoh,
+    Each: headers [(name, value)], raws (each header's exact bytes), section (the
+    header section's exact bytes), body bytes, chunks [(bytes, chunkmode)], eoh,
     hooks (DATA to EOM), the EOM record, and its sender, recipients, mail_params, tag.
     """
     out = []
     current: dict | None = None
     for r in records:
         if r["hook"] == "DATA":
-            current = {"headers": [], "body": b"", "chunks": [], "eoh": False, "hooks": ["DATA"]}
+            current = {"headers": [], "raws": [], "section": b"", "body": b"", "chunks": [],
+                       "eoh": False, "hooks": ["DATA"]}
             continue
         if current is None:
             continue
         current["hooks"].append(r["hook"])
         if r["hook"] == "HEADER":
             current["headers"].append(tuple(r["args"]))
+            current["raws"].append(base64.b64decode(r.get("raw", "")))
         elif r["hook"] == "EOH":
             current["eoh"] = True
+            current["section"] = base64.b64decode(r.get("raw", ""))
         elif r["hook"] == "BODY":
             current["body"] += r["bytes"]
             current["chunks"].append((r["bytes"], r["chunkmode"]))

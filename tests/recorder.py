@@ -2,7 +2,8 @@
 
 Records go to the JSON-lines file named by PREFORK_TEST_RECORD, one line per
 hook call: {"pid", "sid" (session id), "hook", "args", "chunkmode"}; bytes
-arguments are base64 in "b64".  Magic addresses pick behaviours:
+arguments are base64 in "b64", and the exact bytes (header_raw of HEADER,
+header_section of EOH) base64 in "raw".  Magic addresses pick behaviours:
 
 MAIL/RCPT local part  raise  -> the hook raises
                       reject -> 550 5.7.1
@@ -54,9 +55,11 @@ class Recorder(ESMTPHandler):
         self.sid = f"{os.getpid()}-{next(_counter)}"
         self.nheaders = 0
 
-    def _record(self, hook: str, *args: object) -> None:
+    def _record(self, hook: str, *args: object, raw: bytes | None = None) -> None:
         entry: dict[str, object] = {"pid": os.getpid(), "sid": self.sid, "hook": hook,
                                     "chunkmode": bool(self.chunkmode), "tag": TAG}
+        if raw is not None:  # header_raw of HEADER, header_section of EOH
+            entry["raw"] = base64.b64encode(raw).decode()
         plain = []
         for arg in args:
             if isinstance(arg, bytes):
@@ -128,13 +131,13 @@ class Recorder(ESMTPHandler):
         return super().DATA()
 
     def HEADER(self, name, value):
-        self._record("HEADER", name, value)
+        self._record("HEADER", name, value, raw=self.header_raw)
         self.nheaders += 1
         if _local(self.env_sender) == "headerraise" and self.nheaders == 2:
             raise RuntimeError("HEADER raised on purpose")
 
     def EOH(self):
-        self._record("EOH")
+        self._record("EOH", raw=self.header_section)
         if _local(self.env_sender) == "linemode":
             self.chunkmode = False
 

@@ -66,36 +66,61 @@ class HeaderLimit(Exception):
     """The model's verdict: the header section breaks the header size limit."""
 
 
-def parse_message(message: bytes, limit: int | None = None) -> tuple[list[tuple[bytes, bytes]], bytes]:
-    """Split a message into unfolded headers and the body, line by line.
+class HeaderLines(Exception):
+    """The model's verdict: the header section has more lines than the header line cap."""
 
-    The header section ends at the first empty line (which belongs to neither
-    part) or at the first line that is neither a header nor the continuation
-    (leading WSP) of one; that line is the first line of the body.  A last line
-    without CRLF is judged the same way.  Unfolding removes the CRLF before
-    a continuation line and keeps its WSP.  Names lose WSP before the colon,
-    values lose WSP after it.
+
+def next_line(message: bytes, pos: int, lf: bool = False) -> tuple[bytes, int, bool]:
+    """The line starting at ``pos``: (its content without the line end, where the next starts, ended?).
+
+    A line ends with CRLF; with ``lf`` a bare LF ends it too (and a CR right
+    before that LF belongs to the line end).  A last line may have no end.
+    """
+    i = message.find(b"\n" if lf else CRLF, pos)
+    if i < 0:
+        return message[pos:], len(message), False
+    nxt = i + (1 if lf else 2)
+    if lf and i > pos and message[i - 1] == 0x0D:
+        i -= 1
+    return message[pos:i], nxt, True
+
+
+def split_message(message: bytes, limit: int | None = None, max_lines: int | None = None,
+                  lf: bool = False) -> tuple[list[tuple[bytes, bytes, bytes]], bytes, bytes]:
+    """Split a message into headers (name, value unfolded, exact bytes), the header section and the body.
+
+    The header section ends at the first empty line (which belongs to the
+    section, not the body) or at the first line that is neither a header nor
+    the continuation (leading WSP) of one; that line is the first line of the
+    body.  A last line without a line end is judged the same way.  Unfolding
+    removes the line end before a continuation line and keeps its WSP.  Names
+    lose WSP before the colon, values lose WSP after it.  A header's exact bytes
+    run from its first line's start to the start of the line after its last.
 
     With ``limit``, raise HeaderLimit if a header's name + value exceeds it,
     or if a line examined in the header section (the line that ends it
     included) starts with field-name characters and WSP longer than the
     limit: such a line could still become a header when it ends, and the
     engine must decide on bounded memory whatever way the line arrives.
+    With ``max_lines``, raise HeaderLines when there are more header lines
+    (continuation lines included).
     """
-    headers: list[list[bytes]] = []
+    headers: list[list[bytes]] = []  # name, value, start offset
+    starts: list[int] = []
 
-    def result(body: bytes) -> tuple[list[tuple[bytes, bytes]], bytes]:
+    def result(header_end: int, section_end: int) -> tuple[list[tuple[bytes, bytes, bytes]], bytes, bytes]:
         if limit is not None and any(len(n) + len(v) > limit for n, v in headers):
             raise HeaderLimit()
-        return [(n, v) for n, v in headers], body
+        ends = starts[1:] + [header_end]
+        raws = [message[a:b] for a, b in zip(starts, ends)]
+        return ([(n, v, raw) for (n, v), raw in zip(headers, raws)],
+                message[:section_end], message[section_end:])
 
-    pos = 0
+    pos = lines = 0
     while pos < len(message):
-        i = message.find(CRLF, pos)
-        line = message[pos:] if i < 0 else message[pos:i]
-        nxt = len(message) if i < 0 else i + 2
-        if i >= 0 and line == b"":
-            return result(message[nxt:])
+        line, nxt, ended = next_line(message, pos, lf)
+        if ended and line == b"":
+            return result(pos, nxt)
         run = NAME_RUN.match(line)
         if limit is not None and run and run.end() > limit:
             raise HeaderLimit()
@@ -104,10 +129,20 @@ def parse_message(message: bytes, limit: int | None = None) -> tuple[list[tuple[
         elif HEADER_LINE.match(line):
             name, _, value = line.partition(b":")
             headers.append([name.rstrip(b" \t"), value.lstrip(b" \t")])
+            starts.append(pos)
         else:
-            return result(message[pos:])
+            return result(pos, pos)
+        lines += 1
+        if max_lines is not None and lines > max_lines:
+            raise HeaderLines()
         pos = nxt
-    return result(b"")
+    return result(len(message), len(message))
+
+
+def parse_message(message: bytes, limit: int | None = None, lf: bool = False) -> tuple[list[tuple[bytes, bytes]], bytes]:
+    """Unfolded headers (name, value) and the body: :func:`split_message` without the exact bytes."""
+    headers, _, body = split_message(message, limit, lf=lf)
+    return [(n, v) for n, v, _ in headers], body
 
 
 def text(data: bytes) -> str:

@@ -1,8 +1,9 @@
-"""MessageParser: HEADER (unfolded), EOH placement, BODY in chunk and line mode.
+"""MessageParser: HEADER (unfolded), the exact bytes, EOH placement, BODY in chunk and line mode.
 
 A fake handler records the calls.  Examples pin each rule; hypothesis checks
 the parser against the line-by-line model in tests/reference_models.py for
-messages fed whole and at random split points.
+messages fed whole and at random split points, with CRLF line ends and with
+bare LF ending lines too.
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from prefork_esmtp.message import DEFAULT_CHUNKSIZE, HeaderTooLong, MessageParser
-from reference_models import CRLF, HeaderLimit, parse_message, text
+from prefork_esmtp.message import DEFAULT_CHUNKSIZE, HeaderTooLong, MessageParser, TooManyHeaderLines
+from reference_models import CRLF, HeaderLimit, HeaderLines, parse_message, split_message, text
 
 
 class FakeHandler:
@@ -24,13 +25,18 @@ class FakeHandler:
             self.chunksize = chunksize
         self.line_mode = line_mode
         self.calls: list[tuple] = []
+        self.raws: list[bytes] = []  # header_raw at each HEADER call
+        self.sections: list[bytes] = []  # header_section at each EOH call
 
     def HEADER(self, name: str, value: str) -> None:
         assert isinstance(name, str) and isinstance(value, str)
+        assert isinstance(self.header_raw, bytes)
         self.calls.append(("HEADER", name, value))
+        self.raws.append(self.header_raw)
 
     def EOH(self) -> None:
         self.calls.append(("EOH", self.chunkmode))
+        self.sections.append(self.header_section)
         if self.line_mode:
             self.chunkmode = False
 
@@ -58,9 +64,10 @@ class FakeHandler:
 
 
 def parse(pieces: list[bytes], chunksize: int | None = None, line_mode: bool = False,
-          max_header_size: int = 1 << 20) -> FakeHandler:
+          max_header_size: int = 1 << 20, max_header_lines: int | None = None,
+          lf: bool = False) -> FakeHandler:
     handler = FakeHandler(chunksize, line_mode)
-    parser = MessageParser(handler, max_header_size)
+    parser = MessageParser(handler, max_header_size, max_header_lines, lf)
     for piece in pieces:
         parser.feed(piece)
     parser.finish()
@@ -323,3 +330,163 @@ def test_line_starting_with_an_overlong_field_name_is_refused(pieces):
     so that the verdict does not depend on where the line was cut."""
     with pytest.raises(HeaderTooLong):
         parse(pieces, max_header_size=20)
+
+
+# --- the exact bytes: header_raw and header_section -----------------------------------
+
+
+def test_exact_bytes_of_each_header_and_of_the_section():
+    message = (b"Subject:  hello\r\n  world\r\n\tagain\r\nX-Odd \t:v  \r\n"
+               b"To: a@b.c\r\n\r\nBody line\r\n")
+    h = parse([message])
+    assert h.headers() == [("Subject", "hello  world\tagain"), ("X-Odd", "v  "), ("To", "a@b.c")]
+    assert h.raws == [b"Subject:  hello\r\n  world\r\n\tagain\r\n", b"X-Odd \t:v  \r\n", b"To: a@b.c\r\n"]
+    assert h.sections == [message[:-len(b"Body line\r\n")]]  # the empty line included
+    assert h.sections[0] + h.body() == message
+
+
+@pytest.mark.parametrize("message, raws, section", [
+    (b"A: 1\r\nnot a header\r\n", [b"A: 1\r\n"], b"A: 1\r\n"),  # the body's first line is not in it
+    (b"A: 1\r\n b", [b"A: 1\r\n b"], b"A: 1\r\n b"),  # no line end at the very end
+    (b"A: 1\r\n\r\n", [b"A: 1\r\n"], b"A: 1\r\n\r\n"),
+    (b"body only\r\n", [], b""),
+    (b"\r\nbody\r\n", [], b"\r\n"),
+    (b"", [], b""),
+])
+def test_exact_bytes_where_the_section_ends(message, raws, section):
+    h = parse([message])
+    assert h.raws == raws
+    assert h.sections == [section]
+    assert section + h.body() == message
+
+
+def test_exact_bytes_survive_a_squeezed_header_line():
+    """A header line longer than the limit only through WSP is accepted, and its bytes are all kept."""
+    message = b"X-Pad:" + b" \t" * 100 + b"value\r\n\r\nbody"
+    h = parse([message[:50], message[50:120], message[120:]], max_header_size=20)
+    assert h.headers() == [("X-Pad", "value")]
+    assert h.raws == [message[:-len(b"\r\nbody")]]
+    assert h.sections[0] + h.body() == message
+
+
+def test_each_message_starts_with_empty_exact_bytes():
+    handler = FakeHandler()
+    handler.header_raw, handler.header_section = b"stale", b"stale"
+    MessageParser(handler, 100)
+    assert handler.header_raw == b"" and handler.header_section == b""
+
+
+# --- a bare LF ends a line (the bare-newline policy keeps it) --------------------------
+
+
+def test_bare_lf_ends_header_lines_and_the_section():
+    message = b"From: a@b.c\nSubject: two\n lines\n\nbody one\nbody two\n"
+    h = parse([message], lf=True)
+    assert h.headers() == [("From", "a@b.c"), ("Subject", "two lines")]
+    assert h.raws == [b"From: a@b.c\n", b"Subject: two\n lines\n"]
+    assert h.sections == [b"From: a@b.c\nSubject: two\n lines\n\n"]
+    assert h.body() == b"body one\nbody two\n"
+
+
+def test_bare_lf_and_crlf_mixed_and_crlf_only_without_the_option():
+    message = b"A: 1\r\nB: 2\n\r\nbody\n"
+    assert parse([message], lf=True).headers() == [("A", "1"), ("B", "2")]
+    assert parse([message], lf=True).body() == b"body\n"
+    assert parse([message]).headers() == [("A", "1"), ("B", "2\n")]  # CRLF only: one line
+
+
+def test_body_lines_end_with_crlf_only_in_line_mode():
+    """Line mode hands over body lines as before: a bare LF in the body ends no line."""
+    h = parse([b"A: 1\n\nx\ny\r\nz"], chunksize=100, line_mode=True, lf=True)
+    assert h.chunks() == [b"x\ny\r\n", b"z"]
+
+
+def test_a_large_lf_message_is_not_one_giant_header():
+    body = b"line of text\n" * 20000
+    h = parse([b"From: a@b.c\nTo: d@e.f\n\n" + body], max_header_size=1000, lf=True)
+    assert h.headers() == [("From", "a@b.c"), ("To", "d@e.f")]
+    assert h.body() == body
+
+
+# --- the header line cap -------------------------------------------------------------------
+
+
+def test_header_lines_at_the_cap_pass_one_more_raises():
+    three = b"A: 1\r\nB: 2\r\n 3\r\n"  # continuation lines count
+    assert parse([three + b"\r\nbody"], max_header_lines=3).headers() == [("A", "1"), ("B", "2 3")]
+    with pytest.raises(TooManyHeaderLines):
+        parse([three + b" 4\r\n\r\nbody"], max_header_lines=3)
+    with pytest.raises(TooManyHeaderLines):
+        parse([three + b"C: 4"], max_header_lines=3)  # a last line without its end counts too
+
+
+def test_header_bomb_stops_at_the_cap_without_calling_hooks_for_the_rest():
+    handler = FakeHandler()
+    parser = MessageParser(handler, 1 << 20, 1000, lf_ends_lines=True)
+    with pytest.raises(TooManyHeaderLines):
+        parser.feed(b"a:\n" * 1_000_000)
+    assert len(handler.headers()) == 999  # the 1000th is still being collected
+    assert "EOH" not in handler.shape()
+
+
+# --- properties: exact bytes, bare LF, the line cap --------------------------------------
+
+
+@settings(max_examples=600, deadline=None)
+@given(messages, cuts, st.integers(min_value=1, max_value=12), st.booleans(), st.booleans())
+def test_exact_bytes_match_model_and_rebuild_the_message(message, fractions, chunksize, lf, line_mode):
+    """Whatever the split: HEADER, header_raw, header_section and BODY as the model says,
+    the exact bytes of the headers make up the section, and section + body is the message."""
+    headers, section, body = split_message(message, lf=lf)
+    h = parse(split(message, fractions), chunksize=chunksize, line_mode=line_mode, lf=lf)
+    assert h.headers() == [(text(n), text(v)) for n, v, _ in headers]
+    assert h.raws == [raw for _, _, raw in headers]
+    assert h.sections == [section]
+    assert section.startswith(b"".join(h.raws))
+    assert section[len(b"".join(h.raws)):] in (b"", b"\r\n", b"\n")  # the empty line, if any
+    assert h.sections[0] + h.body() == message
+    if line_mode:
+        assert h.chunks() == line_pieces(body, chunksize)
+    else:
+        assert all(1 <= len(c) <= chunksize for c in h.chunks())
+
+
+@settings(max_examples=600, deadline=None)
+@given(messages, cuts, st.integers(min_value=0, max_value=6), st.booleans())
+def test_header_line_cap_same_outcome_for_any_split(message, fractions, cap, lf):
+    try:
+        headers, _, _ = split_message(message, max_lines=cap, lf=lf)
+    except HeaderLines:
+        with pytest.raises(TooManyHeaderLines):
+            parse(split(message, fractions), max_header_lines=cap, lf=lf)
+    else:
+        h = parse(split(message, fractions), max_header_lines=cap, lf=lf)
+        assert h.raws == [raw for _, _, raw in headers]
+
+
+@settings(max_examples=600, deadline=None)
+@given(messages, cuts, st.integers(min_value=4, max_value=30), st.integers(min_value=0, max_value=6))
+def test_both_header_limits_refuse_what_the_model_refuses(message, fractions, limit, cap):
+    """With both limits, refused or not is the model's verdict (which limit speaks first may
+    depend on the split when a line breaks both; either is 552 5.3.4 on the wire)."""
+    try:
+        headers, _, _ = split_message(message, limit, cap, lf=True)
+    except (HeaderLimit, HeaderLines):
+        with pytest.raises((HeaderTooLong, TooManyHeaderLines)):
+            parse(split(message, fractions), max_header_size=limit, max_header_lines=cap, lf=True)
+    else:
+        h = parse(split(message, fractions), max_header_size=limit, max_header_lines=cap, lf=True)
+        assert h.raws == [raw for _, _, raw in headers]
+
+
+@settings(max_examples=400, deadline=None)
+@given(messages, cuts, st.integers(min_value=4, max_value=30))
+def test_header_limit_with_bare_lf_same_outcome_for_any_split(message, fractions, limit):
+    try:
+        headers, _ = parse_message(message, limit, lf=True)
+    except HeaderLimit:
+        with pytest.raises(HeaderTooLong):
+            parse(split(message, fractions), max_header_size=limit, lf=True)
+    else:
+        h = parse(split(message, fractions), max_header_size=limit, lf=True)
+        assert h.headers() == [(text(n), text(v)) for n, v in headers]

@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 
 from conftest import Client, Server, wait_for
 from protocol_support import module_server
-from reference_models import bare_newlines, find_end_of_data, parse_message, text, unstuff
+from reference_models import bare_newlines, find_end_of_data, split_message, text, unstuff
 
 # Short timeouts so an abandoned session cannot hold the single -X process for
 # long; no error sleep (it would only slow the examples down); the junk-command
@@ -158,17 +158,19 @@ class Records:
 
 
 def accepted(records: list[dict]) -> list[dict]:
-    """Messages of one session whose EOM was called: headers, EOH seen, body."""
+    """Messages of one session whose EOM was called: headers, their exact bytes, EOH seen, header section, body."""
     out, current = [], None
     for r in records:
         if r["hook"] == "DATA":
-            current = {"headers": [], "eoh": 0, "body": b""}
+            current = {"headers": [], "raws": [], "eoh": 0, "section": b"", "body": b""}
         elif current is None:
             continue
         elif r["hook"] == "HEADER":
             current["headers"].append(tuple(r["args"]))
+            current["raws"].append(base64.b64decode(r["raw"]))
         elif r["hook"] == "EOH":
             current["eoh"] += 1
+            current["section"] = base64.b64decode(r["raw"])
         elif r["hook"] == "BODY":
             current["body"] += r["bytes"]
         elif r["hook"] == "EOM":
@@ -444,9 +446,13 @@ def check_data_stream(srv: Server, records: Records, stream: bytes, pieces: list
     messages = accepted(records.finished_session(port))
     assert len(messages) == len(contents), "accepted messages differ from the CRLF.CRLF model"
     for message, content in zip(messages, contents):
-        headers, body = parse_message(content)
-        assert message["headers"] == [(text(n), text(v)) for n, v in headers]
+        # Kept bare LFs end lines for parsing (under "reject" no message holds one).
+        headers, section, body = split_message(content, lf=not reject_bare)
+        assert message["headers"] == [(text(n), text(v)) for n, v, _ in headers]
+        assert message["raws"] == [raw for _, _, raw in headers]
         assert message["eoh"] == 1
+        assert message["section"] == section
+        assert message["section"] + message["body"] == content, "not the message byte for byte"
         assert message["body"] == body
 
 

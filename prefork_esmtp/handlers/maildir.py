@@ -1,4 +1,4 @@
-"""Store each message in a Maildir (``$PREFORK_ESMTP_MAILDIR``, default ``./maildir``).
+"""Store each message in a Maildir: the ``root`` handler option, else ``$PREFORK_ESMTP_MAILDIR``, else ``./maildir``.
 
 The message is streamed to ``tmp/`` while it arrives and renamed into
 ``new/`` only at EOM, after fsync, so a 250 means the file is on disk and a
@@ -15,7 +15,7 @@ import os
 import socket
 import time
 
-from prefork_esmtp import ESMTPHandler
+from prefork_esmtp import ESMTPHandler, HandlerConfigError
 
 log = logging.getLogger("prefork_esmtp.maildir")
 
@@ -46,8 +46,9 @@ def clean_stale_tmp(root: str, now: float | None = None) -> int:
     return removed
 
 
-def maildir_path() -> str:
-    return os.path.abspath(os.environ.get("PREFORK_ESMTP_MAILDIR", "maildir"))
+def maildir_path(root: str | None = None) -> str:
+    """The Maildir directory, absolute: ``root`` (the handler option), else the environment's, else ./maildir."""
+    return os.path.abspath(root or os.environ.get("PREFORK_ESMTP_MAILDIR") or "maildir")
 
 
 def with_protocol(handler: ESMTPHandler) -> str:
@@ -69,6 +70,17 @@ class Maildir(ESMTPHandler):
 
     file = None
     tmp_path = ""
+    #: The ``root`` handler option (set by configure on the class in use), or None for the default.
+    root: str | None = None
+
+    @classmethod
+    def configure(cls, options: dict) -> None:
+        """``root``: the Maildir directory (default ``$PREFORK_ESMTP_MAILDIR``, else ``./maildir``)."""
+        root = options.pop("root", None)
+        if root is not None and (not isinstance(root, str) or not root.strip()):
+            raise HandlerConfigError(f"root: expected a directory name, got {root!r}")
+        cls.root = maildir_path(root) if root is not None else None
+        super().configure(options)
 
     def _discard(self) -> None:
         if self.file is not None:
@@ -82,7 +94,7 @@ class Maildir(ESMTPHandler):
     def DATA(self):
         global _seq
         self._discard()
-        root = maildir_path()
+        root = maildir_path(self.root)
         for sub in ("tmp", "new", "cur"):
             os.makedirs(os.path.join(root, sub), exist_ok=True)
         if root not in _cleaned:
@@ -134,7 +146,7 @@ class Maildir(ESMTPHandler):
             self.file.write(b"\r")
         self.file.flush()
         os.fsync(self.file.fileno())
-        new_dir = os.path.join(maildir_path(), "new")
+        new_dir = os.path.join(maildir_path(self.root), "new")
         os.rename(self.tmp_path, os.path.join(new_dir, self.name))
         self.file.close()
         self.file = None

@@ -1,0 +1,122 @@
+"""Processes the benchmark starts, and the loopback helpers every part of it uses.
+
+Every process started through ``spawn`` runs in its own session (so a Ctrl-C
+at the terminal reaches only the benchmark) and is registered, so that
+``end_all`` can stop whatever is left when the run ends, by pid: SIGTERM or
+SIGINT first, then SIGKILL of the process and every descendant still alive.
+Only 127.0.0.1 is used.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import time
+from typing import Any
+
+import psutil
+
+HOST = "127.0.0.1"
+
+
+def log(msg: str) -> None:
+    """One progress line on standard output, with the time of day."""
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def run_cmd(cmd: list[str], timeout: float = 30, **kw: Any) -> subprocess.CompletedProcess:
+    """Run a short helper command (a version probe, an installer) and capture its text output."""
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
+
+
+# -- processes we start: all of them are registered and ended at exit ---------------------
+
+STARTED: list[subprocess.Popen] = []
+
+
+def spawn(cmd: list[str], **kw: Any) -> subprocess.Popen:
+    """Start a process in its own session (so Ctrl-C reaches only us) and register it."""
+    kw.setdefault("stdin", subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, start_new_session=True, **kw)
+    STARTED.append(proc)
+    return proc
+
+
+def process_tree(pid: int) -> list[psutil.Process]:
+    """The process and all its descendants (empty when it is gone)."""
+    try:
+        root = psutil.Process(pid)
+        return [root] + root.children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def end_process(proc: subprocess.Popen, sig: int = signal.SIGTERM, grace: float = 5.0) -> None:
+    """Signal a process we started, wait, then SIGKILL it and every descendant left, by pid."""
+    tree = process_tree(proc.pid)
+    if proc.poll() is None:
+        try:
+            proc.send_signal(sig)
+        except OSError:
+            pass
+    gone, alive = psutil.wait_procs(tree, timeout=grace)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=2)
+    try:
+        proc.wait(timeout=2)
+    except subprocess.TimeoutExpired:
+        pass
+    release(proc)
+
+
+def release(proc: subprocess.Popen) -> None:
+    """Stop tracking a registered process that has ended by itself."""
+    if proc in STARTED:
+        STARTED.remove(proc)
+
+
+def end_all() -> None:
+    """End every registered process still running, newest first."""
+    for proc in list(reversed(STARTED)):
+        end_process(proc, grace=3.0)
+
+
+def on_signal(signum: int, frame: Any) -> None:
+    """Turn SIGINT/SIGTERM/SIGHUP into KeyboardInterrupt, so the run's clean-up code ends everything."""
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+# -- loopback -----------------------------------------------------------------------------
+
+def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def greets(port: int, timeout: float = 2.0) -> bool:
+    """Whether a connection to the port gets a 220 greeting (then QUIT politely)."""
+    try:
+        with socket.create_connection((HOST, port), timeout=timeout) as s:
+            data = b""
+            while b"\n" not in data:
+                chunk = s.recv(512)
+                if not chunk:
+                    return False
+                data += chunk
+            ok = data.startswith(b"220")
+            s.sendall(b"QUIT\r\n")
+            try:
+                s.recv(512)
+            except OSError:
+                pass
+            return ok
+    except OSError:
+        return False
+

@@ -1,0 +1,247 @@
+"""Report: the targets, and RESULTS.md written from the measured samples.
+
+``render`` turns one run (servers with their samples, worker memory, accept
+herd rows) into the markdown report: the run's date and machine, pass/fail
+per target, a throughput and CPU table per workload with ratios prefork-esmtp
+to each peer, worker memory and the accept herd.  ``write_results`` writes it,
+keeping the profile section that ``benchmarks/profiling.py`` writes there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from measure import MIB, Workload, fmt_mib, median, summarize
+from servers import Server
+
+PROFILE_BEGIN = "<!-- profile:begin -->"
+PROFILE_END = "<!-- profile:end -->"
+
+#: The throughput targets: (workload, peer, minimum ratio prefork-esmtp / peer).
+RATIO_TARGETS = [
+    ("conn", "aiosmtpd", 2.0),
+    ("conn", "haraka", 1.5),
+    ("persist", "haraka", 1.0),
+    ("big", "smtp-sink", 0.8),
+]
+#: The memory target: median idle worker USS after the idle-memory sessions.
+IDLE_USS_TARGET = 3 * MIB
+
+
+def fmt(v: float | None, digits: int = 0) -> str:
+    """A number with thousands separators, or n/a."""
+    return "n/a" if v is None else f"{v:,.{digits}f}"
+
+
+def pct(v: float | None) -> str:
+    """A fraction as a whole percentage, or n/a."""
+    return "n/a" if v is None else f"{v * 100:.0f}%"
+
+
+def times(v: float | None) -> str:
+    """A ratio as "1.23×", or n/a."""
+    return "n/a" if v is None else f"{v:.2f}×"
+
+
+def machine() -> dict[str, str]:
+    """CPU model, cores, memory, OS and Python of this machine, for the report's header."""
+    model = platform.processor() or "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": model,
+        "cores": f"{psutil.cpu_count()} logical / {psutil.cpu_count(logical=False) or '?'} physical",
+        "memory": f"{psutil.virtual_memory().total / 2**30:.0f} GiB",
+        "os": f"{platform.system()} {platform.release()}",
+        "python": f"{platform.python_implementation()} {platform.python_version()}",
+    }
+
+
+def render(args: argparse.Namespace, workloads: list[Workload], servers: list[Server],
+           bench_uss: list[int], idle_rows: list[dict[str, Any]], herd_rows: list[dict[str, Any]],
+           started: datetime.datetime, elapsed: float) -> str:
+    """The whole report except the profile section, as markdown."""
+    m = machine()
+    prefork = servers[0]
+    by_key = {s.key: s for s in servers}
+    stats = {(s.key, wl.key): summarize(s, wl) for s in servers for wl in workloads if s.available}
+    lines = []
+    w = lines.append
+    w("# prefork-esmtp benchmark results")
+    w("")
+    w(f"Written by `make bench` (`benchmarks/run.py{' --quick' if args.quick else ''}`) on "
+      f"{started.strftime('%Y-%m-%d %H:%M %Z').strip()}; the run took {elapsed / 60:.1f} minutes."
+      + (" **Quick (smoke) run: small counts, numbers are indicative only.**" if args.quick else ""))
+    w("")
+    w(f"- Machine: {m['cpu']}, {m['cores']} cores, {m['memory']} RAM, {m['os']}, {m['python']}")
+    w("- Servers, side by side in one run, all accepting and discarding every message on 127.0.0.1:")
+    for s in servers:
+        desc = {
+            "prefork-esmtp": f"prefork-esmtp {s.version}: base handler (`ESMTPHandler`), "
+                             f"`--workers {args.workers}`, `--log-level warning`, default accept mode",
+            "aiosmtpd": f"aiosmtpd {s.version} `Sink` handler, one asyncio process "
+                        f"(`benchmarks/aiosmtpd_sink.py`)",
+            "smtp-sink": f"Postfix {s.version} `smtp-sink`, one event-driven C process",
+            "haraka": f"Haraka {s.version}, cluster `nodes=2`, accept-all rcpt + discarding queue plugin",
+        }[s.key]
+        w(f"  - {desc}" + ("" if s.available else f" — **not run: {s.reason}**"))
+    w(f"- Client: Postfix `smtp-source` over loopback; {args.reps} repetitions per server and workload, "
+      "interleaved (server order rotates each repetition), after one unrecorded warm-up run each.")
+    w("- Rate: median over repetitions of messages / wall time of `smtp-source` "
+      "(MB/s = 10^6 bytes of message payload per second). CPU: time on CPU of the "
+      "server's whole process tree, every thread, before/after each run (psutil finds the tree; "
+      "`/proc/PID/task/*/schedstat` gives the runtime in ns, since psutil's tick-sampled "
+      "user/system times are too coarse for a 1-second run; reaped children's user+system "
+      "included), median per message. \"User share\" is psutil's user/(user+system) summed over "
+      "the repetitions (tick-sampled, so approximate).")
+    w("")
+
+    # targets
+    w("## Targets")
+    w("")
+    w("| target | measured | result |")
+    w("|---|---|---|")
+    names = {"conn": "connection per message", "persist": "persistent sessions", "big": "1 MB messages"}
+    for wl_key, peer, need in RATIO_TARGETS:
+        unit = "MB/s" if wl_key == "big" else "msgs/s"
+        label = f"{names[wl_key]}: prefork-esmtp ≥ {need:g}× {by_key[peer].label} ({unit})"
+        if not by_key[peer].available:
+            w(f"| {label} | peer not run ({by_key[peer].reason}) | n/a |")
+            continue
+        a, b = stats[("prefork-esmtp", wl_key)].rate, stats[(peer, wl_key)].rate
+        if a is None or b is None:
+            w(f"| {label} | no successful run | FAIL |")
+            continue
+        ratio = a / b
+        w(f"| {label} | {fmt(a, 1 if wl_key == 'big' else 0)} vs {fmt(b, 1 if wl_key == 'big' else 0)}"
+          f" = **{ratio:.2f}×** | {'PASS' if ratio >= need else 'FAIL'} |")
+    idle = idle_rows[0] if idle_rows else None
+    if idle and idle["after"] is not None:
+        w(f"| median idle worker USS after {idle['sessions']:,} sessions ≤ 3 MiB | "
+          f"**{fmt_mib(idle['after'])}** | {'PASS' if idle['after'] <= IDLE_USS_TARGET else 'FAIL'} |")
+    else:
+        w("| median idle worker USS after 2,000 sessions ≤ 3 MiB | not measured | n/a |")
+    w("")
+
+    # main table
+    w("## Throughput and CPU")
+    w("")
+    for wl in workloads:
+        unit = "MB/s" if wl.big else "msgs/s"
+        w(f"### {wl.title}")
+        w("")
+        w(f"`smtp-source -s {wl.sessions} -m {wl.count} -l {wl.size}{' -d' if wl.persistent else ''}`"
+          f" per repetition")
+        w("")
+        w(f"| server | {unit} (median) | min – max | CPU µs/msg | user share of CPU | "
+          f"prefork-esmtp ÷ this ({unit}) | this CPU ÷ prefork-esmtp CPU | runs ok/failed |")
+        w("|---|--:|--:|--:|--:|--:|--:|--:|")
+        ref = stats.get(("prefork-esmtp", wl.key))
+        for s in servers:
+            if not s.available:
+                w(f"| {s.label} | not run: {s.reason} | | | | | | |")
+                continue
+            st = stats[(s.key, wl.key)]
+            d = 1 if wl.big else 0
+            ratio = (ref.rate / st.rate) if ref and ref.rate and st.rate else None
+            cpu_ratio = (st.cpu_us / ref.cpu_us) if ref and ref.cpu_us and st.cpu_us else None
+            w(f"| {s.label} | {fmt(st.rate, d)} | {fmt(st.lo, d)} – {fmt(st.hi, d)} | "
+              f"{fmt(st.cpu_us)} | {pct(st.user_share)} | "
+              f"{'—' if s is prefork else times(ratio)} | "
+              f"{'—' if s is prefork else times(cpu_ratio)} | {st.n_ok}/{st.n_fail} |")
+        errors = [f"{s.label}: {e}" for s in servers if s.available
+                  for e in stats[(s.key, wl.key)].errors]
+        if errors:
+            w("")
+            w("Failed runs: " + "; ".join(sorted(set(errors))[:6]))
+        w("")
+
+    # memory
+    w("## prefork-esmtp worker memory (USS)")
+    w("")
+    if bench_uss:
+        w(f"- After the whole benchmark above ({len(bench_uss)} workers): median worker USS "
+          f"**{fmt_mib(median(bench_uss))}** (min {fmt_mib(min(bench_uss))}, "
+          f"max {fmt_mib(max(bench_uss))}).")
+    for row in idle_rows:
+        w(f"- Fresh server, {row['label']}: median idle worker USS {fmt_mib(row['fresh'])} after start, "
+          f"**{fmt_mib(row['after'])}** after {row['sessions']:,} connection-per-message sessions "
+          f"(max {fmt_mib(row['max'])}, {row['workers']} workers).")
+    w("")
+    w("USS is `psutil.Process.memory_full_info().uss`: the pages only this worker maps "
+      "(what killing it would free).")
+    w("")
+
+    # herd
+    w("## Accept herd: `--accept-mode exclusive` vs `shared`")
+    w("")
+    if not herd_rows:
+        w("Not measured in this run (`--no-herd`).")
+    else:
+        w(f"Connection-per-message load (`smtp-source -s {workloads[0].sessions} -l {workloads[0].size}`) "
+          f"against two fresh servers, one per mode, reps interleaved. Per-connection counts come from "
+          f"one `perf stat -p <workers> -e syscalls:sys_enter_accept4 -e syscalls:sys_exit_accept4 "
+          f"--filter 'ret < 0' -e syscalls:sys_enter_epoll_wait,context-switches` over "
+          f"{args.herd_connections:,} connections per mode (a separate, untimed run); the psutil column "
+          f"is the workers' voluntary+involuntary context switches over another such run, with no tracer "
+          f"attached. A failed accept4() is a worker woken for a connection another worker took. Idle "
+          f"workers also return from epoll_wait once per 1 s heartbeat tick; the upper bound of that "
+          f"share is in parentheses.")
+        w("")
+        w("| workers | mode | msgs/s (median) | min – max | CPU µs/msg | accept4() per conn | "
+          "failed accept4() per conn | epoll_wait() per conn (of which idle ticks ≤) | "
+          "context switches per conn (perf) | (psutil) |")
+        w("|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|")
+        for r in herd_rows:
+            w(f"| {r['workers']} | {r['mode']} | {fmt(r['rate'])} | {fmt(r['lo'])} – {fmt(r['hi'])} | "
+              f"{fmt(r['cpu_us'])} | {fmt(r.get('accept4_per_conn'), 2)} | "
+              f"{fmt(r.get('failed_accept_per_conn'), 2)} | {fmt(r.get('epoll_per_conn'), 2)} "
+              f"({fmt(r.get('epoll_idle_ticks_per_conn'), 2)}) | {fmt(r.get('cs_per_conn'), 1)} | "
+              f"{fmt(r.get('ctx_per_conn_psutil'), 1)} |")
+        w("")
+        for n_workers in sorted({r["workers"] for r in herd_rows}):
+            ex = next((r for r in herd_rows if r["workers"] == n_workers and r["mode"] == "exclusive"), None)
+            sh = next((r for r in herd_rows if r["workers"] == n_workers and r["mode"] == "shared"), None)
+            if not ex or not sh or not ex["rate"] or not sh["rate"] or not ex["cpu_us"] or not sh["cpu_us"]:
+                continue
+            extra = ""
+            if ex.get("cs_per_conn") is not None and sh.get("cs_per_conn") is not None:
+                extra = (f", {sh['cs_per_conn']:.1f} vs {ex['cs_per_conn']:.1f} context switches and "
+                         f"{sh['failed_accept_per_conn']:.2f} vs {ex['failed_accept_per_conn']:.2f} failed "
+                         f"accepts per connection")
+            w(f"- {n_workers} workers: shared gives {sh['rate'] / ex['rate']:.2f}× the msgs/s of exclusive "
+              f"at {sh['cpu_us'] / ex['cpu_us']:.2f}× the CPU per message{extra}.")
+        w("")
+        w("With 20 clients and 22 workers only about two workers are idle at any moment, so the herd is "
+          "small and its size varies from run to run; with 64 workers every idle worker wakes for each "
+          "connection in shared mode (in the kernel: epoll re-checks the listener and most go back to "
+          "sleep without returning, which shows as context switches rather than accept calls). "
+          "EPOLLEXCLUSIVE (the default) wakes one.")
+    w("")
+    return "\n".join(lines)
+
+
+def write_results(path: Path, body: str) -> None:
+    """Write the report, keeping the profile section written by benchmarks/profiling.py."""
+    kept = ""
+    if path.exists():
+        old = path.read_text()
+        i, j = old.find(PROFILE_BEGIN), old.find(PROFILE_END)
+        if i >= 0 and j > i:
+            kept = old[i:j + len(PROFILE_END)]
+    if not kept:
+        kept = (f"{PROFILE_BEGIN}\n## Profile\n\nNot recorded yet: run `.venv/bin/python "
+                f"benchmarks/profiling.py` (cProfile; perf and strace when present).\n{PROFILE_END}")
+    path.write_text(body.rstrip() + "\n\n" + kept + "\n")
+

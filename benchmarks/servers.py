@@ -1,0 +1,299 @@
+"""Server adapters: how the benchmark installs, starts, finds and stops each server.
+
+Each adapter knows its command line, how many child processes make it ready,
+and how to stop it; ``Server.start`` runs it on a free port on 127.0.0.1 and
+waits until it answers with a 220 greeting.  The servers:
+
+* prefork-esmtp with the base handler (accept and discard), from command-line
+  flags only (no configuration file, no environment variables);
+* aiosmtpd's stock ``Sink`` handler (``aiosmtpd_sink.py``), pip-installed into
+  this Python when missing;
+* Postfix's ``smtp-sink``;
+* Haraka in cluster mode, npm-installed once into a cache outside the
+  repository, with one plugin that accepts every recipient and discards the
+  message.
+
+A server that cannot be installed or started is marked unavailable with the
+reason, and the run goes on without it (except prefork-esmtp).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import psutil
+
+from procs import HOST, end_process, free_port, greets, log, process_tree, run_cmd, spawn
+
+if TYPE_CHECKING:
+    from measure import Sample
+
+HERE = Path(__file__).resolve().parent
+CACHE = Path(os.environ.get("PREFORK_ESMTP_BENCH_CACHE",
+                            Path.home() / ".cache" / "prefork-esmtp-bench"))
+SMTP_SINK = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
+
+
+@dataclass
+class Server:
+    """One server under test: its command line, its process tree, and the samples measured on it.
+
+    The base class is also what an unselected or unavailable server is: a row
+    in the report with the reason it was not run.
+    """
+
+    key: str
+    label: str
+    available: bool = True
+    reason: str = ""
+    version: str = ""
+    proc: subprocess.Popen | None = None
+    port: int = 0
+    root: int = 0  # pid of the server's top process (its tree is measured)
+    procs: list[psutil.Process] = field(default_factory=list)
+    expected_children: int = 0
+    samples: dict[str, list[Sample]] = field(default_factory=dict)
+
+    def command(self, port: int) -> list[str]:
+        """The command line that serves SMTP on 127.0.0.1:port."""
+        raise NotImplementedError
+
+    def start(self, workdir: Path) -> None:
+        """Start on a free port (output to workdir/KEY.log) and wait up to 60 s for a 220 greeting."""
+        self.port = free_port()
+        cmd = self.command(self.port)
+        with open(workdir / f"{self.key}.log", "wb") as logf:
+            self.proc = spawn(cmd, stdout=logf, stderr=subprocess.STDOUT, cwd=str(workdir))
+        self.root = self.proc.pid
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.label} exited at start-up (status {self.proc.returncode}); "
+                                   f"see {workdir / (self.key + '.log')}")
+            tree = process_tree(self.proc.pid)
+            if len(tree) - 1 >= self.expected_children and greets(self.port):
+                break
+            time.sleep(0.2)
+        else:
+            raise RuntimeError(f"{self.label} did not answer on {HOST}:{self.port} within 60 s")
+        time.sleep(0.5)
+        self.refresh_tree()
+
+    def refresh_tree(self) -> None:
+        """Look up the process tree again (workers may have been replaced)."""
+        self.procs = process_tree(self.root)
+
+    def stop(self) -> None:
+        """Stop the server and whatever is left of its process tree (nothing when not started)."""
+        if self.proc is not None:
+            end_process(self.proc, self.stop_signal)
+            self.proc = None
+            self.root = 0
+
+    stop_signal = signal.SIGTERM
+
+    def workers(self) -> list[psutil.Process]:
+        """The top process's direct children (prefork-esmtp's workers, Haraka's nodes)."""
+        if not self.root:
+            return []
+        try:
+            return psutil.Process(self.root).children()
+        except psutil.Error:
+            return []
+
+
+class PreforkServer(Server):
+    """prefork-esmtp from this Python's environment, base handler, a fixed pool of workers.
+
+    ``extra`` adds flags for the side measurements (``--accept-mode``,
+    ``--preload``).  The handler is named on the command line rather than left
+    to the default, and no configuration file is read, so the server measured
+    stays the accept-and-discard base handler whatever the default becomes.
+    """
+
+    stop_signal = signal.SIGINT  # fast stop: nothing is in flight between runs
+
+    def __init__(self, workers: int, extra: list[str] | None = None, key: str = "prefork-esmtp",
+                 label: str = "prefork-esmtp") -> None:
+        super().__init__(key, label)
+        self.n_workers = workers
+        self.extra = extra or []
+        self.expected_children = workers
+        exe = Path(sys.executable).parent / "prefork-esmtp"
+        self.exe = [str(exe)] if exe.exists() else [sys.executable, "-m", "prefork_esmtp"]
+        try:
+            out = run_cmd(self.exe + ["--version"], timeout=30).stdout.strip()
+            self.version = out.split()[-1] if out else ""
+        except Exception:  # noqa: BLE001 - version is only a label
+            self.version = ""
+
+    def command(self, port: int) -> list[str]:
+        return self.exe + ["start", "--listen", f"{HOST}:{port}", "--workers", str(self.n_workers),
+                           "--log-level", "warning", "--max-message-size", "2M",
+                           "--hostname", "prefork-esmtp.bench",
+                           "--handler", "prefork_esmtp:ESMTPHandler"] + self.extra
+
+    def worker_uss(self) -> list[int]:
+        """USS in bytes of each worker: the memory only that worker maps."""
+        values = []
+        for p in self.workers():
+            try:
+                values.append(p.memory_full_info().uss)
+            except psutil.Error:
+                pass
+        return values
+
+
+class AiosmtpdServer(Server):
+    """aiosmtpd's stock SMTP protocol with the ``Sink`` handler, one asyncio process."""
+
+    def __init__(self) -> None:
+        super().__init__("aiosmtpd", "aiosmtpd Sink")
+        ok, why = ensure_aiosmtpd()
+        self.available, self.reason = ok, why
+        if ok:
+            self.version = run_cmd([sys.executable, "-c",
+                                    "import aiosmtpd; print(aiosmtpd.__version__)"]).stdout.strip()
+
+    def command(self, port: int) -> list[str]:
+        return [sys.executable, str(HERE / "aiosmtpd_sink.py"), HOST, str(port)]
+
+
+class SmtpSinkServer(Server):
+    """Postfix's ``smtp-sink`` test server: one event-driven C process."""
+
+    def __init__(self) -> None:
+        super().__init__("smtp-sink", "Postfix smtp-sink")
+        if not os.path.exists(SMTP_SINK):
+            self.available, self.reason = False, "smtp-sink not found (apt-get install postfix)"
+        try:
+            self.version = run_cmd(["postconf", "-d", "-h", "mail_version"]).stdout.strip()
+        except Exception:  # noqa: BLE001
+            self.version = ""
+
+    def command(self, port: int) -> list[str]:
+        cmd = [SMTP_SINK]
+        if os.geteuid() == 0:
+            cmd += ["-u", "nobody"]  # required as root; it drops privileges after binding
+        return cmd + ["-h", "smtp-sink.bench", f"{HOST}:{port}", "256"]
+
+
+class HarakaServer(Server):
+    """Haraka in cluster mode (a master and NODES workers) with an accept-and-discard plugin."""
+
+    NODES = 2
+
+    def __init__(self, enabled: bool) -> None:
+        super().__init__("haraka", f"Haraka ({self.NODES} nodes)")
+        self.expected_children = self.NODES
+        self.home = CACHE / "haraka"
+        self.config = self.home / "bench-config"
+        if not enabled:
+            self.available, self.reason = False, "skipped (--no-haraka)"
+            return
+        self.available, self.reason = self.install()
+
+    def install(self) -> tuple[bool, str]:
+        """npm-install Haraka into the cache and create its config once: (available, reason if not)."""
+        node, npm = shutil.which("node"), shutil.which("npm")
+        if not node or not npm:
+            return False, "Node.js/npm not found"
+        self.node = node
+        self.script = self.home / "node_modules" / "Haraka" / "bin" / "haraka"
+        try:
+            if not self.script.exists():
+                log(f"installing Haraka with npm into {self.home} (once)")
+                self.home.mkdir(parents=True, exist_ok=True)
+                if not (self.home / "package.json").exists():
+                    (self.home / "package.json").write_text('{"name": "haraka-bench", "private": true}\n')
+                r = run_cmd([npm, "install", "--no-audit", "--no-fund", "--loglevel=error", "Haraka"],
+                            timeout=900, cwd=str(self.home))
+                if r.returncode != 0 or not self.script.exists():
+                    return False, "npm install Haraka failed: " + (r.stderr.strip().splitlines() or ["?"])[-1]
+            if not (self.config / "config").is_dir():
+                r = run_cmd([node, str(self.script), "-i", str(self.config)], timeout=120)
+                if r.returncode != 0:
+                    return False, "haraka -i failed: " + (r.stderr.strip().splitlines() or ["?"])[-1]
+            pkg = json.loads((self.home / "node_modules" / "Haraka" / "package.json").read_text())
+            self.version = f"{pkg.get('version', '?')} (Node.js {run_cmd([node, '--version']).stdout.strip()})"
+        except (OSError, subprocess.SubprocessError, ValueError) as exc:
+            return False, f"Haraka set-up failed: {exc}"
+        return True, ""
+
+    def write_config(self, port: int) -> None:
+        """Listen on the port with NODES workers, only the bench_accept plugin, warnings only."""
+        cfg = self.config / "config"
+        plugins = self.config / "plugins"
+        plugins.mkdir(exist_ok=True)
+        # accept every recipient, "queue" by throwing the message away
+        (plugins / "bench_accept.js").write_text(
+            "// benchmark: accept every recipient, discard every message\n"
+            "exports.register = function () {\n"
+            "    this.register_hook('rcpt', 'accept_rcpt')\n"
+            "    this.register_hook('queue', 'discard')\n"
+            "}\n"
+            "exports.accept_rcpt = (next) => next(OK)\n"
+            "exports.discard = (next) => next(OK)\n")
+        (cfg / "plugins").write_text("bench_accept\n")
+        (cfg / "smtp.ini").write_text(f"[main]\nlisten={HOST}:{port}\nnodes={self.NODES}\n")
+        (cfg / "log.ini").write_text("[main]\nlevel=warn\ntimestamps=false\nformat=default\n")
+        (cfg / "me").write_text("haraka.bench\n")
+
+    def command(self, port: int) -> list[str]:
+        self.write_config(port)
+        return [self.node, str(self.script), "-c", str(self.config)]
+
+
+def ensure_aiosmtpd() -> tuple[bool, str]:
+    """Make aiosmtpd importable in this Python (pip install when missing): (ok, reason if not)."""
+    probe = [sys.executable, "-c", "import aiosmtpd"]
+    if run_cmd(probe).returncode == 0:
+        return True, ""
+    log("aiosmtpd missing: pip install aiosmtpd")
+    r = run_cmd([sys.executable, "-m", "pip", "install", "-q", "aiosmtpd"], timeout=600)
+    if r.returncode != 0 or run_cmd(probe).returncode != 0:
+        return False, "aiosmtpd not installable: " + (r.stderr.strip().splitlines() or ["?"])[-1]
+    return True, ""
+
+
+def side_by_side(workers: int, wanted: set[str], haraka: bool) -> list[Server]:
+    """The servers of one run, prefork-esmtp first; peers not in ``wanted`` are listed as not run."""
+    return [
+        PreforkServer(workers),
+        AiosmtpdServer() if "aiosmtpd" in wanted else
+        Server("aiosmtpd", "aiosmtpd Sink", False, "not selected (--servers)"),
+        SmtpSinkServer() if "smtp-sink" in wanted else
+        Server("smtp-sink", "Postfix smtp-sink", False, "not selected (--servers)"),
+        HarakaServer(haraka and "haraka" in wanted),
+    ]
+
+
+def start_all(servers: list[Server], workdir: Path) -> list[Server]:
+    """Start every available server; a peer that fails is marked not run.  The running ones.
+
+    prefork-esmtp (the first) failing to start ends the run with the error.
+    """
+    for s in servers:
+        if not s.available:
+            log(f"{s.label}: not run ({s.reason})")
+            continue
+        try:
+            s.start(workdir)
+            log(f"{s.label} {s.version} on {HOST}:{s.port}, pid {s.root}, "
+                f"{len(s.procs)} processes")
+        except RuntimeError as exc:
+            if s is servers[0]:
+                raise
+            s.available, s.reason = False, str(exc)
+            s.stop()
+            log(f"{s.label}: not run ({exc})")
+    return [s for s in servers if s.available]

@@ -1,0 +1,86 @@
+"""A worker told to retire must not swallow a wake-up: what its wait reported is accepted.
+
+With ``accept_mode = exclusive`` (EPOLLEXCLUSIVE) the kernel wakes one idle worker per
+connection.  If that worker is told to retire (HUP, TTOU, max-spare) just as its wait
+returns and leaves without accepting, the client gets no greeting until the next
+connection wakes someone else.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import threading
+
+import pytest
+
+from prefork_esmtp import ESMTPHandler
+from prefork_esmtp import worker as worker_module
+from prefork_esmtp.settings import resolve
+from prefork_esmtp.worker import Worker
+
+
+def _config():
+    return resolve({"hostname": "mx.test.example", "accept_mode": "exclusive"}, {})
+
+
+@pytest.fixture
+def listener():
+    sock = socket.create_server(("127.0.0.1", 0), backlog=16)
+    sock.setblocking(False)
+    yield sock
+    sock.close()
+
+
+def test_retire_right_after_the_wait_still_serves_the_connection(listener, monkeypatch):
+    worker = Worker([listener], ESMTPHandler, _config())
+    client = socket.create_connection(listener.getsockname(), timeout=5)  # waiting in the backlog
+    real_wait = worker_module._Poller.wait
+
+    def wait_then_retire(self, timeout):
+        ready = real_wait(self, timeout)
+        worker.stop()  # the retire signal's handler runs just after the wait returned
+        return ready
+
+    monkeypatch.setattr(worker_module._Poller, "wait", wait_then_retire)
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    try:
+        assert client.recv(512).startswith(b"220 mx.test.example"), "the client was stranded"
+        client.sendall(b"QUIT\r\n")
+        assert client.recv(512).startswith(b"221")
+    finally:
+        client.close()
+        thread.join(10)
+    assert not thread.is_alive(), "the retiring worker left after that session"
+    assert worker.served == 1
+
+
+def test_retire_with_nothing_pending_leaves_at_once(listener):
+    worker = Worker([listener], ESMTPHandler, _config())
+    worker.stop()
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    thread.join(5)
+    assert not thread.is_alive()
+    assert worker.served == 0
+
+
+def test_a_signal_before_the_wait_wakes_it_at_once(listener):
+    """set_wakeup_fd: a signal that lands before the wait starts is seen without waiting a tick."""
+    worker = Worker([listener], ESMTPHandler, _config())
+    old = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGQUIT)
+    try:
+        worker.install_signals()
+        signal.signal(signal.SIGUSR2, lambda s, f: None)
+        signal.raise_signal(signal.SIGUSR2)  # a signal whose handler does not itself write the pipe
+        poller = worker_module._Poller([listener], worker._wake_r, True)
+        try:
+            assert poller.wait(5) == [worker._wake_r]
+        finally:
+            poller.close()
+    finally:
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGUSR2, signal.SIG_DFL)
+        for sig, handler in zip((signal.SIGTERM, signal.SIGINT, signal.SIGQUIT), old):
+            signal.signal(sig, handler)
