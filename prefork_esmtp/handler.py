@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from prefork_esmtp.state import ConnectionState, Envelope
+
 Reply = tuple[Any, ...]
 
 #: Largest BODY chunk in chunk mode unless a handler sets ``chunksize``.
@@ -28,16 +30,20 @@ class HandlerConfigError(ValueError):
 class ESMTPHandler:
     """The base class: carries on a whole ESMTP conversation, accepts and discards mail.
 
-    Properties (those of Apache2::Protocol::ESMTP): ``input_handle`` and ``output_handle`` (the
-    session's reader and reply writer), ``chunkmode`` (line mode first, chunk
-    mode after EOH, line mode again after EOM), ``chunksize`` (largest BODY
-    chunk in chunk mode), ``disconnect`` (close once the current reply is sent).
+    Properties (those of Apache2::Protocol::ESMTP), plain attributes a hook may set:
+    ``input_handle`` and ``output_handle`` (the session's reader and reply
+    writer), ``chunkmode`` (line mode first, chunk mode after EOH, line mode
+    again after EOM), ``chunksize`` (largest BODY chunk in chunk mode),
+    ``disconnect`` (close once the current reply is sent).
 
-    Session facts the engine keeps up to date: ``client`` (HELO/EHLO domain),
-    ``esmtp`` (True after EHLO), ``env_sender``, ``env_recipients`` (only those
-    RCPT accepted with 2xx), ``mail_params``, ``rcpt_params`` (of the RCPT being
-    handled), ``recipients_params`` (one dict per accepted recipient),
-    ``peer`` and ``local`` ((host, port) tuples), ``hostname`` (this server's).
+    Session facts, read-only views of the engine's state
+    (:mod:`prefork_esmtp.state`): ``client`` (HELO/EHLO domain), ``esmtp``
+    (True after EHLO), ``env_sender``, ``env_recipients`` (only those RCPT
+    accepted with 2xx), ``mail_params``, ``rcpt_params`` (of the RCPT being
+    handled), ``recipients_params`` (one dict per accepted recipient), ``peer``
+    and ``local`` ((host, port) tuples), ``hostname`` (this server's), ``tls``,
+    ``auth_user``, ``auth_mechanism``.  Outside a session (a unit test) they
+    show the defaults, or what :func:`prefork_esmtp.state.attach` gave.
 
     The message as it came (not in Apache2::Protocol::ESMTP): ``header_raw``
     while HEADER runs, and ``header_section`` from EOH on, so a handler can
@@ -51,24 +57,9 @@ class ESMTPHandler:
     chunkmode: bool = False
     #: Set to True in any hook to close the connection after that hook's reply.
     disconnect: bool = False
-
+    #: The session's reader (``readline(limit)``, ``read(n)``) and reply writer (``write``, ``flush``).
     input_handle: Any = None
     output_handle: Any = None
-    client: str | None = None
-    esmtp: bool = False
-    env_sender: str | None = None
-    env_recipients: list[str] = []
-    mail_params: dict[str, str | None] = {}
-    rcpt_params: dict[str, str | None] = {}
-    recipients_params: list[dict[str, str | None]] = []
-    peer: tuple[str, int] | None = None
-    local: tuple[str, int] | None = None
-    hostname: str = ""
-    #: None, or facts about the TLS session: version, cipher, bits, peer_cert, peer_cert_der.
-    tls: dict[str, Any] | None = None
-    #: The identity AUTH proved (the username), or None; and the mechanism used.
-    auth_user: str | None = None
-    auth_mechanism: str | None = None
     #: While HEADER runs: that header's exact bytes as received, folding, spacing and
     #: line ends (CRLF, or a bare LF the bare-newline policy keeps) included.
     header_raw: bytes = b""
@@ -101,6 +92,86 @@ class ESMTPHandler:
         if options:
             names = ", ".join(repr(k) for k in sorted(options))
             raise HandlerConfigError(f"unknown handler option{'s' if len(options) > 1 else ''} {names}")
+
+    # The engine's state objects behind the session facts; set by the engine
+    # (state.attach), or made on first use for a handler outside a session.
+    _esmtp_state: ConnectionState | None = None
+    _esmtp_envelope: Envelope | None = None
+
+    def _blank_state(self) -> ConnectionState:
+        self._esmtp_state = ConnectionState()
+        return self._esmtp_state
+
+    def _blank_envelope(self) -> Envelope:
+        self._esmtp_envelope = Envelope()
+        return self._esmtp_envelope
+
+    # -- session facts: read-only views ----------------------------------------
+
+    @property
+    def client(self) -> str | None:
+        """The HELO/EHLO domain, or None before HELO/EHLO."""
+        return (self._esmtp_state or self._blank_state()).client
+
+    @property
+    def esmtp(self) -> bool:
+        """True after EHLO."""
+        return (self._esmtp_state or self._blank_state()).esmtp
+
+    @property
+    def peer(self) -> tuple[str, int] | None:
+        """The client's (host, port): the real client after a PROXY header."""
+        return (self._esmtp_state or self._blank_state()).peer
+
+    @property
+    def local(self) -> tuple[str, int] | None:
+        """Our (host, port)."""
+        return (self._esmtp_state or self._blank_state()).local
+
+    @property
+    def hostname(self) -> str:
+        """This server's name (``--hostname``)."""
+        return (self._esmtp_state or self._blank_state()).hostname
+
+    @property
+    def tls(self) -> dict[str, Any] | None:
+        """None, or facts about the TLS session: version, cipher, bits, peer_cert, peer_cert_der."""
+        return (self._esmtp_state or self._blank_state()).tls
+
+    @property
+    def auth_user(self) -> str | None:
+        """The identity AUTH proved (the username), or None."""
+        return (self._esmtp_state or self._blank_state()).auth_user
+
+    @property
+    def auth_mechanism(self) -> str | None:
+        """The SASL mechanism AUTH used, or None."""
+        return (self._esmtp_state or self._blank_state()).auth_mechanism
+
+    @property
+    def env_sender(self) -> str | None:
+        """MAIL FROM's address ('' for the null sender), or None outside a transaction."""
+        return (self._esmtp_envelope or self._blank_envelope()).sender
+
+    @property
+    def env_recipients(self) -> list[str]:
+        """The recipients RCPT accepted with 2xx, in order."""
+        return (self._esmtp_envelope or self._blank_envelope()).recipients
+
+    @property
+    def mail_params(self) -> dict[str, str | None]:
+        """The ESMTP parameters of MAIL."""
+        return (self._esmtp_envelope or self._blank_envelope()).mail_params
+
+    @property
+    def rcpt_params(self) -> dict[str, str | None]:
+        """The ESMTP parameters of the RCPT being handled."""
+        return (self._esmtp_envelope or self._blank_envelope()).rcpt_params
+
+    @property
+    def recipients_params(self) -> list[dict[str, str | None]]:
+        """The ESMTP parameters of each accepted recipient, in the order of env_recipients."""
+        return (self._esmtp_envelope or self._blank_envelope()).recipients_params
 
     # -- connection -----------------------------------------------------------
 

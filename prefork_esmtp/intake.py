@@ -49,12 +49,16 @@ class MessageIntake:
         self._parse(self.parser.feed, piece)
 
     def finish(self) -> R.Reply | None:
-        """The message is complete: flush the parser; return the problem, if any."""
+        """The message is complete: flush the parser; return the problem, if any.
+
+        The handler is back in line mode afterwards (the parser turned chunk mode on before EOH).
+        """
         if self.problem is None:
             if self.reject_bare and self.prev_cr:
                 self.problem = R.BARE_NEWLINE
             else:
                 self._parse(self.parser.finish)
+        self.parser.handler.chunkmode = False
         return self.problem
 
     def _parse(self, step: Any, *args: bytes) -> None:

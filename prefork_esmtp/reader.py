@@ -3,28 +3,26 @@
 Command lines are found with ``bytes.find``; a line longer than the limit is
 drained to its end and reported, so the session stays in sync and memory stays
 bounded.  DATA is decoded on whole buffers by :class:`~prefork_esmtp.dotdata.DotDecoder`.
-Before every blocking read the reply writer is flushed, which is what makes
-pipelined replies leave in one send.
+The bytes come from the session's :class:`~prefork_esmtp.connection.Connection`
+(``recv`` and ``settimeout``, as a socket has), which sends the queued replies
+before it blocks.
 """
 
 from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from prefork_esmtp.dotdata import DotDecoder
-from prefork_esmtp.writer import ClientGone, ReplyWriter
+from prefork_esmtp.writer import ClientGone
 
 RECV_SIZE = 65536
 
 
 class ReadTimeout(Exception):
     """The client sent nothing for the idle timeout."""
-
-
-class StopSession(Exception):
-    """The server is stopping and the session may be ended now (421)."""
 
 
 class DataTooSlow(Exception):
@@ -44,27 +42,16 @@ class LineTooLong(Exception):
 
 
 class Reader:
-    """Reads command lines, DATA sections and exact byte counts from a socket."""
+    """Reads command lines, DATA sections and exact byte counts from the connection."""
 
-    def __init__(self, sock: socket.socket, writer: ReplyWriter, timeout: float,
-                 check_in: Callable[[float], None] | None = None) -> None:
-        self.sock = sock
+    def __init__(self, sock: Any, timeout: float) -> None:
+        self.sock = sock  # the connection: recv() and settimeout(), as a socket has
         self.timeout = timeout
-        #: called before each blocking read with the longest it may block, so the
-        #: master can tell a worker waiting on a slow client from a stuck one
-        self.check_in = check_in
-        self.writer = writer
         self.buf = b""
         self.pos = 0
         self.received = 0
         #: whether the last command line ended with a bare LF instead of CRLF
         self.bare_lf = False
-        #: set by the session while it waits for a command: a blocked read may then
-        #: be interrupted (graceful stop); ``waiting`` is true only inside recv().
-        self.interruptible = False
-        self.waiting = False
-        #: asked just before an interruptible read: true means end the session now
-        self.stop_check: Callable[[], bool] | None = None
         # the minimum data rate: (octets/s, start time, octets received at start, grace), or None
         self._rate: tuple[float, float, int, float] | None = None
         #: monotonic time by which a command line must be complete once its first octet
@@ -114,15 +101,14 @@ class Reader:
                     timeout, why = left, exc
         return timeout, why
 
-    def replace_socket(self, sock: socket.socket) -> None:
-        """Continue on a new socket (after STARTTLS), forgetting every byte buffered so far.
+    def forget_buffered(self) -> None:
+        """Start afresh after STARTTLS: forget every byte buffered so far, back to the idle timeout.
 
         Whatever the client sent in plaintext behind STARTTLS must not be
         taken as said inside TLS (CVE-2011-0411).
         """
-        self.sock = sock
         self.buf, self.pos = b"", 0
-        sock.settimeout(self.timeout)
+        self.sock.settimeout(self.timeout)
         self._current_timeout = self.timeout
 
     def pending(self) -> bool:
@@ -130,24 +116,14 @@ class Reader:
         return self.pos < len(self.buf)
 
     def _fill(self) -> None:
-        """Flush pending replies, then block for more input (with the idle timeout)."""
+        """Block for more input: the idle timeout, shortened by whichever deadline comes first."""
         why: type[Exception] = ReadTimeout
         try:
-            self.writer.flush()
             timeout, why = self._read_timeout()
             if timeout != self._current_timeout:
                 self.sock.settimeout(timeout)
                 self._current_timeout = timeout
-            if self.check_in is not None:
-                self.check_in(self.timeout)
-            self.waiting = self.interruptible
-            try:
-                # A stop signalled before ``waiting`` was set found nothing to interrupt: look again.
-                if self.waiting and self.stop_check is not None and self.stop_check():
-                    raise StopSession()
-                data = self.sock.recv(RECV_SIZE)
-            finally:
-                self.waiting = False
+            data = self.sock.recv(RECV_SIZE)
         except (socket.timeout, TimeoutError):
             raise why() from None
         except OSError as exc:

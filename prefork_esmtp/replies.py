@@ -1,31 +1,59 @@
-"""Every reply the engine itself sends, in one table, and the reply formatter.
+"""Every reply the engine itself sends, in one table; hook results as replies; the reply formatter.
 
-Handlers return ``(code, *messages)``; the engine frames them (``code-`` /
-``code ``) and, with ENHANCEDSTATUSCODES on, puts a default enhanced status
-code (RFC 3463 / RFC 2034) before any message that lacks one.
+Handlers return ``(code, *messages)``; :func:`call_hook` turns that into a
+:class:`HookReply` (or 451 when the hook fails).  The session frames either
+kind (``code-`` / ``code ``) and, with ENHANCEDSTATUSCODES on, puts a default
+enhanced status code (RFC 3463 / RFC 2034) before any message that lacks one.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Any, NamedTuple
 
+log = logging.getLogger("prefork_esmtp.session")
+
 
 class Reply(NamedTuple):
-    """One SMTP reply: code, enhanced status code ('' for none) and text."""
+    """One of the engine's replies: code, enhanced status code ('' for none) and text.
+
+    ``counts``: whether it counts against the client's error limit (not when the
+    fault is ours or a limit's).  ``closes``: the session ends after it (421 always does).
+    """
 
     code: int
     enhanced: str
     text: str
+    counts: bool = True
+    closes: bool = False
 
     @property
     def line(self) -> str:
         """The reply's text with its enhanced status code in front, as one reply line."""
         return f"{self.enhanced} {self.text}" if self.enhanced else self.text
 
+    @property
+    def lines(self) -> list[str]:
+        """The reply as a list of lines (one), as :func:`format_reply` takes them."""
+        return [self.line]
+
     def format(self, *args: Any) -> "Reply":
         """The same reply with ``%``-style arguments put into its text."""
         return self._replace(text=self.text % args)
+
+
+class HookReply(NamedTuple):
+    """A hook's reply, normalized: code and message lines (several make a multi-line reply)."""
+
+    code: int
+    lines: list[str]
+    counts: bool = True
+    closes = False  # a plain class attribute, not a field: a hook's reply never ends the session by itself
+
+
+#: What a verb returns: its final reply, or None when its last reply was an interim one.
+Answer = Reply | HookReply | None
 
 
 # The engine's own replies.  Names say when each is used.
@@ -52,11 +80,11 @@ SIZE_EXCEEDED = Reply(552, "5.3.4", "Error: message size exceeds the fixed limit
 MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Error: message exceeds the fixed size limit; message discarded")
 HEADER_TOO_BIG = Reply(552, "5.3.4", "Error: message header too long; message discarded")
 TOO_MANY_HEADER_LINES = Reply(552, "5.3.4", "Error: too many header lines; message discarded")
-TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Error: too many recipients")
+TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Error: too many recipients", counts=False)
 BARE_NEWLINE = Reply(554, "5.6.0", "Error: bare CR or LF in message; lines must end with CRLF")
 BAD_PARAMETER = Reply(501, "5.5.4", "Bad %s parameter: %s")
 BAD_COMMAND_LF = Reply(500, "5.5.2", "Error: bare LF in command; lines must end with CRLF")
-PIPELINING_ABUSE = Reply(554, "5.5.0", "%s Error: improper use of SMTP command pipelining")
+PIPELINING_ABUSE = Reply(554, "5.5.0", "%s Error: improper use of SMTP command pipelining", counts=False, closes=True)
 TOO_MANY_JUNK = Reply(421, "4.7.0", "%s Error: too many NOOP, RSET, VRFY, EXPN or HELP commands")
 TOO_MANY_FROM_IP = Reply(421, "4.7.0", "%s Error: too many connections from your address")
 DATA_TOO_SLOW = Reply(421, "4.4.2", "%s Error: data rate too low")
@@ -76,14 +104,14 @@ AUTH_CANCELLED = Reply(501, "5.7.0", "Authentication cancelled")
 AUTH_BAD_RESPONSE = Reply(501, "5.5.2", "Error: cannot decode the response: %s")
 AUTH_OK = Reply(235, "2.7.0", "Authentication successful")
 AUTH_FAILED = Reply(535, "5.7.8", "Authentication credentials invalid")
-AUTH_TEMPFAIL = Reply(454, "4.7.0", "Temporary authentication failure")
+AUTH_TEMPFAIL = Reply(454, "4.7.0", "Temporary authentication failure", counts=False)
 AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
 # CHUNKING (RFC 3030)
-SYNTAX_BDAT = Reply(501, "5.5.4", "Syntax: BDAT size [LAST]")
+SYNTAX_BDAT = Reply(501, "5.5.4", "Syntax: BDAT size [LAST]", closes=True)  # the chunk size is unknown: no way to stay in sync
 CHUNK_OK = Reply(250, "2.0.0", "%d octets received")
 DATA_AFTER_BDAT = Reply(503, "5.5.1", "Error: DATA after BDAT in one transaction")
 BINARYMIME_NEEDS_BDAT = Reply(503, "5.5.1", "Error: BODY=BINARYMIME needs BDAT, not DATA")
-HOOK_FAILED = Reply(451, "4.3.0", "Error: local error in processing; try again later")
+HOOK_FAILED = Reply(451, "4.3.0", "Error: local error in processing; try again later", counts=False)
 TIMEOUT = Reply(421, "4.4.2", "%s Error: timeout exceeded")
 COMMAND_TOO_SLOW = Reply(421, "4.4.2", "%s Error: command line not complete in time")
 SESSION_TOO_LONG = Reply(421, "4.4.2", "%s Error: session time limit reached")
@@ -105,8 +133,17 @@ _BY_CODE = {
 }
 
 
-def default_enhanced(code: int, verb: str) -> str:
-    """The enhanced status code to put before a message that has none."""
+#: Replies that carry no enhanced status code (RFC 2034 section 4: greeting, HELO/EHLO, 3xx).
+_PLAIN_VERBS = frozenset({"CONNECT", "HELO", "EHLO"})
+
+
+def default_enhanced(code: int, verb: str) -> str | None:
+    """The enhanced status code to put before a message that has none, or None to add none.
+
+    None for the greeting (verb ``CONNECT``), HELO/EHLO replies and 3xx replies.
+    """
+    if verb in _PLAIN_VERBS or 300 <= code < 400:
+        return None
     cls = code // 100
     return _BY_VERB.get((verb, cls)) or _BY_CODE.get(code) or f"{cls}.0.0"
 
@@ -120,8 +157,8 @@ class BadHookResult(ValueError):
     """A hook returned something that is not ``(code, *messages)``."""
 
 
-def normalize(result: Any) -> tuple[int, list[str]]:
-    """Turn a hook's return value into (code, lines), or raise BadHookResult.
+def normalize(result: Any) -> HookReply:
+    """Turn a hook's return value into a :class:`HookReply` (code, lines), or raise BadHookResult.
 
     Accepts ``(code, msg, ...)``, a list of the same, or a bare code.  Messages
     are made str; CR and LF inside a message split it into separate lines so a
@@ -142,7 +179,24 @@ def normalize(result: Any) -> tuple[int, list[str]]:
         if isinstance(message, bytes):
             message = message.decode("utf-8", "replace")
         lines.extend(str(message).splitlines() or [""])
-    return code, lines
+    return HookReply(code, lines)
+
+
+def call_hook(handler: Any, hook: str, who: str, *args: Any) -> HookReply | Reply:
+    """Call a reply hook and return its reply.
+
+    A hook that raises, or returns something that is not a reply, gets
+    451 4.3.0 (transient: the client retries, nothing is lost; it does not
+    count against the client's error limit); the traceback is logged and the
+    session goes on.
+    """
+    try:
+        return normalize(getattr(handler, hook)(*args))
+    except BadHookResult as exc:
+        log.error("%s hook returned a bad reply: %s", hook, exc)
+    except Exception:
+        log.exception("%s hook raised (client %s)", hook, who)
+    return HOOK_FAILED
 
 
 def format_reply(code: int, lines: list[str], enhanced: str | None) -> bytes:

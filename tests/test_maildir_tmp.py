@@ -8,13 +8,14 @@ import time
 import pytest
 
 from prefork_esmtp.handlers import maildir as M
+from prefork_esmtp.state import ConnectionState, Envelope, attach
 
 
 def handler_for(root, monkeypatch) -> M.Maildir:
     monkeypatch.setenv("PREFORK_ESMTP_MAILDIR", str(root))
     h = M.Maildir()
-    h.peer, h.client, h.hostname, h.esmtp = ("192.0.2.1", 25), "client.example", "mx.example", True
-    h.env_sender, h.env_recipients = "a@example.org", ["b@example.org"]
+    attach(h, ConnectionState(peer=("192.0.2.1", 25), client="client.example", hostname="mx.example", esmtp=True),
+           Envelope(sender="a@example.org", recipients=["b@example.org"]))
     return h
 
 
@@ -57,17 +58,15 @@ def test_stale_tmp_files_are_removed_fresh_ones_kept(tmp_path, monkeypatch):
 ])
 def test_received_with_word_follows_rfc3848_and_rfc6531(esmtp, tls, auth, utf8, word):
     h = M.Maildir()
-    h.esmtp, h.tls, h.auth_user = esmtp, tls, auth
-    h.mail_params = {"SMTPUTF8": True} if utf8 else {}
+    attach(h, ConnectionState(esmtp=esmtp, tls=tls, auth_user=auth),
+           Envelope(mail_params={"SMTPUTF8": True} if utf8 else {}))
     assert M.with_protocol(h) == word
 
 
 @pytest.mark.parametrize("recipients", [["b@example.org"], ["b@example.org", "c@example.org"]])
 def test_received_names_a_recipient_only_when_there_is_one(tmp_path, monkeypatch, recipients):
     h = handler_for(tmp_path, monkeypatch)
-    h.env_recipients = recipients
-    h.tls = h.auth_user = None
-    h.mail_params = {}
+    attach(h, envelope=Envelope(sender="a@example.org", recipients=recipients))
     assert h.DATA()[0] == 354
     h.EOH()
     assert h.EOM()[0] == 250

@@ -1,0 +1,188 @@
+"""The one client socket: bytes in through the Reader, replies out through the ReplyWriter.
+
+A :class:`Connection` holds the socket for the whole session, so STARTTLS
+swaps it in one place.  The :class:`~prefork_esmtp.reader.Reader` and the
+:class:`~prefork_esmtp.writer.ReplyWriter` use the connection as their socket;
+before every blocking read it sends the replies queued so far (so the replies
+to pipelined commands leave in one send, RFC 2920 3.2) and tells the master how
+long it may block.  It also ends the connection well: TLS close_notify, then
+Apache's lingering close.
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import socket
+import ssl
+import time
+from collections.abc import Callable
+from typing import Any
+
+from prefork_esmtp import tls
+from prefork_esmtp.reader import Reader
+from prefork_esmtp.settings import Config
+from prefork_esmtp.writer import ClientGone, ReplyWriter
+
+log = logging.getLogger("prefork_esmtp.session")
+
+#: A closing session reads what the client still sends for at most this long in all
+#: (Apache: 2 s), each read waiting at most LINGER_READ_SECONDS, and at most this many octets.
+LINGER_SECONDS = 2.0
+LINGER_READ_SECONDS = 1.0
+LINGER_OCTETS = 1 << 20
+
+
+class StopSession(Exception):
+    """The server is stopping and the session, idle between transactions, ends now (421)."""
+
+
+def _address(address: Any) -> tuple[str, int] | None:
+    if isinstance(address, tuple) and len(address) >= 2:
+        return (address[0], address[1])
+    return None
+
+
+class Connection:
+    """One accepted client socket and its reader and reply writer.
+
+    ``check_in(seconds)`` is called before each blocking read with the longest
+    it may block (so the master can tell a worker waiting on a slow client from
+    a stuck one); ``stopping()`` says whether the server is stopping.
+    """
+
+    def __init__(self, sock: socket.socket, peer: Any, config: Config,
+                 check_in: Callable[[float], None] | None = None,
+                 stopping: Callable[[], bool] = lambda: False) -> None:
+        self.sock = sock
+        self.config = config
+        self.check_in = check_in
+        self.stopping = stopping
+        self.peer = _address(peer)
+        try:
+            self.local = _address(sock.getsockname())
+        except OSError:
+            self.local = None
+        #: the client, as logs name it
+        self.who = f"{self.peer[0]}:{self.peer[1]}" if self.peer else "client"
+        #: set by the session while it waits for a command outside a transaction: a stop
+        #: may then end the session at once; ``waiting`` is true only inside such a recv().
+        self.interruptible = False
+        self.waiting = False
+        self.writer = ReplyWriter(self)
+        self.reader = Reader(self, config.timeout)
+        self.reader.command_deadline = config.command_deadline
+        self.reader.limit_session(config.max_session_time)
+
+    # -- the socket, as the reader and the writer see it ------------------------
+
+    def recv(self, size: int) -> bytes:
+        """Send the queued replies, then block for the client's next bytes."""
+        self.writer.flush()
+        if self.check_in is not None:
+            self.check_in(self.config.timeout)
+        if not self.interruptible:
+            return self.sock.recv(size)
+        self.waiting = True
+        try:
+            # A stop signalled before ``waiting`` was set found nothing to interrupt: look again.
+            if self.stopping():
+                raise StopSession()
+            return self.sock.recv(size)
+        finally:
+            self.waiting = False
+
+    def sendall(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def settimeout(self, seconds: float | None) -> None:
+        self.sock.settimeout(seconds)
+
+    def client_spoke(self) -> bool:
+        """Whether the client has sent anything we have not read (without waiting)."""
+        if self.reader.pending():
+            return True
+        if isinstance(self.sock, ssl.SSLSocket) and self.sock.pending():
+            return True
+        try:
+            readable, _, _ = select.select([self.sock], [], [], 0)
+        except (OSError, ValueError):
+            return False
+        return bool(readable)
+
+    def pipelined_early(self, authenticated: bool) -> bool:
+        """With forbid_unauth_pipelining: whether an unauthenticated client sent more
+        before our reply to a command that must end a pipelined group (RFC 2920 3.1)."""
+        if self.config.forbid_unauth_pipelining and not authenticated and self.reader.pending():
+            log.info("%s pipelined past a command that ends a group", self.who)
+            return True
+        return False
+
+    # -- TLS --------------------------------------------------------------------
+
+    def start_tls(self, context: ssl.SSLContext) -> dict[str, Any] | None:
+        """Send what is queued, then the TLS handshake (bounded by tls_handshake_timeout).
+
+        Returns the TLS facts for the handler, or None when the handshake
+        failed (the session must then end).  Bytes the client sent before the
+        handshake are forgotten.
+        """
+        self.writer.flush()
+        try:
+            self.sock.settimeout(self.config.tls_handshake_timeout)
+            wrapped = context.wrap_socket(self.sock, server_side=True, do_handshake_on_connect=False)
+            # The plain socket is detached now: from here on, closing means closing this one.
+            self.sock = wrapped
+            wrapped.do_handshake()
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            log.info("TLS handshake with %s failed: %s", self.who, exc)
+            return None
+        self.reader.forget_buffered()
+        facts = tls.facts(wrapped)
+        log.debug("TLS %s %s with %s", facts["version"], facts["cipher"], self.who)
+        return facts
+
+    # -- the end ----------------------------------------------------------------
+
+    def shutdown(self, linger: bool) -> None:
+        """Send what is pending, TLS close_notify, FIN; then, if ``linger``, drain the client's bytes.
+
+        When we close while the client may still be sending, a plain close
+        would reset the connection and could destroy our last reply in
+        flight; so we half-close and read what comes for a moment first
+        (Apache's lingering close), bounded in time and octets.
+        """
+        try:
+            self.writer.flush()
+            if isinstance(self.sock, ssl.SSLSocket):
+                self._tls_close_notify()
+            self.sock.shutdown(socket.SHUT_WR)
+            if linger:
+                deadline = time.monotonic() + LINGER_SECONDS
+                drained = 0
+                while drained < LINGER_OCTETS:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break  # a client dripping bytes must not hold the worker
+                    self.sock.settimeout(min(left, LINGER_READ_SECONDS))
+                    data = self.sock.recv(65536)
+                    if not data:
+                        break
+                    drained += len(data)
+        except (OSError, ValueError, ClientGone):
+            pass
+
+    def _tls_close_notify(self) -> None:
+        """Send TLS close_notify before the FIN, without waiting for the client's.
+
+        Without it a client cannot tell our close from a truncation (OpenSSL 3
+        reports "unexpected eof"); waiting for the client's close_notify could block.
+        """
+        try:
+            self.sock.setblocking(False)
+            self.sock.unwrap()
+        except (ssl.SSLError, OSError, ValueError):
+            pass  # SSLWantReadError: ours is sent, the client's has not come
+
+    def close(self) -> None:
+        self.sock.close()
