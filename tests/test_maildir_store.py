@@ -18,18 +18,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from prefork_esmtp.handlers import maildir as M
+from protocol_support import split_maildir_trace
 
 MAILDIR = "prefork_esmtp.handlers.maildir:Maildir"
-
-
-def split_trace(content: bytes) -> tuple[list[bytes], bytes]:
-    """Our trace lines (Return-Path, then Received with its continuation lines) and the rest."""
-    lines = content.split(b"\n")
-    assert lines[0].startswith(b"Return-Path: <") and lines[1].startswith(b"Received: from ")
-    n = 2
-    while lines[n].startswith(b"\t"):
-        n += 1
-    return lines[:n], b"\n".join(lines[n:])
 
 
 def stored_files(maildir: Path) -> list[Path]:
@@ -68,7 +59,7 @@ def test_stored_copy_is_the_message_as_received(start_server, tmp_path, variant)
             assert smtp.getreply()[0] == 250
             expected = MESSAGE.replace(b"\r\n", b"\n") + b"\n"  # the CRLF before the dot is content
     (path,) = stored_files(maildir)
-    trace, rest = split_trace(path.read_bytes())
+    trace, rest = split_maildir_trace(path.read_bytes())
     assert rest == expected
     assert all(len(line) <= 998 for line in trace)
     assert trace[0] == b"Return-Path: <alice@example.org>"
@@ -92,7 +83,7 @@ def test_per_recipient_layout_one_copy_per_mailbox(start_server, tmp_path):
         (path,) = stored_files(root / box)
         contents.add(path.read_bytes())
     (content,) = contents  # the same copy everywhere
-    trace, rest = split_trace(content)
+    trace, rest = split_maildir_trace(content)
     assert rest == message.replace(b"\r\n", b"\n")
     assert not any(line.startswith(b"\tfor") for line in trace), "no recipient named when there are several"
     assert not any(r.encode().lower() in b"\n".join(trace).lower() for r in recipients)
@@ -130,7 +121,7 @@ def test_long_helo_name_never_makes_a_line_over_998_octets(start_server, tmp_pat
         smtp.sendmail("a" * 60 + "@" + "d" * 180 + ".example", ["b" * 60 + "@" + "e" * 180 + ".example"],
                       b"Subject: x\r\n\r\nhi\r\n")
     (path,) = stored_files(maildir)
-    trace, _ = split_trace(path.read_bytes())
+    trace, _ = split_maildir_trace(path.read_bytes())
     assert max(len(line) for line in trace) <= 998, [len(line) for line in trace]
     assert b"hhh..." in trace[1]
 
