@@ -109,3 +109,14 @@ def module_server(name: str, *args: str, **kwargs):
         server.stop()
 
     return fixture
+
+
+def split_maildir_trace(content: bytes) -> tuple[list[bytes], bytes]:
+    """A stored Maildir file: our trace lines (Return-Path, then Received with its
+    continuation lines) and the rest, which is the message as received."""
+    lines = content.split(b"\n")
+    assert lines[0].startswith(b"Return-Path: <") and lines[1].startswith(b"Received: from "), content[:200]
+    n = 2
+    while lines[n].startswith(b"\t"):
+        n += 1
+    return lines[:n], b"\n".join(lines[n:])

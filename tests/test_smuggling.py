@@ -111,9 +111,12 @@ def test_fake_end_of_data_as_first_bytes_of_data(keep, client_for, start):
     assert c.reply() == (250, ["2.0.0 Message accepted for delivery"])
     assert c.reply() == (250, ["2.0.0 OK"])
     (message,) = session_messages(keep, c)
-    # the first line is not a header: no headers, EOH, and the whole data is the body
+    # the first line is not a header: no headers, EOH, and the whole data is the message
+    # (a leading bare LF is the empty line that ends an empty header section: bare
+    # LFs end header lines under "keep")
     assert message["headers"] == [] and message["eoh"]
-    assert message["body"] == unstuff(data)
+    assert message["section"] + message["body"] == unstuff(data)
+    assert message["section"] in (b"", b"\n")
     assert SMUGGLED in message["body"]
     assert session_hooks(keep, c).count("MAIL") == 1
 
