@@ -412,6 +412,8 @@ class Master:
         message = self._boot_error_message()
         if self.fatal:
             return  # the start has already failed and is stopping: one report, not one per worker
+        if child.generation > self.generation:
+            return  # a worker of a reload already aborted: not a respawn failure, nothing to pause
         if not self.booted and self.reloading is None:
             self.fatal = message
             log.error("cannot start: %s", message)
@@ -445,6 +447,8 @@ class Master:
             slot = self.scoreboard.slot(child.slot)
             if slot.pid != child.pid:
                 continue
+            if slot.state == STARTING and child.generation > self.generation:
+                continue  # booting in a reload already aborted: killed then, waiting to be reaped
             if now > slot.seen + slot.expect + timeout:
                 log.error("worker %d is stuck (silent %.0fs, state %s); killing it", child.pid,
                           now - slot.seen, slot.state_name)
