@@ -133,7 +133,7 @@ class Master:
             config = self.reload_config()
             handler_class = self.handler_class
             if config.preload:
-                handler_class = load_handler(config.handler, fresh=True)
+                handler_class = _preload_within(config.handler, config.worker_timeout)
             ids = privileges.resolve(config.user, config.group)
             tls_context = tls.make_context(config.tls_cert, config.tls_key, config.tls_client_ca)
         except Exception as exc:  # SettingError, Fatal, HandlerLoadError, PrivilegeError
@@ -279,8 +279,8 @@ class Master:
             self.spawn()
 
     def spawn(self) -> None:
-        """Fork one worker of the current generation (unless paused, full, or fork fails)."""
-        if time.monotonic() < self.spawn_paused_until:
+        """Fork one worker of the current generation (unless stopping, paused, full, or fork fails)."""
+        if self.stop_deadline is not None or time.monotonic() < self.spawn_paused_until:
             return
         slot = self.scoreboard.free_slot()
         if slot is None:
@@ -408,8 +408,10 @@ class Master:
         lines = [line for line in data.splitlines() if line.strip()]
         return lines[-1] if lines else "a worker could not boot"
 
-    def _boot_failed(self, child: Child) -> None:
-        message = self._boot_error_message()
+    def _boot_failed(self, child: Child, message: str = "") -> None:
+        """A worker that could not boot (its error, or ``message``): fail the start, abort the
+        reload it belongs to, or pause respawns with a back-off."""
+        message = message or self._boot_error_message()
         if self.fatal:
             return  # the start has already failed and is stopping: one report, not one per worker
         if child.generation > self.generation:
@@ -428,16 +430,6 @@ class Master:
             self.spawn_paused_until = time.monotonic() + pause
             log.error("worker %d could not boot: %s; no new workers for %.0fs (fix the handler, then reload)",
                       child.pid, message, pause)
-
-    def _boot_hung(self, child: Child, message: str) -> None:
-        """A worker killed while booting: abort the reload it belongs to, or back off respawns."""
-        if self.reloading is not None and child.generation == self.generation:
-            self._abort_reload(message)
-            return
-        self.boot_failures += 1
-        pause = min(2.0 ** self.boot_failures, 60.0)
-        self.spawn_paused_until = time.monotonic() + pause
-        log.error("%s; no new workers for %.0fs", message, pause)
 
     def murder_stale(self) -> None:
         """Kill workers that missed their check-in by more than the worker timeout."""
@@ -459,8 +451,7 @@ class Master:
                 if slot.state == STARTING:
                     # A hanging handler import is a boot failure like a broken one: no retry loop.
                     child.retiring = True
-                    self._boot_hung(child, f"worker {child.pid} did not boot within {timeout:.0f}s "
-                                           "(the handler import hangs?)")
+                    self._boot_failed(child, f"the handler import did not finish within {timeout:.0f}s")
 
     def manage(self) -> None:
         """Size the pool: replace the dead, then grow or shrink (fixed or adaptive)."""
@@ -592,6 +583,24 @@ class Master:
             log.warning("stop timeout: killing %d workers", len(self.children))
             self._signal_all(signal.SIGKILL)
             self.stop_deadline = time.monotonic() + 5.0
+
+
+def _preload_within(spec: str, seconds: float) -> type:
+    """Re-import the handler in the master (a reload with preload), giving up after ``seconds``.
+
+    A hanging import must not stall the master (no reaping, no stop): SIGALRM raises
+    inside it, and load_handler reports that as a failed import, so the reload fails.
+    """
+    def expired(signum: int, frame: Any) -> None:
+        raise TimeoutError(f"the import did not finish within {seconds:.0f}s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        return load_handler(spec, fresh=True)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def _load_prctl() -> Any:
