@@ -22,8 +22,11 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
+
 from conftest import ROOT, TESTS, Client, server_env, wait_for
-from master_support import cli, one_error_line, pool_mode, status_json, wait_gone, wait_pool, workers_of
+from master_support import (cli, one_error_line, pool_mode, processes, status_json, wait_gone, wait_pool,
+                            workers_of)
 
 WORKER_TIMEOUT = 2.0
 
@@ -43,15 +46,25 @@ if (HERE / "hang").exists():
         attempts.write(f"{os.getpid()}\\n")
     time.sleep(60)
 
+
+
+def fail_on_go():
+    """Wait (bounded) until the test creates "go", then fail the import."""
+    deadline = time.monotonic() + 20
+    while not (HERE / "go").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    raise ImportError("made to fail")
+
+
 if (HERE / "one-boots").exists():
-    # The first worker to get here boots; every other one waits for "go", then fails.
+    # The first worker to get here boots; every other one fails on "go".
     try:
         os.close(os.open(HERE / "token", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
     except FileExistsError:
-        deadline = time.monotonic() + 20
-        while not (HERE / "go").exists() and time.monotonic() < deadline:
-            time.sleep(0.02)
-        raise ImportError("only the first new worker may boot")
+        fail_on_go()
+
+if (HERE / "none-boots").exists():
+    fail_on_go()  # every worker fails, all at the same moment
 
 
 class Handler(Recorder):
@@ -68,12 +81,12 @@ def handler_env(tmp_path: Path) -> dict[str, str]:
             "PYTHONDONTWRITEBYTECODE": "1"}
 
 
-def start_pool(start_server, tmp_path: Path, *args: str):
-    """A pool of 2 workers importing the misbehaving handler, with a pidfile and a log file."""
+def start_pool(start_server, tmp_path: Path, *args: str, workers: int = 2):
+    """A pool importing the misbehaving handler, with a pidfile and a log file."""
     env = handler_env(tmp_path)
     srv = start_server(*args, handler="abortable:Handler", env=env, log_file=tmp_path / "master.log",
-                       mode=pool_mode(tmp_path, "--workers", "2"))
-    return srv, wait_pool(srv, 2)
+                       mode=pool_mode(tmp_path, "--workers", str(workers)))
+    return srv, wait_pool(srv, workers)
 
 
 def reload_in_background(tmp_path: Path) -> subprocess.Popen:
@@ -140,7 +153,7 @@ def test_aborted_reload_lets_new_workers_finish_their_sessions(start_server, cli
             reload.kill()
             reload.communicate()
     assert "reload failed, the old generation keeps serving" in line, line
-    assert "ImportError: only the first new worker may boot" in line, line
+    assert "ImportError: made to fail" in line, line
 
     # The session on the new worker goes on: the transaction completes, and QUIT ends it.
     assert client.cmd("RCPT TO:<new@example.org>")[0] == 250
@@ -163,10 +176,42 @@ def test_aborted_reload_lets_new_workers_finish_their_sessions(start_server, cli
     assert wait_pool(srv, 2) == old_pool
     status = status_json(tmp_path / "p.pid")
     assert status["master"]["generation"] == 1
-    assert "only the first new worker may boot" in status["master"]["last_reload_error"]
+    assert "ImportError: made to fail" in status["master"]["last_reload_error"]
     log = srv.log()
     assert "reload failed, generation 1 keeps serving" in log
     assert "no new workers" not in log  # the aborted reload's failures are no respawn failures
+
+
+def test_new_workers_failing_together_abort_the_reload_once(start_server, tmp_path):
+    """Every new worker fails at once: one abort, and the others' failures pause nothing."""
+    srv, old_pool = start_pool(start_server, tmp_path, workers=4)
+    (tmp_path / "none-boots").touch()
+    reload = reload_in_background(tmp_path)
+    try:
+        def booting() -> list[psutil.Process] | None:
+            found = [pid for pid, t in workers_of(srv.proc.pid).items() if "[gen 2] starting" in t]
+            return processes(found) if len(found) == 4 else None
+
+        new = wait_for(booting, 15, message="four workers of generation 2 booting")
+        # The master is held still while they all fail, so that it reaps every failure in one
+        # turn: the first aborts the reload, the others belong to an aborted generation.
+        os.kill(srv.proc.pid, signal.SIGSTOP)
+        try:
+            (tmp_path / "go").touch()
+            wait_for(lambda: all(p.status() == psutil.STATUS_ZOMBIE for p in new), 15,
+                     message="the new workers to fail")
+        finally:
+            os.kill(srv.proc.pid, signal.SIGCONT)
+        line = one_error_line(finished(reload))
+    finally:
+        if reload.poll() is None:
+            reload.kill()
+            reload.communicate()
+    assert "ImportError: made to fail" in line, line
+    assert wait_pool(srv, 4) == old_pool
+    log = srv.log()
+    assert log.count("reload failed") == 1, log
+    assert "could not boot" not in log and "no new workers" not in log, log
 
 
 def test_reload_whose_handler_import_hangs_is_aborted_once(start_server, client_for, tmp_path):
