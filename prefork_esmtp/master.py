@@ -132,7 +132,7 @@ class Master:
             config = self.reload_config()
             handler_class = None  # without --preload each new worker imports and configures it
             if config.preload:
-                handler_class = load_handler(config.handler, fresh=True)
+                handler_class = _preload_within(config.handler, config.worker_timeout)
                 configure_handler(handler_class, config.handler_options)
             ids = privileges.resolve(config.user, config.group)
             tls_context = tls.make_context(config.tls_cert, config.tls_key, config.tls_client_ca)
@@ -279,8 +279,8 @@ class Master:
             self.spawn()
 
     def spawn(self) -> None:
-        """Fork one worker of the current generation (unless paused, full, or fork fails)."""
-        if time.monotonic() < self.spawn_paused_until:
+        """Fork one worker of the current generation (unless stopping, paused, full, or fork fails)."""
+        if self.stop_deadline is not None or time.monotonic() < self.spawn_paused_until:
             return
         slot = self.scoreboard.free_slot()
         if slot is None:
@@ -341,10 +341,14 @@ class Master:
         lines = [line for line in data.splitlines() if line.strip()]
         return lines[-1] if lines else "a worker could not boot"
 
-    def _boot_failed(self, child: Child) -> None:
-        message = self._boot_error_message()
+    def _boot_failed(self, child: Child, message: str = "") -> None:
+        """A worker that could not boot (its error, or ``message``): fail the start, abort the
+        reload it belongs to, or pause respawns with a back-off."""
+        message = message or self._boot_error_message()
         if self.fatal:
             return  # the start has already failed and is stopping: one report, not one per worker
+        if child.generation > self.generation:
+            return  # a worker of a reload already aborted: not a respawn failure, nothing to pause
         if not self.booted and self.reloading is None:
             self.fatal = message
             log.error("cannot start: %s", message)
@@ -357,14 +361,6 @@ class Master:
             pause = self._pause_spawns()
             log.error("worker %d could not boot: %s; no new workers for %.0fs (fix the handler, then reload)",
                       child.pid, message, pause)
-
-    def _boot_hung(self, child: Child, message: str) -> None:
-        """A worker killed while booting: abort the reload it belongs to, or back off respawns."""
-        if self.reloading is not None and child.generation == self.generation:
-            self._abort_reload(message)
-            return
-        pause = self._pause_spawns()
-        log.error("%s; no new workers for %.0fs", message, pause)
 
     def _pause_spawns(self) -> float:
         """One boot failure more: no new workers for 2, 4, 8 ... up to BOOT_BACKOFF_MAX seconds."""
@@ -381,6 +377,8 @@ class Master:
             slot = self.scoreboard.slot(child.slot)
             if slot.pid != child.pid:
                 continue
+            if slot.state == STARTING and child.generation > self.generation:
+                continue  # booting in a reload already aborted: killed then, waiting to be reaped
             if now > slot.seen + slot.expect + timeout:
                 log.error("worker %d is stuck (silent %.0fs, state %s); killing it", child.pid,
                           now - slot.seen, slot.state_name)
@@ -391,8 +389,7 @@ class Master:
                 if slot.state == STARTING:
                     # A hanging handler import is a boot failure like a broken one: no retry loop.
                     child.retiring = True
-                    self._boot_hung(child, f"worker {child.pid} did not boot within {timeout:.0f}s "
-                                           "(the handler import hangs?)")
+                    self._boot_failed(child, f"the handler import did not finish within {timeout:.0f}s")
 
     def manage(self) -> None:
         """Size the pool: replace the dead, then grow or shrink (fixed or adaptive)."""
@@ -525,3 +522,20 @@ class Master:
             self._signal_all(signal.SIGKILL)
             self.stop_deadline = time.monotonic() + 5.0
 
+
+def _preload_within(spec: str, seconds: float) -> type:
+    """Re-import the handler in the master (a reload with preload), giving up after ``seconds``.
+
+    A hanging import must not stall the master (no reaping, no stop): SIGALRM raises
+    inside it, and load_handler reports that as a failed import, so the reload fails.
+    """
+    def expired(signum: int, frame: Any) -> None:
+        raise TimeoutError(f"the import did not finish within {seconds:.0f}s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        return load_handler(spec, fresh=True)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
