@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from prefork_esmtp.handlers import maildir as M
+from prefork_esmtp.state import ConnectionState, Envelope, attach
 from protocol_support import split_maildir_trace
 
 MAILDIR = "prefork_esmtp.handlers.maildir:Maildir"
@@ -134,8 +135,8 @@ def handler_for(root: Path, monkeypatch, recipients: list[str], layout: str = "p
     monkeypatch.delenv("PREFORK_ESMTP_MAILDIR_LAYOUT", raising=False)
     h = M.Maildir()
     h.layout = layout
-    h.peer, h.client, h.hostname, h.esmtp = ("192.0.2.1", 25), "client.example", "mx.example", True
-    h.env_sender, h.env_recipients = "a@example.org", recipients
+    attach(h, ConnectionState(peer=("192.0.2.1", 25), client="client.example", hostname="mx.example", esmtp=True),
+           Envelope(sender="a@example.org", recipients=recipients))
     h.header_section = b"Subject: x\r\n\r\n"
     return h
 

@@ -29,7 +29,7 @@ def _clip(text: str | None, limit: int = 255) -> str:
     """Client-supplied text for a header: printable, no parentheses games, bounded."""
     text = text or "unknown"
     cleaned = "".join(c if c.isprintable() and c not in "()\\" else "?" for c in text)
-    return cleaned[:limit]
+    return cleaned if len(cleaned) <= limit else cleaned[:limit - 3] + "..."
 
 
 def received_header(handler: Any, newline: str = "\r\n", queue_id: str | None = None) -> bytes:
