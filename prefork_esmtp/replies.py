@@ -116,6 +116,7 @@ TIMEOUT = Reply(421, "4.4.2", "%s Error: timeout exceeded")
 COMMAND_TOO_SLOW = Reply(421, "4.4.2", "%s Error: command line not complete in time")
 SESSION_TOO_LONG = Reply(421, "4.4.2", "%s Error: session time limit reached")
 TOO_MANY_ERRORS = Reply(421, "4.7.0", "%s Error: too many errors")
+LMTP_NEEDS_LHLO = Reply(500, "5.5.1", "Error: this is an LMTP server; say LHLO")
 SHUTTING_DOWN = Reply(421, "4.3.2", "%s Service shutting down, closing connection")
 
 _ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}(?= |$)")
@@ -134,7 +135,7 @@ _BY_CODE = {
 
 
 #: Replies that carry no enhanced status code (RFC 2034 section 4: greeting, HELO/EHLO, 3xx).
-_PLAIN_VERBS = frozenset({"CONNECT", "HELO", "EHLO"})
+_PLAIN_VERBS = frozenset({"CONNECT", "HELO", "EHLO", "LHLO"})
 
 
 def default_enhanced(code: int, verb: str) -> str | None:
@@ -220,3 +221,34 @@ def format_reply(code: int, lines: list[str], enhanced: str | None) -> bytes:
         sep = " " if i == last else "-"
         out.append(f"{code}{sep}{line}\r\n" if line else f"{code}{sep}\r\n")
     return "".join(out).encode("utf-8", "surrogateescape")
+
+
+def per_recipient(result: Any, count: int) -> list[HookReply] | None:
+    """EOM's per-recipient replies, when it returned a list of ``count`` replies; None otherwise.
+
+    A list whose items are themselves replies (tuples or lists) is one reply per
+    accepted recipient, in order; anything else is one reply for the message.
+    Raises BadHookResult for such a list of the wrong length.
+    """
+    if not (isinstance(result, list) and result and all(isinstance(r, (tuple, list)) for r in result)):
+        return None
+    if len(result) != count:
+        raise BadHookResult(f"{len(result)} replies for {count} recipients")
+    return [normalize(r) for r in result]
+
+
+def one_for_all(replies: list[HookReply]) -> tuple[HookReply, list[int]]:
+    """One reply for a message from one reply per recipient, and the indexes delivered (2xx).
+
+    All 2xx: the first.  All refused with the same class: the first refusal.
+    Mixed: 451 4.3.0 for the whole message, so the client retries and nobody
+    loses the message (those already delivered may get a second copy).
+    """
+    delivered = [i for i, r in enumerate(replies) if 200 <= r.code < 300]
+    if len(delivered) == len(replies):
+        return replies[0], delivered
+    failed = [r for r in replies if not 200 <= r.code < 300]
+    if not delivered and len({r.code // 100 for r in failed}) == 1:
+        return failed[0], delivered
+    return HookReply(451, [f"4.3.0 Delivered to {len(delivered)} of {len(replies)} recipients only; "
+                           "try again later"]), delivered

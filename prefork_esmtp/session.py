@@ -32,7 +32,7 @@ from prefork_esmtp.writer import ClientGone
 log = logging.getLogger("prefork_esmtp.session")
 
 #: Commands that must end a pipelined group (RFC 2920 3.1), so a client must wait after them.
-GROUP_ENDERS = frozenset({"EHLO", "HELO", "DATA", "VRFY", "EXPN", "QUIT", "NOOP", "STARTTLS", "AUTH"})
+GROUP_ENDERS = frozenset({"EHLO", "HELO", "LHLO", "DATA", "VRFY", "EXPN", "QUIT", "NOOP", "STARTTLS", "AUTH"})
 #: Commands that move no mail (Postfix's junk commands).
 JUNK = frozenset({"NOOP", "RSET", "VRFY", "EXPN", "HELP"})
 #: What require_tls still allows before TLS.
@@ -65,6 +65,7 @@ class Session:
         self.quit = False  # close without lingering: the client said QUIT, or TLS failed
         self.refused = False  # CONNECT answered 554: only QUIT is served
         self.tls_next = False  # STARTTLS answered 220: the handshake follows the reply
+        self.lmtp = config.protocol == "lmtp"
         handler = handler_class()
         handler.input_handle = conn.reader
         handler.output_handle = conn.writer
@@ -267,14 +268,22 @@ class Session:
     # -- the verbs: each returns its reply --------------------------------------
 
     def smtp_HELO(self, arg: str) -> R.Answer:
-        return self._hello("HELO", arg)
+        return R.LMTP_NEEDS_LHLO if self.lmtp else self._hello("HELO", arg)
 
     def smtp_EHLO(self, arg: str) -> R.Answer:
-        return self._hello("EHLO", arg)
+        return R.LMTP_NEEDS_LHLO if self.lmtp else self._hello("EHLO", arg)
 
-    def _hello(self, verb: str, arg: str) -> R.Answer:
-        """HELO or EHLO: a new start (no transaction); the reply names this server first."""
+    def smtp_LHLO(self, arg: str) -> R.Answer:
+        """LMTP's greeting (RFC 2033 4.1): EHLO's, with the EHLO hook; an unknown command in SMTP."""
+        if not self.lmtp:
+            return R.call_hook(self.handler, "UNKNOWN", self.conn.who, f"LHLO {arg}".rstrip())
+        return self._hello("EHLO", arg, "LHLO")
+
+    def _hello(self, verb: str, arg: str, said: str = "") -> R.Answer:
+        """HELO, EHLO (or LMTP's LHLO, ``said``): a new start (no transaction); the reply names this server first."""
         if not arg:
+            if said:
+                return R.Reply(501, "5.5.4", f"Syntax: {said} hostname")
             return R.SYNTAX_HELO if verb == "HELO" else R.SYNTAX_EHLO
         if not arg.isprintable():
             return R.HELO_CONTROL  # ESC, BEL, DEL...: the name ends up in Received lines and logs

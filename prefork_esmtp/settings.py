@@ -223,6 +223,7 @@ SETTINGS: list[Setting] = [
     Setting("listen", parse_address, ["127.0.0.1:2525"], "Address to listen on, HOST:PORT or [IPV6]:PORT; repeat for several.", "server", multiple=True, metavar="HOST:PORT"),
     Setting("handler", parse_handler, "prefork_esmtp:ESMTPHandler", "The handler class, module:Class. The default accepts and discards all mail.", "server", metavar="MODULE:CLASS"),
     Setting("hostname", parse_str, None, "This server's name in the greeting and EHLO reply (default: the machine's FQDN).", "server", metavar="NAME"),
+    Setting("protocol", choice("smtp", "lmtp"), "smtp", "The protocol spoken: smtp, or lmtp (RFC 2033: LHLO, and one reply per recipient after the message; never on port 25).", "server", metavar="PROTOCOL"),
     # limits
     Setting("max_message_size", parse_size, 10 * 1024 * 1024, "Largest message accepted, in octets (K/M/G suffixes); advertised with SIZE; larger gets 552.", "limits", metavar="SIZE"),
     Setting("max_line_length", _int(512), 512, "Longest command line in octets including CRLF (RFC 5321 minimum 512); longer gets 500.", "limits", metavar="N"),
@@ -340,6 +341,8 @@ def resolve(cli: dict[str, Any], file: dict[str, Any], source: str = "config fil
     values["handler_options"] = options
     if values["hostname"] is None:
         values["hostname"] = _hostname()
+    if values["protocol"] == "lmtp" and any(a.port == 25 for a in values["listen"] + values["tls_listen"]):
+        raise SettingError("protocol = lmtp must not listen on port 25 (RFC 2033 section 5): choose another port")
     return Config(values)
 
 

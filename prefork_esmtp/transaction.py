@@ -196,15 +196,47 @@ class Transaction:
             pass
 
     def _end_message(self, intake: MessageIntake) -> R.Answer:
-        """The reply for a complete message: the intake's problem, or EOM's; the transaction ends."""
+        """The reply for a complete message: the intake's problem, or EOM's; the transaction ends.
+
+        In LMTP one reply goes out per accepted recipient, in order (RFC 2033
+        4.2): all but the last are written here, the last is returned.
+        """
         problem = intake.finish()
         env = self.envelope
+        count = len(env.recipients)
         if problem is not None:
             log.info("message from %s refused: %d %s", self.conn.who, problem.code, problem.text)
             self.reset()
-            return problem
-        reply = R.call_hook(self.handler, "EOM", self.conn.who)
-        log.info("message from=<%s> nrcpt=%d size=%d peer=%s: %d",
-                 env.sender, len(env.recipients), intake.size, self.conn.who, reply.code)
+            return self._per_recipient([problem] * count) if self.config.protocol == "lmtp" else problem
+        replies = self._eom(count)
+        codes = [r.code for r in replies]
+        if self.config.protocol == "lmtp":
+            reply = self._per_recipient(replies)
+        else:
+            reply, delivered = R.one_for_all(replies)
+            if len(replies) > 1 and len(delivered) not in (0, len(replies)):
+                log.warning("message from=<%s>: EOM took it for %s only; answering %d so the client retries",
+                            env.sender, ", ".join(f"<{env.recipients[i]}>" for i in delivered), reply.code)
+        log.info("message from=<%s> nrcpt=%d size=%d peer=%s: %s", env.sender, count, intake.size,
+                 self.conn.who, ",".join(str(code) for code in codes) if len(set(codes)) > 1 else reply.code)
         self.reset()
         return reply
+
+    def _eom(self, count: int) -> list[R.HookReply | R.Reply]:
+        """Call EOM: one reply (repeated for each recipient) or a list with one per recipient."""
+        try:
+            result = self.handler.EOM()
+            replies = R.per_recipient(result, count)
+            return replies if replies is not None else [R.normalize(result)] * count
+        except R.BadHookResult as exc:
+            log.error("EOM hook returned a bad reply: %s", exc)
+        except Exception:
+            log.exception("EOM hook raised (client %s)", self.conn.who)
+        return [R.HOOK_FAILED] * count
+
+    def _per_recipient(self, replies: list) -> R.Answer:
+        """Write all but the last of LMTP's per-recipient replies; return the last for the session."""
+        writer = self.conn.writer
+        for reply in replies[:-1]:
+            writer.write(R.format_reply(reply.code, reply.lines, R.default_enhanced(reply.code, "EOM")))
+        return replies[-1]

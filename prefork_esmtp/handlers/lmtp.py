@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 
 from prefork_esmtp.handlers.relay import Relay
+from prefork_esmtp.replies import one_for_all
 from prefork_esmtp.smtpclient import Reply
 
 log = logging.getLogger("prefork_esmtp.lmtp")
@@ -34,17 +35,12 @@ class LMTP(Relay):
 
     def final_reply(self, replies: list[Reply]) -> tuple:
         """One reply for the message from the per-recipient replies (see the module's docstring)."""
-        outcomes = list(zip(self.upstream_recipients, replies))
-        delivered = [rcpt for rcpt, reply in outcomes if 200 <= reply.code < 300]
-        failed = [(rcpt, reply) for rcpt, reply in outcomes if not 200 <= reply.code < 300]
-        if not failed:
-            return replies[0].hook_result()
-        for rcpt, reply in failed:
-            log.info("lmtp: <%s> not delivered: %s", rcpt, reply)
-        if not delivered and len({reply.code // 100 for _, reply in failed}) == 1:
-            return failed[0][1].hook_result()
-        log.warning("lmtp: partial delivery from=<%s>: delivered to %s; not to %s; answering 451 "
-                    "so the client retries", self.env_sender, ", ".join(f"<{r}>" for r in delivered),
-                    ", ".join(f"<{r}>" for r, _ in failed))
-        return 451, (f"4.3.0 Delivered to {len(delivered)} of {len(outcomes)} recipients only; "
-                     "try again later")
+        reply, delivered = one_for_all(replies)
+        for i, (rcpt, each) in enumerate(zip(self.upstream_recipients, replies)):
+            if i not in delivered:
+                log.info("lmtp: <%s> not delivered: %s", rcpt, each)
+        if delivered and len(delivered) < len(replies):
+            log.warning("lmtp: partial delivery from=<%s>: delivered to %s; answering %d so the client retries",
+                        self.env_sender, ", ".join(f"<{self.upstream_recipients[i]}>" for i in delivered),
+                        reply.code)
+        return (reply.code, *reply.lines)

@@ -1,0 +1,25 @@
+"""Handlers for the LMTP server-mode tests: EOM with one reply per recipient."""
+
+from __future__ import annotations
+
+from prefork_esmtp import ESMTPHandler
+
+
+class PerRecipient(ESMTPHandler):
+    """RCPT refuses nobody@; EOM delivers to everyone but local parts starting with "full" (452) or "gone" (550)."""
+
+    def RCPT(self, env_recipient: str):
+        if env_recipient.startswith("nobody@"):
+            return 550, "5.1.1 No such user"
+        return super().RCPT(env_recipient)
+
+    def EOM(self):
+        replies = []
+        for recipient in self.env_recipients:
+            if recipient.startswith("full"):
+                replies.append((452, f"4.2.2 <{recipient}> mailbox full"))
+            elif recipient.startswith("gone"):
+                replies.append((550, f"5.2.1 <{recipient}> mailbox disabled"))
+            else:
+                replies.append((250, f"2.0.0 <{recipient}> delivered"))
+        return replies
