@@ -191,9 +191,18 @@ class Transaction:
         return R.CHUNK_OK.format(size)
 
     def discard(self, size: int) -> None:
-        """Read and drop a BDAT chunk we refuse, so the session stays in sync."""
-        for _ in self.conn.reader.read_exact(size):
-            pass
+        """Read and drop a BDAT chunk we refuse, so the session stays in sync.
+
+        At the minimum data rate, as a chunk we take: otherwise a refused chunk of
+        any size, dripped, would hold the worker until the session's deadline.
+        """
+        reader = self.conn.reader
+        reader.start_rate(self.config.min_data_rate, self.config.min_data_rate_grace)
+        try:
+            for _ in reader.read_exact(size):
+                pass
+        finally:
+            reader.stop_rate()
 
     def _end_message(self, intake: MessageIntake) -> R.Answer:
         """The reply for a complete message: the intake's problem, or EOM's; the transaction ends.
