@@ -187,7 +187,8 @@ class Transaction:
             reader.stop_rate()
         if last or intake.problem is not None:
             # After a failed chunk (RFC 3030 4.2) the transaction is over: later chunks get 503.
-            return self._end_message(intake)
+            # Only the message's end gets LMTP's per-recipient replies; any other chunk gets one.
+            return self._end_message(intake, last)
         return R.CHUNK_OK.format(size)
 
     def discard(self, size: int) -> None:
@@ -204,11 +205,12 @@ class Transaction:
         finally:
             reader.stop_rate()
 
-    def _end_message(self, intake: MessageIntake) -> R.Answer:
-        """The reply for a complete message: the intake's problem, or EOM's; the transaction ends.
+    def _end_message(self, intake: MessageIntake, complete: bool = True) -> R.Answer:
+        """The reply for a message that ended or failed: the intake's problem, or EOM's; the transaction ends.
 
         In LMTP one reply goes out per accepted recipient, in order (RFC 2033
-        4.2): all but the last are written here, the last is returned.
+        4.2): all but the last are written here, the last is returned.  Not
+        ``complete`` (a BDAT chunk before the last failed): its one reply only.
         """
         problem = intake.finish()
         env = self.envelope
@@ -216,7 +218,8 @@ class Transaction:
         if problem is not None:
             log.info("message from %s refused: %d %s", self.conn.who, problem.code, problem.text)
             self.reset()
-            return self._per_recipient([problem] * count) if self.config.protocol == "lmtp" else problem
+            lmtp = self.config.protocol == "lmtp" and complete
+            return self._per_recipient([problem] * count) if lmtp else problem
         replies = self._eom(count)
         codes = [r.code for r in replies]
         if self.config.protocol == "lmtp":

@@ -74,6 +74,22 @@ def test_bdat_last_gets_per_recipient_replies(start_server):
     c.close()
 
 
+def test_a_failed_chunk_before_the_last_gets_one_reply(start_server):
+    """Only the message's end (DATA's dot, BDAT LAST) gets one reply per recipient (RFC 2033 4.2);
+    a BDAT chunk that is not the last gets one reply, also when it ends the transaction."""
+    srv = start_server("--protocol", "lmtp", "--max-message-size", "1K")
+    c = lmtp_client(srv)
+    envelope(c, ["a@example.org", "b@example.org"])
+    # pipelined: a chunk over the size limit, the last chunk, then NOOP
+    c.send(b"BDAT 2000\r\n" + b"x" * 2000 + b"BDAT 3 LAST\r\nabc" + b"NOOP\r\n")
+    chunk, last, noop = c.replies(3)
+    assert chunk[0] == 552 and chunk[1][0].startswith("5.3.4 "), chunk
+    assert last[0] == 503, last  # the transaction ended with the failed chunk
+    assert noop == (250, ["2.0.0 OK"]), "one reply per command: in sync"
+    assert c.cmd("QUIT")[0] == 221
+    c.close()
+
+
 @pytest.mark.parametrize("verb", ["HELO", "EHLO"])
 def test_helo_and_ehlo_are_refused_in_lmtp(start_server, verb):
     srv = start_server("--protocol", "lmtp")
