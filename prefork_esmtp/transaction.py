@@ -44,6 +44,9 @@ class Transaction:
         self.config = config
         self.envelope = Envelope()
         self.intake: MessageIntake | None = None  # a BDAT message under way
+        #: the recipients RCPT accepted, as the engine counts them: the handler may change
+        #: the list behind env_recipients, the number of replies owed must not follow it
+        self.accepted: list[str] = []
         attach(handler, envelope=self.envelope)
 
     @property
@@ -56,6 +59,7 @@ class Transaction:
         self.envelope = Envelope()
         attach(self.handler, envelope=self.envelope)
         self.intake = None
+        self.accepted = []
 
     # -- the envelope ---------------------------------------------------------
 
@@ -99,13 +103,14 @@ class Transaction:
             problem = R.NON_ASCII_ADDRESS
         if problem is not None:
             return problem
-        if len(env.recipients) >= self.config.max_recipients:
+        if len(self.accepted) >= self.config.max_recipients:
             return R.TOO_MANY_RECIPIENTS
         env.rcpt_params = params
         reply = R.call_hook(self.handler, "RCPT", self.conn.who, address)
         if 200 <= reply.code < 300:
             env.recipients.append(address)
             env.recipients_params.append(params)
+            self.accepted.append(address)
         return reply
 
     def _problem(self) -> R.Reply | None:
@@ -114,7 +119,7 @@ class Transaction:
             return R.NEED_HELO
         if self.envelope.sender is None:
             return R.NEED_MAIL
-        if not self.envelope.recipients:
+        if not self.accepted:
             return R.NEED_RCPT
         return None
 
@@ -214,7 +219,8 @@ class Transaction:
         """
         problem = intake.finish()
         env = self.envelope
-        count = len(env.recipients)
+        accepted = self.accepted
+        count = len(accepted)
         if problem is not None:
             log.info("message from %s refused: %d %s", self.conn.who, problem.code, problem.text)
             self.reset()
@@ -228,7 +234,7 @@ class Transaction:
             reply, delivered = R.one_for_all(replies)
             if len(replies) > 1 and len(delivered) not in (0, len(replies)):
                 log.warning("message from=<%s>: EOM took it for %s only; answering %d so the client retries",
-                            env.sender, ", ".join(f"<{env.recipients[i]}>" for i in delivered), reply.code)
+                            env.sender, ", ".join(f"<{accepted[i]}>" for i in delivered), reply.code)
         log.info("message from=<%s> nrcpt=%d size=%d peer=%s: %s", env.sender, count, intake.size,
                  self.conn.who, ",".join(str(code) for code in codes) if len(set(codes)) > 1 else reply.code)
         self.reset()
