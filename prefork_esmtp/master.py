@@ -16,6 +16,7 @@ import os
 import select
 import signal
 import socket
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -210,6 +211,9 @@ class Master:
         self.init_signals()
         if self.config.pidfile:
             pidfile.write(self.config.pidfile, self.pid)
+        # OpenSSL sets up its global tables on the first context: do it here, once, so workers
+        # that make a TLS client context (the relay's STARTTLS upstream) share them.
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         gc.collect()
         gc.freeze()  # what the master has built so far stays shared with the workers
         self._publish()
