@@ -24,6 +24,7 @@ from prefork_esmtp.listeners import ListenError, bind_all, describe
 from prefork_esmtp.loader import HandlerLoadError, configure_handler, load_handler
 from prefork_esmtp.logs import reopen as reopen_logs
 from prefork_esmtp.logs import setup as setup_logging
+from prefork_esmtp.sdnotify import Notifier
 from prefork_esmtp.settings import (HANDLER_OPTION_FLAG, HANDLER_OPTION_HELP, SETTINGS, Config, SettingError,
                                     resolve)
 
@@ -101,6 +102,9 @@ def start(config_file: str | None, single: bool, **values: Any) -> None:
     config = load_config(config_file, values)
     setup_logging(config.log_level, config.log_file)
     config_path = os.path.abspath(config_file) if config_file else None
+    # Before anything else runs (a preloaded handler, the workers): the systemd variables
+    # are taken out of the environment here, whatever happens next.
+    notifier = Notifier.from_environ()
     ids, tls_context, handler_class = _preflight(config, import_handler=single or config.preload)
     try:
         if config.pidfile:
@@ -124,7 +128,7 @@ def start(config_file: str | None, single: bool, **values: Any) -> None:
         return load_config(config_path, values)
 
     master = Master(config, listeners, reload_config, handler_class, on_ready=notify,
-                    tls_listeners=tls_listeners, tls_context=tls_context)
+                    tls_listeners=tls_listeners, tls_context=tls_context, notifier=notifier)
     try:
         status = master.run()
     except pidfile.PidfileError as exc:
