@@ -63,9 +63,12 @@ class Master:
                  reload_config: Callable[[], Config], handler_class: type | None = None,
                  on_ready: Callable[[str], None] = lambda error: None, *,
                  tls_listeners: list[socket.socket] = (), tls_context: Any = None,
-                 notifier: Notifier | None = None) -> None:
+                 notifier: Notifier | None = None, inherited: bool = False) -> None:
         self.config = config
         self.notifier = notifier or Notifier()
+        # Listeners from systemd's socket activation: systemd keeps them for the next start,
+        # so a stop closes our copies but never shuts them down, and `listen` is not ours.
+        self.inherited = inherited
         self.tls_context = tls_context
         self.tls_fds = frozenset(sock.fileno() for sock in tls_listeners)
         listeners = list(listeners) + list(tls_listeners)
@@ -143,7 +146,7 @@ class Master:
         except Exception as exc:  # SettingError, Fatal, HandlerLoadError, PrivilegeError
             self._reload_failed(str(exc))
             return
-        if [str(a) for a in config.listen + config.tls_listen] != \
+        if not self.inherited and [str(a) for a in config.listen + config.tls_listen] != \
                 [str(a) for a in self.config.listen + self.config.tls_listen]:
             log.warning("reload: listen addresses changed; keeping %s until a restart",
                         self.listener_text)
@@ -531,10 +534,13 @@ class Master:
             # Workers still in a session hold copies of the listener; closing ours alone would
             # leave it accepting into a backlog nobody serves.  Shutting it down stops listening
             # in every process: new clients are refused at once (and can try another MX).
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+            # Not so with socket activation: the socket is systemd's, shared with its copy, and
+            # must keep listening; clients queue in its backlog for the next start.
+            if not self.inherited:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
             sock.close()
         self._signal_all(sig)
 
