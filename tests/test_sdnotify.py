@@ -77,9 +77,9 @@ def test_failed_reloads_end_with_ready_and_say_why(start_server, tmp_path, notif
     config = tmp_path / "server.toml"
     config.write_text(f'workers = 2\npidfile = "{tmp_path / "p.pid"}"\n')
     (tmp_path / "broken.py").write_text("from prefork_esmtp import ESMTPHandler\nHandler = ESMTPHandler\n")
-    srv = start_server(handler="", mode=("--config", str(config)),
-                       env={"NOTIFY_SOCKET": notify_socket.address,
-                            "PYTHONPATH": os.pathsep.join([str(tmp_path), str(TESTS), str(ROOT)])})
+    start_server(handler="", mode=("--config", str(config)),
+                 env={"NOTIFY_SOCKET": notify_socket.address,
+                      "PYTHONPATH": os.pathsep.join([str(tmp_path), str(TESTS), str(ROOT)])})
     notify_socket.wait("READY", "1")
 
     # a config that does not parse: the reload fails at once, in the master

@@ -18,7 +18,7 @@ import psutil
 import pytest
 
 from conftest import HOSTNAME, Client, require_tool, server_env, wait_for
-from master_support import cli, one_error_line, strays, wait_gone, workers_of  # noqa: F401 (fixture)
+from master_support import cli, one_error_line, strays, workers_of  # noqa: F401 (fixture)
 from prefork_esmtp.activation import ActivationError, inherit, is_tls_name
 from systemd_support import NotifySocket, listening_socket, start_activated
 from tls_support import client_context, pki  # noqa: F401 (fixture)

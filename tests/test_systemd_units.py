@@ -6,7 +6,6 @@ import configparser
 import re
 import shutil
 import subprocess
-from pathlib import Path
 
 from conftest import ROOT, require_tool
 from prefork_esmtp.activation import is_tls_name
