@@ -57,6 +57,7 @@ class Session:
         self.tls_context = tls_context
         self.implicit_tls = implicit_tls
         self.ip_sessions = reporter.sessions_from
+        self.reporter = reporter
         self.conn = conn = Connection(sock, peer, config, reporter.check_in, stopping)
         self.state = ConnectionState(peer=conn.peer, local=conn.local, hostname=config.hostname)
         self.errors = 0
@@ -140,7 +141,9 @@ class Session:
             raise StopSession()
 
     def _open(self) -> bool:
-        """Before the greeting: implicit TLS, the per-IP limit (a client that talks first: _greet)."""
+        """Before the greeting: the PROXY header, implicit TLS, the per-IP limit (a client that talks first: _greet)."""
+        if self.config.proxy_protocol and not self._take_proxy_header():
+            return False
         if self.implicit_tls and not self._start_tls():
             return False
         peer = self.conn.peer
@@ -149,6 +152,20 @@ class Session:
                 log.info("too many sessions from %s", peer[0])
                 self._answer(R.TOO_MANY_FROM_IP.format(self.hostname))
                 return False
+        return True
+
+    def _take_proxy_header(self) -> bool:
+        """The PROXY header: from here on ``peer`` is the real client, also on the scoreboard.
+
+        A missing, bad or untrusted header ends the session without a reply.
+        """
+        header = self.conn.take_proxy_header()
+        if header is None:
+            self.closing = self.quit = True
+            return False
+        self.state.peer, self.state.local = self.conn.peer, self.conn.local
+        self.state.proxy = header.facts()
+        self.reporter.busy(self.conn.peer)  # what the per-IP limit and status count
         return True
 
     def _greet(self) -> None:
