@@ -7,6 +7,7 @@ is one line on standard error and a non-zero exit, never a traceback.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -141,6 +142,8 @@ def _preflight(config: Config, import_handler: bool) -> tuple[Any, Any, type | N
         tls_context = tls.make_context(config.tls_cert, config.tls_key, config.tls_client_ca)
         if config.tls_listen and tls_context is None:
             raise Fatal("tls_listen needs tls_cert and tls_key")
+        if config.limits_backend != "local" and importlib.util.find_spec("redis") is None:
+            raise Fatal("limits_backend = redis needs the redis package: pip install 'prefork-esmtp[redis]'")
         handler_class = load_handler(config.handler) if import_handler else None
         if handler_class is not None:  # -X, --preload and configtest: configured here, before serving
             configure_handler(handler_class, config.handler_options)
@@ -151,10 +154,12 @@ def _preflight(config: Config, import_handler: bool) -> tuple[Any, Any, type | N
 
 def _run_single(config: Config, listeners: list, handler_class: type, ids: Any, tls_context: Any,
                 tls_fds: frozenset[int]) -> None:
+    from prefork_esmtp.limits import Limits, RateTable
     from prefork_esmtp.worker import Worker
 
     privileges.drop(ids)
-    worker = Worker(listeners, handler_class, config, tls_context=tls_context, tls_listeners=tls_fds)
+    worker = Worker(listeners, handler_class, config, tls_context=tls_context, tls_listeners=tls_fds,
+                    limits=Limits(config, rates=RateTable()))
     worker.install_signals()
     signal.signal(signal.SIGUSR1, lambda s, f: reopen_logs())
     log.info("serving with %s.%s in single-process mode (-X), pid %d",

@@ -28,6 +28,7 @@ from prefork_esmtp.boot import BOOT_ERROR, WorkerPlan, run_worker
 from prefork_esmtp.listeners import describe
 from prefork_esmtp.loader import configure_handler, load_handler
 from prefork_esmtp.pool import adaptive_step, max_spare_default
+from prefork_esmtp.limits import RateTable
 from prefork_esmtp.scoreboard import BUSY, IDLE, STARTING, Scoreboard
 from prefork_esmtp.settings import Config
 
@@ -100,6 +101,7 @@ class Master:
         nslots = 2 * max(self.target, self.max_workers if self.adaptive else config.workers) + 8
         board_path = f"{config.pidfile}.scoreboard" if config.pidfile else None
         self.scoreboard = Scoreboard(nslots, board_path)
+        self.rate_table = RateTable()  # made before any fork: every generation shares the counts
         self.wake_r, self.wake_w = os.pipe()
         self.error_r, self.error_w = os.pipe()
         for fd in (self.wake_r, self.wake_w, self.error_r):
@@ -308,6 +310,7 @@ class Master:
                 master_pid=self.pid, slot=slot, generation=self.generation, config=self.config,
                 handler_class=self.handler_class, ids=self.ids, listeners=self.listeners,
                 tls_context=self.tls_context, tls_fds=self.tls_fds, scoreboard=self.scoreboard,
+                rate_table=self.rate_table,
                 wake_fd=self.wake_w, error_fd=self.error_w, master_fds=(self.wake_r, self.error_r),
                 signals=frozenset(SIGNALS)))
         self.scoreboard.set_pid(slot, pid)
