@@ -1,8 +1,8 @@
 """A real HAProxy started by a test: its own config in the test's directory, loopback only, stopped by pid.
 
 ``running_haproxy(directory, frontends)`` writes a TCP-mode config with one
-frontend per entry (a free port on 127.0.0.1) and one backend server behind
-each, with health checks that send the PROXY header too, starts ``haproxy``
+frontend per entry (a free port on 127.0.0.1) and a backend of one or more
+servers behind each (round robin), with health checks that send the PROXY header too, starts ``haproxy``
 in the foreground (never the system's service, never its config), waits
 until every backend server is UP by HAProxy's own stats socket, and stops it
 by its pid at the end.  A missing ``haproxy`` skips (fails in CI).
@@ -26,10 +26,11 @@ from mailservers import free_port
 
 @dataclass
 class Frontend:
-    """One frontend and its one backend server: ``server_options`` go on the server line."""
+    """One frontend and its backend: one server per port in ``server_ports`` (round robin),
+    ``server_options`` on each server line."""
 
     name: str
-    server_port: int
+    server_ports: list[int]
     server_options: str
     port: int = 0  # set when HAProxy runs
 
@@ -60,7 +61,7 @@ class HAProxy:
         return list(csv.DictReader(io.StringIO(text)))
 
     def server_status(self) -> dict[str, str]:
-        """Backend server name -> HAProxy's status (UP, DOWN, ...) and last check result."""
+        """``backend/server`` -> HAProxy's status (UP, DOWN, ...) and last check result."""
         out = {}
         try:
             rows = self.stats()
@@ -68,7 +69,7 @@ class HAProxy:
             return {}
         for row in rows:
             if row.get("svname") not in ("FRONTEND", "BACKEND", None):
-                out[row["pxname"]] = f"{row['status']} {row.get('check_status', '')}".strip()
+                out[f"{row['pxname']}/{row['svname']}"] = f"{row['status']} {row.get('check_status', '')}".strip()
         return out
 
     def log(self) -> str:
@@ -93,8 +94,10 @@ def _config(directory: Path, frontends: list[Frontend]) -> str:
                   f"    bind 127.0.0.1:{fe.port}",
                   f"    default_backend {fe.name}",
                   f"backend {fe.name}",
-                  "    option smtpchk EHLO haproxy.test",  # a real SMTP dialogue behind the header
-                  f"    server s_{fe.name} 127.0.0.1:{fe.server_port} {fe.server_options} check inter 300ms"]
+                  "    balance roundrobin",
+                  "    option smtpchk EHLO haproxy.test"]  # a real SMTP dialogue behind the header
+        lines += [f"    server s{i} 127.0.0.1:{port} {fe.server_options} check inter 300ms"
+                  for i, port in enumerate(fe.server_ports, 1)]
     return "\n".join(lines) + "\n"
 
 
@@ -120,7 +123,8 @@ def running_haproxy(directory: Path, frontends: list[Frontend]) -> Iterator[HAPr
                     return False
                 status = haproxy.server_status()
                 # UP after a passed check: HAProxy counts a server UP before its first check ran
-                return len(status) == len(frontends) and all(s == "UP L7OK" for s in status.values())
+                servers = sum(len(fe.server_ports) for fe in frontends)
+                return len(status) == servers and all(s == "UP L7OK" for s in status.values())
 
             try:
                 wait_for(lambda: up() or proc.poll() is not None, 20,
