@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from prefork_esmtp import tls
+from prefork_esmtp import proxy, tls
 from prefork_esmtp.reader import Reader
 from prefork_esmtp.settings import Config
 from prefork_esmtp.writer import ClientGone, ReplyWriter
@@ -117,6 +117,35 @@ class Connection:
             log.info("%s pipelined past a command that ends a group", self.who)
             return True
         return False
+
+    # -- the PROXY header -----------------------------------------------------
+
+    def take_proxy_header(self) -> proxy.ProxyHeader | None:
+        """Before anything else: the load balancer's PROXY header, and the client's addresses from it.
+
+        Only a trusted proxy (``proxy_trusted``) may send one; the header must
+        be complete within ``proxy_timeout``.  Returns None (logged) when the
+        connection must be closed without a word.  Octets after the header stay
+        unread, for the reader or the TLS handshake.
+        """
+        networks = self.config.proxy_trusted
+        if networks and not (self.peer and proxy.trusted(self.peer[0], networks)):
+            log.warning("connection from %s, not a trusted PROXY sender: closed", self.who)
+            return None
+        try:
+            header = proxy.receive(self.sock, self.config.proxy_timeout)
+        except proxy.ProxyError as exc:
+            log.warning("bad PROXY header from %s: %s; closed", self.who, exc)
+            return None
+        finally:
+            self.sock.settimeout(self.reader.timeout)
+        proxied_by = self.who
+        if header.source is not None:
+            self.peer, self.local = header.source, header.destination
+            self.who = f"{self.peer[0]}:{self.peer[1]}"
+        log.debug("PROXY v%d %s %s from %s: client %s", header.version, header.command,
+                  header.protocol, proxied_by, self.who)
+        return header
 
     # -- TLS --------------------------------------------------------------------
 

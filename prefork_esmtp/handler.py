@@ -41,7 +41,8 @@ class ESMTPHandler:
     (True after EHLO), ``env_sender``, ``env_recipients`` (only those RCPT
     accepted with 2xx), ``mail_params``, ``rcpt_params`` (of the RCPT being
     handled), ``recipients_params`` (one dict per accepted recipient), ``peer``
-    and ``local`` ((host, port) tuples), ``hostname`` (this server's), ``tls``,
+    and ``local`` ((host, port) tuples; the real client's after a PROXY
+    header), ``proxy`` (that header, or None), ``hostname`` (this server's), ``tls``,
     ``auth_user``, ``auth_mechanism``.  Outside a session (a unit test) they
     show the defaults, or what :func:`prefork_esmtp.state.attach` gave.
 
@@ -137,6 +138,18 @@ class ESMTPHandler:
     def tls(self) -> dict[str, Any] | None:
         """None, or facts about the TLS session: version, cipher, bits, peer_cert, peer_cert_der."""
         return (self._esmtp_state or self._blank_state()).tls
+
+    @property
+    def proxy(self) -> dict[str, Any] | None:
+        """None without ``proxy_protocol``; else the load balancer's PROXY header.
+
+        Keys: version (1/2), command (PROXY/LOCAL), protocol (TCP4, TCP6,
+        UNKNOWN, UNSPEC...), source and destination ((host, port) as the header
+        gave them, or None), alpn and unique_id (bytes), authority and netns
+        (str), ssl (client, verify, version, cn, cipher, sig_alg, key_alg, as
+        the proxy saw the client's TLS), tlvs (every v2 TLV as (type, bytes)).
+        """
+        return (self._esmtp_state or self._blank_state()).proxy
 
     @property
     def auth_user(self) -> str | None:

@@ -60,6 +60,7 @@ class Session:
         self.implicit_tls = implicit_tls
         self.limits = limits if limits is not None else Limits(config, reporter.sessions_from)
         self.counted_ip: str | None = None  # counted by the per-address session limit: forget at the end
+        self.reporter = reporter
         self.conn = conn = Connection(sock, peer, config, reporter.check_in, stopping)
         self.state = ConnectionState(peer=conn.peer, local=conn.local, hostname=config.hostname)
         self.errors = 0
@@ -145,7 +146,9 @@ class Session:
             raise StopSession()
 
     def _open(self) -> bool:
-        """Before the greeting: implicit TLS, the per-IP limit (a client that talks first: _greet)."""
+        """Before the greeting: the PROXY header, implicit TLS, the per-IP limit (a client that talks first: _greet)."""
+        if self.config.proxy_protocol and not self._take_proxy_header():
+            return False
         if self.implicit_tls and not self._start_tls():
             return False
         peer = self.state.peer
@@ -155,6 +158,20 @@ class Session:
                 self._answer(R.TOO_MANY_FROM_IP.format(self.hostname))
                 return False
             self.counted_ip = peer[0]
+        return True
+
+    def _take_proxy_header(self) -> bool:
+        """The PROXY header: from here on ``peer`` is the real client, also on the scoreboard.
+
+        A missing, bad or untrusted header ends the session without a reply.
+        """
+        header = self.conn.take_proxy_header()
+        if header is None:
+            self.closing = self.quit = True
+            return False
+        self.state.peer, self.state.local = self.conn.peer, self.conn.local
+        self.state.proxy = header.facts()
+        self.reporter.busy(self.conn.peer)  # what the per-IP limit and status count
         return True
 
     def _greet(self) -> None:

@@ -133,6 +133,27 @@ def parse_address(value: Any) -> Address:
     return Address(host, port)
 
 
+def parse_network(value: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """An IPv4 or IPv6 network, ``192.0.2.0/24``, ``2001:db8::/32``, or one address (``10.0.0.5``)."""
+    text = parse_str(value)
+    try:
+        return ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        raise SettingError(f"expected a network such as 10.0.0.0/8 or an address, got {text!r}") from None
+
+
+def parse_proxy_timeout(value: Any) -> float:
+    """Seconds, at least PROXY_TIMEOUT_MIN (the PROXY spec: cover a TCP retransmit)."""
+    seconds = parse_seconds(value)
+    if seconds < PROXY_TIMEOUT_MIN:
+        raise SettingError(f"must be at least {PROXY_TIMEOUT_MIN:g} seconds (a TCP retransmit), got {value!r}")
+    return seconds
+
+
+#: The shortest wait for a PROXY header: proxy-protocol.txt asks for at least 3 s, to cover a TCP retransmit.
+PROXY_TIMEOUT_MIN = 3.0
+
+
 def parse_handler(value: Any) -> str:
     """``module:Class`` (or ``module.Class``)."""
     text = parse_str(value)
@@ -264,6 +285,10 @@ SETTINGS: list[Setting] = [
     Setting("require_tls", parse_bool, False, "Refuse everything but EHLO, NOOP, STARTTLS and QUIT with 530 until TLS is on (not for a public MX).", "tls", flag=True),
     Setting("auth_plaintext", parse_bool, False, "Offer and allow AUTH without TLS (otherwise 538 outside TLS).", "tls", flag=True),
     Setting("require_auth", parse_bool, False, "Refuse MAIL with 530 until the client has authenticated (a submission port).", "tls", flag=True),
+    # PROXY protocol
+    Setting("proxy_protocol", parse_bool, False, "Every listener expects a PROXY protocol header (v1 or v2) from a load balancer before anything else, and takes the client's address from it; never guessed. A connection without a valid header is closed without a reply.", "proxy", flag=True),
+    Setting("proxy_trusted", parse_network, [], "Networks (or addresses) allowed to send the PROXY header; connections from elsewhere are closed without a reply. Repeat for several; none: any peer.", "proxy", multiple=True, metavar="NETWORK"),
+    Setting("proxy_timeout", parse_proxy_timeout, 5.0, "Seconds a load balancer has to send the whole PROXY header (Postfix's smtpd_upstream_proxy_timeout); at least 3.", "proxy", metavar="SECONDS"),
     # abuse defences
     Setting("command_bare_lf", choice("accept", "reject"), "accept", "A command line ended by a bare LF: accept it, or reject it with 500 (Postfix's smtpd_forbid_bare_newline idea).", "abuse", metavar="POLICY"),
     Setting("forbid_unauth_pipelining", parse_bool, False, "Answer 554 and close when an unauthenticated client talks before the greeting or sends more after a command that must end a pipelined group (EHLO, DATA, QUIT, NOOP...).", "abuse", flag=True),

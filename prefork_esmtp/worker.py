@@ -158,7 +158,9 @@ class Worker:
 
     def serve(self, conn: socket.socket, peer: Any, implicit_tls: bool = False) -> None:
         """Run one session to its end; nothing a session does kills the worker."""
-        self.reporter.busy(peer)
+        # Behind a load balancer the socket's peer is the balancer: the session reports the
+        # client once the PROXY header has named it; until then no address is counted.
+        self.reporter.busy(None if self.config.proxy_protocol else peer)
         try:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
