@@ -25,6 +25,7 @@ from setproctitle import setproctitle
 
 from prefork_esmtp import logs, pidfile, privileges, tls
 from prefork_esmtp.boot import BOOT_ERROR, WorkerPlan, run_worker
+from prefork_esmtp.exposition import NO_METRICS, NoMetrics
 from prefork_esmtp.listeners import describe
 from prefork_esmtp.loader import configure_handler, load_handler
 from prefork_esmtp.pool import adaptive_step, max_spare_default
@@ -61,8 +62,10 @@ class Master:
     def __init__(self, config: Config, listeners: list[socket.socket],
                  reload_config: Callable[[], Config], handler_class: type | None = None,
                  on_ready: Callable[[str], None] = lambda error: None, *,
-                 tls_listeners: list[socket.socket] = (), tls_context: Any = None) -> None:
+                 tls_listeners: list[socket.socket] = (), tls_context: Any = None,
+                 metrics: NoMetrics = NO_METRICS) -> None:
         self.config = config
+        self.metrics = metrics  # the shared counters and /metrics (exposition.py), or nothing
         self.tls_context = tls_context
         self.tls_fds = frozenset(sock.fileno() for sock in tls_listeners)
         listeners = list(listeners) + list(tls_listeners)
@@ -148,7 +151,10 @@ class Master:
         if self.tls_fds and tls_context is None:
             log.warning("reload: no TLS certificate any more; TLS listeners keep the old one")
             tls_context = self.tls_context
-        logs.setup(config.log_level, config.log_file)
+        if config.metrics_listen != self.config.metrics_listen:
+            log.warning("reload: metrics_listen changed; keeping the old one until a restart")
+            config.set("metrics_listen", self.config.metrics_listen)
+        logs.setup(config.log_level, config.log_file, config.log_format)
         self.reloading = (self.generation, self.config, self.handler_class, self.tls_context, self.ids)
         self.config, self.handler_class, self.tls_context, self.ids = config, handler_class, tls_context, ids
         self.generation += 1
@@ -211,6 +217,7 @@ class Master:
         gc.collect()
         gc.freeze()  # what the master has built so far stays shared with the workers
         self._publish()
+        self.metrics.start(self)
         log.info("master pid %d: %s workers, listening on %s", self.pid,
                  f"adaptive {self.target}..{self.max_workers}" if self.adaptive else self.target,
                  self.listener_text)
@@ -267,6 +274,7 @@ class Master:
                 pass
         if self.config.pidfile:
             pidfile.remove(self.config.pidfile, self.pid)
+        self.metrics.stop()
         self.scoreboard.close()
         log.info("master pid %d exiting", self.pid)
 
@@ -309,7 +317,7 @@ class Master:
                 handler_class=self.handler_class, ids=self.ids, listeners=self.listeners,
                 tls_context=self.tls_context, tls_fds=self.tls_fds, scoreboard=self.scoreboard,
                 wake_fd=self.wake_w, error_fd=self.error_w, master_fds=(self.wake_r, self.error_r),
-                signals=frozenset(SIGNALS)))
+                signals=frozenset(SIGNALS), counters=self.metrics.table))
         self.scoreboard.set_pid(slot, pid)
         self.children[pid] = Child(pid, slot, self.generation, time.time())
 
@@ -325,8 +333,11 @@ class Master:
             child = self.children.pop(pid, None)
             if child is None:
                 continue
-            self.scoreboard.release(child.slot)
             code = os.waitstatus_to_exitcode(status)
+            # Its counts join the totals before the slot can serve another worker.
+            retired = child.retiring or self.stop_deadline is not None
+            self.metrics.worker_exited(child.slot, _restart_reason(code, retired))
+            self.scoreboard.release(child.slot)
             if code == BOOT_ERROR:
                 self._boot_failed(child)
             elif code != 0 and self.stop_deadline is None and not child.retiring:
@@ -469,11 +480,13 @@ class Master:
         self.reloading = None
         self.reloads += 1
         self.last_error = ""
+        self.metrics.reload_done(True)
         log.info("reloaded: generation %d serving, generation %d retiring", self.generation, old_generation)
 
     def _reload_failed(self, message: str) -> None:
         log.error("reload failed, generation %d keeps serving: %s", self.generation, message)
         self.reloads += 1
+        self.metrics.reload_done(False)
         self.last_error = message
         self._publish()
 
@@ -521,6 +534,15 @@ class Master:
             log.warning("stop timeout: killing %d workers", len(self.children))
             self._signal_all(signal.SIGKILL)
             self.stop_deadline = time.monotonic() + 5.0
+
+
+def _restart_reason(code: int, retired: bool) -> str | None:
+    """Why a reaped worker is replaced, for the metrics: None when it was retired (or the server stops)."""
+    if code == BOOT_ERROR:
+        return "boot_failed"
+    if retired:
+        return None
+    return "recycled" if code == 0 else "crashed"
 
 
 def _preload_within(spec: str, seconds: float) -> type:

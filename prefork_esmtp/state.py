@@ -25,6 +25,7 @@ class ConnectionState:
     tls: dict[str, Any] | None = None  #: TLS facts once TLS is on (see prefork_esmtp.tls.facts)
     auth_user: str | None = None  #: the username AUTH proved
     auth_mechanism: str | None = None  #: the SASL mechanism it used
+    session_id: str = ""  #: the id the log lines of this session carry (queue-id-like, 12 hex digits)
 
     def forget_greeting(self) -> None:
         """After STARTTLS (RFC 3207 4.2): the client must say EHLO again; AUTH is forgotten."""
