@@ -14,7 +14,7 @@ same metric back) and update them in hooks::
 
 Names get the ``prefork_esmtp_`` prefix if they lack it.  Values live in the
 worker's row of the shared counter table (:mod:`prefork_esmtp.counters`), so
-an update costs a dict look-up and an addition; the master serves the sums
+an update costs a few dict look-ups and an addition; the master serves the sums
 on ``/metrics``.  Each worker holds at most HANDLER_ENTRIES labelled series
 (HANDLER_VALUES values; a histogram takes one per bucket plus two): updates
 beyond that are dropped with one warning in the log.
