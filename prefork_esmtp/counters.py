@@ -120,8 +120,13 @@ HOOK_NAMES = ("CONNECT", "HELO", "EHLO", "MAIL", "RCPT", "DATA", "message", "EOM
               "NOOP", "VRFY", "EXPN", "HELP", "QUIT", "UNKNOWN", "DISCONNECT", "session")
 HOOK_EXCEPTIONS = {name: _add(_HOOKS, name, always=False) for name in HOOK_NAMES}
 
-IP_LIMIT = _add(_family("ip_limit_hits_total", "counter",
-                        "Sessions refused with 421 because their client address had max_sessions_per_ip sessions."))
+_LIMITS = _family("ip_limit_hits_total", "counter",
+                  "Refusals by the per-address limits: sessions (max_sessions_per_ip), messages "
+                  "(max_messages_per_ip), recipients (max_recipients_per_ip).", "limit")
+IP_LIMIT_HITS = {what: _add(_LIMITS, what) for what in ("sessions", "messages", "recipients")}
+LIMITS_FAILED_OPEN = _add(_family("limits_failed_open_total", "counter",
+                                  "Per-address limits not applied because their shared state failed "
+                                  "(Redis unavailable, the rate table full): mail flowed."))
 DURATION_BOUNDS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0)
 SESSION_DURATION = _add(_family("session_duration_seconds", "histogram", "Durations of sessions."),
                         bounds=DURATION_BOUNDS)

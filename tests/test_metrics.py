@@ -125,7 +125,7 @@ def test_counts_add_up_during_load_across_recycling_and_a_reload(start_server, t
 
 def test_outcomes_hook_exceptions_auth_limits_and_timeouts(start_server, tmp_path, strays, client_for):
     srv = start_server("--metrics-listen", "127.0.0.1:0", "--auth-plaintext", "--max-sessions-per-ip", "1",
-                       "--timeout", "2", handler=JUDGE, mode=pool_mode(tmp_path, "--workers", "2"))
+                       "--max-recipients-per-ip", "1", "--timeout", "2", handler=JUDGE, mode=pool_mode(tmp_path, "--workers", "2"))
     strays.add_tree(srv.proc.pid)
     port = metrics_port(srv)
     wait_pool(srv, 2)
@@ -135,6 +135,7 @@ def test_outcomes_hook_exceptions_auth_limits_and_timeouts(start_server, tmp_pat
     assert c.cmd("AUTH PLAIN " + base64.b64encode(b"\0user\0secret").decode())[0] == 235
     assert c.cmd("MAIL FROM:<a@example.net>")[0] == 250
     assert c.cmd("RCPT TO:<crash@example.org>")[0] == 451  # the hook raised
+    assert c.cmd("RCPT TO:<b@example.org>")[0] == 450  # one RCPT per minute from this address
     # While this session is open, a second one from the same address is over the limit.
     second = client_for(srv, greet=False)
     assert second.reply()[0] == 421
@@ -156,7 +157,11 @@ def test_outcomes_hook_exceptions_auth_limits_and_timeouts(start_server, tmp_pat
     assert value(m, "prefork_esmtp_error_replies_total", code="451") == 1
     assert value(m, "prefork_esmtp_error_replies_total", code="535") == 1
     assert value(m, "prefork_esmtp_error_replies_total", code="421") == 2  # the limit and the timeout
-    assert value(m, "prefork_esmtp_ip_limit_hits_total") == 1
+    assert value(m, "prefork_esmtp_ip_limit_hits_total", limit="sessions") == 1
+    assert value(m, "prefork_esmtp_ip_limit_hits_total", limit="recipients") == 1
+    assert value(m, "prefork_esmtp_ip_limit_hits_total") == 2
+    assert value(m, "prefork_esmtp_error_replies_total", code="450") == 1
+    assert value(m, "prefork_esmtp_limits_failed_open_total") == 0
     assert value(m, "prefork_esmtp_timeouts_total", kind="idle") == 1
     assert value(m, "prefork_esmtp_timeouts_total") == 1
     assert value(m, "prefork_esmtp_transactions_total") == 1
@@ -229,3 +234,23 @@ def test_metrics_listen_errors_are_one_line(tmp_path):
         line = one_error_line(cli("start", "--listen", "127.0.0.1:0", "--metrics-listen", busy,
                                   "--pidfile", str(tmp_path / "p.pid")))
     assert "metrics_listen" in line and busy in line
+
+
+def test_limits_that_fail_open_are_counted(start_server, tmp_path, strays):
+    import socket
+
+    pytest.importorskip("redis")
+    with socket.socket() as closed:  # a port where no Redis listens
+        closed.bind(("127.0.0.1", 0))
+        nowhere = f"redis://127.0.0.1:{closed.getsockname()[1]}/0"
+    srv = start_server("--metrics-listen", "127.0.0.1:0", "--limits-backend", nowhere,
+                       "--max-messages-per-ip", "1", mode=pool_mode(tmp_path, "--workers", "1"))
+    strays.add_tree(srv.proc.pid)
+    port = metrics_port(srv)
+    with smtplib.SMTP("127.0.0.1", srv.port, timeout=30) as client:
+        for _ in range(2):  # over the limit of one, but the limit cannot be applied: mail flows
+            client.sendmail("a@example.net", ["b@example.org"], message("hi"))
+    m = scrape(port)
+    assert value(m, "prefork_esmtp_messages_total", result="accepted") == 2
+    assert value(m, "prefork_esmtp_limits_failed_open_total") >= 2
+    assert value(m, "prefork_esmtp_ip_limit_hits_total") == 0
