@@ -3,7 +3,7 @@
 Only ``<CRLF>.<CRLF>`` ends a message: a line is a run of bytes ended by CRLF, and
 no bare LF or bare CR counts as a line end, so no ``\\n.\\n``-style variant can end
 a message early or smuggle a second transaction in.  Work is done on whole
-buffers with ``bytes.find``; only lines that begin with a dot cost Python work.
+buffers with ``bytes.find`` and ``bytes.replace``: no line costs Python work of its own.
 """
 
 from __future__ import annotations
@@ -29,7 +29,12 @@ class DotDecoder:
         self.bol = True
 
     def decode(self, buf: bytes, pos: int) -> tuple[list[bytes], int, bool]:
-        """Decode ``buf[pos:]``; return (pieces, next position, ended)."""
+        """Decode ``buf[pos:]``; return (pieces, next position, ended).
+
+        Whole runs of lines are unstuffed with one ``bytes.replace``: before the
+        first ``<CRLF>.<CRLF>`` (or before the last CRLF, when there is none) every
+        ``<CRLF>.`` is a stuffed dot, so a message of dot-lines costs no per-line work.
+        """
         out: list[bytes] = []
         n = len(buf)
         while pos < n:
@@ -45,22 +50,30 @@ class DotDecoder:
                     pos += 1  # a stuffed dot: drop it, the line goes on
                 self.bol = False
                 continue
-            i = buf.find(b"\r\n.", pos)
-            if i >= 0:
-                out.append(buf[pos:i + 2])
-                pos = i + 2
-                self.bol = True
+            # Not at a line start, and no CR of a CRLF consumed without its LF: every line
+            # start from here on follows a CRLF inside buf[pos:].
+            end = buf.find(b"\r\n.\r\n", pos)
+            if end >= 0:
+                out.append(_unstuff(buf[pos:end + 2]))
+                return out, end + 5, True
+            end = buf.rfind(b"\r\n", pos)
+            if end >= 0:
+                out.append(_unstuff(buf[pos:end + 2]))
+                pos = end + 2
+                self.bol = True  # the next line's first byte may be a dot: decided above
                 continue
-            end = n
-            if buf[n - 1] == _CR:
-                end = n - 1  # may be the CR of a CRLF: decide next time
+            end = n - 1 if buf[n - 1] == _CR else n  # a last CR may be the CR of a CRLF: decide next time
             if end > pos:
                 out.append(buf[pos:end])
             pos = end
-            # A buffer that ends with CRLF: the next read starts a line (maybe ".\r\n").
-            self.bol = buf.endswith(b"\r\n")
             break
         return out, pos, False
+
+
+def _unstuff(lines: bytes) -> bytes:
+    """Drop the stuffed dot of each line that starts after a CRLF in ``lines`` (which ends with CRLF
+    and holds no end-of-data line)."""
+    return lines.replace(b"\r\n.", b"\r\n") if b"\r\n." in lines else lines
 
 
 def count_bare_newlines(data: bytes, prev_cr: bool) -> int:

@@ -46,6 +46,12 @@ SIGNALS = {signal.SIGHUP: "hup", signal.SIGTERM: "term", signal.SIGINT: "int", s
            signal.SIGTTIN: "ttin", signal.SIGTTOU: "ttou", signal.SIGUSR1: "usr1", signal.SIGCHLD: "chld"}
 #: Signals whose every delivery counts; the others coalesce while one of their kind waits.
 COUNTED_SIGNALS = frozenset({signal.SIGTTIN, signal.SIGTTOU})
+#: Signals that stop the master: they interrupt a reload's handler import under way in it.
+STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGQUIT})
+
+
+class StopDuringImport(Exception):
+    """A stop signal arrived while the master imported the handler for a reload (--preload)."""
 
 
 @dataclass
@@ -61,6 +67,9 @@ class Child:
 
 class Master:
     """Supervises the worker pool until stopped; ``run()`` returns the exit status."""
+
+    #: True while a reload's handler import runs in the master (--preload): a stop signal interrupts it
+    importing = False
 
     def __init__(self, config: Config, listeners: list[socket.socket],
                  reload_config: Callable[[], Config], handler_class: type | None = None,
@@ -133,6 +142,10 @@ class Master:
             os.write(self.wake_w, b".")
         except OSError:
             pass
+        if self.importing and signum in STOP_SIGNALS:
+            # The import may hang until worker_timeout: give it up, the loop then stops (queued above).
+            self.importing = False
+            raise StopDuringImport("interrupted by a stop")
 
     def handle_hup(self) -> None:
         """Graceful reload: new config, new generation; the old one retires once the new one is up."""
@@ -145,8 +158,12 @@ class Master:
             config = self.reload_config()
             handler_class = None  # without --preload each new worker imports and configures it
             if config.preload:
-                handler_class = _preload_within(config.handler, config.worker_timeout)
-                configure_handler(handler_class, config.handler_options)
+                self.importing = True  # set and cleared inside this try: what a stop raises is caught below
+                try:
+                    handler_class = _preload_within(config.handler, config.worker_timeout)
+                    configure_handler(handler_class, config.handler_options)
+                finally:
+                    self.importing = False
             ids = privileges.resolve(config.user, config.group)
             tls_context = tls.make_context(config.tls_cert, config.tls_key, config.tls_client_ca)
         except Exception as exc:  # SettingError, Fatal, HandlerLoadError, PrivilegeError

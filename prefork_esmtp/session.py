@@ -169,8 +169,8 @@ class Session:
         log.info(Event(state.session_id, "session", {
             "client": address(state.peer), "helo": state.client,
             "tls": state.tls["version"] if state.tls else None, "auth": state.auth_user,
-            "transactions": transaction.number, "accepted": transaction.accepted,
-            "refused": transaction.refused, "errors": self.errors,
+            "transactions": transaction.number, "accepted": transaction.messages_accepted,
+            "refused": transaction.messages_refused, "errors": self.errors,
             "end": self.end or ("quit" if self.quit else "closed"), "reply": reply,
             "duration": round(duration, 6)}))
 

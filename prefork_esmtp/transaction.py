@@ -51,10 +51,13 @@ class Transaction:
         self.config = config
         self.envelope = Envelope()
         self.intake: MessageIntake | None = None  # a BDAT message under way
+        #: the recipients RCPT accepted, as the engine counts them: the handler may change
+        #: the list behind env_recipients, the number of replies owed must not follow it
+        self.accepted: list[str] = []
         attach(handler, envelope=self.envelope)
         self.counts = counters.current.values
         self.started: float | None = None  # when MAIL was accepted; None: no transaction to log
-        self.number = self.accepted = self.refused = 0  # this session's transactions, messages taken, refused
+        self.number = self.messages_accepted = self.messages_refused = 0  # this session's transactions, messages
 
     @property
     def active(self) -> bool:
@@ -78,6 +81,7 @@ class Transaction:
         self.envelope = Envelope()
         attach(self.handler, envelope=self.envelope)
         self.intake = None
+        self.accepted = []
         self.started = None
 
     def _log(self, result: str, reply: str | None, size: int | None) -> None:
@@ -86,7 +90,7 @@ class Transaction:
             return
         env, state = self.envelope, self.state
         log.info(Event(state.session_id, "message", {
-            "from": f"<{env.sender}>", "nrcpt": len(env.recipients), "size": size, "result": result,
+            "from": f"<{env.sender}>", "nrcpt": len(self.accepted), "size": size, "result": result,
             "reply": reply, "client": peer_text(state.peer), "helo": state.client,
             "tls": state.tls["version"] if state.tls else None, "auth": state.auth_user, "tx": self.number,
             "duration": round(time.monotonic() - self.started, 6) if self.started is not None else None}))
@@ -140,7 +144,7 @@ class Transaction:
             problem = R.NON_ASCII_ADDRESS
         if problem is not None:
             return problem
-        if len(env.recipients) >= self.config.max_recipients:
+        if len(self.accepted) >= self.config.max_recipients:
             return R.TOO_MANY_RECIPIENTS
         if self.state.peer and self.limits.recipient(self.state.peer[0]):
             log.info("too many recipients from %s", self.state.peer[0])
@@ -150,6 +154,7 @@ class Transaction:
         if 200 <= reply.code < 300:
             env.recipients.append(address)
             env.recipients_params.append(params)
+            self.accepted.append(address)
         return reply
 
     def _problem(self) -> R.Reply | None:
@@ -158,7 +163,7 @@ class Transaction:
             return R.NEED_HELO
         if self.envelope.sender is None:
             return R.NEED_MAIL
-        if not self.envelope.recipients:
+        if not self.accepted:
             return R.NEED_RCPT
         return None
 
@@ -231,27 +236,39 @@ class Transaction:
             reader.stop_rate()
         if last or intake.problem is not None:
             # After a failed chunk (RFC 3030 4.2) the transaction is over: later chunks get 503.
-            return self._end_message(intake)
+            # Only the message's end gets LMTP's per-recipient replies; any other chunk gets one.
+            return self._end_message(intake, last)
         return R.CHUNK_OK.format(size)
 
     def discard(self, size: int) -> None:
-        """Read and drop a BDAT chunk we refuse, so the session stays in sync."""
-        for _ in self.conn.reader.read_exact(size):
-            pass
+        """Read and drop a BDAT chunk we refuse, so the session stays in sync.
 
-    def _end_message(self, intake: MessageIntake) -> R.Answer:
-        """The reply for a complete message: the intake's problem, or EOM's; the transaction ends.
+        At the minimum data rate, as a chunk we take: otherwise a refused chunk of
+        any size, dripped, would hold the worker until the session's deadline.
+        """
+        reader = self.conn.reader
+        reader.start_rate(self.config.min_data_rate, self.config.min_data_rate_grace)
+        try:
+            for _ in reader.read_exact(size):
+                pass
+        finally:
+            reader.stop_rate()
+
+    def _end_message(self, intake: MessageIntake, complete: bool = True) -> R.Answer:
+        """The reply for a message that ended or failed: the intake's problem, or EOM's; the transaction ends.
 
         In LMTP one reply goes out per accepted recipient, in order (RFC 2033
-        4.2): all but the last are written here, the last is returned.
+        4.2): all but the last are written here, the last is returned.  Not
+        ``complete`` (a BDAT chunk before the last failed): its one reply only.
         """
         problem = intake.finish()
         env = self.envelope
-        count = len(env.recipients)
+        accepted = self.accepted
+        count = len(accepted)
         lmtp = self.config.protocol == "lmtp"
         if problem is not None:
             self._received(problem, intake.size, R.first_line(problem, "EOM"))
-            return self._per_recipient([problem] * count) if lmtp else problem
+            return self._per_recipient([problem] * count) if lmtp and complete else problem
         replies = self._eom(count)
         verdict, delivered = R.one_for_all(replies)
         if lmtp:
@@ -260,7 +277,7 @@ class Transaction:
             reply = verdict
             if len(replies) > 1 and len(delivered) not in (0, len(replies)):
                 log.warning("message from=<%s>: EOM took it for %s only; answering %d so the client retries",
-                            env.sender, ", ".join(f"<{env.recipients[i]}>" for i in delivered), reply.code)
+                            env.sender, ", ".join(f"<{accepted[i]}>" for i in delivered), reply.code)
         codes = [r.code for r in replies]
         text = ",".join(str(code) for code in codes) if lmtp and len(set(codes)) > 1 else R.first_line(verdict, "EOM")
         self._received(verdict, intake.size, text)
@@ -273,9 +290,9 @@ class Transaction:
         counts[counters.MESSAGES_BY_CLASS[cls]] += 1
         counters.observe(counts, counters.MESSAGE_SIZE, counters.SIZE_BOUNDS, size)
         if cls == 2:
-            self.accepted += 1
+            self.messages_accepted += 1
         else:
-            self.refused += 1
+            self.messages_refused += 1
         self._log("accepted" if cls == 2 else "refused", text, size)
         self._clear()
 

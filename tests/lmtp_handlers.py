@@ -23,3 +23,12 @@ class PerRecipient(ESMTPHandler):
             else:
                 replies.append((250, f"2.0.0 <{recipient}> delivered"))
         return replies
+
+
+class DropsRecipients(ESMTPHandler):
+    """Changes the list behind ``env_recipients`` in DATA (drops every recipient whose local part
+    starts with "drop"); the engine's count of accepted recipients must not follow it."""
+
+    def DATA(self):
+        self.env_recipients[:] = [r for r in self.env_recipients if not r.startswith("drop")]
+        return super().DATA()

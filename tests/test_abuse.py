@@ -1,5 +1,5 @@
 """Abuse defences: bare LF in commands, unauthenticated pipelining and
-talking before the greeting, slowloris (minimum data rate), junk-command floods,
+talking before the greeting, slowloris (minimum data rate), junk-command floods, dot-stuffing bombs,
 the per-IP session limit across workers, and error-sleep past the soft error
 limit.  Each defence triggers, and the server keeps serving other clients.
 """
@@ -10,6 +10,7 @@ import select
 import smtplib
 import time
 
+import psutil
 import pytest
 
 from conftest import HOSTNAME, Client, wait_for
@@ -313,3 +314,28 @@ def test_error_replies_delayed_past_the_soft_limit(start_server, clients):
     assert code == 250 and elapsed < 0.4, "good replies are not delayed"
     assert c.cmd("QUIT")[0] == 221 and c.closed()
     assert_serves(srv)
+
+
+def test_dot_stuffed_lines_cost_no_more_cpu_than_plain_ones(start_server, client_for):
+    """40 MiB of "..\\r\\n" lines (10 million stuffed dots) past the size limit: the worker's CPU for
+    them stays close to what as many octets of plain lines cost, not a per-line price."""
+    srv = start_server("--max-message-size", "1M", handler="")  # -X: the server process serves the session
+    worker = psutil.Process(srv.proc.pid)
+    c = client_for(srv)
+    assert c.cmd("EHLO client.example")[0] == 250
+    spent = {}
+    for name, line in (("plain", b"x" * 62 + b"\r\n"), ("dots", b"..\r\n")):
+        assert c.cmd("MAIL FROM:<a@example.org>")[0] == 250
+        assert c.cmd("RCPT TO:<b@example.org>")[0] == 250
+        assert c.cmd("DATA")[0] == 354
+        before = sum(worker.cpu_times()[:2])
+        block = line * ((1 << 20) // len(line))
+        for _ in range(40):
+            c.send(block)
+        c.send(b".\r\n")
+        code, lines = c.reply(timeout=60)
+        spent[name] = sum(worker.cpu_times()[:2]) - before
+        assert code == 552 and lines[0].startswith("5.3.4 "), (code, lines)
+    assert spent["dots"] < 3 * spent["plain"] + 0.5, \
+        f"dot-stuffed lines cost {spent['dots']:.2f} s of CPU, plain ones {spent['plain']:.2f} s"
+    assert c.cmd("QUIT")[0] == 221

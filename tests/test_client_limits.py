@@ -182,3 +182,31 @@ def test_max_session_time_mid_message_accepts_nothing(start_server):
     hooks = [r["hook"] for r in records_of(srv, c)]
     c.close()
     assert "DATA" in hooks and "EOM" not in hooks, hooks
+
+
+def test_a_refused_bdat_chunk_is_still_read_at_the_minimum_data_rate(start_server):
+    """BDAT without a transaction: its chunk is read and dropped, but not at any pace the client likes.
+
+    Ten octets a second against --min-data-rate 1000 (grace 1 s): 421 4.4.2 within a few
+    seconds, as for a chunk that is taken, not after the idle timeout or the session's deadline.
+    """
+    srv = start_server("--min-data-rate", "1000", "--min-data-rate-grace", "1", "--timeout", "30")
+    c = connect(srv)
+    assert c.reply()[0] == 220
+    assert c.cmd("EHLO slow.example")[0] == 250
+    c.send(b"BDAT 100000000\r\n")  # no MAIL: refused with 503 once the chunk is read
+    stop = threading.Event()
+    started = time.monotonic()
+    thread = threading.Thread(target=drip, args=(c, b"x" * 200, 0.1, stop), daemon=True)
+    thread.start()
+    try:
+        code, lines = c.reply(timeout=15)
+        took = time.monotonic() - started
+        assert code == 421 and lines[0].startswith("4.4.2 "), (code, lines)
+        assert "data rate too low" in lines[0]
+        assert took < 8, f"the dripping chunk held the session {took:.1f}s"
+        assert c.closed()
+    finally:
+        stop.set()
+        thread.join(5)
+        c.close()

@@ -74,6 +74,22 @@ def test_bdat_last_gets_per_recipient_replies(start_server):
     c.close()
 
 
+def test_a_failed_chunk_before_the_last_gets_one_reply(start_server):
+    """Only the message's end (DATA's dot, BDAT LAST) gets one reply per recipient (RFC 2033 4.2);
+    a BDAT chunk that is not the last gets one reply, also when it ends the transaction."""
+    srv = start_server("--protocol", "lmtp", "--max-message-size", "1K")
+    c = lmtp_client(srv)
+    envelope(c, ["a@example.org", "b@example.org"])
+    # pipelined: a chunk over the size limit, the last chunk, then NOOP
+    c.send(b"BDAT 2000\r\n" + b"x" * 2000 + b"BDAT 3 LAST\r\nabc" + b"NOOP\r\n")
+    chunk, last, noop = c.replies(3)
+    assert chunk[0] == 552 and chunk[1][0].startswith("5.3.4 "), chunk
+    assert last[0] == 503, last  # the transaction ended with the failed chunk
+    assert noop == (250, ["2.0.0 OK"]), "one reply per command: in sync"
+    assert c.cmd("QUIT")[0] == 221
+    c.close()
+
+
 @pytest.mark.parametrize("verb", ["HELO", "EHLO"])
 def test_helo_and_ehlo_are_refused_in_lmtp(start_server, verb):
     srv = start_server("--protocol", "lmtp")
@@ -117,3 +133,28 @@ def test_lmtp_on_port_25_is_refused_at_start(listen):
     assert result.returncode != 0
     lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
     assert len(lines) == 1 and "port 25" in lines[0], lines
+
+
+@pytest.mark.parametrize("protocol, recipients, replies", [
+    ("lmtp", ["a@example.org", "drop1@example.org", "b@example.org"], 3),
+    ("lmtp", ["drop1@example.org", "drop2@example.org"], 2),
+    ("smtp", ["drop1@example.org", "drop2@example.org"], 1),
+])
+def test_replies_follow_the_accepted_rcpts_whatever_the_handler_does_to_its_list(
+        start_server, protocol, recipients, replies):
+    """One reply per RCPT the engine accepted (LMTP) or one in all (SMTP), in sync, even when a
+    handler edits the list behind env_recipients (here emptied or shortened in DATA)."""
+    srv = start_server("--protocol", protocol, handler="lmtp_handlers:DropsRecipients")
+    c = lmtp_client(srv)
+    assert c.cmd(f"{'LHLO' if protocol == 'lmtp' else 'EHLO'} client.example")[0] == 250
+    assert c.cmd("MAIL FROM:<alice@example.org>")[0] == 250
+    for r in recipients:
+        assert c.cmd(f"RCPT TO:<{r}>")[0] == 250
+    assert c.cmd("DATA")[0] == 354
+    c.send(b"Subject: hi\r\n\r\nhello\r\n.\r\nNOOP\r\n")
+    got = c.replies(replies + 1)
+    assert [code for code, _ in got] == [250] * replies + [250], got
+    assert got[-1] == (250, ["2.0.0 OK"]), "the NOOP's reply comes last: in sync"
+    assert "Traceback" not in srv.log(), srv.log()
+    assert c.cmd("QUIT")[0] == 221
+    c.close()

@@ -310,3 +310,25 @@ def test_start_whose_handler_import_hangs_fails_with_the_reason(tmp_path):
     assert "the handler import did not finish within 1s" in line, line
     assert time.monotonic() - started < 15
     assert 1 <= attempts(tmp_path) <= 2  # the first workers, once each: no retry
+
+
+def test_stop_during_a_preloaded_reload_whose_import_hangs_is_not_delayed(start_server, tmp_path):
+    """TERM while the master's own reload import hangs: the import is given up at once and the
+    stop goes on, instead of waiting for worker_timeout first (here 20 s) and only then stopping."""
+    srv, pool = start_pool(start_server, tmp_path, "--preload", "--worker-timeout", "20",
+                           "--graceful-timeout", "2")
+    (tmp_path / "hang").touch()
+    srv.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: attempts(tmp_path) == 1, 10, message="the master to start the hanging import")
+    started = time.monotonic()
+    srv.proc.send_signal(signal.SIGTERM)
+    try:
+        srv.proc.wait(15)
+    except subprocess.TimeoutExpired:
+        pass
+    took = time.monotonic() - started
+    assert srv.proc.returncode == 0, (srv.proc.returncode, srv.log())
+    assert took < 8, f"the stop waited {took:.1f}s behind the hanging import"
+    wait_gone(processes(pool), 5)
+    log = srv.log()
+    assert "reload failed" in log and "interrupted by a stop" in log, log
