@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from prefork_esmtp import counters
 from prefork_esmtp import replies as R
 from prefork_esmtp import sasl
 from prefork_esmtp.connection import Connection
@@ -98,6 +99,7 @@ class Auth:
         try:
             result = self.handler.AUTH(c.mechanism, c.username, c.password, c.authzid)
         except Exception:
+            counters.hook_failed("AUTH")
             log.exception("AUTH hook raised (client %s)", who)
             return R.AUTH_TEMPFAIL
         reply: R.Reply | R.HookReply
@@ -109,6 +111,7 @@ class Auth:
             try:
                 reply = R.normalize(result)
             except R.BadHookResult as exc:
+                counters.hook_failed("AUTH")
                 log.error("AUTH hook returned a bad reply: %s", exc)
                 return R.AUTH_TEMPFAIL
         if 200 <= reply.code < 300:

@@ -19,7 +19,8 @@ from typing import Any, NoReturn
 
 from setproctitle import setproctitle
 
-from prefork_esmtp import logs, privileges
+from prefork_esmtp import counters, logs, privileges
+from prefork_esmtp.counters import CounterTable
 from prefork_esmtp.loader import HandlerLoadError, configure_handler, load_handler
 from prefork_esmtp.limits import Limits, RateTable
 from prefork_esmtp.reporter import ScoreboardReporter
@@ -53,6 +54,7 @@ class WorkerPlan:
     error_fd: int  # the master's boot-error pipe: one line if the boot fails
     master_fds: tuple[int, ...]  # the master's own ends of its pipes, closed at once
     signals: frozenset[int]  # the master's signals: blocked across the fork, reset here
+    counters: CounterTable | None = None  # the shared counters (metrics on): this worker counts in its slot's row
 
 
 def run_worker(plan: WorkerPlan) -> NoReturn:
@@ -83,6 +85,8 @@ def _boot_and_serve(plan: WorkerPlan) -> int:
         os.close(fd)
     die_with_parent(plan.master_pid)
     random.seed()
+    if plan.counters is not None:
+        counters.use(plan.counters.row(plan.slot))
     config = plan.config
     setproctitle(f"prefork-esmtp: worker [gen {plan.generation}] starting")
     try:

@@ -22,7 +22,7 @@ import click
 
 from prefork_esmtp import __version__, pidfile, privileges, tls
 from prefork_esmtp.activation import ActivationError, inherit
-from prefork_esmtp.listeners import ListenError, bind_all, describe
+from prefork_esmtp.listeners import ListenError, bind, bind_all, describe
 from prefork_esmtp.loader import HandlerLoadError, configure_handler, load_handler
 from prefork_esmtp.logs import reopen as reopen_logs
 from prefork_esmtp.logs import setup as setup_logging
@@ -102,8 +102,10 @@ def cli() -> None:
 def start(config_file: str | None, single: bool, **values: Any) -> None:
     """Start the server (in the foreground unless --daemon)."""
     config = load_config(config_file, values)
-    setup_logging(config.log_level, config.log_file)
+    setup_logging(config.log_level, config.log_file, config.log_format)
     config_path = os.path.abspath(config_file) if config_file else None
+    if single and config.metrics_listen:
+        raise Fatal("metrics_listen needs the pre-forked master: -X serves no metrics")
     # Before anything else runs (a preloaded handler, the workers): the systemd variables
     # are taken out of the environment here, whatever happens next.
     try:
@@ -125,6 +127,10 @@ def start(config_file: str | None, single: bool, **values: Any) -> None:
             tls_listeners = bind_all(config.tls_listen)
     except (ListenError, pidfile.PidfileError) as exc:
         raise Fatal(str(exc)) from None
+    try:
+        metrics_socket = bind(config.metrics_listen) if config.metrics_listen else None
+    except ListenError as exc:
+        raise Fatal(f"metrics_listen: {exc}") from None
     origin = inherited.origin if inherited is not None else None
     for sock in listeners:
         log.info("listening on %s%s", describe(sock), f" ({origin(sock)})" if origin else "")
@@ -140,9 +146,12 @@ def start(config_file: str | None, single: bool, **values: Any) -> None:
     def reload_config() -> Config:
         return load_config(config_path, values)
 
+    from prefork_esmtp.exposition import NO_METRICS, MasterMetrics
+
     master = Master(config, listeners, reload_config, handler_class, on_ready=notify,
                     tls_listeners=tls_listeners, tls_context=tls_context, notifier=notifier,
-                    inherited=inherited is not None)
+                    inherited=inherited is not None,
+                    metrics=MasterMetrics(metrics_socket) if metrics_socket is not None else NO_METRICS)
     try:
         status = master.run()
     except pidfile.PidfileError as exc:
@@ -154,7 +163,11 @@ def start(config_file: str | None, single: bool, **values: Any) -> None:
 
 def _preflight(config: Config, import_handler: bool) -> tuple[Any, Any, type | None]:
     """What start and configtest both check: (worker uid/gid, TLS context, handler class or None)."""
+    from prefork_esmtp.exposition import MISSING_CLIENT, client_available
+
     try:
+        if config.metrics_listen and not client_available():
+            raise Fatal(MISSING_CLIENT)
         ids = privileges.resolve(config.user, config.group)
         tls_context = tls.make_context(config.tls_cert, config.tls_key, config.tls_client_ca)
         if config.tls_listen and tls_context is None:

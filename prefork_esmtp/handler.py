@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from prefork_esmtp import metrics as _metrics
 from prefork_esmtp.state import ConnectionState, Envelope
 
 Reply = tuple[Any, ...]
@@ -43,7 +44,8 @@ class ESMTPHandler:
     handled), ``recipients_params`` (one dict per accepted recipient), ``peer``
     and ``local`` ((host, port) tuples; the real client's after a PROXY
     header), ``proxy`` (that header, or None), ``hostname`` (this server's), ``tls``,
-    ``auth_user``, ``auth_mechanism``.  Outside a session (a unit test) they
+    ``auth_user``, ``auth_mechanism``, ``session_id`` (as the log lines show it).
+    Outside a session (a unit test) they
     show the defaults, or what :func:`prefork_esmtp.state.attach` gave.
 
     The message as it came (not in Apache2::Protocol::ESMTP): ``header_raw``
@@ -72,6 +74,9 @@ class ESMTPHandler:
     #: advertises DSN.  RET, ENVID, NOTIFY and ORCPT are validated and handed over
     #: in mail_params / rcpt_params either way.
     dsn: bool = False
+    #: Declare and update the handler's own Prometheus metrics: ``self.metrics.counter(name,
+    #: help, labels).inc(...)`` (see :mod:`prefork_esmtp.metrics`).
+    metrics = _metrics
 
     # -- configuration (once per worker process, before any connection) -------
 
@@ -160,6 +165,11 @@ class ESMTPHandler:
     def auth_mechanism(self) -> str | None:
         """The SASL mechanism AUTH used, or None."""
         return (self._esmtp_state or self._blank_state()).auth_mechanism
+
+    @property
+    def session_id(self) -> str:
+        """The id of this session in the server's log lines (12 hex digits), '' outside a session."""
+        return (self._esmtp_state or self._blank_state()).session_id
 
     @property
     def env_sender(self) -> str | None:

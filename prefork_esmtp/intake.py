@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from prefork_esmtp import counters
 from prefork_esmtp import replies as R
 from prefork_esmtp.dotdata import count_bare_newlines
 from prefork_esmtp.message import HeaderTooLong, MessageParser, TooManyHeaderLines
@@ -70,5 +71,6 @@ class MessageIntake:
         except TooManyHeaderLines:
             self.problem = R.TOO_MANY_HEADER_LINES
         except Exception:
+            counters.hook_failed("message")
             log.exception("message hook raised (client %s)", self.who)
             self.problem = R.HOOK_FAILED

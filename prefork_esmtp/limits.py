@@ -26,6 +26,8 @@ import zlib
 from collections.abc import Callable
 from typing import Any
 
+from prefork_esmtp import counters
+
 log = logging.getLogger("prefork_esmtp.limits")
 
 #: Seconds between two warnings about limits that cannot be applied (per process).
@@ -118,6 +120,8 @@ class Limits:
         self._warned = 0.0
 
     def _warn(self, message: str, *args: Any) -> None:
+        """A limit not applied (fail open): counted every time, logged at most every WARN_EVERY seconds."""
+        counters.current.values[counters.LIMITS_FAILED_OPEN] += 1
         now = time.monotonic()
         if now - self._warned >= WARN_EVERY:
             self._warned = now
@@ -133,8 +137,8 @@ class Limits:
             if count is None:
                 self._warn("Redis unavailable (%s)", self.redis.last_error)
                 return False
-            return bool(limit) and count > limit
-        return bool(limit) and self.sessions_from(ip) > limit
+            return _over("sessions", bool(limit) and count > limit)
+        return _over("sessions", bool(limit) and self.sessions_from(ip) > limit)
 
     def session_closed(self, ip: str) -> None:
         """The session with ``ip`` has ended (Redis forgets it; the scoreboard forgets by itself)."""
@@ -160,14 +164,21 @@ class Limits:
             if count is None:
                 self._warn("Redis unavailable (%s)", self.redis.last_error)
                 return False
-            return count > limit
+            return _over(what, count > limit)
         if self.rates is None:
             return False
         counts = self.rates.add(ip, window, messages, recipients)
         if counts is None:
             self._warn("the shared rate table has no room for %s", ip)
             return False
-        return (counts[0] if messages else counts[1]) > limit
+        return _over(what, (counts[0] if messages else counts[1]) > limit)
+
+
+def _over(what: str, over: bool) -> bool:
+    """Count a refusal by the ``what`` limit (sessions, messages, recipients); return ``over``."""
+    if over:
+        counters.current.values[counters.IP_LIMIT_HITS[what]] += 1
+    return over
 
 
 class RedisCounts:

@@ -26,6 +26,7 @@ from setproctitle import setproctitle
 
 from prefork_esmtp import logs, pidfile, privileges, tls
 from prefork_esmtp.boot import BOOT_ERROR, WorkerPlan, run_worker
+from prefork_esmtp.exposition import NO_METRICS, NoMetrics
 from prefork_esmtp.listeners import describe
 from prefork_esmtp.loader import configure_handler, load_handler
 from prefork_esmtp.pool import adaptive_step, max_spare_default
@@ -74,8 +75,10 @@ class Master:
                  reload_config: Callable[[], Config], handler_class: type | None = None,
                  on_ready: Callable[[str], None] = lambda error: None, *,
                  tls_listeners: list[socket.socket] = (), tls_context: Any = None,
-                 notifier: Notifier | None = None, inherited: bool = False) -> None:
+                 notifier: Notifier | None = None, inherited: bool = False,
+                 metrics: NoMetrics = NO_METRICS) -> None:
         self.config = config
+        self.metrics = metrics  # the shared counters and /metrics (exposition.py), or nothing
         self.notifier = notifier or Notifier()
         # Listeners from systemd's socket activation: systemd keeps them for the next start,
         # so a stop closes our copies but never shuts them down, and `listen` is not ours.
@@ -175,7 +178,10 @@ class Master:
         if self.tls_fds and tls_context is None:
             log.warning("reload: no TLS certificate any more; TLS listeners keep the old one")
             tls_context = self.tls_context
-        logs.setup(config.log_level, config.log_file)
+        if config.metrics_listen != self.config.metrics_listen:
+            log.warning("reload: metrics_listen changed; keeping the old one until a restart")
+            config.set("metrics_listen", self.config.metrics_listen)
+        logs.setup(config.log_level, config.log_file, config.log_format)
         self.reloading = (self.generation, self.config, self.handler_class, self.tls_context, self.ids)
         self.config, self.handler_class, self.tls_context, self.ids = config, handler_class, tls_context, ids
         self.generation += 1
@@ -241,6 +247,7 @@ class Master:
         gc.collect()
         gc.freeze()  # what the master has built so far stays shared with the workers
         self._publish()
+        self.metrics.start(self)
         log.info("master pid %d: %s workers, listening on %s", self.pid,
                  f"adaptive {self.target}..{self.max_workers}" if self.adaptive else self.target,
                  self.listener_text)
@@ -314,6 +321,7 @@ class Master:
                 pass
         if self.config.pidfile:
             pidfile.remove(self.config.pidfile, self.pid)
+        self.metrics.stop()
         self.scoreboard.close()
         log.info("master pid %d exiting", self.pid)
 
@@ -357,7 +365,7 @@ class Master:
                 tls_context=self.tls_context, tls_fds=self.tls_fds, scoreboard=self.scoreboard,
                 rate_table=self.rate_table,
                 wake_fd=self.wake_w, error_fd=self.error_w, master_fds=(self.wake_r, self.error_r),
-                signals=frozenset(SIGNALS)))
+                signals=frozenset(SIGNALS), counters=self.metrics.table))
         self.scoreboard.set_pid(slot, pid)
         self.children[pid] = Child(pid, slot, self.generation, time.time())
 
@@ -373,8 +381,11 @@ class Master:
             child = self.children.pop(pid, None)
             if child is None:
                 continue
-            self.scoreboard.release(child.slot)
             code = os.waitstatus_to_exitcode(status)
+            # Its counts join the totals before the slot can serve another worker.
+            retired = child.retiring or self.stop_deadline is not None
+            self.metrics.worker_exited(child.slot, _restart_reason(code, retired))
+            self.scoreboard.release(child.slot)
             if code == BOOT_ERROR:
                 self._boot_failed(child)
             elif code != 0 and self.stop_deadline is None and not child.retiring:
@@ -518,12 +529,14 @@ class Master:
         self.reloading = None
         self.reloads += 1
         self.last_error = ""
+        self.metrics.reload_done(True)
         log.info("reloaded: generation %d serving, generation %d retiring", self.generation, old_generation)
         self.notifier.ready(self._status_text())
 
     def _reload_failed(self, message: str) -> None:
         log.error("reload failed, generation %d keeps serving: %s", self.generation, message)
         self.reloads += 1
+        self.metrics.reload_done(False)
         self.last_error = message
         self.notifier.ready(self._status_text())  # the reload is over; the status says it failed
         self._publish()
@@ -576,6 +589,15 @@ class Master:
             log.warning("stop timeout: killing %d workers", len(self.children))
             self._signal_all(signal.SIGKILL)
             self.stop_deadline = time.monotonic() + 5.0
+
+
+def _restart_reason(code: int, retired: bool) -> str | None:
+    """Why a reaped worker is replaced, for the metrics: None when it was retired (or the server stops)."""
+    if code == BOOT_ERROR:
+        return "boot_failed"
+    if retired:
+        return None
+    return "recycled" if code == 0 else "crashed"
 
 
 def _preload_within(spec: str, seconds: float) -> type:

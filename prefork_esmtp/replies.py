@@ -12,6 +12,8 @@ import logging
 import re
 from typing import Any, NamedTuple
 
+from prefork_esmtp import counters
+
 log = logging.getLogger("prefork_esmtp.session")
 
 
@@ -199,6 +201,7 @@ def call_hook(handler: Any, hook: str, who: str, *args: Any) -> HookReply | Repl
         log.error("%s hook returned a bad reply: %s", hook, exc)
     except Exception:
         log.exception("%s hook raised (client %s)", hook, who)
+    counters.hook_failed(hook)
     return HOOK_FAILED
 
 
@@ -223,6 +226,13 @@ def format_reply(code: int, lines: list[str], enhanced: str | None) -> bytes:
         sep = " " if i == last else "-"
         out.append(f"{code}{sep}{line}\r\n" if line else f"{code}{sep}\r\n")
     return "".join(out).encode("utf-8", "surrogateescape")
+
+
+def first_line(reply: Reply | HookReply, verb: str = "", limit: int = 200) -> str:
+    """The first line of a reply as the client got it (``code [enhanced] text``), clipped, for logs."""
+    line = format_reply(reply.code, reply.lines[:1], default_enhanced(reply.code, verb))
+    text = line.decode("utf-8", "replace").rstrip("\r\n")
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def per_recipient(result: Any, count: int) -> list[HookReply] | None:

@@ -13,16 +13,19 @@ the one place that writes it.  The session facts live in
 from __future__ import annotations
 
 import logging
+import random
 import socket
 import ssl
 import time
 from collections.abc import Callable
 from typing import Any
 
+from prefork_esmtp import counters
 from prefork_esmtp import replies as R
 from prefork_esmtp.auth import AUTH_KEYWORD, Auth
 from prefork_esmtp.connection import Connection, StopSession
 from prefork_esmtp.limits import Limits
+from prefork_esmtp.logs import Event, address
 from prefork_esmtp.reader import CommandTooSlow, DataTooSlow, LineTooLong, ReadTimeout, SessionTooLong
 from prefork_esmtp.reporter import NO_REPORTER, Reporter
 from prefork_esmtp.settings import Config
@@ -61,8 +64,14 @@ class Session:
         self.limits = limits if limits is not None else Limits(config, reporter.sessions_from)
         self.counted_ip: str | None = None  # counted by the per-address session limit: forget at the end
         self.reporter = reporter
+        self.counts = counters.current.values
+        self.counts[counters.SESSIONS] += 1
+        self.began = time.monotonic()
         self.conn = conn = Connection(sock, peer, config, reporter.check_in, stopping)
-        self.state = ConnectionState(peer=conn.peer, local=conn.local, hostname=config.hostname)
+        self.state = ConnectionState(peer=conn.peer, local=conn.local, hostname=config.hostname,
+                                     session_id=f"{random.getrandbits(48):012X}")
+        self.end = ""  # why the session ended, for its log line (else: quit, or closed by us)
+        self.last_reply: tuple[R.Reply | R.HookReply, str] | None = None  # and its verb
         self.errors = 0
         self.junk = 0
         self.closing = False
@@ -95,6 +104,7 @@ class Session:
             while not self.closing:
                 idle = transaction.envelope.sender is None
                 if idle and self.stopping():
+                    self.end = "stopping"
                     self._answer(R.SHUTTING_DOWN.format(self.hostname))
                     break
                 try:
@@ -109,21 +119,23 @@ class Session:
                     self._dispatch(line)
             linger = not self.quit
         except StopSession:
+            self.end = "stopping"
             self._answer(R.SHUTTING_DOWN.format(self.hostname))
         except ReadTimeout:
             log.info("timeout after %.0fs from %s", self.config.timeout, conn.who)
-            self._answer(R.TIMEOUT.format(self.hostname))
+            self._time_limit("timeout", counters.TIMEOUT_IDLE, R.TIMEOUT)
         except DataTooSlow:
             log.info("data rate below %d octets/s from %s", self.config.min_data_rate, conn.who)
-            self._answer(R.DATA_TOO_SLOW.format(self.hostname))
+            self._time_limit("data_rate", counters.TIMEOUT_DATA_RATE, R.DATA_TOO_SLOW)
         except CommandTooSlow:
             log.info("command line not complete within %.0fs from %s", self.config.command_deadline, conn.who)
-            self._answer(R.COMMAND_TOO_SLOW.format(self.hostname))
+            self._time_limit("command_deadline", counters.TIMEOUT_COMMAND, R.COMMAND_TOO_SLOW)
         except SessionTooLong:
             log.info("session time limit (%.0fs) reached for %s", self.config.max_session_time, conn.who)
-            self._answer(R.SESSION_TOO_LONG.format(self.hostname))
+            self._time_limit("session_time", counters.TIMEOUT_SESSION, R.SESSION_TOO_LONG)
         except ClientGone as exc:
             linger = False
+            self.end = "gone"
             log.debug("client %s gone: %s", conn.who, exc)
         finally:
             conn.shutdown(linger)
@@ -132,8 +144,36 @@ class Session:
             try:
                 self.handler.DISCONNECT()
             except Exception:
+                counters.hook_failed("DISCONNECT")
                 log.exception("DISCONNECT hook failed for %s", conn.who)
             conn.close()
+            self._ended()
+
+    def _time_limit(self, end: str, counter: int, reply: R.Reply) -> None:
+        """A time limit ended the session: count it, say why (421)."""
+        self.end = end
+        self.counts[counter] += 1
+        self._answer(reply.format(self.hostname))
+
+    def _ended(self) -> None:
+        """The session is over: count it, log an unfinished transaction, then the session's line."""
+        duration = time.monotonic() - self.began
+        counts = self.counts
+        counters.observe(counts, counters.SESSION_DURATION, counters.DURATION_BOUNDS, duration)
+        counts[counters.RECEIVED_OCTETS] += self.conn.reader.received
+        transaction = self.transaction
+        transaction.abandon()
+        if not log.isEnabledFor(logging.INFO):
+            return
+        state = self.state
+        reply = R.first_line(*self.last_reply) if self.last_reply is not None else None
+        log.info(Event(state.session_id, "session", {
+            "client": address(state.peer), "helo": state.client,
+            "tls": state.tls["version"] if state.tls else None, "auth": state.auth_user,
+            "transactions": transaction.number, "accepted": transaction.messages_accepted,
+            "refused": transaction.messages_refused, "errors": self.errors,
+            "end": self.end or ("quit" if self.quit else "closed"), "reply": reply,
+            "duration": round(duration, 6)}))
 
     def interrupt_if_idle(self) -> None:
         """From a signal handler: if blocked waiting for a command, end the session now.
@@ -155,6 +195,7 @@ class Session:
         if self.config.max_sessions_per_ip and peer:
             if self.limits.session_opened(peer[0]):
                 log.info("too many sessions from %s", peer[0])
+                self.end = "ip_limit"
                 self._answer(R.TOO_MANY_FROM_IP.format(self.hostname))
                 return False
             self.counted_ip = peer[0]
@@ -206,6 +247,12 @@ class Session:
         if reply is not None:
             code = reply.code
             self.conn.writer.write(R.format_reply(code, reply.lines, R.default_enhanced(code, verb)))
+            self.last_reply = (reply, verb)
+            if code >= 400:
+                self.counts[counters.ERROR_REPLIES + min(code, 599) - 400] += 1
+            by_class = counters.BY_VERB.get(verb)
+            if by_class is not None:  # RCPT and AUTH outcomes
+                self.counts[by_class[code // 100]] += 1
             if code == 421:
                 self.closing = True
                 return
@@ -361,8 +408,11 @@ class Session:
         """The handshake; on failure the session ends without a word (nothing can be said)."""
         facts = self.conn.start_tls(self.tls_context)
         if facts is None:
+            self.counts[counters.TLS_FAILED] += 1
+            self.end = "tls_failed"
             self.closing = self.quit = True
             return False
+        self.counts[counters.TLS_OK] += 1
         self.state.tls = facts
         return True
 

@@ -154,6 +154,13 @@ def parse_proxy_timeout(value: Any) -> float:
 PROXY_TIMEOUT_MIN = 3.0
 
 
+def parse_optional_address(value: Any) -> Address | None:
+    """``HOST:PORT`` or ``[IPV6]:PORT``, or empty for none."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    return parse_address(value)
+
+
 def parse_handler(value: Any) -> str:
     """``module:Class`` (or ``module.Class``)."""
     text = parse_str(value)
@@ -307,6 +314,8 @@ SETTINGS: list[Setting] = [
     # logging
     Setting("log_level", choice("debug", "info", "warning", "error", "critical"), "info", "Logging level.", "logging", metavar="LEVEL"),
     Setting("log_file", parse_optional_str, None, "Log to this file instead of standard error (reopened on USR1).", "logging", metavar="FILE"),
+    Setting("log_format", choice("text", "json"), "text", "Log records as text lines, or as one JSON object per line (for log shippers); see Logs in the README.", "logging", metavar="FORMAT"),
+    Setting("metrics_listen", parse_optional_address, None, "Serve Prometheus metrics on http://HOST:PORT/metrics from the master (needs prefork-esmtp[metrics]; a change needs a restart).", "logging", metavar="HOST:PORT"),
 ]
 
 BY_NAME = {s.name: s for s in SETTINGS}

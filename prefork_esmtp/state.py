@@ -26,6 +26,7 @@ class ConnectionState:
     auth_user: str | None = None  #: the username AUTH proved
     auth_mechanism: str | None = None  #: the SASL mechanism it used
     proxy: dict[str, Any] | None = None  #: the load balancer's PROXY header (see prefork_esmtp.proxy), or None
+    session_id: str = ""  #: the id the log lines of this session carry (queue-id-like, 12 hex digits)
 
     def forget_greeting(self) -> None:
         """After STARTTLS (RFC 3207 4.2): the client must say EHLO again; AUTH is forgotten."""

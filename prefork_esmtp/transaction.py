@@ -11,14 +11,18 @@ the session writes it.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
+from prefork_esmtp import counters
 from prefork_esmtp import params as P
 from prefork_esmtp import replies as R
 from prefork_esmtp.addresses import AddressError, parse_path_argument
 from prefork_esmtp.connection import Connection
 from prefork_esmtp.dotdata import DotDecoder
 from prefork_esmtp.intake import MessageIntake
+from prefork_esmtp.logs import Event
+from prefork_esmtp.logs import address as peer_text
 from prefork_esmtp.limits import Limits
 from prefork_esmtp.settings import Config
 from prefork_esmtp.state import ConnectionState, Envelope, attach
@@ -51,6 +55,9 @@ class Transaction:
         #: the list behind env_recipients, the number of replies owed must not follow it
         self.accepted: list[str] = []
         attach(handler, envelope=self.envelope)
+        self.counts = counters.current.values
+        self.started: float | None = None  # when MAIL was accepted; None: no transaction to log
+        self.number = self.messages_accepted = self.messages_refused = 0  # this session's transactions, messages
 
     @property
     def active(self) -> bool:
@@ -58,11 +65,35 @@ class Transaction:
         return self.envelope.sender is not None
 
     def reset(self) -> None:
-        """End the transaction: a fresh envelope, no message under way."""
+        """End the transaction (RSET, HELO, STARTTLS); one under way is logged as aborted."""
+        if self.started is not None:
+            self._log("aborted", None, self.intake.size if self.intake is not None else None)
+        self._clear()
+
+    def abandon(self) -> None:
+        """The session is over: log a transaction under way as aborted (its envelope stays for the handler)."""
+        if self.started is not None:
+            self._log("aborted", None, self.intake.size if self.intake is not None else None)
+            self.started = None
+
+    def _clear(self) -> None:
+        """A fresh envelope, no message under way."""
         self.envelope = Envelope()
         attach(self.handler, envelope=self.envelope)
         self.intake = None
         self.accepted = []
+        self.started = None
+
+    def _log(self, result: str, reply: str | None, size: int | None) -> None:
+        """The transaction's one log line: envelope, outcome, client, duration."""
+        if not log.isEnabledFor(logging.INFO):
+            return
+        env, state = self.envelope, self.state
+        log.info(Event(state.session_id, "message", {
+            "from": f"<{env.sender}>", "nrcpt": len(self.accepted), "size": size, "result": result,
+            "reply": reply, "client": peer_text(state.peer), "helo": state.client,
+            "tls": state.tls["version"] if state.tls else None, "auth": state.auth_user, "tx": self.number,
+            "duration": round(time.monotonic() - self.started, 6) if self.started is not None else None}))
 
     # -- the envelope ---------------------------------------------------------
 
@@ -90,7 +121,11 @@ class Transaction:
         env.sender, env.mail_params = address, params
         reply = R.call_hook(self.handler, "MAIL", self.conn.who, address)
         if not 200 <= reply.code < 300:
-            self.reset()
+            self._clear()
+            return reply
+        self.started = time.monotonic()
+        self.number += 1
+        self.counts[counters.TRANSACTIONS] += 1
         return reply
 
     def rcpt(self, arg: str) -> R.Answer:
@@ -230,24 +265,36 @@ class Transaction:
         env = self.envelope
         accepted = self.accepted
         count = len(accepted)
+        lmtp = self.config.protocol == "lmtp"
         if problem is not None:
-            log.info("message from %s refused: %d %s", self.conn.who, problem.code, problem.text)
-            self.reset()
-            lmtp = self.config.protocol == "lmtp" and complete
-            return self._per_recipient([problem] * count) if lmtp else problem
+            self._received(problem, intake.size, R.first_line(problem, "EOM"))
+            return self._per_recipient([problem] * count) if lmtp and complete else problem
         replies = self._eom(count)
-        codes = [r.code for r in replies]
-        if self.config.protocol == "lmtp":
+        verdict, delivered = R.one_for_all(replies)
+        if lmtp:
             reply = self._per_recipient(replies)
         else:
-            reply, delivered = R.one_for_all(replies)
+            reply = verdict
             if len(replies) > 1 and len(delivered) not in (0, len(replies)):
                 log.warning("message from=<%s>: EOM took it for %s only; answering %d so the client retries",
                             env.sender, ", ".join(f"<{accepted[i]}>" for i in delivered), reply.code)
-        log.info("message from=<%s> nrcpt=%d size=%d peer=%s: %s", env.sender, count, intake.size,
-                 self.conn.who, ",".join(str(code) for code in codes) if len(set(codes)) > 1 else reply.code)
-        self.reset()
+        codes = [r.code for r in replies]
+        text = ",".join(str(code) for code in codes) if lmtp and len(set(codes)) > 1 else R.first_line(verdict, "EOM")
+        self._received(verdict, intake.size, text)
         return reply
+
+    def _received(self, verdict: R.Reply | R.HookReply, size: int, text: str) -> None:
+        """A message received to its end: count it by its reply, log it, end the transaction."""
+        counts = self.counts
+        cls = verdict.code // 100
+        counts[counters.MESSAGES_BY_CLASS[cls]] += 1
+        counters.observe(counts, counters.MESSAGE_SIZE, counters.SIZE_BOUNDS, size)
+        if cls == 2:
+            self.messages_accepted += 1
+        else:
+            self.messages_refused += 1
+        self._log("accepted" if cls == 2 else "refused", text, size)
+        self._clear()
 
     def _eom(self, count: int) -> list[R.HookReply | R.Reply]:
         """Call EOM: one reply (repeated for each recipient) or a list with one per recipient."""
@@ -259,6 +306,7 @@ class Transaction:
             log.error("EOM hook returned a bad reply: %s", exc)
         except Exception:
             log.exception("EOM hook raised (client %s)", self.conn.who)
+        counters.hook_failed("EOM")
         return [R.HOOK_FAILED] * count
 
     def _per_recipient(self, replies: list) -> R.Answer:
@@ -266,4 +314,6 @@ class Transaction:
         writer = self.conn.writer
         for reply in replies[:-1]:
             writer.write(R.format_reply(reply.code, reply.lines, R.default_enhanced(reply.code, "EOM")))
+            if reply.code >= 400:  # the last one is counted where the session writes it
+                self.counts[counters.ERROR_REPLIES + min(reply.code, 599) - 400] += 1
         return replies[-1]

@@ -18,6 +18,7 @@ import signal
 import socket
 from typing import Any
 
+from prefork_esmtp import counters
 from prefork_esmtp.reporter import NO_REPORTER, Reporter
 from prefork_esmtp.limits import Limits
 from prefork_esmtp.session import Session
@@ -170,6 +171,7 @@ class Worker:
                                    self.reporter, tls_context=self.tls_context, implicit_tls=implicit_tls,
                                    limits=self.limits)
         except Exception:
+            counters.hook_failed("session")
             log.exception("cannot start a session for %s (handler constructor failed?)", peer)
             try:
                 conn.sendall(f"421 {self.config.hostname} Service not available, try again later\r\n".encode())
@@ -180,6 +182,7 @@ class Worker:
         try:
             self.session.run()
         except Exception:
+            counters.hook_failed("session")
             log.exception("session with %s failed", peer)
             conn.close()
         finally:
