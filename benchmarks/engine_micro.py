@@ -1,0 +1,292 @@
+"""Microbenchmark of the engine alone: Sessions over socketpair() in one process, no network.
+
+Each session runs in the main thread (``prefork_esmtp.session.Session`` with
+the base handler and the default settings, as a worker runs it); a client
+thread plays a non-pipelining client (send a command, read its reply) on
+the other end.  Only the server thread's CPU time is counted
+(``time.thread_time``), so the client's work and the GIL hand-overs stay
+out of the figures.  Two workloads:
+
+- ``conn``: connection per message (greeting, EHLO, MAIL, RCPT, DATA with a
+  2 KB message, QUIT), reported per session;
+- ``persistent``: one session with 20 messages, reported per message.
+
+Reported: µs of server CPU (median of ``--rounds`` rounds, and the spread),
+Python function calls per session/message (``sys.setprofile``: Python-level
+calls, and calls into C), and with ``--strace`` the server thread's system
+calls per session/message (needs strace; ``futex`` there is the GIL handed
+between the two threads, not the engine's).
+
+    .venv/bin/python benchmarks/engine_micro.py                 # ~20 s
+    .venv/bin/python benchmarks/engine_micro.py --strace        # + syscalls per session
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import queue
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from prefork_esmtp import ESMTPHandler  # noqa: E402
+from prefork_esmtp.session import Session  # noqa: E402
+from prefork_esmtp.settings import resolve  # noqa: E402
+
+PEER = ("192.0.2.1", 40000)
+MESSAGES_PER_SESSION = 20
+
+
+def make_message(size: int = 2048) -> bytes:
+    """A plausible 2 KB message: a dozen headers, then body lines of 70 octets, CRLF line ends."""
+    headers = (
+        b"Received: from client.example (client.example [192.0.2.1])\r\n\tby mx.bench.example with ESMTP\r\n"
+        b"From: Sender <sender@example.org>\r\n"
+        b"To: Recipient <recipient@bench.example>\r\n"
+        b"Subject: microbenchmark message\r\n"
+        b"Date: Tue, 25 Nov 2025 12:00:00 +0000\r\n"
+        b"Message-ID: <0123456789.abcdef@example.org>\r\n"
+        b"MIME-Version: 1.0\r\n"
+        b"Content-Type: text/plain; charset=us-ascii\r\n"
+        b"Content-Transfer-Encoding: 7bit\r\n"
+        b"\r\n"
+    )
+    body = bytearray()
+    line = b"x" * 68 + b"\r\n"
+    while len(headers) + len(body) + len(line) <= size:
+        body += line
+    return headers + bytes(body)
+
+
+MESSAGE = make_message()
+
+
+def _reply(sock: socket.socket, buf: bytearray) -> bytes:
+    """Read one whole reply (up to its last line, ``code SP``) from ``sock``; return its first line."""
+    while True:
+        end = buf.find(b"\r\n")
+        while end >= 0:
+            line = bytes(buf[:end])
+            del buf[:end + 2]
+            if len(line) < 4 or line[3:4] != b"-":
+                return line
+            end = buf.find(b"\r\n")
+        data = sock.recv(65536)
+        if not data:
+            raise ConnectionError("server closed early")
+        buf += data
+
+
+def client(sock: socket.socket, messages: int) -> None:
+    """A non-pipelining client: EHLO, ``messages`` × (MAIL, RCPT, DATA, message), QUIT."""
+    buf = bytearray()
+    if _reply(sock, buf)[:3] != b"220":
+        raise RuntimeError("no greeting")
+    sock.sendall(b"EHLO client.example\r\n")
+    if _reply(sock, buf)[:3] != b"250":
+        raise RuntimeError("EHLO refused")
+    for _ in range(messages):
+        for command, code in ((b"MAIL FROM:<sender@example.org>\r\n", b"250"),
+                              (b"RCPT TO:<recipient@bench.example>\r\n", b"250"),
+                              (b"DATA\r\n", b"354"),
+                              (MESSAGE + b".\r\n", b"250")):
+            sock.sendall(command)
+            line = _reply(sock, buf)
+            if line[:3] != code:
+                raise RuntimeError(f"unexpected reply {line!r}")
+    sock.sendall(b"QUIT\r\n")
+    if _reply(sock, buf)[:3] != b"221":
+        raise RuntimeError("no 221")
+    sock.close()
+
+
+def _client_loop(jobs: "queue.Queue[tuple[socket.socket, int] | None]", errors: list[BaseException]) -> None:
+    while (job := jobs.get()) is not None:
+        try:
+            client(*job)
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+            job[0].close()
+
+
+class Bench:
+    """Runs sessions in this thread against a client thread; counts server CPU only."""
+
+    def __init__(self) -> None:
+        self.config = resolve({}, {"hostname": "mx.bench.example"}, source="bench")
+        self.jobs: queue.Queue = queue.Queue()
+        self.errors: list[BaseException] = []
+        self.thread = threading.Thread(target=_client_loop, args=(self.jobs, self.errors), daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.jobs.put(None)
+        self.thread.join(10)
+
+    def session(self, messages: int, around: Callable[[Callable[[], None]], None] | None = None) -> float:
+        """One session with ``messages`` messages; returns the server thread's CPU seconds for it."""
+        ours, theirs = socket.socketpair()
+        self.jobs.put((theirs, messages))
+        start = time.thread_time()
+        session = Session(ours, PEER, ESMTPHandler, self.config)
+        if around is None:
+            session.run()
+        else:
+            around(session.run)
+        spent = time.thread_time() - start
+        if self.errors:
+            raise self.errors[0]
+        return spent
+
+    def rounds(self, messages: int, sessions: int, rounds: int) -> list[float]:
+        """µs of server CPU per session (per message when ``messages`` > 1), one figure per round."""
+        result = []
+        for _ in range(rounds):
+            total = sum(self.session(messages) for _ in range(sessions))
+            result.append(total / sessions / messages * 1e6)
+        return result
+
+    def calls(self, messages: int, sessions: int) -> tuple[float, float]:
+        """Python-level calls and calls into C per session (per message when ``messages`` > 1)."""
+        counts = collections.Counter()
+
+        def profile(frame, event, arg):  # noqa: ANN001
+            counts[event] += 1
+
+        def around(run: Callable[[], None]) -> None:
+            sys.setprofile(profile)
+            try:
+                run()
+            finally:
+                sys.setprofile(None)
+
+        for _ in range(sessions):
+            self.session(messages, around)
+        per = sessions * messages
+        return counts["call"] / per, counts["c_call"] / per
+
+
+WORKLOADS = {"conn": 1, "persistent": MESSAGES_PER_SESSION}
+
+
+def syscalls(workload: str, sessions: int) -> tuple[float, dict[str, float]] | None:
+    """System calls of the server thread per session (per message), by running this script under strace."""
+    strace = shutil.which("strace")
+    if strace is None:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "trace"
+        proc = subprocess.run([strace, "-f", "-qq", "-o", str(out), sys.executable, __file__,
+                               "--traced", workload, "--sessions", str(sessions)],
+                              capture_output=True, text=True, timeout=600)
+        if proc.returncode != 0:
+            raise RuntimeError(f"traced run failed: {proc.stderr}")
+        tid = proc.stdout.split()[-1]
+        counting = False
+        names: collections.Counter = collections.Counter()
+        for line in out.read_text().splitlines():
+            pid, _, call = line.partition(" ")
+            if pid != tid:
+                continue
+            call = call.lstrip()
+            if call.startswith('write(-1, "start"'):
+                counting = True
+                continue
+            if call.startswith('write(-1, "stop"'):
+                break
+            if counting:
+                m = re.match(r"(\w+)\(", call)
+                if m:
+                    names[m.group(1)] += 1
+    per = sessions * WORKLOADS[workload]
+    return sum(names.values()) / per, {name: n / per for name, n in names.most_common()}
+
+
+def traced(workload: str, sessions: int) -> None:
+    """The run strace watches: warm up, make every socket pair and queue every client job first,
+    then mark the window with failing writes on fd -1, so the window holds the sessions' own calls."""
+    bench = Bench()
+    messages = WORKLOADS[workload]
+    for _ in range(3):
+        bench.session(messages)
+    pairs = [socket.socketpair() for _ in range(sessions)]
+    for _, theirs in pairs:
+        bench.jobs.put((theirs, messages))
+    try:
+        os.write(-1, b"start")
+    except OSError:
+        pass
+    for ours, _ in pairs:
+        Session(ours, PEER, ESMTPHandler, bench.config).run()
+    try:
+        os.write(-1, b"stop")
+    except OSError:
+        pass
+    bench.close()
+    if bench.errors:
+        raise bench.errors[0]
+    print(threading.get_native_id())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sessions", type=int, default=1000, help="connection-per-message sessions per round")
+    parser.add_argument("--persistent-sessions", type=int, default=50,
+                        help=f"persistent sessions ({MESSAGES_PER_SESSION} messages each) per round")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--strace", action="store_true", help="also count system calls (needs strace)")
+    parser.add_argument("--traced", choices=sorted(WORKLOADS), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.traced:
+        traced(args.traced, args.sessions)
+        return
+
+    bench = Bench()
+    try:
+        for _ in range(50):  # warm up: imports, caches, first-use allocations
+            bench.session(1)
+        rows = []
+        for workload, sessions, unit in (("conn", args.sessions, "session"),
+                                         ("persistent", args.persistent_sessions, "message")):
+            messages = WORKLOADS[workload]
+            figures = bench.rounds(messages, sessions, args.rounds)
+            py_calls, c_calls = bench.calls(messages, max(1, sessions // 10))
+            rows.append((workload, unit, figures, py_calls, c_calls))
+    finally:
+        bench.close()
+
+    print(f"engine microbenchmark: Python {sys.version.split()[0]}, {args.rounds} rounds "
+          f"({args.sessions} connection-per-message sessions, {args.persistent_sessions} persistent "
+          f"sessions of {MESSAGES_PER_SESSION} messages), server thread CPU only")
+    print(f"{'workload':<12} {'per':<8} {'µs median':>10} {'min..max':>16} {'py calls':>9} {'C calls':>8}")
+    # On a shared machine the minimum is the steadier figure; the calls are exact.
+    for workload, unit, figures, py_calls, c_calls in rows:
+        spread = f"{min(figures):.1f}..{max(figures):.1f}"
+        print(f"{workload:<12} {unit:<8} {statistics.median(figures):>10.1f} {spread:>16} "
+              f"{py_calls:>9.1f} {c_calls:>8.1f}")
+    if args.strace:
+        for workload, sessions in (("conn", 200), ("persistent", 10)):
+            result = syscalls(workload, sessions)
+            if result is None:
+                print("strace not found: no system call counts")
+                break
+            total, names = result
+            detail = ", ".join(f"{name} {n:.1f}" for name, n in names.items() if n >= 0.05)
+            print(f"syscalls per {'session' if workload == 'conn' else 'message'} ({workload}): "
+                  f"{total:.1f}  ({detail})")
+
+
+if __name__ == "__main__":
+    main()
