@@ -7,6 +7,16 @@ before every blocking read it sends the replies queued so far (so the replies
 to pipelined commands leave in one send, RFC 2920 3.2) and tells the master how
 long it may block.  It also ends the connection well: TLS close_notify, then
 Apache's lingering close.
+
+A plain socket stays blocking and its read timeout lives in the kernel
+(``SO_RCVTIMEO``): a Python socket timeout would cost a ``poll()`` before every
+``recv`` and ``send``.  A timed-out read raises ``BlockingIOError``, which the
+reader takes as a timeout; a signal still interrupts the read (EINTR runs the
+handler, which may raise).  Replies go out with one non-blocking ``send``; only
+when the client's window is full does the rest go out under a Python timeout
+(the whole send within the idle timeout, as before).  A TLS socket keeps Python
+timeouts: OpenSSL retries a read the kernel timed out, so ``SO_RCVTIMEO`` would
+never end it.
 """
 
 from __future__ import annotations
@@ -15,6 +25,7 @@ import logging
 import select
 import socket
 import ssl
+import struct
 import time
 from collections.abc import Callable
 from typing import Any
@@ -31,6 +42,15 @@ log = logging.getLogger("prefork_esmtp.session")
 LINGER_SECONDS = 2.0
 LINGER_READ_SECONDS = 1.0
 LINGER_OCTETS = 1 << 20
+
+_TIMEVAL = struct.Struct("@ll")  # struct timeval, for SO_RCVTIMEO
+_MAX_KERNEL_TIMEOUT = 1e9  # seconds: more would overflow; nobody waits 30 years
+
+
+def _timeval(seconds: float) -> bytes:
+    """``seconds`` as a struct timeval, at least 1 µs (0 would mean: no timeout at all)."""
+    micro = max(1, int(min(seconds, _MAX_KERNEL_TIMEOUT) * 1e6))
+    return _TIMEVAL.pack(micro // 1_000_000, micro % 1_000_000)
 
 
 class StopSession(Exception):
@@ -59,6 +79,10 @@ class Connection:
         self.check_in = check_in
         self.stopping = stopping
         self.peer = _address(peer)
+        #: the socket is blocking and its read timeout is the kernel's (False once TLS is on)
+        self.kernel_timeouts = True
+        if sock.gettimeout() is not None:
+            sock.setblocking(True)
         try:
             self.local = _address(sock.getsockname())
         except OSError:
@@ -93,10 +117,29 @@ class Connection:
             self.waiting = False
 
     def sendall(self, data: bytes) -> None:
-        self.sock.sendall(data)
+        """Send all of ``data`` within the idle timeout (OSError if not)."""
+        if not self.kernel_timeouts:
+            self.sock.sendall(data)
+            return
+        sent = self.sock.send(data, socket.MSG_DONTWAIT) if data else 0
+        if sent < len(data):
+            self._send_rest(memoryview(data)[sent:])
 
-    def settimeout(self, seconds: float | None) -> None:
-        self.sock.settimeout(seconds)
+    def _send_rest(self, rest: memoryview) -> None:
+        """The client's window is full: send the rest under a Python timeout, then back to blocking."""
+        sock = self.sock
+        sock.settimeout(self.config.timeout)
+        try:
+            sock.sendall(rest)
+        finally:
+            sock.settimeout(None)
+
+    def settimeout(self, seconds: float) -> None:
+        """How long the next reads may block: in the kernel for a plain socket, in Python for TLS."""
+        if self.kernel_timeouts:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(seconds))
+        else:
+            self.sock.settimeout(seconds)
 
     def client_spoke(self) -> bool:
         """Whether the client has sent anything we have not read (without waiting)."""
@@ -138,7 +181,7 @@ class Connection:
             log.warning("bad PROXY header from %s: %s; closed", self.who, exc)
             return None
         finally:
-            self.sock.settimeout(self.reader.timeout)
+            self.sock.settimeout(None)  # blocking again; the reader's kernel timeout still holds
         proxied_by = self.who
         if header.source is not None:
             self.peer, self.local = header.source, header.destination
@@ -157,6 +200,7 @@ class Connection:
         handshake are forgotten.
         """
         self.writer.flush()
+        self.kernel_timeouts = False  # from here on Python timeouts (see the module's docstring)
         try:
             self.sock.settimeout(self.config.tls_handshake_timeout)
             wrapped = context.wrap_socket(self.sock, server_side=True, do_handshake_on_connect=False)

@@ -10,7 +10,6 @@ before it blocks.
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -124,7 +123,7 @@ class Reader:
                 self.sock.settimeout(timeout)
                 self._current_timeout = timeout
             data = self.sock.recv(RECV_SIZE)
-        except (socket.timeout, TimeoutError):
+        except (TimeoutError, BlockingIOError):  # a Python timeout, or the kernel's (SO_RCVTIMEO)
             raise why() from None
         except OSError as exc:
             raise ClientGone(str(exc)) from None
