@@ -73,32 +73,30 @@ class Reader:
         """End the session (SessionTooLong at the next read) ``seconds`` from now; 0: no limit."""
         self.session_deadline = time.monotonic() + seconds if seconds > 0 else None
 
-    def _read_timeout(self) -> tuple[float, type[Exception]]:
-        """How long the next read may block, and what to raise if it times out.
+    def _read_timeout(self, now: float, timeout: float) -> float:
+        """How long the next read may block; the exception of a deadline already past is raised.
 
-        The idle timeout, shortened by whichever deadline comes first: the
-        minimum data rate, the current command line's deadline, the session's.
-        A deadline already past raises at once.
+        ``timeout``: what is left of the idle timeout, shortened here by
+        whichever deadline comes first: the minimum data rate, the current
+        command line's deadline, the session's.
         """
-        timeout, why = self.timeout, ReadTimeout
-        if self._rate is None and self._line_deadline is None and self.session_deadline is None:
-            return timeout, why
-        now = time.monotonic()
+        if timeout <= 0:
+            raise ReadTimeout()
         if self._rate is not None:
             rate, start, received, grace = self._rate
             left = start + grace + (self.received - received) / rate - now
             if left <= 0:
                 raise DataTooSlow()
             if left < timeout:
-                timeout, why = left, DataTooSlow
+                timeout = left
         for deadline, exc in ((self._line_deadline, CommandTooSlow), (self.session_deadline, SessionTooLong)):
             if deadline is not None:
                 left = deadline - now
                 if left <= 0:
                     raise exc()
                 if left < timeout:
-                    timeout, why = left, exc
-        return timeout, why
+                    timeout = left
+        return timeout
 
     def forget_buffered(self) -> None:
         """Start afresh after STARTTLS: forget every byte buffered so far, back to the idle timeout.
@@ -115,18 +113,33 @@ class Reader:
         return self.pos < len(self.buf)
 
     def _fill(self) -> None:
-        """Block for more input: the idle timeout, shortened by whichever deadline comes first."""
-        why: type[Exception] = ReadTimeout
-        try:
-            timeout, why = self._read_timeout()
-            if timeout != self._current_timeout:
-                self.sock.settimeout(timeout)
-                self._current_timeout = timeout
-            data = self.sock.recv(RECV_SIZE)
-        except (TimeoutError, BlockingIOError):  # a Python timeout, or the kernel's (SO_RCVTIMEO)
-            raise why() from None
-        except OSError as exc:
-            raise ClientGone(str(exc)) from None
+        """Block for more input: the idle timeout, shortened by whichever deadline comes first.
+
+        The socket's timeout may be shorter than the one owed (never longer): a
+        read that times out early is only a wake-up, the deadlines are checked
+        again and the read resumes.  So the timeout is set only when it must
+        shrink, rounded down to whole seconds, and a DATA transfer's shorter
+        timeout (the minimum data rate) stays for the commands after it while
+        they come quickly: no system call per message to put it back.
+        """
+        now = time.monotonic()
+        idle_end = now + self.timeout
+        woken = False
+        while True:
+            timeout = self._read_timeout(now, idle_end - now if woken else self.timeout)
+            try:
+                if timeout < self._current_timeout or woken:
+                    if timeout >= 2.0:
+                        timeout = float(int(timeout))
+                    self.sock.settimeout(timeout)
+                    self._current_timeout = timeout
+                data = self.sock.recv(RECV_SIZE)
+                break
+            except (TimeoutError, BlockingIOError):  # a Python timeout, or the kernel's (SO_RCVTIMEO)
+                woken = True
+            except OSError as exc:
+                raise ClientGone(str(exc)) from None
+            now = time.monotonic()
         if not data:
             raise ClientGone("connection closed by client")
         self.received += len(data)

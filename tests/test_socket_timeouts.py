@@ -187,3 +187,36 @@ def test_the_kernel_read_timeout_ends_a_silent_read_as_a_timeout():
     finally:
         conn.close()
         theirs.close()
+
+
+def test_a_shorter_timeout_left_from_data_is_only_a_wake_up():
+    """After DATA the socket keeps the data rate's shorter timeout: a command arriving later still
+    counts, the idle timeout is still the whole idle timeout, and the data rate still cuts off."""
+    from prefork_esmtp.reader import DataTooSlow, ReadTimeout
+
+    conn, theirs = connection(timeout=1.0)
+    reader = conn.reader
+    try:
+        reader.start_rate(1_000_000, 0.3)
+        theirs.sendall(b"x")
+        assert reader.read(1) == b"x"  # the socket's timeout is now the rate's 0.3 s
+        started = time.monotonic()
+        with pytest.raises(DataTooSlow):
+            reader.read(1)
+        assert 0.25 <= time.monotonic() - started < 0.9
+        reader.stop_rate()
+
+        timer = threading.Timer(0.6, theirs.sendall, (b"NOOP\r\n",))
+        timer.start()
+        started = time.monotonic()
+        assert reader.readline(512) == b"NOOP"  # woken at 0.3 s, read on
+        assert time.monotonic() - started >= 0.55
+        timer.join()
+
+        started = time.monotonic()
+        with pytest.raises(ReadTimeout):
+            reader.readline(512)
+        assert 0.95 <= time.monotonic() - started < 3
+    finally:
+        conn.close()
+        theirs.close()
