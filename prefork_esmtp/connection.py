@@ -223,25 +223,29 @@ class Connection:
         When we close while the client may still be sending, a plain close
         would reset the connection and could destroy our last reply in
         flight; so we half-close and read what comes for a moment first
-        (Apache's lingering close), bounded in time and octets.
+        (Apache's lingering close), bounded in time and octets.  Without
+        lingering (after QUIT, or the client is gone) the close itself sends
+        the FIN: a half-close first would change nothing on the wire.
         """
         try:
             self.writer.flush()
             if isinstance(self.sock, ssl.SSLSocket):
                 self._tls_close_notify()
+            if not linger:
+                self.sock.close()
+                return
             self.sock.shutdown(socket.SHUT_WR)
-            if linger:
-                deadline = time.monotonic() + LINGER_SECONDS
-                drained = 0
-                while drained < LINGER_OCTETS:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        break  # a client dripping bytes must not hold the worker
-                    self.sock.settimeout(min(left, LINGER_READ_SECONDS))
-                    data = self.sock.recv(65536)
-                    if not data:
-                        break
-                    drained += len(data)
+            deadline = time.monotonic() + LINGER_SECONDS
+            drained = 0
+            while drained < LINGER_OCTETS:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break  # a client dripping bytes must not hold the worker
+                self.sock.settimeout(min(left, LINGER_READ_SECONDS))
+                data = self.sock.recv(65536)
+                if not data:
+                    break
+                drained += len(data)
         except (OSError, ValueError, ClientGone):
             pass
 
@@ -258,4 +262,5 @@ class Connection:
             pass  # SSLWantReadError: ours is sent, the client's has not come
 
     def close(self) -> None:
+        """Close the socket (again: closing a closed socket does nothing)."""
         self.sock.close()
