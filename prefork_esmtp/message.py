@@ -22,11 +22,15 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from prefork_esmtp.handler import DEFAULT_CHUNKSIZE
+from prefork_esmtp.handler import DEFAULT_CHUNKSIZE, ESMTPHandler
 
 # field-name (printable ASCII but colon), the WSP after it, and the colon if there is one:
 # a line is a header when the colon is there (obsolete syntax allows WSP before it).
 _FIELD = re.compile(rb"([!-9;-~]+)[ \t]*(:?)")
+# A header section every line of which is plainly a header or its continuation (no bare CR or
+# LF inside a line), up to and including the CRLF of its last line.
+_PLAIN_SECTION = re.compile(rb"(?:[!-9;-~]+[ \t]*:[^\r\n]*\r\n(?:[ \t][^\r\n]*\r\n)*)+")
+_BASE_HEADER = ESMTPHandler.HEADER
 
 
 class HeaderTooLong(Exception):
@@ -73,10 +77,46 @@ class MessageParser:
     def feed(self, data: bytes) -> None:
         """Take the next piece of the message."""
         if self.in_headers:
-            data = self._feed_headers(data)
+            if self.lines == 0 and not self.section and self._whole_section(data):
+                data = data[len(self.handler.header_section):]
+            else:
+                data = self._feed_headers(data)
             if self.in_headers or not data:
                 return
         self._feed_body(data)
+
+    def _whole_section(self, data: bytes) -> bool:
+        """The common case in one look, when the handler does not take HEADER calls: the first
+        piece holds the whole header section, plain headers within the limits.
+
+        Ends the header section as the line-by-line parser would (``header_raw``
+        holding the last header, ``header_section``, EOH) and returns True; else False,
+        and nothing happened.  Lines with a bare CR or LF take the line-by-line way, so
+        whether a bare LF ends lines (``lf_ends_lines``) makes no difference here.
+        """
+        if type(self.handler).HEADER is not _BASE_HEADER:
+            return False
+        end = data.find(b"\r\n\r\n")
+        if end < 0 or end + 2 > self.max_header_size:  # then no single header can be too long
+            return False
+        block_end = end + 2
+        if self.max_header_lines is not None and data.count(b"\r\n", 0, block_end) > self.max_header_lines:
+            return False
+        if _PLAIN_SECTION.fullmatch(data, 0, block_end) is None:
+            return False
+        last = end  # where the last header starts: after the last CRLF not followed by WSP
+        while True:
+            last = data.rfind(b"\r\n", 0, last)
+            if last < 0 or data[last + 2] not in b" \t":
+                break
+        handler = self.handler
+        handler.header_raw = data[last + 2 if last >= 0 else 0:block_end]
+        self.in_headers = False
+        self.section = bytearray()
+        handler.header_section = data[:block_end + 2]
+        handler.chunkmode = True  # as in _end_headers
+        handler.EOH()
+        return True
 
     def finish(self) -> None:
         """End of message: flush what is pending; EOH is always called before EOM."""

@@ -490,3 +490,77 @@ def test_header_limit_with_bare_lf_same_outcome_for_any_split(message, fractions
     else:
         h = parse(split(message, fractions), max_header_size=limit, lf=True)
         assert h.headers() == [(text(n), text(v)) for n, v in headers]
+
+
+# --- the one-look header section (a handler without HEADER) ----------------------------------
+
+from prefork_esmtp.handler import ESMTPHandler  # noqa: E402
+
+
+class NoHeaderHandler(ESMTPHandler):
+    """Takes no HEADER calls (the parser may then take the header section in one look)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def EOH(self) -> None:
+        self.calls.append(("EOH", self.header_section, self.header_raw, self.chunkmode))
+
+    def BODY(self, chunk: bytes) -> None:
+        self.calls.append(("BODY", chunk, self.chunkmode))
+
+
+class LineByLineHandler(NoHeaderHandler):
+    """The same, but with a HEADER of its own: the parser goes line by line."""
+
+    def HEADER(self, name: str, value: str) -> None:
+        pass
+
+
+def outcome(handler_class: type, pieces: list[bytes], **limits) -> tuple:
+    handler = handler_class()
+    parser = MessageParser(handler, limits.get("size", 1 << 20), limits.get("lines"), limits.get("lf", False))
+    try:
+        for piece in pieces:
+            parser.feed(piece)
+        parser.finish()
+    except (HeaderTooLong, TooManyHeaderLines) as exc:
+        return type(exc).__name__, handler.calls
+    return "ok", handler.calls, handler.header_raw, handler.header_section
+
+
+PLAIN = (b"Received: from a\r\n\tby b\r\nFrom: <a@example.org>\r\nSubject: hi\r\n"
+         b"X-Folded: one\r\n two\r\n\tthree\r\n\r\nbody line\r\n.dot\r\n")
+
+
+@pytest.mark.parametrize("message", [
+    PLAIN,
+    b"Subject: x\r\n\r\n",  # no body
+    b"\r\nbody only\r\n",  # no headers
+    b" starts folded\r\nSubject: x\r\n\r\nb\r\n",  # a continuation first: no header at all
+    b"Subject: x\r\nnot a header\r\n\r\nb\r\n",  # the section ends at the line that is no header
+    b"Subject: x\nFrom: y\r\n\r\nb\r\n",  # a bare LF inside the section
+    b"Subject: x\r\rFrom: y\r\n\r\nb\r\n",  # a bare CR
+    b"Subject: x\r\n\n\r\nb\r\n",  # an empty line ended by a bare LF
+    b"Subject : spaced name\r\nX:\r\n\r\n",  # WSP before the colon, an empty value
+    b"Subject: caf\xc3\xa9 \xff\r\n\r\n\xff\r\n",  # non-ASCII octets
+])
+@pytest.mark.parametrize("lf", [False, True])
+def test_one_look_header_section_is_the_line_by_line_one(message, lf):
+    assert outcome(NoHeaderHandler, [message], lf=lf) == outcome(LineByLineHandler, [message], lf=lf)
+
+
+@pytest.mark.parametrize("size, lines", [(len(PLAIN), None), (30, None), (20, None), (1 << 20, 8),
+                                         (1 << 20, 7), (1 << 20, 6)])
+def test_one_look_header_section_keeps_the_limits(size, lines):
+    """At, just under and over each limit, refused or not exactly as line by line."""
+    for limits in ({"size": size, "lines": lines}, {"size": size, "lines": lines, "lf": True}):
+        assert outcome(NoHeaderHandler, [PLAIN], **limits) == outcome(LineByLineHandler, [PLAIN], **limits)
+
+
+@settings(max_examples=600, deadline=None)
+@given(messages, cuts, st.integers(min_value=4, max_value=60), st.integers(min_value=0, max_value=8), st.booleans())
+def test_one_look_header_section_matches_line_by_line_for_any_message(message, fractions, size, cap, lf):
+    pieces = split(message, fractions)
+    for limits in ({"lf": lf}, {"size": size, "lines": cap, "lf": lf}):
+        assert outcome(NoHeaderHandler, pieces, **limits) == outcome(LineByLineHandler, pieces, **limits)
