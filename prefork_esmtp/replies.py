@@ -54,6 +54,8 @@ class HookReply(NamedTuple):
     closes = False  # a plain class attribute, not a field: a hook's reply never ends the session by itself
 
 
+_tuple_new = tuple.__new__  # a HookReply without the Python-level __new__ of a NamedTuple
+
 #: What a verb returns: its final reply, or None when its last reply was an interim one.
 Answer = Reply | HookReply | None
 
@@ -169,6 +171,17 @@ def normalize(result: Any) -> HookReply:
     are made str; CR and LF inside a message split it into separate lines so a
     handler can never break the reply framing.
     """
+    if type(result) is tuple and len(result) > 1:
+        # The common case first, without a copy per message: an int code and printable str
+        # messages (a printable str holds no line boundary that splitlines would split at).
+        code = result[0]
+        if type(code) is int and 200 <= code <= 599:
+            lines = [result[1]] if len(result) == 2 else list(result[1:])
+            for message in lines:
+                if type(message) is not str or not message.isprintable():
+                    break
+            else:
+                return _tuple_new(HookReply, (code, lines, True))
     if isinstance(result, int) and not isinstance(result, bool):
         code, messages = result, ()
     elif isinstance(result, (tuple, list)) and result:
@@ -212,6 +225,11 @@ def format_reply(code: int, lines: list[str], enhanced: str | None) -> bytes:
     add none (greeting, HELO/EHLO, 3xx).  A line that carries its own code sets
     the default for the lines after it.
     """
+    if len(lines) == 1:  # the common case, without the loop
+        line = lines[0]
+        if enhanced is not None and (line[1:2] != "." or _ENHANCED.match(line) is None):
+            line = f"{enhanced} {line}" if line else enhanced
+        return f"{code} {line}\r\n".encode("utf-8", "surrogateescape") if line else f"{code} \r\n".encode()
     if not lines:
         lines = [""]
     out = []

@@ -1,0 +1,55 @@
+"""Unit tests of the reply formatter and of hook results made replies (replies.py).
+
+The common cases (a tuple of an int and printable strings; a one-line reply)
+take short paths: these tests hold them to what the general code gives.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from prefork_esmtp import replies as R
+
+
+@pytest.mark.parametrize("result", [
+    (250, "OK"),
+    (250, ""),
+    (250, "first", "second"),
+    (250, "line one\r\nline two"),  # CR LF inside a message split it
+    (250, "a\x0bb\x1cc\u2028d"),  # every line boundary str.splitlines knows
+    (250, "tab\there"),  # not printable, not a boundary: one line
+    (250, b"bytes \xc3\xa9"),
+    (250, 42),
+    (550, "caf\u00e9 \U0001f600"),
+])
+def test_a_tuple_result_is_what_the_general_path_makes_of_it(result):
+    reply = R.normalize(result)
+    assert reply == R.normalize(list(result))  # a list takes the general path
+    assert type(reply) is R.HookReply and reply.counts is True
+    assert all("\r" not in line and "\n" not in line for line in reply.lines)
+
+
+def test_splitting_and_refusals_of_normalize():
+    assert R.normalize((250, "a\r\nb")).lines == ["a", "b"]
+    assert R.normalize((250, "a\u2028b")).lines == ["a", "b"]
+    assert R.normalize((250,)) == R.HookReply(250, [])
+    assert R.normalize(250) == R.HookReply(250, [])
+    for bad in [(True, "x"), (199, "x"), (600, "x"), ("abc", "x"), (), None, 250.0]:
+        with pytest.raises(R.BadHookResult):
+            R.normalize(bad)
+
+
+@pytest.mark.parametrize("code, lines, enhanced, wire", [
+    (250, ["OK"], "2.0.0", b"250 2.0.0 OK\r\n"),
+    (250, ["2.1.5 own code"], "2.0.0", b"250 2.1.5 own code\r\n"),
+    (250, ["2.x not a code"], "2.0.0", b"250 2.0.0 2.x not a code\r\n"),
+    (250, ["2.1.5"], "2.0.0", b"250 2.1.5\r\n"),
+    (250, [""], "2.0.0", b"250 2.0.0\r\n"),
+    (250, [""], None, b"250 \r\n"),
+    (220, ["mx ready"], None, b"220 mx ready\r\n"),
+    (250, [], "2.0.0", b"250 2.0.0\r\n"),
+    (250, ["a", "2.1.0 b", "c"], "2.0.0", b"250-2.0.0 a\r\n250-2.1.0 b\r\n250 2.1.0 c\r\n"),
+    (550, ["caf\u00e9"], "5.0.0", "550 5.0.0 caf\u00e9\r\n".encode()),
+])
+def test_format_reply(code, lines, enhanced, wire):
+    assert R.format_reply(code, lines, enhanced) == wire
