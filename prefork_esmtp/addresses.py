@@ -77,6 +77,18 @@ _HEXCHAR_RE = re.compile(r"\+([0-9A-F]{2})")
 # Characters not echoed back verbatim in a reply text.
 _UNSAFE_RE = re.compile(r"[^\x20-\x7e]")
 
+# The common case in one match: ASCII dot-string "@" domain, no source route, no literal.
+_ASCII_ATEXT = "A-Za-z0-9!#$%&'*+\\-/=?^_`{|}~"
+_ASCII_SUB_DOMAIN = "[A-Za-z0-9](?:[A-Za-z0-9\\-]*[A-Za-z0-9])?"
+_PLAIN_PATH = (
+    "<([" + _ASCII_ATEXT + "]+(?:\\.[" + _ASCII_ATEXT + "]+)*)"
+    "@(" + _ASCII_SUB_DOMAIN + "(?:\\." + _ASCII_SUB_DOMAIN + ")*)>"
+)
+_PLAIN = {
+    "FROM": re.compile(" *FROM: *" + _PLAIN_PATH, re.IGNORECASE | re.ASCII),
+    "TO": re.compile(" *TO: *" + _PLAIN_PATH, re.IGNORECASE | re.ASCII),
+}
+
 _MAX_LOCAL_PART = 64  # RFC 5321 4.5.3.1.1
 _MAX_DOMAIN = 255  # RFC 5321 4.5.3.1.2
 _MAX_PATH = 256  # RFC 5321 4.5.3.1.3, brackets included
@@ -156,6 +168,21 @@ def parse_path_argument(argument: str, keyword: str) -> tuple[str, dict[str, str
     dropped, local part and domain as written) and the parameters, keyed by
     upper-case keyword.  Raises :class:`AddressError` with the reply to send.
     """
+    plain = _PLAIN.get(keyword)
+    if plain is not None:
+        m = plain.match(argument)
+        if m is not None:
+            local, domain = m.group(1, 2)
+            end = m.end()
+            rest = argument[end:]
+            if len(local) <= _MAX_LOCAL_PART and len(domain) <= _MAX_DOMAIN \
+                    and len(local) + len(domain) + 3 <= _MAX_PATH and (not rest or rest[0] == " "):
+                return local + "@" + domain, _parse_parameters(rest) if rest else {}
+    return _parse_general(argument, keyword)
+
+
+def _parse_general(argument: str, keyword: str) -> tuple[str, dict[str, str | None]]:
+    """:func:`parse_path_argument` for every argument the grammar allows (and refuses)."""
     try:
         prefix_re, syntax, bad, too_long = _KEYWORDS[keyword.upper()]
     except KeyError:

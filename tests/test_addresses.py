@@ -504,3 +504,41 @@ def test_decode_xtext_bad(value):
         decode_xtext(value)
     assert (info.value.code, info.value.enhanced) == (501, "5.5.4")
     assert info.value.text.startswith("Bad xtext: ")
+
+
+# --- the one-match path for plain addresses ---------------------------------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from prefork_esmtp.addresses import _parse_general  # noqa: E402
+
+
+def _outcome(parse, argument: str, keyword: str):
+    try:
+        return parse(argument, keyword)
+    except AddressError as exc:
+        return exc.args
+
+
+_PATH_TOKENS = ["FROM:", "TO:", "from:", " ", "<", ">", "@", ".", "a", "Z9", "-", "+", "é", "\"", "[",
+                "]", "127.0.0.1", "IPv6:", ":", ",", "@r.example:", "postmaster", "<>", " SIZE=10",
+                " BODY=8BITMIME", "=", "x" * 60, "y" * 200, "\u212a", "\u017f"]
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.lists(st.sampled_from(_PATH_TOKENS), max_size=14).map("".join), st.sampled_from(["FROM", "TO"]))
+def test_plain_path_match_agrees_with_the_full_grammar(argument, keyword):
+    assert _outcome(parse_path_argument, argument, keyword) == _outcome(_parse_general, argument, keyword)
+
+
+@pytest.mark.parametrize("argument", [
+    "FROM:<a@b.example>", "FROM: <a.b+c@sub.b-c.example> SIZE=100 BODY=8BITMIME", "from:<A@B>",
+    "FROM:<" + "l" * 64 + "@d.example>", "FROM:<" + "l" * 65 + "@d.example>",
+    "FROM:<a@" + ".".join(["d" * 63] * 4) + ">",  # domain 255 octets: the path is too long
+    "FROM:<a@b>x", "FROM:<a@b>SIZE=1", "FROM:<a@-b>", "FROM:<a..b@c>", "FROM:<a@b.>",
+    "FROM:<\u212aelvin@b>", "FROM:<a@\u017f.example>",
+])
+def test_plain_path_examples_agree_with_the_full_grammar(argument):
+    for keyword, text in (("FROM", argument), ("TO", argument.replace("FROM:", "TO:", 1).replace("from:", "to:", 1))):
+        assert _outcome(parse_path_argument, text, keyword) == _outcome(_parse_general, text, keyword)
