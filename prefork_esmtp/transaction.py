@@ -187,7 +187,8 @@ class Transaction:
             reader.stop_rate()
         if last or intake.problem is not None:
             # After a failed chunk (RFC 3030 4.2) the transaction is over: later chunks get 503.
-            return self._end_message(intake)
+            # Only the LAST chunk ends the message: one reply per recipient (LMTP) is for it alone.
+            return self._end_message(intake, final=last)
         return R.CHUNK_OK.format(size)
 
     def discard(self, size: int) -> None:
@@ -195,11 +196,13 @@ class Transaction:
         for _ in self.conn.reader.read_exact(size):
             pass
 
-    def _end_message(self, intake: MessageIntake) -> R.Answer:
+    def _end_message(self, intake: MessageIntake, final: bool = True) -> R.Answer:
         """The reply for a complete message: the intake's problem, or EOM's; the transaction ends.
 
         In LMTP one reply goes out per accepted recipient, in order (RFC 2033
-        4.2): all but the last are written here, the last is returned.
+        4.2): all but the last are written here, the last is returned.  A
+        BDAT chunk that is not the last (``final`` false) gets its one reply,
+        as any command does, even in LMTP.
         """
         problem = intake.finish()
         env = self.envelope
@@ -207,7 +210,7 @@ class Transaction:
         if problem is not None:
             log.info("message from %s refused: %d %s", self.conn.who, problem.code, problem.text)
             self.reset()
-            return self._per_recipient([problem] * count) if self.config.protocol == "lmtp" else problem
+            return self._per_recipient([problem] * count) if self.config.protocol == "lmtp" and final else problem
         replies = self._eom(count)
         codes = [r.code for r in replies]
         if self.config.protocol == "lmtp":

@@ -117,3 +117,17 @@ def test_lmtp_on_port_25_is_refused_at_start(listen):
     assert result.returncode != 0
     lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
     assert len(lines) == 1 and "port 25" in lines[0], lines
+
+
+def test_lmtp_mode_answers_a_refused_chunk_once(start_server):
+    """In LMTP only the message's end gets one reply per recipient; a BDAT chunk refused midway gets one."""
+    srv = start_server("--protocol", "lmtp", "--max-message-size", "1K")
+    c = lmtp_client(srv)
+    assert c.cmd("LHLO client.example")[0] == 250
+    assert c.cmd("MAIL FROM:<alice@example.org>")[0] == 250
+    assert c.cmd("RCPT TO:<a@example.org>")[0] == 250
+    assert c.cmd("RCPT TO:<b@example.org>")[0] == 250
+    c.send(b"BDAT 2000\r\n" + b"x" * 2000)
+    assert c.reply()[0] == 552
+    assert c.cmd("NOOP")[0] == 250
+    c.close()
