@@ -213,12 +213,15 @@ class Relay(ESMTPHandler):
                 greeting = self._open(addresses)
                 if not 200 <= greeting.code < 300:
                     return (451 if greeting.code < 500 else 554), *greeting.lines
+            reply = None
             try:
                 reply = self._start_transaction(env_sender)
             except UpstreamError:
                 if not reused:
                     raise
-                # The upstream may have closed an idle connection: one fresh try.
+            if reused and (reply is None or reply.code == 421):
+                # The upstream closed the idle connection (Postfix says 421 first, maybe
+                # just as our MAIL went out): one fresh try.
                 self._close()
                 greeting = self._open(addresses)
                 if not 200 <= greeting.code < 300:

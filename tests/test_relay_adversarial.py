@@ -1,0 +1,206 @@
+"""The relay against an upstream that misbehaves on purpose: a reply trickled octet by octet, a reply
+out of turn (before end-of-data, a second one after it, a 250 to DATA), an idle session closed by
+real Postfix, LMTP replies that take their time.  Each must end in a 4xx in time, never a 250."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+
+from conftest import Client, wait_for
+from mailservers import postfix_instance  # noqa: F401
+from relay_support import RawUpstream, ehlo_reply, read_message, start_relay
+
+
+def connect(srv) -> Client:
+    c = Client(socket.create_connection(("127.0.0.1", srv.port), timeout=15))
+    assert c.reply()[0] == 220
+    return c
+
+
+def dialogue(sock: socket.socket, reader, answers: dict[str, bytes], on_data, refuse: bytes = b"",
+             state: dict | None = None) -> None:
+    """Greet, EHLO with PIPELINING, answer each verb from ``answers`` (default 250), RCPT of an
+    address containing ``refuse`` with 550; DATA: ``on_data``.  ``state["answered"]`` counts commands."""
+    sock.sendall(b"220 upstream.test ESMTP\r\n")
+    while True:
+        line = reader.readline(4096)
+        if not line:
+            return
+        verb = line.split(b" ", 1)[0].strip().upper().decode()
+        if verb == "EHLO":
+            sock.sendall(ehlo_reply("PIPELINING", "8BITMIME"))
+        elif verb == "DATA":
+            if on_data(sock, reader) is False:
+                return
+        elif verb == "QUIT":
+            sock.sendall(b"221 bye\r\n")
+            return
+        elif verb == "RCPT" and refuse and refuse in line:
+            sock.sendall(b"550 5.1.1 no such user here\r\n")
+        else:
+            sock.sendall(answers.get(verb, b"250 2.0.0 ok\r\n"))
+        if state is not None:
+            state["answered"] = state.get("answered", 0) + 1
+
+
+def test_a_trickled_upstream_reply_is_bounded_as_a_whole(start_server):
+    """One octet of a reply now and then must not hold the worker past the upstream timeout."""
+    def script(sock, reader, state):
+        sock.sendall(b"220 upstream.test ESMTP\r\n")
+        reader.readline()
+        sock.sendall(ehlo_reply("PIPELINING"))
+        reader.readline()  # MAIL (or XFORWARD): answer a never-ending reply, one octet at a time
+        deadline = time.monotonic() + 20
+        for octet in b"250-" + b"x" * 400:
+            if state.get("stop") or time.monotonic() > deadline:
+                return
+            sock.sendall(bytes([octet]))
+            time.sleep(0.05)
+
+    with RawUpstream(script) as upstream:
+        relay = start_relay(start_server, upstream.address, "timeout=1.5")
+        c = connect(relay)
+        assert c.cmd("EHLO client.example")[0] == 250
+        started = time.monotonic()
+        c.send(b"MAIL FROM:<alice@example.org>\r\n")
+        code, lines = c.reply(timeout=25)
+        took = time.monotonic() - started
+        upstream.state["stop"] = True
+        assert code == 451 and lines[0].startswith("4.4.2 "), (code, lines)
+        assert took < 5, f"the trickle held the worker {took:.1f}s"
+        c.close()
+
+
+def test_an_early_reply_during_data_is_never_taken_for_the_end_of_data_reply(start_server):
+    """An upstream that says 250 before the message ended, then refuses it: the client must not get 250."""
+    def on_data(sock, reader):
+        sock.sendall(b"354 go ahead\r\n250 2.0.0 early bird\r\n")
+        if read_message(reader) is None:
+            return False
+        sock.sendall(b"554 5.7.1 refused at end of data\r\n")
+
+    with RawUpstream(lambda s, r, st: dialogue(s, r, {}, on_data)) as upstream:
+        relay = start_relay(start_server, upstream.address, "timeout=3", "data_timeout=3")
+        c = connect(relay)
+        assert c.cmd("EHLO client.example")[0] == 250
+        assert c.cmd("MAIL FROM:<alice@example.org>")[0] == 250
+        assert c.cmd("RCPT TO:<bob@example.org>")[0] == 250
+        assert c.cmd("DATA")[0] == 354
+        c.send(b"Subject: x\r\n\r\n" + b"body\r\n" * 100 + b".\r\n")
+        code, lines = c.reply(timeout=15)
+        assert code != 250 and code >= 400, (code, lines)
+        c.close()
+
+
+def test_a_success_reply_to_data_is_not_passed_to_the_client(start_server):
+    """DATA answered 250 (no 354) by the upstream: the client must get a refusal, not 250."""
+    def on_data(sock, reader):
+        sock.sendall(b"250 2.0.0 thanks, I guess\r\n")
+
+    with RawUpstream(lambda s, r, st: dialogue(s, r, {}, on_data)) as upstream:
+        relay = start_relay(start_server, upstream.address, "timeout=3")
+        c = connect(relay)
+        assert c.cmd("EHLO client.example")[0] == 250
+        assert c.cmd("MAIL FROM:<alice@example.org>")[0] == 250
+        assert c.cmd("RCPT TO:<bob@example.org>")[0] == 250
+        code, lines = c.cmd("DATA")
+        assert code >= 400, (code, lines)
+        c.close()
+
+
+def test_a_stray_upstream_reply_does_not_shift_the_next_transactions_replies(start_server):
+    """Two replies to one end-of-data: the second must not be taken as the reply to the next MAIL.
+
+    Else every later reply is off by one: the MAIL's 250 answers the refused RCPT.
+    """
+    def on_data(sock, reader):
+        sock.sendall(b"354 go ahead\r\n")
+        if read_message(reader) is None:
+            return False
+        sock.sendall(b"250 2.0.0 queued\r\n250 2.0.0 stray\r\n")
+
+    def script(sock, reader, state):
+        dialogue(sock, reader, {}, on_data, refuse=b"unknown@", state=state)
+
+    with RawUpstream(script) as upstream:
+        relay = start_relay(start_server, upstream.address, "timeout=3", "xforward=false")
+        c = connect(relay)
+        assert c.cmd("EHLO client.example")[0] == 250
+        assert c.cmd("MAIL FROM:<alice@example.org>")[0] == 250
+        assert c.cmd("RCPT TO:<bob@example.org>")[0] == 250
+        assert c.cmd("DATA")[0] == 354
+        c.send(b"Subject: one\r\n\r\nbody\r\n.\r\n")
+        assert c.reply()[0] == 250
+        wait_for(lambda: upstream.state.get("answered", 0) >= 4, 10, message="the stray reply sent")
+        assert c.cmd("MAIL FROM:<alice@example.org>")[0] == 250
+        code, lines = c.cmd("RCPT TO:<unknown@example.org>")
+        assert code == 550 and "no such user" in lines[0], (code, lines)
+        c.close()
+
+
+def test_postfix_closing_an_idle_session_is_reopened_transparently(start_server, postfix_instance):
+    """Postfix answers 421 and closes an idle session: the next MAIL must go out on a fresh one."""
+    pf = postfix_instance(settings={"smtpd_timeout": "2s"})
+    relay = start_relay(start_server, f"127.0.0.1:{pf.port}", "xforward=false")
+    c = connect(relay)
+    assert c.cmd("EHLO client.example")[0] == 250
+    for n in (1, 2):
+        assert c.cmd("MAIL FROM:<sender@example.org>") == (250, ["2.1.0 Ok"]), n
+        assert c.cmd(f"RCPT TO:<{pf.address_of('alice')}>")[0] == 250
+        assert c.cmd("DATA")[0] == 354
+        c.send(f"Subject: {n}\r\n\r\nbody\r\n.\r\n".encode())
+        assert c.reply(timeout=20)[0] == 250
+        if n == 1:
+            pf.wait_log(r"timeout after END-OF-MESSAGE", timeout=20)
+    c.close()
+    assert len(pf.wait_messages("alice", 2, timeout=20)) == 2
+
+
+def test_lmtp_replies_after_the_message_share_one_deadline(start_server):
+    """An LMTP upstream taking almost data_timeout for each recipient's reply: the client must hear
+    within data_timeout in all, not once per recipient (it would give up first and send again)."""
+    def on_data(sock, reader):
+        sock.sendall(b"354 go ahead\r\n")
+        if read_message(reader) is None:
+            return False
+        for n in range(4):
+            sock.sendall(f"250 2.0.0 <r{n}@example.org> delivered\r\n".encode())
+            time.sleep(1.2)
+
+    def script(sock, reader, state):
+        sock.sendall(b"220 lmtp.test LMTP\r\n")
+        while True:
+            line = reader.readline(4096)
+            if not line:
+                return
+            verb = line.split(b" ", 1)[0].strip().upper()
+            if verb == b"LHLO":
+                sock.sendall(ehlo_reply("PIPELINING", "8BITMIME"))
+            elif verb == b"DATA":
+                if on_data(sock, reader) is False:
+                    return
+            elif verb == b"QUIT":
+                sock.sendall(b"221 bye\r\n")
+                return
+            else:
+                sock.sendall(b"250 2.0.0 ok\r\n")
+
+    with RawUpstream(script) as upstream:
+        relay = start_relay(start_server, upstream.address, "data_timeout=2.5",
+                            handler="prefork_esmtp.handlers.lmtp:LMTP")
+        c = connect(relay)
+        assert c.cmd("EHLO client.example")[0] == 250
+        assert c.cmd("MAIL FROM:<alice@example.org>")[0] == 250
+        for n in range(4):
+            assert c.cmd(f"RCPT TO:<r{n}@example.org>")[0] == 250
+        assert c.cmd("DATA")[0] == 354
+        started = time.monotonic()
+        c.send(b"Subject: x\r\n\r\nbody\r\n.\r\n")
+        code, lines = c.reply(timeout=15)
+        took = time.monotonic() - started
+        assert code == 451 and lines[0].startswith("4.4.2 "), (code, lines)
+        assert took < 3.5, f"{took:.1f}s for the replies to end-of-data"
+        c.close()
