@@ -204,3 +204,114 @@ def test_lmtp_replies_after_the_message_share_one_deadline(start_server):
         assert code == 451 and lines[0].startswith("4.4.2 "), (code, lines)
         assert took < 3.5, f"{took:.1f}s for the replies to end-of-data"
         c.close()
+
+
+# -- half messages and smuggling, against real Postfix ------------------------------------------
+
+HALF = b"Subject: half\r\n\r\n" + b"the first half of a message\r\n" * 200
+
+
+def _cut_short(case: str, c: Client, relay) -> None:
+    """Start a message through the relay and have it end short in the way ``case`` names."""
+    if case == "size":
+        c.send(HALF * 10 + b".\r\n")
+        assert c.reply(timeout=20)[0] == 552
+        assert c.cmd("RSET")[0] == 250
+        return
+    if case == "header_lines":
+        c.send(b"".join(b"X-Line-%d: x\r\n" % n for n in range(20)) + b"\r\nbody\r\n.\r\n")
+        assert c.reply(timeout=20)[0] == 552
+        assert c.cmd("NOOP")[0] == 250
+        c.send(b"QUIT\r\n")
+        return
+    if case == "bare_lf":
+        c.send(HALF + b"a bare\nline feed\r\n.\r\n")
+        assert c.reply(timeout=20)[0] == 554
+        assert c.cmd("MAIL FROM:<sender@example.org>")[0] == 250  # a new transaction: the old one is gone
+        c.send(b"QUIT\r\n")
+        return
+    c.send(HALF)
+    if case == "vanish":
+        time.sleep(0.2)
+        c.close()
+        return
+    if case == "term":
+        time.sleep(0.2)
+        relay.proc.terminate()  # graceful: the message under way gets graceful_timeout, then the worker dies
+    code, lines = c.reply(timeout=20) if case != "term" else (None, None)
+    if case in ("timeout", "data_rate", "session_time"):
+        assert code == 421, (code, lines)
+    assert c.closed(timeout=20)
+
+
+CASES = {
+    "vanish": (),
+    "timeout": ("--timeout", "2"),
+    "data_rate": ("--min-data-rate", "100000", "--min-data-rate-grace", "1"),
+    "session_time": ("--max-session-time", "3"),
+    "size": ("--max-message-size", "20K"),
+    "header_lines": ("--max-header-lines", "5"),
+    "bare_lf": ("--bare-newline", "reject"),
+    "term": ("--graceful-timeout", "2"),
+}
+
+
+def test_a_message_cut_short_on_our_side_is_never_delivered_by_postfix(start_server, postfix_instance, tmp_path):
+    """Each way a message can end short here must reach Postfix as a lost connection in DATA, not a dot."""
+    from master_support import pool_mode
+
+    pf = postfix_instance()
+    for n, (case, args) in enumerate(CASES.items(), 1):
+        mode = pool_mode(tmp_path, "--workers", "1") if case == "term" else ("-X",)
+        relay = start_relay(start_server, f"127.0.0.1:{pf.port}", args=args, mode=mode)
+        c = connect(relay)
+        assert c.cmd("EHLO client.example")[0] == 250
+        assert c.cmd("MAIL FROM:<sender@example.org>")[0] == 250
+        assert c.cmd(f"RCPT TO:<{pf.address_of('alice')}>")[0] == 250
+        assert c.cmd("DATA")[0] == 354
+        _cut_short(case, c, relay)
+        c.close()
+        wait_for(lambda: pf.log().count("lost connection after DATA") >= n, 20,
+                 message=f"Postfix to see the message cut short ({case})")
+    pf.flush()
+    time.sleep(1)  # nothing may arrive: give a delivery that should not happen the chance to show
+    assert pf.messages("alice") == []
+    assert "queued as" not in pf.log() and "status=sent" not in pf.log()
+
+
+SMUGGLE = (b"Subject: smuggling\r\n\r\n"
+           b"bare LF end\n.\nMAIL FROM:<evil@example.org>\nRCPT TO:<%(bob)s>\nDATA\n"
+           b"bare CR end\r.\rMAIL FROM:<evil@example.org>\r"
+           b"mixed\n.\r\nRCPT TO:<%(bob)s>\r\n"
+           b"other mixed\r\n.\nRCPT TO:<%(bob)s>\r\n"
+           b"and\r.\nQUIT\r\n")
+
+
+def test_no_line_end_variant_ends_the_message_early_at_postfix(start_server, postfix_instance):
+    """Bare LF/CR dot lines (kept as they came) and dots at BDAT chunk edges reach Postfix as text."""
+    pf = postfix_instance()
+    relay = start_relay(start_server, f"127.0.0.1:{pf.port}", args=("--bare-newline", "keep"))
+    message = SMUGGLE % {b"bob": pf.address_of("bob").encode()}
+    c = connect(relay)
+    assert c.cmd("EHLO client.example")[0] == 250
+    assert c.cmd("MAIL FROM:<sender@example.org>")[0] == 250
+    assert c.cmd(f"RCPT TO:<{pf.address_of('alice')}>")[0] == 250
+    assert c.cmd("DATA")[0] == 354
+    c.send(message.replace(b"\r\n.", b"\r\n..") + b".\r\n")
+    assert c.reply(timeout=20)[0] == 250
+    # BDAT: each chunk as the client cut it, the dots right at the edges
+    assert c.cmd("MAIL FROM:<sender@example.org>")[0] == 250
+    assert c.cmd(f"RCPT TO:<{pf.address_of('alice')}>")[0] == 250
+    chunks = [b"Subject: chunks\r\n\r\nline\r", b"\n", b".\r\nMAIL FROM:<evil@example.org>\r\n", b".", b"\r\n",
+              b"RCPT TO:<" + pf.address_of("bob").encode() + b">\r\n\r", b".\r", b"\n"]
+    for chunk in chunks:
+        c.send(b"BDAT %d\r\n" % len(chunk) + chunk)
+        assert c.reply()[0] == 250
+    assert c.cmd("BDAT 0 LAST")[0] == 250
+    c.close()
+    stored = pf.wait_messages("alice", 2, timeout=20)
+    assert len(stored) == 2
+    assert stored[0].count(b"MAIL FROM:<evil@example.org>") == 2 and stored[0].rstrip().endswith(b"QUIT")
+    assert b"\nMAIL FROM:<evil@example.org>\n" in stored[1] and b"\n.\n" in stored[1]
+    time.sleep(0.5)
+    assert pf.messages("bob") == [] and "evil@example.org" not in pf.log()
