@@ -315,3 +315,21 @@ def test_no_line_end_variant_ends_the_message_early_at_postfix(start_server, pos
     assert b"\nMAIL FROM:<evil@example.org>\n" in stored[1] and b"\n.\n" in stored[1]
     time.sleep(0.5)
     assert pf.messages("bob") == [] and "evil@example.org" not in pf.log()
+
+
+def test_a_chunk_the_upstream_refuses_gives_its_class_with_a_matching_enhanced_code(start_server):
+    """BINARYMIME goes upstream in BDAT chunks; a 552 for one reaches the client as 5xx with 5.x.x."""
+    upstream = start_server("--max-message-size", "6K")
+    relay = start_relay(start_server, f"127.0.0.1:{upstream.port}")
+    c = connect(relay)
+    assert c.cmd("EHLO client.example")[0] == 250
+    assert c.cmd("MAIL FROM:<alice@example.org> BODY=BINARYMIME")[0] == 250
+    assert c.cmd("RCPT TO:<bob@example.org>")[0] == 250
+    for chunk in (b"Subject: x\r\n\r\n" + b"y" * 5000, b"z" * 5000):
+        c.send(b"BDAT %d\r\n" % len(chunk) + chunk)
+        assert c.reply()[0] == 250  # ours; the upstream's refusal is owed at the end
+    c.send(b"BDAT 10 LAST\r\n" + b"z" * 10)
+    code, lines = c.reply()
+    assert code == 552 and lines[0].startswith("5.3.0 ") and "5.3.4" in lines[0], (code, lines)
+    c.close()
+    assert upstream.accepted_messages() == []

@@ -327,8 +327,8 @@ class Relay(ESMTPHandler):
     def _check_chunk(self, replies: list[Reply]) -> None:
         reply = replies[-1]
         if not 200 <= reply.code < 300:
-            raise UpstreamError(reply.code if reply.code >= 400 else 451, "4.3.0",
-                                f"upstream refused a chunk: {reply}")
+            code = reply.code if reply.code >= 400 else 451
+            raise UpstreamError(code, f"{code // 100}.3.0", f"upstream refused a chunk: {reply}")
 
     def EOH(self) -> None:
         self._stream(received_header(self) + self.extra_headers() + self.header_section)
