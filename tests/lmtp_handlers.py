@@ -23,3 +23,17 @@ class PerRecipient(ESMTPHandler):
             else:
                 replies.append((250, f"2.0.0 <{recipient}> delivered"))
         return replies
+
+
+class WrongCount(ESMTPHandler):
+    """EOM answers one reply too many: a handler bug the engine must not pass on as replies."""
+
+    def EOM(self):
+        return [(250, "2.0.0 delivered")] * (len(self.env_recipients) + 1)
+
+
+class Raising(ESMTPHandler):
+    """EOM raises: every recipient must get a transient refusal, in step."""
+
+    def EOM(self):
+        raise RuntimeError("the mailbox store fell over")

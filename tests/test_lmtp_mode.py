@@ -131,3 +131,17 @@ def test_lmtp_mode_answers_a_refused_chunk_once(start_server):
     assert c.reply()[0] == 552
     assert c.cmd("NOOP")[0] == 250
     c.close()
+
+
+@pytest.mark.parametrize("handler", ["lmtp_handlers:WrongCount", "lmtp_handlers:Raising"])
+def test_a_broken_eom_gives_each_recipient_a_transient_refusal_in_step(start_server, handler):
+    """EOM with a reply too many, or raising: one 451 per recipient, and a pipelined NOOP's own reply after."""
+    srv = start_server("--protocol", "lmtp", handler=handler)
+    c = lmtp_client(srv)
+    envelope(c, ["a@example.org", "b@example.org"])
+    assert c.cmd("DATA")[0] == 354
+    c.send(b"Subject: hi\r\n\r\nhello\r\n.\r\nNOOP\r\n")
+    replies = c.replies(3)
+    assert [code for code, _ in replies] == [451, 451, 250], replies
+    assert replies[0][1][0].startswith("4.3.0 ")
+    c.close()
