@@ -15,6 +15,7 @@ import select
 import socket
 import ssl
 import time
+from collections.abc import Callable
 from typing import NamedTuple
 
 #: Longest reply line we read (RFC 5321 4.5.3.1.5: 512 octets; be generous) and most lines per reply.
@@ -134,12 +135,18 @@ class SMTPClient:
     (a reply out of turn, a stray second reply, the 421 of a server that
     closed an idle session) make the next command fail with UpstreamError
     instead of being read as that command's reply.
+
+    ``check_in(seconds)``, when given, is called before every blocking wait
+    with its bound (a pre-forked worker's check-in, so the master does not
+    take a worker waiting on a slow upstream for a stuck one).
     """
 
     def __init__(self, address: tuple[str, int] | str, *, timeout: float = 60.0,
                  connect_timeout: float = 30.0, data_timeout: float = 300.0,
-                 lmtp: bool = False, name: str = "") -> None:
+                 lmtp: bool = False, name: str = "",
+                 check_in: Callable[[float], None] | None = None) -> None:
         self.address = address
+        self.check_in = check_in
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self.data_timeout = data_timeout
@@ -154,8 +161,13 @@ class SMTPClient:
 
     # -- connection -------------------------------------------------------------
 
+    def _will_wait(self, seconds: float) -> None:
+        if self.check_in is not None:
+            self.check_in(seconds)
+
     def connect(self) -> Reply:
         """Open the connection and read the greeting (any code: the caller judges it)."""
+        self._will_wait(self.connect_timeout)
         try:
             if isinstance(self.address, str):
                 sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -216,6 +228,7 @@ class SMTPClient:
         """Send bytes (a command or a piece of the message), or raise UpstreamError."""
         if self.sock is None:
             raise UpstreamError(451, "4.4.2", f"no connection to upstream {self.name}")
+        self._will_wait(self.timeout)
         try:
             self.sock.sendall(data)
         except OSError as exc:
@@ -234,6 +247,7 @@ class SMTPClient:
                 if left <= 0:
                     raise TimeoutError()
                 self.sock.settimeout(left)
+                self._will_wait(left)
                 data = self.sock.recv(RECV_SIZE)
             except OSError as exc:
                 raise self._fail("waiting for a reply", exc) from None
@@ -335,6 +349,7 @@ class SMTPClient:
         reply = self.command("STARTTLS")
         if reply.code != 220:
             return reply
+        self._will_wait(self.timeout)
         try:
             self.sock = context.wrap_socket(self.sock, server_hostname=server_hostname)
         except (ssl.SSLError, ssl.CertificateError, OSError) as exc:

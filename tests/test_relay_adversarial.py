@@ -206,6 +206,35 @@ def test_lmtp_replies_after_the_message_share_one_deadline(start_server):
         c.close()
 
 
+
+def test_a_worker_waiting_on_a_slow_upstream_is_not_killed_as_stuck(start_server, tmp_path):
+    """A pool worker promises the master to speak again within the client timeout; a relay waiting
+    longer for the upstream's reply to end-of-data (a content filter at work) must say so, or the
+    master kills it: the upstream has the message, our client sees a dropped connection and sends it again."""
+    from master_support import pool_mode
+
+    def on_data(sock, reader):
+        sock.sendall(b"354 go ahead\r\n")
+        if read_message(reader) is None:
+            return False
+        time.sleep(5)
+        sock.sendall(b"250 2.0.0 scanned and queued\r\n")
+
+    with RawUpstream(lambda s, r, st: dialogue(s, r, {}, on_data)) as upstream:
+        relay = start_relay(start_server, upstream.address, "data_timeout=15",
+                            args=("--timeout", "2", "--worker-timeout", "1"),
+                            mode=pool_mode(tmp_path, "--workers", "1"))
+        c = connect(relay)
+        assert c.cmd("EHLO client.example")[0] == 250
+        assert c.cmd("MAIL FROM:<alice@example.org>")[0] == 250
+        assert c.cmd("RCPT TO:<bob@example.org>")[0] == 250
+        assert c.cmd("DATA")[0] == 354
+        c.send(b"Subject: x\r\n\r\nbody\r\n.\r\n")
+        assert c.reply(timeout=20) == (250, ["2.0.0 scanned and queued"])
+        c.close()
+        assert "stuck" not in relay.log()
+
+
 # -- half messages and smuggling, against real Postfix ------------------------------------------
 
 HALF = b"Subject: half\r\n\r\n" + b"the first half of a message\r\n" * 200

@@ -123,7 +123,8 @@ class Relay(ESMTPHandler):
         error: UpstreamError | None = None
         for text in addresses:
             conn = SMTPClient(parse_address(text), timeout=self.timeout, connect_timeout=self.connect_timeout,
-                              data_timeout=self.data_timeout, lmtp=self.lmtp, name=text)
+                              data_timeout=self.data_timeout, lmtp=self.lmtp, name=text,
+                              check_in=self.may_block)
             try:
                 greeting = conn.connect()
                 if not 200 <= greeting.code < 300:
