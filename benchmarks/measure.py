@@ -4,8 +4,12 @@
   clock, with the CPU of the server's whole process tree before and after
   (every thread's runtime from ``/proc/PID/task/*/schedstat``, plus reaped
   children; psutil's tick-sampled user/system split on the side);
-* ``interleaved``: the warm-up and the repetitions, every server once per
-  repetition and workload, the order rotating;
+* ``interleaved``: the warm-up and the repetitions, every server of the
+  workload's group once per repetition and workload, the order rotating;
+* ``relay_memory``: on a fresh relay server warmed up with 2 KB messages,
+  the workers' peak RSS (``VmHWM``, reset through ``clear_refs``) and sampled
+  USS during a 1 MB-message relay run, against the same workers idle just
+  before it;
 * ``idle_uss``: worker USS of fresh servers (default and ``--preload``) when
   idle after a number of sessions;
 * ``herd``: ``--accept-mode exclusive`` against ``shared``: messages/s, and
@@ -21,6 +25,7 @@ import shutil
 import signal
 import statistics
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +34,7 @@ from typing import Any
 import psutil
 
 from procs import HOST, end_process, log, release, run_cmd, spawn
-from servers import PreforkServer, Server
+from servers import PreforkRelayServer, PreforkServer, Server
 
 SMTP_SOURCE = shutil.which("smtp-source") or "/usr/sbin/smtp-source"
 MIB = 1024 * 1024
@@ -58,10 +63,12 @@ class Workload:
     size: int
     persistent: bool
     count: int
+    group: str = "sink"  # the servers it drives: Server.group
 
     @property
     def big(self) -> bool:
-        return self.key == "big"
+        """Whether the rate is reported in MB/s (1 MB messages) rather than messages/s."""
+        return self.size >= MIB
 
     def args(self, count: int) -> list[str]:
         """smtp-source's command line for ``count`` messages, without the server address."""
@@ -96,6 +103,21 @@ def workloads(sessions: int, big_sessions: int, conn_messages: int, persist_mess
                  True, persist_messages),
         Workload("big", f"1 MB messages ({big_sessions} persistent sessions, MB/s)", big_sessions,
                  1048576, True, big_messages),
+    ]
+
+
+def relay_workloads(sessions: int, big_sessions: int, relay_messages: int,
+                    relay_big_messages: int) -> list[Workload]:
+    """The relay workloads: connection per 2 KB message, and 1 MB messages, both through a relay.
+
+    Connection per message, because that is an inbound proxy's usual client
+    (and both relays then open one upstream connection per message).
+    """
+    return [
+        Workload("relay", f"Relay to smtp-sink, connection per message (2 KB, {sessions} parallel "
+                 "sessions)", sessions, 2048, False, relay_messages, "relay"),
+        Workload("relay-big", f"Relay to smtp-sink, 1 MB messages ({big_sessions} persistent "
+                 "sessions, MB/s)", big_sessions, 1048576, True, relay_big_messages, "relay"),
     ]
 
 
@@ -203,25 +225,153 @@ def summarize(server: Server, wl: Workload) -> Stat:
 def interleaved(active: list[Server], wls: list[Workload], reps: int, timeout: float) -> None:
     """One unrecorded warm-up run each, then ``reps`` recorded repetitions into ``server.samples``.
 
-    For each repetition and workload every server runs once; the order of the
-    servers rotates from one repetition to the next, so that no server always
-    runs right after the same neighbour.
+    For each repetition and workload every server of the workload's group runs
+    once; the order of the servers rotates from one repetition to the next, so
+    that no server always runs right after the same neighbour.
     """
     log("warm-up")
     for wl in wls:
         for s in active:
-            drive(s, wl, max(wl.sessions * 2, wl.count // 10), timeout)
+            if s.group == wl.group:
+                drive(s, wl, max(wl.sessions * 2, wl.count // 10), timeout)
     for rep in range(reps):
         for wl in wls:
-            k = rep % len(active)
-            for s in active[k:] + active[:k]:
+            group = [s for s in active if s.group == wl.group]
+            if not group:
+                continue
+            k = rep % len(group)
+            for s in group[k:] + group[:k]:
                 sample = drive(s, wl, wl.count, timeout)
                 s.samples.setdefault(wl.key, []).append(sample)
                 unit = "MB/s" if wl.big else "msgs/s"
-                log(f"rep {rep + 1}/{reps} {wl.key:7s} {s.label:20s} "
+                log(f"rep {rep + 1}/{reps} {wl.key:9s} {s.label:30s} "
                     f"{rate(wl, sample):9.1f} {unit}  "
                     f"cpu {sample.cpu / sample.messages * 1e6:7.0f} µs/msg"
                     + ("" if sample.ok else f"  FAILED: {sample.error}"))
+
+
+# -- relay worker memory -----------------------------------------------------------------------------
+
+def worker_memory(pid: int) -> tuple[int, int, int] | None:
+    """(RSS, USS, peak RSS) in bytes of one process, or None when it is gone.
+
+    RSS and USS (Private_Clean + Private_Dirty, as psutil counts it) come from
+    ``/proc/PID/smaps_rollup`` in one read; the peak is ``VmHWM`` from
+    ``/proc/PID/status``, the most RSS since start or since ``reset_peak``.
+    """
+    try:
+        rss = uss = 0
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                parts = line.split()
+                if parts[0] == "Rss:":
+                    rss = int(parts[1]) * 1024
+                elif parts[0] in ("Private_Clean:", "Private_Dirty:"):
+                    uss += int(parts[1]) * 1024
+        with open(f"/proc/{pid}/status") as f:
+            hwm = next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:")), 0)
+        return rss, uss, hwm
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def reset_peak(pid: int) -> bool:
+    """Reset the process's peak RSS (``VmHWM``) to its current RSS (Linux ≥ 4.0): whether it worked."""
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def memory_snapshot(server: Server) -> dict[int, tuple[int, int, int]]:
+    """``worker_memory`` of each of the server's workers, by pid."""
+    snap = {}
+    for p in server.workers():
+        m = worker_memory(p.pid)
+        if m is not None:
+            snap[p.pid] = m
+    return snap
+
+
+def relay_memory(args: argparse.Namespace, small: Workload, big: Workload, upstream: Server,
+                 workdir: Path) -> dict[str, Any]:
+    """Relay workers' memory during a run of ``big`` (1 MB messages) against the same workers idle.
+
+    A fresh relay server (same flags and workers as the measured one, same
+    upstream) is warmed up with ``small`` (2 KB, connection per message) so
+    that every worker has relayed but none has seen a large message; its
+    workers idle then are the baseline.  So memory that a large message leaves
+    behind (a buffer kept, a heap grown) counts as growth, while what any first
+    message costs (code paths, allocator arenas) does not.  Peak RSS is exact
+    (the kernel's high-water mark, reset before the run); USS is sampled every
+    50 ms, so its peak may miss a short spike.  Growth is per worker (its peak
+    minus its own idle value); the largest over the workers is reported.
+    """
+    server = PreforkRelayServer(args.workers, upstream)
+    server.key, server.label = "relay-memory", "prefork-esmtp relay (memory)"
+    try:
+        server.start(workdir)
+        fresh = memory_snapshot(server)
+        warm = drive(server, small, max(200, 10 * args.workers), args.run_timeout)
+        if not warm.ok:
+            raise RuntimeError(f"relay memory warm-up failed: {warm.error}")
+        time.sleep(0.5)
+        return _peak_during(server, big, args.relay_big_messages, args.run_timeout, fresh)
+    finally:
+        server.stop()
+
+
+def _peak_during(server: Server, wl: Workload, count: int, timeout: float,
+                 fresh: dict[int, tuple[int, int, int]]) -> dict[str, Any]:
+    """Run ``wl`` once against ``server``, sampling its workers; the memory row for the report."""
+    idle = memory_snapshot(server)
+    exact = all([reset_peak(pid) for pid in idle])
+    peak_uss = {pid: m[1] for pid, m in idle.items()}
+    peak_rss = {pid: m[0] for pid, m in idle.items()}
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.05):
+            for pid in idle:
+                m = worker_memory(pid)
+                if m is not None:
+                    peak_rss[pid] = max(peak_rss[pid], m[0], m[2] if exact else 0)
+                    peak_uss[pid] = max(peak_uss[pid], m[1])
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        run = drive(server, wl, count, timeout)
+    finally:
+        stop.set()
+        sampler.join(timeout=5)
+    time.sleep(0.5)
+    after = memory_snapshot(server)
+    for pid, m in after.items():
+        if pid in peak_rss:
+            peak_rss[pid] = max(peak_rss[pid], m[0], m[2] if exact else 0)
+            peak_uss[pid] = max(peak_uss[pid], m[1])
+    pids = [pid for pid in idle if pid in after]  # a worker replaced meanwhile is left out
+    row: dict[str, Any] = {
+        "messages": count, "size": wl.size, "sessions": wl.sessions, "ok": run.ok, "error": run.error,
+        "workers": len(pids), "exact_peak": exact,
+        "idle_rss": median([idle[p][0] for p in pids]), "idle_uss": median([idle[p][1] for p in pids]),
+        "fresh_rss": median([m[0] for m in fresh.values()]),
+        "fresh_uss": median([m[1] for m in fresh.values()]),
+        "peak_rss": max((peak_rss[p] for p in pids), default=None),
+        "peak_uss": max((peak_uss[p] for p in pids), default=None),
+        "rss_growth": max((peak_rss[p] - idle[p][0] for p in pids), default=None),
+        "uss_growth": max((peak_uss[p] - idle[p][1] for p in pids), default=None),
+        "uss_retained": max((after[p][1] - idle[p][1] for p in pids), default=None),
+        "rss_growth_fresh": max((peak_rss[p] - fresh[p][0] for p in pids if p in fresh), default=None),
+        "uss_growth_fresh": max((peak_uss[p] - fresh[p][1] for p in pids if p in fresh), default=None),
+    }
+    log(f"relay memory, {count} x {wl.size // MIB} MB: idle RSS {fmt_mib(row['idle_rss'])}, peak growth "
+        f"RSS {fmt_mib(row['rss_growth'])}, USS {fmt_mib(row['uss_growth'])} (largest over "
+        f"{len(pids)} workers)" + ("" if run.ok else f"  FAILED: {run.error}"))
+    return row
 
 
 # -- idle memory -------------------------------------------------------------------------------------

@@ -1,9 +1,10 @@
 """Report: the targets, and RESULTS.md written from the measured samples.
 
-``render`` turns one run (servers with their samples, worker memory, accept
-herd rows) into the markdown report: the run's date and machine, pass/fail
-per target, a throughput and CPU table per workload with ratios prefork-esmtp
-to each peer, worker memory and the accept herd.  ``write_results`` writes it,
+``render`` turns one run (servers with their samples, worker memory, relay
+worker memory, accept herd rows) into the markdown report: the run's date and
+machine, pass/fail per target, a throughput and CPU table per workload with
+ratios of prefork-esmtp (the relay handler in the relay workloads) to each
+peer, worker memory and the accept herd.  ``write_results`` writes it,
 keeping the profile section that ``benchmarks/profiling.py`` writes there.
 """
 
@@ -23,15 +24,26 @@ from servers import Server
 PROFILE_BEGIN = "<!-- profile:begin -->"
 PROFILE_END = "<!-- profile:end -->"
 
-#: The throughput targets: (workload, peer, minimum ratio prefork-esmtp / peer).
+#: The throughput targets: (workload, peer, minimum ratio prefork-esmtp / peer); in the relay
+#: workloads prefork-esmtp is its relay handler (the first server of the workload's group).
 RATIO_TARGETS = [
     ("conn", "aiosmtpd", 2.0),
     ("conn", "haraka", 1.5),
     ("persist", "haraka", 1.0),
     ("big", "smtp-sink", 0.8),
+    ("relay", "haraka-forward", 1.5),
 ]
 #: The memory target: median idle worker USS after the idle-memory sessions.
 IDLE_USS_TARGET = 3 * MIB
+#: The relay's memory target: the largest growth of a worker's peak RSS during a run of 1 MB
+#: messages over its own RSS idle just before (warmed up with 2 KB messages only).  Less than
+#: one message: a worker that held a 1 MB message whole would grow by at least that much (a
+#: looser bound, say 10 MiB, would pass a relay that buffers every message); streaming grew by
+#: 0.2-0.6 MiB when tried (allocator arenas and fragmentation, flat from 1 MB to 10 MB messages).
+RELAY_GROWTH_TARGET = 1 * MIB
+WORKLOAD_NAMES = {"conn": "connection per message", "persist": "persistent sessions",
+                  "big": "1 MB messages", "relay": "relay, connection per message",
+                  "relay-big": "relay, 1 MB messages"}
 
 
 def fmt(v: float | None, digits: int = 0) -> str:
@@ -70,11 +82,14 @@ def machine() -> dict[str, str]:
 
 def render(args: argparse.Namespace, workloads: list[Workload], servers: list[Server],
            bench_uss: list[int], idle_rows: list[dict[str, Any]], herd_rows: list[dict[str, Any]],
-           started: datetime.datetime, elapsed: float) -> str:
+           started: datetime.datetime, elapsed: float, relay_mem: dict[str, Any] | None = None) -> str:
     """The whole report except the profile section, as markdown."""
     m = machine()
-    prefork = servers[0]
     by_key = {s.key: s for s in servers}
+    wl_by_key = {wl.key: wl for wl in workloads}
+    ours = {}  # group -> prefork-esmtp's server in it (the first), the reference of its ratios
+    for s in servers:
+        ours.setdefault(s.group, s)
     stats = {(s.key, wl.key): summarize(s, wl) for s in servers for wl in workloads if s.available}
     lines = []
     w = lines.append
@@ -85,8 +100,12 @@ def render(args: argparse.Namespace, workloads: list[Workload], servers: list[Se
       + (" **Quick (smoke) run: small counts, numbers are indicative only.**" if args.quick else ""))
     w("")
     w(f"- Machine: {m['cpu']}, {m['cores']} cores, {m['memory']} RAM, {m['os']}, {m['python']}")
-    w("- Servers, side by side in one run, all accepting and discarding every message on 127.0.0.1:")
+    w("- Servers, side by side in one run on 127.0.0.1; for the first three workloads accepting and "
+      "discarding every message:")
     for s in servers:
+        if s.group == "relay" and s is ours["relay"]:
+            w("- For the relay workloads, forwarding every message to one shared Postfix `smtp-sink` "
+              "upstream (its CPU is not counted for either relay):")
         desc = {
             "prefork-esmtp": f"prefork-esmtp {s.version}: base handler (`ESMTPHandler`), "
                              f"`--workers {args.workers}`, `--log-level warning`, default accept mode",
@@ -94,6 +113,11 @@ def render(args: argparse.Namespace, workloads: list[Workload], servers: list[Se
                         f"(`benchmarks/aiosmtpd_sink.py`)",
             "smtp-sink": f"Postfix {s.version} `smtp-sink`, one event-driven C process",
             "haraka": f"Haraka {s.version}, cluster `nodes=2`, accept-all rcpt + discarding queue plugin",
+            "prefork-relay": f"prefork-esmtp {s.version}: relay handler (`prefork_esmtp.handlers.relay:Relay`"
+                             f", `--handler-option upstream=127.0.0.1:PORT`), `--workers {args.workers}`, "
+                             f"otherwise as above; streams each message upstream while it arrives",
+            "haraka-forward": f"Haraka {s.version}, cluster `nodes=2`, stock `rcpt_to.in_host_list` + "
+                              f"`queue/smtp_forward` (forwards at queue time, after the whole message)",
         }[s.key]
         w(f"  - {desc}" + ("" if s.available else f" — **not run: {s.reason}**"))
     w(f"- Client: Postfix `smtp-source` over loopback; {args.reps} repetitions per server and workload, "
@@ -112,19 +136,26 @@ def render(args: argparse.Namespace, workloads: list[Workload], servers: list[Se
     w("")
     w("| target | measured | result |")
     w("|---|---|---|")
-    names = {"conn": "connection per message", "persist": "persistent sessions", "big": "1 MB messages"}
     for wl_key, peer, need in RATIO_TARGETS:
-        unit = "MB/s" if wl_key == "big" else "msgs/s"
-        label = f"{names[wl_key]}: prefork-esmtp ≥ {need:g}× {by_key[peer].label} ({unit})"
+        wl = wl_by_key.get(wl_key)
+        if wl is None:
+            w(f"| {WORKLOAD_NAMES[wl_key]}: ≥ {need:g}× {peer} | workload not run (`--no-relay`) | n/a |")
+            continue
+        subject = ours[wl.group]
+        unit = "MB/s" if wl.big else "msgs/s"
+        label = f"{WORKLOAD_NAMES[wl_key]}: {subject.label} ≥ {need:g}× {by_key[peer].label} ({unit})"
+        if not subject.available:
+            w(f"| {label} | not run ({subject.reason}) | n/a |")
+            continue
         if not by_key[peer].available:
             w(f"| {label} | peer not run ({by_key[peer].reason}) | n/a |")
             continue
-        a, b = stats[("prefork-esmtp", wl_key)].rate, stats[(peer, wl_key)].rate
+        a, b = stats[(subject.key, wl_key)].rate, stats[(peer, wl_key)].rate
         if a is None or b is None:
             w(f"| {label} | no successful run | FAIL |")
             continue
         ratio = a / b
-        w(f"| {label} | {fmt(a, 1 if wl_key == 'big' else 0)} vs {fmt(b, 1 if wl_key == 'big' else 0)}"
+        w(f"| {label} | {fmt(a, 1 if wl.big else 0)} vs {fmt(b, 1 if wl.big else 0)}"
           f" = **{ratio:.2f}×** | {'PASS' if ratio >= need else 'FAIL'} |")
     idle = idle_rows[0] if idle_rows else None
     if idle and idle["after"] is not None:
@@ -132,6 +163,16 @@ def render(args: argparse.Namespace, workloads: list[Workload], servers: list[Se
           f"**{fmt_mib(idle['after'])}** | {'PASS' if idle['after'] <= IDLE_USS_TARGET else 'FAIL'} |")
     else:
         w("| median idle worker USS after 2,000 sessions ≤ 3 MiB | not measured | n/a |")
+    relay_label = (f"relay, 1 MB messages: largest growth of a relay worker's peak RSS over its idle RSS "
+                   f"≤ {fmt_mib(RELAY_GROWTH_TARGET)}")
+    if relay_mem and relay_mem["rss_growth"] is not None and relay_mem["ok"]:
+        w(f"| {relay_label} | **{fmt_mib(relay_mem['rss_growth'])}** (USS "
+          f"{fmt_mib(relay_mem['uss_growth'])}) | "
+          f"{'PASS' if relay_mem['rss_growth'] <= RELAY_GROWTH_TARGET else 'FAIL'} |")
+    elif relay_mem:
+        w(f"| {relay_label} | run failed: {relay_mem['error'] or 'no worker measured'} | FAIL |")
+    else:
+        w(f"| {relay_label} | not measured | n/a |")
     w("")
 
     # main table
@@ -147,8 +188,10 @@ def render(args: argparse.Namespace, workloads: list[Workload], servers: list[Se
         w(f"| server | {unit} (median) | min – max | CPU µs/msg | user share of CPU | "
           f"prefork-esmtp ÷ this ({unit}) | this CPU ÷ prefork-esmtp CPU | runs ok/failed |")
         w("|---|--:|--:|--:|--:|--:|--:|--:|")
-        ref = stats.get(("prefork-esmtp", wl.key))
-        for s in servers:
+        prefork = ours[wl.group]
+        ref = stats.get((prefork.key, wl.key))
+        group = [s for s in servers if s.group == wl.group]
+        for s in group:
             if not s.available:
                 w(f"| {s.label} | not run: {s.reason} | | | | | | |")
                 continue
@@ -160,7 +203,7 @@ def render(args: argparse.Namespace, workloads: list[Workload], servers: list[Se
               f"{fmt(st.cpu_us)} | {pct(st.user_share)} | "
               f"{'—' if s is prefork else times(ratio)} | "
               f"{'—' if s is prefork else times(cpu_ratio)} | {st.n_ok}/{st.n_fail} |")
-        errors = [f"{s.label}: {e}" for s in servers if s.available
+        errors = [f"{s.label}: {e}" for s in group if s.available
                   for e in stats[(s.key, wl.key)].errors]
         if errors:
             w("")
@@ -181,6 +224,40 @@ def render(args: argparse.Namespace, workloads: list[Workload], servers: list[Se
     w("")
     w("USS is `psutil.Process.memory_full_info().uss`: the pages only this worker maps "
       "(what killing it would free).")
+    w("")
+
+    # relay memory
+    w("## Relay worker memory with 1 MB messages")
+    w("")
+    if not relay_mem:
+        w("Not measured in this run (relay workloads skipped or the relay did not start).")
+    else:
+        how = ("the kernel's high-water mark `VmHWM`, reset through `/proc/PID/clear_refs` just before "
+               "the run, so exact" if relay_mem["exact_peak"] else
+               "sampled every 50 ms (`clear_refs` unavailable here, so a short spike may be missed)")
+        w(f"A fresh prefork-esmtp relay (same flags, {relay_mem['workers']} workers, same upstream), "
+          f"warmed up with {max(200, 10 * args.workers):,} 2 KB messages (connection per message), then "
+          f"one run of {relay_mem['messages']:,} messages of {relay_mem['size']:,} bytes over "
+          f"{relay_mem['sessions']} persistent sessions"
+          + ("" if relay_mem["ok"] else f" — **the run failed: {relay_mem['error']}**") + ".")
+        w("")
+        w(f"- Idle just before the run (after the 2 KB warm-up): median worker RSS "
+          f"{fmt_mib(relay_mem['idle_rss'])}, USS {fmt_mib(relay_mem['idle_uss'])} "
+          f"(right after start: RSS {fmt_mib(relay_mem['fresh_rss'])}, "
+          f"USS {fmt_mib(relay_mem['fresh_uss'])}).")
+        w(f"- During the run, largest over the workers: peak RSS {fmt_mib(relay_mem['peak_rss'])}, "
+          f"peak USS {fmt_mib(relay_mem['peak_uss'])}.")
+        w(f"- Growth of a worker over its own idle value, largest over the workers: RSS "
+          f"**{fmt_mib(relay_mem['rss_growth'])}**, USS {fmt_mib(relay_mem['uss_growth'])}; "
+          f"still held after the run (USS): {fmt_mib(relay_mem['uss_retained'])}; over the values right "
+          f"after start: RSS {fmt_mib(relay_mem['rss_growth_fresh'])}, "
+          f"USS {fmt_mib(relay_mem['uss_growth_fresh'])} (includes what any first message costs: "
+          f"code paths and allocator arenas touched).")
+        w("")
+        w(f"Peak RSS is {how}; USS (Private_Clean + Private_Dirty from `/proc/PID/smaps_rollup`) is "
+          f"sampled every 50 ms. The target ({fmt_mib(RELAY_GROWTH_TARGET)}) is less than one message: "
+          f"a worker that held a 1 MB message whole would grow by at least that much. The baseline is "
+          f"after 2 KB messages only, so a buffer or heap a large message leaves behind counts as growth.")
     w("")
 
     # herd

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Side-by-side benchmark of prefork-esmtp against aiosmtpd, Postfix's smtp-sink and Haraka.
 
-    .venv/bin/python benchmarks/run.py            # full run (make bench), ~5 minutes
+    .venv/bin/python benchmarks/run.py            # full run (make bench), ~7 minutes
     .venv/bin/python benchmarks/run.py --quick    # smoke run, well under a minute
 
 One run starts every server side by side on loopback, each accepting and
@@ -12,6 +12,15 @@ servers rotates from one repetition to the next):
 * ``conn``: one connection per 2 KB message, 20 parallel sessions;
 * ``persist``: 20 persistent sessions of 2 KB messages (``smtp-source -d``);
 * ``big``: 1 MB messages over 4 persistent sessions.
+
+and, through a relay, prefork-esmtp's relay handler against Haraka's
+smtp_forward, both forwarding to one shared ``smtp-sink`` upstream:
+
+* ``relay``: one connection per 2 KB message, 20 parallel sessions;
+* ``relay-big``: 1 MB messages over 4 persistent sessions; after the
+  repetitions one such run on a fresh relay server, warmed up with 2 KB
+  messages, measures the relay workers' peak memory against the same workers
+  idle before it.
 
 For each run it records the wall time of ``smtp-source`` and the user+system
 CPU time of the server's whole process tree (psutil, before and after; the
@@ -73,6 +82,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--big-messages", type=int, default=500, help="1 MB messages per run (4 sessions)")
     p.add_argument("--sessions", type=int, default=20, help="parallel sessions for the 2 KB workloads")
     p.add_argument("--big-sessions", type=int, default=4, help="parallel sessions for 1 MB messages")
+    p.add_argument("--relay-messages", type=int, default=3000,
+                   help="messages per run through the relays, connection per message (2 KB)")
+    p.add_argument("--relay-big-messages", type=int, default=200,
+                   help="1 MB messages per run through the relays (and for the relay memory run)")
+    p.add_argument("--no-relay", action="store_true", help="skip the relay workloads")
     p.add_argument("--workers", type=int, default=0,
                    help="prefork-esmtp workers (default: sessions + 2, so workers >= client sessions)")
     p.add_argument("--servers", default="prefork-esmtp,aiosmtpd,smtp-sink,haraka",
@@ -94,6 +108,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.conn_messages = min(args.conn_messages, 300)
         args.persist_messages = min(args.persist_messages, 1000)
         args.big_messages = min(args.big_messages, 20)
+        args.relay_messages = min(args.relay_messages, 300)
+        args.relay_big_messages = min(args.relay_big_messages, 20)
         args.idle_sessions = min(args.idle_sessions, 300)
         args.herd_connections = min(args.herd_connections, 300)
         args.herd_workers = args.herd_workers.split(",")[0]
@@ -117,19 +133,34 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.monotonic()
     workloads = measure.workloads(args.sessions, args.big_sessions, args.conn_messages,
                                   args.persist_messages, args.big_messages)
+    if not args.no_relay:
+        workloads += measure.relay_workloads(args.sessions, args.big_sessions, args.relay_messages,
+                                             args.relay_big_messages)
     workdir = Path(tempfile.mkdtemp(prefix="prefork-esmtp-bench-"))
     servers: list[peers.Server] = []
+    upstream: peers.Server | None = None
     bench_uss: list[int] = []
+    relay_mem: dict[str, Any] | None = None
     idle_rows: list[dict[str, Any]] = []
     herd_rows: list[dict[str, Any]] = []
     try:
         log(f"work dir {workdir}; preparing servers")
         servers = peers.side_by_side(args.workers, set(args.servers), haraka=not args.no_haraka)
         active = peers.start_all(servers, workdir)
+        if not args.no_relay:
+            upstream = peers.SmtpSinkServer("relay-upstream", "Postfix smtp-sink (relay upstream)")
+            relays = peers.relay_pair(args.workers, not args.no_haraka and "haraka" in args.servers,
+                                      upstream)
+            servers += relays
+            active += peers.start_relays(upstream, relays, workdir)
         measure.interleaved(active, workloads, args.reps, args.run_timeout)
         bench_uss = servers[0].worker_uss()
         for s in servers:
             s.stop()
+        if upstream is not None and upstream.available:
+            small, big = (next(wl for wl in workloads if wl.key == k) for k in ("relay", "relay-big"))
+            relay_mem = measure.relay_memory(args, small, big, upstream, workdir)
+            upstream.stop()
 
         idle_rows = measure.idle_uss(args, workloads[0], workdir)
         if not args.no_herd:
@@ -139,17 +170,18 @@ def main(argv: list[str] | None = None) -> int:
         end_all()
         return 130
     finally:
-        for s in servers:
+        for s in servers + ([upstream] if upstream else []):
             s.stop()
         end_all()
 
     body = report.render(args, workloads, servers, bench_uss, idle_rows, herd_rows, started,
-                         time.monotonic() - t_start)
+                         time.monotonic() - t_start, relay_mem)
     report.write_results(args.output, body)
     if args.json:
         raw = {s.key: {k: [vars(x) for x in v] for k, v in s.samples.items()} for s in servers}
         args.json.write_text(json.dumps({"samples": raw, "idle": idle_rows, "herd": herd_rows,
-                                         "bench_uss": bench_uss}, indent=1))
+                                         "bench_uss": bench_uss, "relay_memory": relay_mem},
+                                        indent=1))
     print()
     print(body)
     log(f"wrote {args.output}")

@@ -13,6 +13,14 @@ waits until it answers with a 220 greeting.  The servers:
   repository, with one plugin that accepts every recipient and discards the
   message.
 
+For the relay workloads (group ``relay``), each forwarding to one shared
+``smtp-sink`` (the upstream, started first and not measured):
+
+* prefork-esmtp with the streaming relay handler
+  (``prefork_esmtp.handlers.relay:Relay``, ``upstream=127.0.0.1:PORT``);
+* Haraka with its stock ``rcpt_to.in_host_list`` and ``queue/smtp_forward``
+  plugins, from a config directory of its own.
+
 A server that cannot be installed or started is marked unavailable with the
 reason, and the run goes on without it (except prefork-esmtp).
 """
@@ -62,6 +70,7 @@ class Server:
     procs: list[psutil.Process] = field(default_factory=list)
     expected_children: int = 0
     samples: dict[str, list[Sample]] = field(default_factory=dict)
+    group: str = "sink"  # which workloads drive it: "sink" (accept and discard) or "relay"
 
     def command(self, port: int) -> list[str]:
         """The command line that serves SMTP on 127.0.0.1:port."""
@@ -121,6 +130,7 @@ class PreforkServer(Server):
     """
 
     stop_signal = signal.SIGINT  # fast stop: nothing is in flight between runs
+    handler = "prefork_esmtp:ESMTPHandler"
 
     def __init__(self, workers: int, extra: list[str] | None = None, key: str = "prefork-esmtp",
                  label: str = "prefork-esmtp") -> None:
@@ -140,7 +150,11 @@ class PreforkServer(Server):
         return self.exe + ["start", "--listen", f"{HOST}:{port}", "--workers", str(self.n_workers),
                            "--log-level", "warning", "--max-message-size", "2M",
                            "--hostname", "prefork-esmtp.bench",
-                           "--handler", "prefork_esmtp:ESMTPHandler"] + self.extra
+                           "--handler", self.handler] + self.handler_options() + self.extra
+
+    def handler_options(self) -> list[str]:
+        """``--handler-option`` flags for the handler (none for the base handler)."""
+        return []
 
     def worker_uss(self) -> list[int]:
         """USS in bytes of each worker: the memory only that worker maps."""
@@ -151,6 +165,25 @@ class PreforkServer(Server):
             except psutil.Error:
                 pass
         return values
+
+
+class PreforkRelayServer(PreforkServer):
+    """prefork-esmtp with the streaming relay handler, forwarding to ``upstream`` (an smtp-sink).
+
+    Same flags and worker count as the accept-and-discard server; only the
+    handler and its ``upstream`` option differ.  The upstream's port is known
+    once it has started, so the option is built at start.
+    """
+
+    handler = "prefork_esmtp.handlers.relay:Relay"
+
+    def __init__(self, workers: int, upstream: Server) -> None:
+        super().__init__(workers, key="prefork-relay", label="prefork-esmtp relay")
+        self.group = "relay"
+        self.upstream = upstream
+
+    def handler_options(self) -> list[str]:
+        return ["--handler-option", f"upstream={HOST}:{self.upstream.port}"]
 
 
 class AiosmtpdServer(Server):
@@ -171,8 +204,8 @@ class AiosmtpdServer(Server):
 class SmtpSinkServer(Server):
     """Postfix's ``smtp-sink`` test server: one event-driven C process."""
 
-    def __init__(self) -> None:
-        super().__init__("smtp-sink", "Postfix smtp-sink")
+    def __init__(self, key: str = "smtp-sink", label: str = "Postfix smtp-sink") -> None:
+        super().__init__(key, label)
         if not os.path.exists(SMTP_SINK):
             self.available, self.reason = False, "smtp-sink not found (apt-get install postfix)"
         try:
@@ -192,11 +225,12 @@ class HarakaServer(Server):
 
     NODES = 2
 
-    def __init__(self, enabled: bool) -> None:
-        super().__init__("haraka", f"Haraka ({self.NODES} nodes)")
+    def __init__(self, enabled: bool, key: str = "haraka", label: str = "",
+                 config_dir: str = "bench-config") -> None:
+        super().__init__(key, label or f"Haraka ({self.NODES} nodes)")
         self.expected_children = self.NODES
         self.home = CACHE / "haraka"
-        self.config = self.home / "bench-config"
+        self.config = self.home / config_dir
         if not enabled:
             self.available, self.reason = False, "skipped (--no-haraka)"
             return
@@ -253,6 +287,33 @@ class HarakaServer(Server):
         return [self.node, str(self.script), "-c", str(self.config)]
 
 
+class HarakaForwardServer(HarakaServer):
+    """Haraka as a relay: stock ``rcpt_to.in_host_list`` and ``queue/smtp_forward`` to ``upstream``.
+
+    Its own config directory (``bench-relay-config``), so the accept-and-discard
+    Haraka keeps its own.  smtp_forward opens a connection to the upstream for
+    each message at queue time, after the whole message has arrived.
+    """
+
+    def __init__(self, enabled: bool, upstream: Server) -> None:
+        super().__init__(enabled, key="haraka-forward",
+                         label=f"Haraka smtp_forward ({self.NODES} nodes)",
+                         config_dir="bench-relay-config")
+        self.group = "relay"
+        self.upstream = upstream
+
+    def write_config(self, port: int) -> None:
+        """Listen on the port with NODES workers; accept recipients at bench.example, forward upstream."""
+        cfg = self.config / "config"
+        (cfg / "plugins").write_text("rcpt_to.in_host_list\nqueue/smtp_forward\n")
+        (cfg / "host_list").write_text("bench.example\n")  # smtp-source's -t sink@bench.example
+        (cfg / "smtp_forward.ini").write_text(
+            f"host={HOST}\nport={self.upstream.port}\nenable_tls=false\n")
+        (cfg / "smtp.ini").write_text(f"[main]\nlisten={HOST}:{port}\nnodes={self.NODES}\n")
+        (cfg / "log.ini").write_text("[main]\nlevel=warn\ntimestamps=false\nformat=default\n")
+        (cfg / "me").write_text("haraka-forward.bench\n")
+
+
 def ensure_aiosmtpd() -> tuple[bool, str]:
     """Make aiosmtpd importable in this Python (pip install when missing): (ok, reason if not)."""
     probe = [sys.executable, "-c", "import aiosmtpd"]
@@ -275,6 +336,28 @@ def side_by_side(workers: int, wanted: set[str], haraka: bool) -> list[Server]:
         Server("smtp-sink", "Postfix smtp-sink", False, "not selected (--servers)"),
         HarakaServer(haraka and "haraka" in wanted),
     ]
+
+
+def relay_pair(workers: int, haraka: bool, upstream: Server) -> list[Server]:
+    """The relay servers, prefork-esmtp's first, both forwarding to ``upstream`` (not started yet)."""
+    return [PreforkRelayServer(workers, upstream), HarakaForwardServer(haraka, upstream)]
+
+
+def start_relays(upstream: Server, relays: list[Server], workdir: Path) -> list[Server]:
+    """Start the shared upstream, then the relays; without an upstream no relay runs.  The running ones."""
+    if upstream.available:
+        try:
+            upstream.start(workdir)
+            log(f"{upstream.label} on {HOST}:{upstream.port}, pid {upstream.root}")
+        except RuntimeError as exc:
+            upstream.available, upstream.reason = False, str(exc)
+            upstream.stop()
+    if not upstream.available:
+        for s in relays:
+            s.available, s.reason = False, f"no relay upstream ({upstream.reason})"
+            log(f"{s.label}: not run ({s.reason})")
+        return []
+    return start_all(relays, workdir)
 
 
 def start_all(servers: list[Server], workdir: Path) -> list[Server]:

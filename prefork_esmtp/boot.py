@@ -21,6 +21,7 @@ from setproctitle import setproctitle
 
 from prefork_esmtp import logs, privileges
 from prefork_esmtp.loader import HandlerLoadError, configure_handler, load_handler
+from prefork_esmtp.limits import Limits, RateTable
 from prefork_esmtp.reporter import ScoreboardReporter
 from prefork_esmtp.scoreboard import Scoreboard
 from prefork_esmtp.settings import Config
@@ -47,6 +48,7 @@ class WorkerPlan:
     tls_context: Any
     tls_fds: frozenset[int]  # fds of the implicit-TLS listeners
     scoreboard: Scoreboard
+    rate_table: RateTable  # the per-address message and recipient counts, shared by all workers
     wake_fd: int  # the master's wake pipe: written once, when booted
     error_fd: int  # the master's boot-error pipe: one line if the boot fails
     master_fds: tuple[int, ...]  # the master's own ends of its pipes, closed at once
@@ -107,7 +109,8 @@ def _boot_and_serve(plan: WorkerPlan) -> int:
     reporter = ScoreboardReporter(plan.scoreboard, plan.slot, plan.generation, plan.master_pid,
                                   idle_expect=TICK, busy_expect=config.timeout, wake_fd=plan.wake_fd)
     worker = Worker(plan.listeners, handler_class, config, max_sessions=limit, reporter=reporter,
-                    tls_context=plan.tls_context, tls_listeners=plan.tls_fds)
+                    tls_context=plan.tls_context, tls_listeners=plan.tls_fds,
+                    limits=Limits(config, reporter.sessions_from, plan.rate_table))
     worker.install_signals()
     signal.signal(signal.SIGHUP, lambda s, f: worker.stop())  # retire: finish the session, exit
     signal.signal(signal.SIGUSR1, lambda s, f: logs.reopen())

@@ -7,6 +7,7 @@ is one line on standard error and a non-zero exit, never a traceback.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -20,10 +21,12 @@ from typing import Any, NoReturn
 import click
 
 from prefork_esmtp import __version__, pidfile, privileges, tls
+from prefork_esmtp.activation import ActivationError, inherit
 from prefork_esmtp.listeners import ListenError, bind_all, describe
 from prefork_esmtp.loader import HandlerLoadError, configure_handler, load_handler
 from prefork_esmtp.logs import reopen as reopen_logs
 from prefork_esmtp.logs import setup as setup_logging
+from prefork_esmtp.sdnotify import Notifier
 from prefork_esmtp.settings import (HANDLER_OPTION_FLAG, HANDLER_OPTION_HELP, SETTINGS, Config, SettingError,
                                     resolve)
 
@@ -101,18 +104,32 @@ def start(config_file: str | None, single: bool, **values: Any) -> None:
     config = load_config(config_file, values)
     setup_logging(config.log_level, config.log_file)
     config_path = os.path.abspath(config_file) if config_file else None
+    # Before anything else runs (a preloaded handler, the workers): the systemd variables
+    # are taken out of the environment here, whatever happens next.
+    try:
+        inherited = inherit()
+    except ActivationError as exc:
+        raise Fatal(str(exc)) from None
+    notifier = Notifier.from_environ()
     ids, tls_context, handler_class = _preflight(config, import_handler=single or config.preload)
     try:
         if config.pidfile:
             pidfile.check(config.pidfile)
-        listeners = bind_all(config.listen)
-        tls_listeners = bind_all(config.tls_listen)
+        if inherited is not None:
+            listeners, tls_listeners = inherited.plain, inherited.tls
+            if tls_listeners and tls_context is None:
+                raise Fatal(f"systemd passed an implicit-TLS socket ({inherited.origin(tls_listeners[0])}) "
+                            "but tls_cert and tls_key are not set")
+        else:
+            listeners = bind_all(config.listen)
+            tls_listeners = bind_all(config.tls_listen)
     except (ListenError, pidfile.PidfileError) as exc:
         raise Fatal(str(exc)) from None
+    origin = inherited.origin if inherited is not None else None
     for sock in listeners:
-        log.info("listening on %s", describe(sock))
+        log.info("listening on %s%s", describe(sock), f" ({origin(sock)})" if origin else "")
     for sock in tls_listeners:
-        log.info("listening on %s (implicit TLS)", describe(sock))
+        log.info("listening on %s (implicit TLS%s)", describe(sock), f", {origin(sock)}" if origin else "")
     if single:
         _run_single(config, listeners + tls_listeners, handler_class, ids, tls_context,
                     frozenset(s.fileno() for s in tls_listeners))
@@ -124,7 +141,8 @@ def start(config_file: str | None, single: bool, **values: Any) -> None:
         return load_config(config_path, values)
 
     master = Master(config, listeners, reload_config, handler_class, on_ready=notify,
-                    tls_listeners=tls_listeners, tls_context=tls_context)
+                    tls_listeners=tls_listeners, tls_context=tls_context, notifier=notifier,
+                    inherited=inherited is not None)
     try:
         status = master.run()
     except pidfile.PidfileError as exc:
@@ -141,6 +159,8 @@ def _preflight(config: Config, import_handler: bool) -> tuple[Any, Any, type | N
         tls_context = tls.make_context(config.tls_cert, config.tls_key, config.tls_client_ca)
         if config.tls_listen and tls_context is None:
             raise Fatal("tls_listen needs tls_cert and tls_key")
+        if config.limits_backend != "local" and importlib.util.find_spec("redis") is None:
+            raise Fatal("limits_backend = redis needs the redis package: pip install 'prefork-esmtp[redis]'")
         handler_class = load_handler(config.handler) if import_handler else None
         if handler_class is not None:  # -X, --preload and configtest: configured here, before serving
             configure_handler(handler_class, config.handler_options)
@@ -151,10 +171,12 @@ def _preflight(config: Config, import_handler: bool) -> tuple[Any, Any, type | N
 
 def _run_single(config: Config, listeners: list, handler_class: type, ids: Any, tls_context: Any,
                 tls_fds: frozenset[int]) -> None:
+    from prefork_esmtp.limits import Limits, RateTable
     from prefork_esmtp.worker import Worker
 
     privileges.drop(ids)
-    worker = Worker(listeners, handler_class, config, tls_context=tls_context, tls_listeners=tls_fds)
+    worker = Worker(listeners, handler_class, config, tls_context=tls_context, tls_listeners=tls_fds,
+                    limits=Limits(config, rates=RateTable()))
     worker.install_signals()
     signal.signal(signal.SIGUSR1, lambda s, f: reopen_logs())
     log.info("serving with %s.%s in single-process mode (-X), pid %d",

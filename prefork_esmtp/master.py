@@ -16,6 +16,7 @@ import os
 import select
 import signal
 import socket
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,7 +29,9 @@ from prefork_esmtp.boot import BOOT_ERROR, WorkerPlan, run_worker
 from prefork_esmtp.listeners import describe
 from prefork_esmtp.loader import configure_handler, load_handler
 from prefork_esmtp.pool import adaptive_step, max_spare_default
+from prefork_esmtp.limits import RateTable
 from prefork_esmtp.scoreboard import BUSY, IDLE, STARTING, Scoreboard
+from prefork_esmtp.sdnotify import Notifier
 from prefork_esmtp.settings import Config
 
 log = logging.getLogger("prefork_esmtp.master")
@@ -61,8 +64,13 @@ class Master:
     def __init__(self, config: Config, listeners: list[socket.socket],
                  reload_config: Callable[[], Config], handler_class: type | None = None,
                  on_ready: Callable[[str], None] = lambda error: None, *,
-                 tls_listeners: list[socket.socket] = (), tls_context: Any = None) -> None:
+                 tls_listeners: list[socket.socket] = (), tls_context: Any = None,
+                 notifier: Notifier | None = None, inherited: bool = False) -> None:
         self.config = config
+        self.notifier = notifier or Notifier()
+        # Listeners from systemd's socket activation: systemd keeps them for the next start,
+        # so a stop closes our copies but never shuts them down, and `listen` is not ours.
+        self.inherited = inherited
         self.tls_context = tls_context
         self.tls_fds = frozenset(sock.fileno() for sock in tls_listeners)
         listeners = list(listeners) + list(tls_listeners)
@@ -100,6 +108,7 @@ class Master:
         nslots = 2 * max(self.target, self.max_workers if self.adaptive else config.workers) + 8
         board_path = f"{config.pidfile}.scoreboard" if config.pidfile else None
         self.scoreboard = Scoreboard(nslots, board_path)
+        self.rate_table = RateTable()  # made before any fork: every generation shares the counts
         self.wake_r, self.wake_w = os.pipe()
         self.error_r, self.error_w = os.pipe()
         for fd in (self.wake_r, self.wake_w, self.error_r):
@@ -128,6 +137,7 @@ class Master:
             log.info("reload ignored: %s", "stopping" if self.stop_deadline else "a reload is in progress")
             return
         log.info("reloading (generation %d)", self.generation)
+        self.notifier.reloading()
         try:
             config = self.reload_config()
             handler_class = None  # without --preload each new worker imports and configures it
@@ -139,7 +149,7 @@ class Master:
         except Exception as exc:  # SettingError, Fatal, HandlerLoadError, PrivilegeError
             self._reload_failed(str(exc))
             return
-        if [str(a) for a in config.listen + config.tls_listen] != \
+        if not self.inherited and [str(a) for a in config.listen + config.tls_listen] != \
                 [str(a) for a in self.config.listen + self.config.tls_listen]:
             log.warning("reload: listen addresses changed; keeping %s until a restart",
                         self.listener_text)
@@ -208,6 +218,9 @@ class Master:
         self.init_signals()
         if self.config.pidfile:
             pidfile.write(self.config.pidfile, self.pid)
+        # OpenSSL sets up its global tables on the first context: do it here, once, so workers
+        # that make a TLS client context (the relay's STARTTLS upstream) share them.
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         gc.collect()
         gc.freeze()  # what the master has built so far stays shared with the workers
         self._publish()
@@ -222,6 +235,7 @@ class Master:
                     name = SIGNALS[self.queue.pop(0)]
                     getattr(self, f"handle_{name}")()
                 self.reap()
+                self.notifier.watchdog()  # this loop turns: signals handled, children reaped
                 if self.stop_deadline is not None:
                     self._continue_stop()
                     continue
@@ -236,7 +250,7 @@ class Master:
 
     def _sleep(self) -> None:
         try:
-            ready, _, _ = select.select([self.wake_r], [], [], 1.0)
+            ready, _, _ = select.select([self.wake_r], [], [], self.notifier.wait_limit(1.0))
         except InterruptedError:
             return
         if ready:
@@ -253,6 +267,22 @@ class Master:
         current = sum(1 for c in self.children.values() if c.generation == self.generation)
         setproctitle(f"prefork-esmtp: master [gen {self.generation}] {current} workers, "
                      f"listening on {listeners}")
+        if self.booted and self.reloading is None and self.stop_deadline is None:
+            self.notifier.status(self._status_text())
+
+    def _status_text(self) -> str:
+        """One line for systemd's STATUS=: the serving generation, its workers busy and idle."""
+        states = [self.scoreboard.slot(c.slot).state for c in self.children.values()
+                  if c.generation == self.generation and not c.retiring]
+        busy, idle = states.count(BUSY), states.count(IDLE)
+        text = (f"generation {self.generation}: {len(states)} worker{'' if len(states) == 1 else 's'}, "
+                f"{busy} busy, {idle} idle")
+        retiring = len(self.children) - len(states)
+        if retiring:
+            text += f", {retiring} retiring"
+        if self.last_error:
+            text += f"; last reload failed: {self.last_error}"
+        return text
 
     def _shutdown(self) -> None:
         for child in list(self.children.values()):
@@ -308,6 +338,7 @@ class Master:
                 master_pid=self.pid, slot=slot, generation=self.generation, config=self.config,
                 handler_class=self.handler_class, ids=self.ids, listeners=self.listeners,
                 tls_context=self.tls_context, tls_fds=self.tls_fds, scoreboard=self.scoreboard,
+                rate_table=self.rate_table,
                 wake_fd=self.wake_w, error_fd=self.error_w, master_fds=(self.wake_r, self.error_r),
                 signals=frozenset(SIGNALS)))
         self.scoreboard.set_pid(slot, pid)
@@ -452,6 +483,7 @@ class Master:
                 self.booted = True
                 log.info("ready: generation %d serving", self.generation)
                 self.on_ready("")
+                self.notifier.ready(self._status_text())
                 return
 
     def _check_reload(self) -> None:
@@ -470,11 +502,13 @@ class Master:
         self.reloads += 1
         self.last_error = ""
         log.info("reloaded: generation %d serving, generation %d retiring", self.generation, old_generation)
+        self.notifier.ready(self._status_text())
 
     def _reload_failed(self, message: str) -> None:
         log.error("reload failed, generation %d keeps serving: %s", self.generation, message)
         self.reloads += 1
         self.last_error = message
+        self.notifier.ready(self._status_text())  # the reload is over; the status says it failed
         self._publish()
 
     def _abort_reload(self, message: str) -> None:
@@ -501,15 +535,19 @@ class Master:
         if self.stop_deadline is not None and sig == signal.SIGTERM:
             return
         log.info("%s: signalling %d workers", why, len(self.children))
+        self.notifier.stopping(f"{why}: {self.fatal}" if self.fatal else why)
         self.stop_deadline = time.monotonic() + seconds
         for sock in self.listeners:
             # Workers still in a session hold copies of the listener; closing ours alone would
             # leave it accepting into a backlog nobody serves.  Shutting it down stops listening
             # in every process: new clients are refused at once (and can try another MX).
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+            # Not so with socket activation: the socket is systemd's, shared with its copy, and
+            # must keep listening; clients queue in its backlog for the next start.
+            if not self.inherited:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
             sock.close()
         self._signal_all(sig)
 

@@ -87,6 +87,8 @@ BAD_COMMAND_LF = Reply(500, "5.5.2", "Error: bare LF in command; lines must end 
 PIPELINING_ABUSE = Reply(554, "5.5.0", "%s Error: improper use of SMTP command pipelining", counts=False, closes=True)
 TOO_MANY_JUNK = Reply(421, "4.7.0", "%s Error: too many NOOP, RSET, VRFY, EXPN or HELP commands")
 TOO_MANY_FROM_IP = Reply(421, "4.7.0", "%s Error: too many connections from your address")
+RATE_MESSAGES = Reply(450, "4.7.1", "Error: too many messages from your address; try again later", counts=False)
+RATE_RECIPIENTS = Reply(450, "4.7.1", "Error: too many recipients from your address; try again later", counts=False)
 DATA_TOO_SLOW = Reply(421, "4.4.2", "%s Error: data rate too low")
 # TLS (RFC 3207, 8314)
 SYNTAX_STARTTLS = Reply(501, "5.5.4", "Syntax: STARTTLS")

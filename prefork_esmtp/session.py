@@ -22,6 +22,7 @@ from typing import Any
 from prefork_esmtp import replies as R
 from prefork_esmtp.auth import AUTH_KEYWORD, Auth
 from prefork_esmtp.connection import Connection, StopSession
+from prefork_esmtp.limits import Limits
 from prefork_esmtp.reader import CommandTooSlow, DataTooSlow, LineTooLong, ReadTimeout, SessionTooLong
 from prefork_esmtp.reporter import NO_REPORTER, Reporter
 from prefork_esmtp.settings import Config
@@ -50,13 +51,15 @@ class Session:
 
     def __init__(self, sock: socket.socket, peer: Any, handler_class: type, config: Config,
                  stopping: Callable[[], bool] = lambda: False, reporter: Reporter = NO_REPORTER, *,
-                 tls_context: ssl.SSLContext | None = None, implicit_tls: bool = False) -> None:
+                 tls_context: ssl.SSLContext | None = None, implicit_tls: bool = False,
+                 limits: Limits | None = None) -> None:
         self.config = config
         self.hostname = config.hostname
         self.stopping = stopping
         self.tls_context = tls_context
         self.implicit_tls = implicit_tls
-        self.ip_sessions = reporter.sessions_from
+        self.limits = limits if limits is not None else Limits(config, reporter.sessions_from)
+        self.counted_ip: str | None = None  # counted by the per-address session limit: forget at the end
         self.conn = conn = Connection(sock, peer, config, reporter.check_in, stopping)
         self.state = ConnectionState(peer=conn.peer, local=conn.local, hostname=config.hostname)
         self.errors = 0
@@ -74,7 +77,7 @@ class Session:
         handler._esmtp_check_in = reporter.check_in
         attach(handler, self.state)
         self.handler = handler
-        self.transaction = Transaction(handler, self.state, conn, config)
+        self.transaction = Transaction(handler, self.state, conn, config, self.limits)
         self.auth = Auth(handler, self.state, conn, config)
 
     # -- the loop -------------------------------------------------------------
@@ -124,6 +127,8 @@ class Session:
             log.debug("client %s gone: %s", conn.who, exc)
         finally:
             conn.shutdown(linger)
+            if self.counted_ip is not None:
+                self.limits.session_closed(self.counted_ip)
             try:
                 self.handler.DISCONNECT()
             except Exception:
@@ -144,12 +149,13 @@ class Session:
         """Before the greeting: implicit TLS, the per-IP limit (a client that talks first: _greet)."""
         if self.implicit_tls and not self._start_tls():
             return False
-        peer = self.conn.peer
-        if self.ip_sessions is not None and self.config.max_sessions_per_ip and peer:
-            if self.ip_sessions(peer[0]) > self.config.max_sessions_per_ip:
+        peer = self.state.peer
+        if self.config.max_sessions_per_ip and peer:
+            if self.limits.session_opened(peer[0]):
                 log.info("too many sessions from %s", peer[0])
                 self._answer(R.TOO_MANY_FROM_IP.format(self.hostname))
                 return False
+            self.counted_ip = peer[0]
         return True
 
     def _greet(self) -> None:

@@ -166,6 +166,14 @@ def parse_handler_option(value: Any) -> tuple[str, str]:
     return key, option
 
 
+def parse_limits_backend(value: Any) -> str:
+    """``local``, or a ``redis://`` / ``rediss://`` / ``unix://`` URL of a Redis server."""
+    text = parse_str(value)
+    if text == "local" or re.fullmatch(r"(rediss?|unix)://\S+", text):
+        return text
+    raise SettingError(f"expected local or a redis://host:port/db URL, got {text!r}")
+
+
 def choice(*options: str) -> Callable[[Any], str]:
     """A parser for one of ``options`` (case-insensitive)."""
 
@@ -264,7 +272,11 @@ SETTINGS: list[Setting] = [
     Setting("min_data_rate", _int(0), 500, "During DATA/BDAT the client must average at least this many octets per second (after min_data_rate_grace), else 421; 0 turns it off.", "abuse", metavar="OCTETS"),
     Setting("min_data_rate_grace", parse_nonnegative_seconds, 10.0, "Seconds at the start of each DATA/BDAT transfer before min_data_rate applies.", "abuse", metavar="SECONDS"),
     Setting("max_junk_commands", _int(1), 100, "NOOP, RSET, VRFY, EXPN and HELP commands per session before 421 and close.", "abuse", metavar="N"),
-    Setting("max_sessions_per_ip", _int(0), 0, "Concurrent sessions from one client IP across all workers; more get 421 4.7.0 (0: no limit).", "abuse", metavar="N"),
+    Setting("max_sessions_per_ip", _int(0), 0, "Concurrent sessions from one client IP across all workers (and hosts with limits_backend); more get 421 4.7.0 (0: no limit).", "abuse", metavar="N"),
+    Setting("max_messages_per_ip", _int(0), 0, "MAIL commands from one client address per limits_window, across workers (and hosts with limits_backend); more get 450 4.7.1 (0: no limit).", "abuse", metavar="N"),
+    Setting("max_recipients_per_ip", _int(0), 0, "RCPT commands from one client address per limits_window, across workers (and hosts with limits_backend); more get 450 4.7.1 (0: no limit).", "abuse", metavar="N"),
+    Setting("limits_window", parse_seconds, 60.0, "The time window of max_messages_per_ip and max_recipients_per_ip, in seconds.", "abuse", metavar="SECONDS"),
+    Setting("limits_backend", parse_limits_backend, "local", "Where the per-address limits count: local (this host's workers share memory) or redis://host:port/db (every host using that Redis shares them; Redis down: limits fail open).", "abuse", metavar="URL"),
     Setting("soft_error_limit", _int(1), 10, "After this many errors in a session, wait error_sleep before each error reply.", "abuse", metavar="N"),
     Setting("error_sleep", parse_nonnegative_seconds, 1.0, "Seconds to wait before each error reply once past soft_error_limit.", "abuse", metavar="SECONDS"),
     # logging

@@ -19,6 +19,7 @@ from prefork_esmtp.addresses import AddressError, parse_path_argument
 from prefork_esmtp.connection import Connection
 from prefork_esmtp.dotdata import DotDecoder
 from prefork_esmtp.intake import MessageIntake
+from prefork_esmtp.limits import Limits
 from prefork_esmtp.settings import Config
 from prefork_esmtp.state import ConnectionState, Envelope, attach
 
@@ -37,8 +38,10 @@ def bdat_arguments(arg: str) -> tuple[int, bool] | None:
 class Transaction:
     """The envelope and the message under way for one session."""
 
-    def __init__(self, handler: Any, state: ConnectionState, conn: Connection, config: Config) -> None:
+    def __init__(self, handler: Any, state: ConnectionState, conn: Connection, config: Config,
+                 limits: Limits | None = None) -> None:
         self.handler = handler
+        self.limits = limits if limits is not None else Limits(config)
         self.state = state
         self.conn = conn
         self.config = config
@@ -77,6 +80,9 @@ class Transaction:
             problem = R.NON_ASCII_ADDRESS
         if problem is not None:
             return problem
+        if self.state.peer and self.limits.message(self.state.peer[0]):
+            log.info("too many messages from %s", self.state.peer[0])
+            return R.RATE_MESSAGES
         env.sender, env.mail_params = address, params
         reply = R.call_hook(self.handler, "MAIL", self.conn.who, address)
         if not 200 <= reply.code < 300:
@@ -101,6 +107,9 @@ class Transaction:
             return problem
         if len(env.recipients) >= self.config.max_recipients:
             return R.TOO_MANY_RECIPIENTS
+        if self.state.peer and self.limits.recipient(self.state.peer[0]):
+            log.info("too many recipients from %s", self.state.peer[0])
+            return R.RATE_RECIPIENTS
         env.rcpt_params = params
         reply = R.call_hook(self.handler, "RCPT", self.conn.who, address)
         if 200 <= reply.code < 300:

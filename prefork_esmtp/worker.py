@@ -19,6 +19,7 @@ import socket
 from typing import Any
 
 from prefork_esmtp.reporter import NO_REPORTER, Reporter
+from prefork_esmtp.limits import Limits
 from prefork_esmtp.session import Session
 from prefork_esmtp.settings import Config
 
@@ -34,8 +35,10 @@ class Worker:
 
     def __init__(self, listeners: list[socket.socket], handler_class: type, config: Config,
                  max_sessions: int = 0, reporter: Reporter = NO_REPORTER, *,
-                 tls_context: Any = None, tls_listeners: frozenset[int] = frozenset()) -> None:
+                 tls_context: Any = None, tls_listeners: frozenset[int] = frozenset(),
+                 limits: Limits | None = None) -> None:
         self.listeners = listeners
+        self.limits = limits if limits is not None else Limits(config, reporter.sessions_from)
         self.tls_context = tls_context
         self.tls_listeners = tls_listeners  # fds of implicit-TLS listeners
         self.handler_class = handler_class
@@ -162,7 +165,8 @@ class Worker:
             pass
         try:
             self.session = Session(conn, peer, self.handler_class, self.config, self.stopping,
-                                   self.reporter, tls_context=self.tls_context, implicit_tls=implicit_tls)
+                                   self.reporter, tls_context=self.tls_context, implicit_tls=implicit_tls,
+                                   limits=self.limits)
         except Exception:
             log.exception("cannot start a session for %s (handler constructor failed?)", peer)
             try:

@@ -85,19 +85,24 @@ class Relay(ESMTPHandler):
 
     @classmethod
     def _make_tls_context(cls) -> ssl.SSLContext | None:
+        """The client context for STARTTLS upstream; the system CA store is loaded only when it is used."""
         if cls.tls_mode == "none":
             return None
-        context = ssl.create_default_context()
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         if cls.tls_mode == "opportunistic":
-            # Better than plaintext against a passive listener; no identity to check (RFC 7435).
+            # Better than plaintext against a passive listener; no identity to check (RFC 7435),
+            # so no CA store either (loading it costs each worker megabytes).
             context.check_hostname = False
             context.verify_mode = ssl.CERT_NONE
-        elif cls.tls_ca:
-            try:
+            return context
+        try:
+            if cls.tls_ca:
                 context.load_verify_locations(cafile=cls.tls_ca)
-            except (OSError, ssl.SSLError) as exc:
-                raise HandlerConfigError(f"tls_ca: cannot load {cls.tls_ca}: {exc}") from None
+            else:
+                context.load_default_certs()
+        except (OSError, ssl.SSLError) as exc:
+            raise HandlerConfigError(f"tls_ca: cannot load {cls.tls_ca or 'the system CAs'}: {exc}") from None
         return context
 
     # -- the upstream session ---------------------------------------------------------
