@@ -187,7 +187,7 @@ class SMTPClient:
                                               f"{exc.strerror or exc}") from None
         sock.settimeout(self.timeout)
         self.sock = sock
-        return self.read_reply()
+        return self.read_reply(self.connect_timeout)  # the greeting, within the connect timeout
 
     def close(self) -> None:
         """Close the connection at once (nothing half-sent is delivered: no end-of-data went out)."""

@@ -36,7 +36,8 @@ from typing import Any
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 10.0
 
-_LISTENING = re.compile(r"listening on (?:\[[^\]]+\]|[\d.]+):(\d+)( \(implicit TLS\))?$", re.M)
+#: The master's "listening on HOST:PORT" lines, in text logs or as a JSON message (--log-format json).
+_LISTENING = re.compile(r"listening on (?:\[[^\]]+\]|[\d.]+):(\d+)( \(implicit TLS\))?(?=$|\")", re.M)
 _READY = ("serving with", "ready: generation")
 
 
