@@ -41,6 +41,10 @@ IDLE_USS_TARGET = 3 * MIB
 #: looser bound, say 10 MiB, would pass a relay that buffers every message); streaming grew by
 #: 0.2-0.6 MiB when tried (allocator arenas and fragmentation, flat from 1 MB to 10 MB messages).
 RELAY_GROWTH_TARGET = 1 * MIB
+#: A large pool (``--pool-workers``): seconds from ``start`` to every worker idle, and the
+#: idle master and workers' CPU in percent of one core.
+POOL_READY_TARGET = 3.0
+POOL_IDLE_CPU_TARGET = 1.0
 WORKLOAD_NAMES = {"conn": "connection per message", "persist": "persistent sessions",
                   "big": "1 MB messages", "relay": "relay, connection per message",
                   "relay-big": "relay, 1 MB messages"}
@@ -82,7 +86,8 @@ def machine() -> dict[str, str]:
 
 def render(args: argparse.Namespace, workloads: list[Workload], servers: list[Server],
            bench_uss: list[int], idle_rows: list[dict[str, Any]], herd_rows: list[dict[str, Any]],
-           started: datetime.datetime, elapsed: float, relay_mem: dict[str, Any] | None = None) -> str:
+           started: datetime.datetime, elapsed: float, relay_mem: dict[str, Any] | None = None,
+           pool_rows: list[dict[str, Any]] | None = None) -> str:
     """The whole report except the profile section, as markdown."""
     m = machine()
     by_key = {s.key: s for s in servers}
@@ -139,7 +144,8 @@ def render(args: argparse.Namespace, workloads: list[Workload], servers: list[Se
     for wl_key, peer, need in RATIO_TARGETS:
         wl = wl_by_key.get(wl_key)
         if wl is None:
-            w(f"| {WORKLOAD_NAMES[wl_key]}: ≥ {need:g}× {peer} | workload not run (`--no-relay`) | n/a |")
+            w(f"| {WORKLOAD_NAMES[wl_key]}: ≥ {need:g}× {peer} | workload not run (`--no-relay` or "
+              f"`--only`) | n/a |")
             continue
         subject = ours[wl.group]
         unit = "MB/s" if wl.big else "msgs/s"
@@ -173,6 +179,17 @@ def render(args: argparse.Namespace, workloads: list[Workload], servers: list[Se
         w(f"| {relay_label} | run failed: {relay_mem['error'] or 'no worker measured'} | FAIL |")
     else:
         w(f"| {relay_label} | not measured | n/a |")
+    for r in pool_rows or []:
+        n = f"{r['workers']:,}"
+        if not r["ok"] and "idle_cpu_pct" not in r:
+            w(f"| `start --workers {n}` to all {n} workers accepting < {POOL_READY_TARGET:g} s | "
+              f"failed: {r['error']} | FAIL |")
+            continue
+        w(f"| `start --workers {n}` to all {n} workers accepting < {POOL_READY_TARGET:g} s | "
+          f"**{r['ready_s']:.2f} s** | {'PASS' if r['ok'] and r['ready_s'] < POOL_READY_TARGET else 'FAIL'} |")
+        w(f"| CPU of {n} idle workers and their master over {r['idle_window_s']:.0f} s "
+          f"< {POOL_IDLE_CPU_TARGET:g}% of a core | **{r['idle_cpu_pct']:.2f}%** | "
+          f"{'PASS' if r['idle_cpu_pct'] < POOL_IDLE_CPU_TARGET else 'FAIL'} |")
     w("")
 
     # main table
@@ -305,6 +322,31 @@ def render(args: argparse.Namespace, workloads: list[Workload], servers: list[Se
           "connection in shared mode (in the kernel: epoll re-checks the listener and most go back to "
           "sleep without returning, which shows as context switches rather than accept calls). "
           "EPOLLEXCLUSIVE (the default) wakes one.")
+    w("")
+
+    # large pool
+    w("## A large pool: start-up time and idle cost")
+    w("")
+    if not pool_rows:
+        w("Not measured in this run (`--no-pool`).")
+    else:
+        w("A fresh server per pool size (same flags as above plus `--pidfile`), no client at all. "
+          "Ready: seconds from spawning `prefork-esmtp start --workers N` until N workers report idle "
+          "on the scoreboard (a worker does so just before it blocks in `epoll_wait` on the listeners; "
+          "read from the `--pidfile`'s scoreboard file every 50 ms), then one 220 greeting is checked. "
+          "Idle: after a 2-second settle, the CPU of the master and every worker (schedstat runtime) "
+          "and their voluntary context switches (each one a sleep, so a wake-up) over the window.")
+        w("")
+        w("| workers | first worker idle | all idle | idle CPU (% of a core) | wake-ups/s (all processes) |"
+          " window | ok |")
+        w("|--:|--:|--:|--:|--:|--:|---|")
+        for r in pool_rows:
+            if "ready_s" not in r:
+                w(f"| {r['workers']:,} | | | | | | failed: {r['error']} |")
+                continue
+            w(f"| {r['workers']:,} | {r['first_s']:.2f} s | {r['ready_s']:.2f} s | "
+              f"{fmt(r.get('idle_cpu_pct'), 2)} | {fmt(r.get('wakeups_per_s'), 1)} | "
+              f"{fmt(r.get('idle_window_s'))} s | {'yes' if r['ok'] else 'no'} |")
     w("")
     return "\n".join(lines)
 
