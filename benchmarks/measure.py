@@ -499,12 +499,10 @@ def herd(args: argparse.Namespace, conn: Workload, workdir: Path) -> list[dict[s
                 row["ctx_per_conn_psutil"] = (after - before) / n
                 if use_perf:
                     c = perf_count(pids, lambda: drive(srv, conn, n, args.run_timeout), workdir)
-                    # idle workers also return from epoll_wait once per TICK (1 s) with nothing
                     row["accept4_per_conn"] = c.get("syscalls:sys_enter_accept4", 0) / n
                     row["failed_accept_per_conn"] = c.get("syscalls:sys_exit_accept4", 0) / n
                     row["epoll_per_conn"] = (c.get("syscalls:sys_enter_epoll_wait", 0)
                                              + c.get("syscalls:sys_enter_epoll_pwait", 0)) / n
-                    row["epoll_idle_ticks_per_conn"] = n_workers * c["window"] / n
                     row["cs_per_conn"] = c.get("context-switches", 0) / n
                 results.append(row)
         finally:
