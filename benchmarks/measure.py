@@ -535,8 +535,8 @@ def _idle_slots(board_path: str) -> tuple[int, set[int]]:
         board = Scoreboard.open(board_path)
     except (OSError, ValueError):
         return 0, set()
-    slots = board.slots()
-    return sum(1 for s in slots if s.state == IDLE), {s.pid for s in slots}
+    slots = [board.slot(i) for i in range(board.nslots)]  # also those whose pid the master has yet to note
+    return sum(1 for s in slots if s.state == IDLE), {s.pid for s in slots if s.pid}
 
 
 def _wakeups(procs: list[psutil.Process]) -> int:

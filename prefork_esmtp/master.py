@@ -33,6 +33,7 @@ from prefork_esmtp.pool import adaptive_step, max_spare_default
 from prefork_esmtp.limits import RateTable
 from prefork_esmtp.scoreboard import BUSY, IDLE, STARTING, Scoreboard
 from prefork_esmtp.sdnotify import Notifier
+from prefork_esmtp.warmup import warm_up
 from prefork_esmtp.settings import Config
 
 log = logging.getLogger("prefork_esmtp.master")
@@ -244,6 +245,7 @@ class Master:
         # OpenSSL sets up its global tables on the first context: do it here, once, so workers
         # that make a TLS client context (the relay's STARTTLS upstream) share them.
         ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        warm_up(self.config)
         gc.collect()
         gc.freeze()  # what the master has built so far stays shared with the workers
         self._publish()
