@@ -100,10 +100,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def greets(port: int, timeout: float = 2.0) -> bool:
-    """Whether a connection to the port gets a 220 greeting (then QUIT politely)."""
+def greets(port: int, timeout: float = 2.0, preamble: bytes = b"") -> bool:
+    """Whether a connection to the port gets a 220 greeting (then QUIT politely).
+
+    ``preamble`` is sent first (a PROXY protocol header for a server that expects one).
+    """
     try:
         with socket.create_connection((HOST, port), timeout=timeout) as s:
+            if preamble:
+                s.sendall(preamble)
             data = b""
             while b"\n" not in data:
                 chunk = s.recv(512)

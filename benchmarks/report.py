@@ -19,6 +19,7 @@ from typing import Any
 import psutil
 
 from measure import MIB, Workload, fmt_mib, median, summarize
+from production import MODES, summary
 from servers import Server
 
 PROFILE_BEGIN = "<!-- profile:begin -->"
@@ -45,6 +46,11 @@ RELAY_GROWTH_TARGET = 1 * MIB
 #: idle master and workers' CPU in percent of one core.
 POOL_READY_TARGET = 3.0
 POOL_IDLE_CPU_TARGET = 1.0
+#: Reload under load: msgs/s of a run with RELOAD_HUPS HUPs at least this share of one without,
+#: and no session refused or cut, no message lost.
+RELOAD_RATE_TARGET = 0.9
+#: Behind HAProxy with the PROXY protocol: msgs/s at least this share of direct (at most 10% below).
+HAPROXY_RATE_TARGET = 0.9
 WORKLOAD_NAMES = {"conn": "connection per message", "persist": "persistent sessions",
                   "big": "1 MB messages", "relay": "relay, connection per message",
                   "relay-big": "relay, 1 MB messages"}
@@ -87,7 +93,7 @@ def machine() -> dict[str, str]:
 def render(args: argparse.Namespace, workloads: list[Workload], servers: list[Server],
            bench_uss: list[int], idle_rows: list[dict[str, Any]], herd_rows: list[dict[str, Any]],
            started: datetime.datetime, elapsed: float, relay_mem: dict[str, Any] | None = None,
-           pool_rows: list[dict[str, Any]] | None = None) -> str:
+           ops: dict[str, Any] | None = None, pool_rows: list[dict[str, Any]] | None = None) -> str:
     """The whole report except the profile section, as markdown."""
     m = machine()
     by_key = {s.key: s for s in servers}
@@ -179,6 +185,7 @@ def render(args: argparse.Namespace, workloads: list[Workload], servers: list[Se
         w(f"| {relay_label} | run failed: {relay_mem['error'] or 'no worker measured'} | FAIL |")
     else:
         w(f"| {relay_label} | not measured | n/a |")
+    lines += ops_targets(ops)
     for r in pool_rows or []:
         n = f"{r['workers']:,}"
         if not r["ok"] and "idle_cpu_pct" not in r:
@@ -277,6 +284,8 @@ def render(args: argparse.Namespace, workloads: list[Workload], servers: list[Se
           f"after 2 KB messages only, so a buffer or heap a large message leaves behind counts as growth.")
     w("")
 
+    lines += ops_section(ops)
+
     # herd
     w("## Accept herd: `--accept-mode exclusive` vs `shared`")
     w("")
@@ -300,7 +309,8 @@ def render(args: argparse.Namespace, workloads: list[Workload], servers: list[Se
         for r in herd_rows:
             w(f"| {r['workers']} | {r['mode']} | {fmt(r['rate'])} | {fmt(r['lo'])} – {fmt(r['hi'])} | "
               f"{fmt(r['cpu_us'])} | {fmt(r.get('accept4_per_conn'), 2)} | "
-              f"{fmt(r.get('failed_accept_per_conn'), 2)} | {fmt(r.get('epoll_per_conn'), 2)} | {fmt(r.get('cs_per_conn'), 1)} | "
+              f"{fmt(r.get('failed_accept_per_conn'), 2)} | {fmt(r.get('epoll_per_conn'), 2)} | "
+              f"{fmt(r.get('cs_per_conn'), 1)} | "
               f"{fmt(r.get('ctx_per_conn_psutil'), 1)} |")
         w("")
         for n_workers in sorted({r["workers"] for r in herd_rows}):
@@ -348,6 +358,118 @@ def render(args: argparse.Namespace, workloads: list[Workload], servers: list[Se
               f"{fmt(r.get('idle_window_s'))} s | {'yes' if r['ok'] else 'no'} |")
     w("")
     return "\n".join(lines)
+
+
+def _counts(st: dict[str, Any]) -> str:
+    """Sessions refused / cut / messages lost, summed over runs ("?" when a run stopped early)."""
+    return f"{st['refused']} / {st['cut']} / {'?' if st['lost'] is None else st['lost']}"
+
+
+def _seconds(st: dict[str, Any]) -> str:
+    """Median and longest time from a HUP to the master's READY=1."""
+    if st["reload_seconds"] is None:
+        return "n/a"
+    return f"{st['reload_seconds']:.2f} / {st['reload_seconds_max']:.2f} s"
+
+
+def _clean(st: dict[str, Any]) -> bool:
+    """Every run served every session: nothing refused, cut, rejected or lost, every HUP a reload."""
+    return st["n_fail"] == 0 and st["n_ok"] > 0
+
+
+def ops_targets(ops: dict[str, Any] | None) -> list[str]:
+    """The target rows of the reload and HAProxy figures."""
+    hups = ops["hups"] if ops else 5
+    names = {
+        "counts": f"reload under load, {hups} HUPs per run: sessions refused / cut / messages lost = "
+                  f"0 / 0 / 0, every HUP a finished reload",
+        "reload": f"reload under load: msgs/s with {hups} HUPs ≥ {RELOAD_RATE_TARGET:.0%} of without",
+        "haproxy": f"behind HAProxy (`send-proxy-v2`, `--proxy-protocol`): msgs/s ≥ "
+                   f"{HAPROXY_RATE_TARGET:.0%} of direct, 0 / 0 / 0 refused / cut / lost",
+    }
+    if not ops:
+        return [f"| {names[k]} | not measured (`--no-reload --no-haproxy`) | n/a |" for k in names]
+    st = {m: summary(runs) for m, runs in ops["runs"].items() if runs}
+    rows = []
+    direct = st.get("direct")
+    rel = st.get("reloads")
+    if rel is None:
+        why = ops["not_run"].get("reloads", "no run")
+        rows += [f"| {names['counts']} | not run ({why}) | n/a |", f"| {names['reload']} | not run ({why}) | n/a |"]
+    else:
+        rows.append(f"| {names['counts']} | **{_counts(rel)}** over {rel['n_ok'] + rel['n_fail']} runs "
+                    f"({rel['messages']:,} messages); {rel['hups']}/{rel['planned_hups']} HUPs sent, "
+                    f"{rel['reloads']} reloads over ({rel['reload_failures']} failed)"
+                    + (f", {rel['rejected']} other rejections" if rel["rejected"] else "")
+                    + f" | {'PASS' if _clean(rel) else 'FAIL'} |")
+        rows.append(_rate_row(names["reload"], rel, direct, RELOAD_RATE_TARGET, "without"))
+    hap = st.get("haproxy")
+    if hap is None:
+        rows.append(f"| {names['haproxy']} | not run ({ops['not_run'].get('haproxy', 'no run')}) | n/a |")
+    else:
+        rows.append(_rate_row(names["haproxy"], hap, direct, HAPROXY_RATE_TARGET, "direct"))
+    return rows
+
+
+def _rate_row(name: str, st: dict[str, Any], direct: dict[str, Any] | None, need: float, ref: str) -> str:
+    """A ratio row: median msgs/s against the direct runs', failing also when a run of either failed."""
+    if direct is None or not direct["rate"] or not st["rate"]:
+        return f"| {name} | no successful run | FAIL |"
+    ratio = st["rate"] / direct["rate"]
+    clean = _clean(st) and _clean(direct)
+    note = "" if clean else (f"; failed runs: this {st['n_fail']}, {ref} {direct['n_fail']} "
+                             f"(refused / cut / lost {_counts(st)}, {ref} {_counts(direct)})")
+    return (f"| {name} | {fmt(st['rate'])} vs {fmt(direct['rate'])} ({ref}) = **{ratio:.0%}**{note} | "
+            f"{'PASS' if ratio >= need and clean else 'FAIL'} |")
+
+
+def ops_section(ops: dict[str, Any] | None) -> list[str]:
+    """The section of the reload and HAProxy figures: how they were run and a row per way of serving."""
+    out = ["## Reload under load and behind HAProxy", ""]
+    if not ops:
+        out += ["Not measured in this run (`--no-reload --no-haproxy`).", ""]
+        return out
+    out.append(
+        f"The connection-per-message load (`smtp-source -A -C 100 -c -s {ops['sessions']} -m "
+        f"{ops['messages']} -l {ops['size']}`) against prefork-esmtp {ops.get('version', '')} with a "
+        f"benchmark handler that records each message it accepts before its 250 "
+        f"(`benchmarks/counting_handler.py`), same flags as above otherwise; runs interleaved, after "
+        f"one unrecorded warm-up run each. **direct**: no reload. **{ops['hups']} HUPs**: the same "
+        f"server, the k-th HUP sent once k/{ops['hups'] + 1} of the messages are out (smtp-source's "
+        f"`-c` counter) and the previous reload is over (the master's `READY=1` on a `NOTIFY_SOCKET` "
+        f"the benchmark listens on). **HAProxy**: a second such server with `--proxy-protocol` behind "
+        f"HAProxy {ops.get('haproxy_version', '')} (TCP mode, `server ... send-proxy-v2`, default "
+        f"threads, no health checks), on the same machine: its CPU competes for the same cores.")
+    out.append("")
+    out.append("Refused: a connection refused, a non-2xx greeting or a connection lost before it. Cut: a "
+               "421 to a command or a connection lost mid-session (smtp-source stops at the first lost "
+               "connection: the counts are then lower bounds). Lost: acknowledged with 250 but not "
+               "recorded by the handler (\"?\" when smtp-source stopped early).")
+    out.append("")
+    out.append("| run | msgs/s (median) | min – max | prefork-esmtp CPU µs/msg | HAProxy CPU µs/msg | "
+               "HUPs sent / reloads over | HUP to READY, median / max | refused / cut / lost | runs ok/failed |")
+    out.append("|---|--:|--:|--:|--:|--:|--:|--:|--:|")
+    labels = {"direct": "direct", "reloads": f"{ops['hups']} HUPs during the run",
+              "haproxy": "through HAProxy (PROXY v2)"}
+    errors = []
+    for mode in MODES:
+        runs = ops["runs"].get(mode) or []
+        if not runs:
+            why = ops["not_run"].get(mode)
+            if why:
+                out.append(f"| {labels[mode]} | not run: {why} | | | | | | | |")
+            continue
+        st = summary(runs)
+        out.append(f"| {labels[mode]} | {fmt(st['rate'])} | {fmt(st['lo'])} – {fmt(st['hi'])} | "
+                   f"{fmt(st['cpu_us'])} | {fmt(st['proxy_cpu_us']) if mode == 'haproxy' else '—'} | "
+                   f"{str(st['hups']) + ' / ' + str(st['reloads']) if mode == 'reloads' else '—'} | "
+                   f"{_seconds(st) if mode == 'reloads' else '—'} | "
+                   f"{_counts(st)} | {st['n_ok']}/{st['n_fail']} |")
+        errors += [f"{labels[mode]}: {e}" for e in st["errors"]]
+    if errors:
+        out += ["", "smtp-source said: " + "; ".join(errors[:6])]
+    out.append("")
+    return out
 
 
 def write_results(path: Path, body: str) -> None:

@@ -2,7 +2,7 @@
 """Side-by-side benchmark of prefork-esmtp against aiosmtpd, Postfix's smtp-sink and Haraka.
 
     .venv/bin/python benchmarks/run.py            # full run (make bench), ~7 minutes
-    .venv/bin/python benchmarks/run.py --quick    # smoke run, well under a minute
+    .venv/bin/python benchmarks/run.py --quick    # smoke run, about a minute
 
 One run starts every server side by side on loopback, each accepting and
 discarding mail, then drives each one with Postfix's ``smtp-source`` in three
@@ -21,6 +21,11 @@ smtp_forward, both forwarding to one shared ``smtp-sink`` upstream:
   repetitions one such run on a fresh relay server, warmed up with 2 KB
   messages, measures the relay workers' peak memory against the same workers
   idle before it.
+
+Then, with a handler that records every message it accepts
+(``production.py``), the connection-per-message load three ways, every
+session accounted for (refused, cut, lost): direct, with 5 HUPs during the
+run, and through a real HAProxy sending the PROXY protocol v2 header.
 
 For each run it records the wall time of ``smtp-source`` and the user+system
 CPU time of the server's whole process tree (psutil, before and after; the
@@ -45,8 +50,9 @@ when absent; Haraka is npm-installed into a cache directory outside the repo).
 This file is the command line and the order of the phases; the parts live
 beside it: ``servers.py`` (how each server is installed, started and stopped),
 ``measure.py`` (smtp-source runs, CPU and memory accounting, the accept herd),
-``report.py`` (targets and RESULTS.md) and ``procs.py`` (the processes started
-and their clean-up).
+``production.py`` (reload under load, behind HAProxy), ``report.py``
+(targets and RESULTS.md) and ``procs.py`` (the processes started and their
+clean-up).
 """
 
 from __future__ import annotations
@@ -64,6 +70,7 @@ from pathlib import Path
 from typing import Any
 
 import measure
+import production
 import report
 import servers as peers
 from procs import end_all, log, on_signal
@@ -104,12 +111,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="connections counted with perf per herd mode")
     p.add_argument("--only", default="",
                    help="comma-separated phases to run, of: side-by-side (the workloads, their worker "
-                        "memory and the relay memory run), idle-uss, herd, pool; default: all")
+                        "memory and the relay memory run), production (reload under load, HAProxy), "
+                        "idle-uss, herd, pool; default: all")
     p.add_argument("--no-pool", action="store_true", help="skip the large-pool start-up and idle-CPU phase")
     p.add_argument("--pool-workers", default="1000",
                    help="comma-separated pool sizes: time to all workers idle, then their idle CPU")
     p.add_argument("--pool-idle-seconds", type=float, default=10.0,
                    help="window over which the idle pool's CPU and wake-ups are measured")
+    p.add_argument("--reload-messages", type=int, default=30000,
+                   help="messages per run of the reload and HAProxy figures (connection per message, 2 KB)")
+    p.add_argument("--no-reload", action="store_true", help="skip the reload-under-load figure")
+    p.add_argument("--no-haproxy", action="store_true", help="skip the figure behind HAProxy")
     p.add_argument("--run-timeout", type=float, default=300, help="seconds before a run is failed")
     p.add_argument("--output", type=Path, default=HERE / "RESULTS.md", help="markdown report")
     p.add_argument("--json", type=Path, default=None, help="also write raw samples as JSON here")
@@ -123,13 +135,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.relay_big_messages = min(args.relay_big_messages, 20)
         args.idle_sessions = min(args.idle_sessions, 300)
         args.herd_connections = min(args.herd_connections, 300)
+        args.reload_messages = min(args.reload_messages, 6000)
         args.herd_workers = args.herd_workers.split(",")[0]
         args.pool_workers = "50"
         args.pool_idle_seconds = min(args.pool_idle_seconds, 5.0)
     if not args.workers:
         args.workers = max(args.sessions, args.big_sessions) + 2
     args.herd_workers = [int(x) for x in str(args.herd_workers).split(",") if x.strip()]
-    phases = {"side-by-side", "idle-uss", "herd", "pool"}
+    phases = {"side-by-side", "production", "idle-uss", "herd", "pool"}
     args.phases = {x.strip() for x in args.only.split(",") if x.strip()} or phases
     if args.phases - phases:
         p.error(f"--only: unknown phase(s) {', '.join(sorted(args.phases - phases))}")
@@ -169,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     idle_rows: list[dict[str, Any]] = []
     herd_rows: list[dict[str, Any]] = []
     pool_rows: list[dict[str, Any]] = []
+    ops: dict[str, Any] | None = None
     try:
         log(f"work dir {workdir}; phases: {', '.join(sorted(args.phases))}")
         if "side-by-side" in args.phases:
@@ -188,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
                 small, big = (next(wl for wl in workloads if wl.key == k) for k in ("relay", "relay-big"))
                 relay_mem = measure.relay_memory(args, small, big, upstream, workdir)
                 upstream.stop()
+        if "production" in args.phases and not (args.no_reload and args.no_haproxy):
+            ops = production.measure(args, conn, workdir)
         if "idle-uss" in args.phases:
             idle_rows = measure.idle_uss(args, conn, workdir)
         if "herd" in args.phases:
@@ -204,13 +220,14 @@ def main(argv: list[str] | None = None) -> int:
         end_all()
 
     body = report.render(args, workloads, servers, bench_uss, idle_rows, herd_rows, started,
-                         time.monotonic() - t_start, relay_mem, pool_rows)
+                         time.monotonic() - t_start, relay_mem, ops, pool_rows)
     report.write_results(args.output, body)
     if args.json:
         raw = {s.key: {k: [vars(x) for x in v] for k, v in s.samples.items()} for s in servers}
         args.json.write_text(json.dumps({"samples": raw, "idle": idle_rows, "herd": herd_rows,
                                          "pool": pool_rows,
-                                         "bench_uss": bench_uss, "relay_memory": relay_mem},
+                                         "bench_uss": bench_uss, "relay_memory": relay_mem,
+                                         "reload_haproxy": production.as_json(ops)},
                                         indent=1))
     print()
     print(body)

@@ -13,6 +13,12 @@ waits until it answers with a 220 greeting.  The servers:
   repository, with one plugin that accepts every recipient and discards the
   message.
 
+For the reload and HAProxy figures (``production.py``): prefork-esmtp with
+a benchmark-only handler that records every message it accepts
+(``counting_handler.py``) and reports its reloads to a ``NOTIFY_SOCKET`` of
+ours, one of them with ``--proxy-protocol`` behind a real HAProxy
+(``send-proxy-v2``).
+
 For the relay workloads (group ``relay``), each forwarding to one shared
 ``smtp-sink`` (the upstream, started first and not measured):
 
@@ -29,8 +35,10 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -76,12 +84,17 @@ class Server:
         """The command line that serves SMTP on 127.0.0.1:port."""
         raise NotImplementedError
 
+    def environment(self, workdir: Path) -> dict[str, str] | None:
+        """The environment to start it with; None: this process's own."""
+        return None
+
     def start(self, workdir: Path) -> None:
         """Start on a free port (output to workdir/KEY.log) and wait up to 60 s for a 220 greeting."""
         self.port = free_port()
         cmd = self.command(self.port)
         with open(workdir / f"{self.key}.log", "wb") as logf:
-            self.proc = spawn(cmd, stdout=logf, stderr=subprocess.STDOUT, cwd=str(workdir))
+            self.proc = spawn(cmd, stdout=logf, stderr=subprocess.STDOUT, cwd=str(workdir),
+                              env=self.environment(workdir))
         self.root = self.proc.pid
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -89,13 +102,17 @@ class Server:
                 raise RuntimeError(f"{self.label} exited at start-up (status {self.proc.returncode}); "
                                    f"see {workdir / (self.key + '.log')}")
             tree = process_tree(self.proc.pid)
-            if len(tree) - 1 >= self.expected_children and greets(self.port):
+            if len(tree) - 1 >= self.expected_children and self.answers():
                 break
             time.sleep(0.2)
         else:
             raise RuntimeError(f"{self.label} did not answer on {HOST}:{self.port} within 60 s")
         time.sleep(0.5)
         self.refresh_tree()
+
+    def answers(self) -> bool:
+        """Whether it serves: a connection gets a 220 greeting."""
+        return greets(self.port)
 
     def refresh_tree(self) -> None:
         """Look up the process tree again (workers may have been replaced)."""
@@ -184,6 +201,184 @@ class PreforkRelayServer(PreforkServer):
 
     def handler_options(self) -> list[str]:
         return ["--handler-option", f"upstream={HOST}:{self.upstream.port}"]
+
+
+class Notices:
+    """A datagram socket a server's master reports to as it would to systemd (``NOTIFY_SOCKET``).
+
+    The master sends ``RELOADING=1`` when a HUP starts a reload and
+    ``READY=1`` when the new generation serves (with ``STATUS=... last
+    reload failed: ...`` when it did not), so the benchmark knows when a
+    reload is over without polling.  ``hup`` counts a reload as under way
+    from the moment the signal is sent, so a ``READY=1`` can never be missed.
+    """
+
+    def __init__(self, path: Path) -> None:
+        path.unlink(missing_ok=True)
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.setblocking(False)
+        self.reloading = False
+        self.reloads = 0  # reloads over (READY=1 after a HUP)
+        self.failed = 0  # of which the master said they failed
+        self.durations: list[float] = []  # seconds from each HUP to its READY=1
+        self.status = ""
+        self.hup_at = 0.0
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def drain(self) -> None:
+        """Read every datagram waiting and follow the state they tell."""
+        for _ in range(10000):  # bounded: a master sends a few per reload
+            try:
+                text = self.sock.recv(4096).decode(errors="replace")
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            lines = text.splitlines()
+            for line in lines:
+                if line.startswith("STATUS="):
+                    self.status = line[len("STATUS="):]
+            if "RELOADING=1" in lines:
+                self.reloading = True
+            if "READY=1" in lines and self.reloading:
+                self.reloading = False
+                self.reloads += 1
+                self.durations.append(time.monotonic() - self.hup_at)
+                if "last reload failed" in self.status:
+                    self.failed += 1
+
+    def hup(self, pid: int) -> None:
+        """Send HUP to the master: a reload is under way from now until its ``READY=1``."""
+        self.drain()
+        self.reloading = True
+        self.hup_at = time.monotonic()
+        os.kill(pid, signal.SIGHUP)
+
+    def wait_reloaded(self, seconds: float) -> bool:
+        """Wait up to ``seconds`` for the reload under way to be over: whether none is under way."""
+        deadline = time.monotonic() + seconds
+        self.drain()
+        while self.reloading:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            select.select([self.sock], [], [], left)
+            self.drain()
+        return True
+
+    def close(self) -> None:
+        self.sock.close()
+        self.path.unlink(missing_ok=True)
+
+
+class PreforkCountingServer(PreforkServer):
+    """prefork-esmtp with the benchmark's counting handler, reporting its reloads to a notify socket.
+
+    The same flags as the accept-and-discard server (``extra`` adds
+    ``--proxy-protocol`` for the one behind HAProxy).  The handler
+    (``counting_handler.py``, found through ``PYTHONPATH``) records every
+    message it accepts, so messages acknowledged but not taken can be
+    counted; ``NOTIFY_SOCKET`` points at a :class:`Notices` socket, so the
+    benchmark knows when each reload is over, as systemd would.
+    """
+
+    handler = "counting_handler:CountingHandler"
+
+    def __init__(self, workers: int, extra: list[str] | None = None, key: str = "prefork-counting",
+                 label: str = "prefork-esmtp (counting handler)") -> None:
+        super().__init__(workers, extra, key=key, label=label)
+        self.count_dir: Path | None = None
+        self.notices: Notices | None = None
+
+    def start(self, workdir: Path) -> None:
+        self.count_dir = workdir / f"{self.key}-counts"
+        self.count_dir.mkdir(exist_ok=True)
+        self.notices = Notices(workdir / f"{self.key}.notify")
+        super().start(workdir)
+
+    def handler_options(self) -> list[str]:
+        return ["--handler-option", f"dir={self.count_dir}"]
+
+    def answers(self) -> bool:
+        """A 220 greeting; with ``--proxy-protocol`` after a PROXY v1 header, as a load balancer sends it."""
+        if "--proxy-protocol" in self.extra:
+            return greets(self.port, preamble=f"PROXY TCP4 {HOST} {HOST} 1 {self.port}\r\n".encode())
+        return greets(self.port)
+
+    def environment(self, workdir: Path) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k not in ("WATCHDOG_USEC", "WATCHDOG_PID")}
+        env["NOTIFY_SOCKET"] = str(self.notices.path) if self.notices else ""
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))
+        return env
+
+    def recorded(self) -> int:
+        """Messages the handler has taken since start, over every worker that ever ran."""
+        if self.count_dir is None:
+            return 0
+        total = 0
+        for entry in os.scandir(self.count_dir):
+            try:
+                total += entry.stat().st_size
+            except OSError:
+                pass
+        return total
+
+    def stop(self) -> None:
+        super().stop()
+        if self.notices is not None:
+            self.notices.close()
+            self.notices = None
+
+
+class HAProxyServer(Server):
+    """A real HAProxy in TCP mode in front of one server, sending it the PROXY protocol v2 header.
+
+    Its own config in the work directory (no health checks, no logging: the
+    first greeting through it shows the path works), run in the foreground
+    (``-db``), so the pid held is HAProxy's; never the system's service or
+    config.  Threads: HAProxy's default (one per CPU).
+    """
+
+    def __init__(self, backend: Server) -> None:
+        super().__init__("haproxy", "HAProxy send-proxy-v2 → prefork-esmtp --proxy-protocol")
+        self.backend = backend
+        self.binary = shutil.which("haproxy") or "/usr/sbin/haproxy"
+        self.workdir: Path | None = None
+        if not os.path.exists(self.binary):
+            self.available, self.reason = False, "haproxy not found (apt-get install haproxy)"
+            return
+        try:
+            first = run_cmd([self.binary, "-v"]).stdout.split("\n")[0]
+            self.version = first.split()[2] if len(first.split()) > 2 else first
+        except Exception:  # noqa: BLE001 - version is only a label
+            self.version = ""
+
+    def start(self, workdir: Path) -> None:
+        self.workdir = workdir
+        super().start(workdir)
+
+    def command(self, port: int) -> list[str]:
+        assert self.workdir is not None
+        config = self.workdir / f"{self.key}.cfg"
+        config.write_text("\n".join([
+            "global",
+            "    maxconn 4096",
+            "defaults",
+            "    mode tcp",
+            "    timeout connect 5s",
+            "    timeout client 60s",
+            "    timeout server 60s",
+            "frontend smtp",
+            f"    bind {HOST}:{port}",
+            "    default_backend prefork",
+            "backend prefork",
+            f"    server s1 {HOST}:{self.backend.port} send-proxy-v2",
+        ]) + "\n")
+        return [self.binary, "-db", "-f", str(config)]
 
 
 class AiosmtpdServer(Server):

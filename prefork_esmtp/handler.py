@@ -103,6 +103,8 @@ class ESMTPHandler:
     # (state.attach), or made on first use for a handler outside a session.
     _esmtp_state: ConnectionState | None = None
     _esmtp_envelope: Envelope | None = None
+    # The worker's check-in (the session sets it in a pre-forked worker); see may_block.
+    _esmtp_check_in: Any = None
 
     def _blank_state(self) -> ConnectionState:
         self._esmtp_state = ConnectionState()
@@ -195,6 +197,20 @@ class ESMTPHandler:
     def recipients_params(self) -> list[dict[str, str | None]]:
         """The ESMTP parameters of each accepted recipient, in the order of env_recipients."""
         return (self._esmtp_envelope or self._blank_envelope()).recipients_params
+
+    # -- for hooks that wait ----------------------------------------------------
+
+    def may_block(self, seconds: float) -> None:
+        """Say that this worker may now wait up to ``seconds`` without a word (on another server).
+
+        Before every wait on the client the engine tells the master how long
+        the worker may stay silent; a worker silent ``worker_timeout`` seconds
+        past that is killed as stuck.  A hook that waits longer than that on
+        something else (an upstream server, a slow lookup) calls this first,
+        with its own bound.  A no-op outside a pre-forked worker.
+        """
+        if self._esmtp_check_in is not None:
+            self._esmtp_check_in(seconds)
 
     # -- connection -----------------------------------------------------------
 

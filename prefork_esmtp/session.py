@@ -84,6 +84,7 @@ class Session:
         handler.output_handle = conn.writer
         handler.disconnect = False
         handler.chunkmode = False
+        handler._esmtp_check_in = reporter.check_in
         attach(handler, self.state)
         self.handler = handler
         self.transaction = Transaction(handler, self.state, conn, config, self.limits)

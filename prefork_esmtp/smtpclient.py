@@ -11,15 +11,19 @@ transient reply the relay owes its own client.
 from __future__ import annotations
 
 import re
+import select
 import socket
 import ssl
+import time
+from collections.abc import Callable
 from typing import NamedTuple
 
 #: Longest reply line we read (RFC 5321 4.5.3.1.5: 512 octets; be generous) and most lines per reply.
 MAX_REPLY_LINE = 8192
 MAX_REPLY_LINES = 200
 RECV_SIZE = 65536
-_REPLY_LINE = re.compile(rb"([2-5][0-9][0-9])([ -]?)(.*)")
+#: A reply line: the code, then a space, a hyphen (more lines follow) or nothing at all.
+_REPLY_LINE = re.compile(rb"([2-5][0-9][0-9])(?:([ -])(.*))?")
 
 
 class Reply(NamedTuple):
@@ -122,15 +126,27 @@ class SMTPClient:
     """One connection to an SMTP or LMTP server.
 
     ``address`` is (host, port) or a Unix socket path.  ``timeout`` bounds each
-    wait for a reply and each send; ``data_timeout`` the wait for the reply to
-    end-of-data.  Keep both below what our own client waits for us (RFC 5321
+    reply as a whole (an upstream trickling it octet by octet gains nothing) and
+    each send; ``data_timeout`` the wait for the reply to end-of-data (all of
+    them, for LMTP).  Keep both below what our own client waits for us (RFC 5321
     4.5.3.2), so it never gives up first and sends the message again.
+
+    Replies are taken in turn only: bytes the upstream sent before we asked
+    (a reply out of turn, a stray second reply, the 421 of a server that
+    closed an idle session) make the next command fail with UpstreamError
+    instead of being read as that command's reply.
+
+    ``check_in(seconds)``, when given, is called before every blocking wait
+    with its bound (a pre-forked worker's check-in, so the master does not
+    take a worker waiting on a slow upstream for a stuck one).
     """
 
     def __init__(self, address: tuple[str, int] | str, *, timeout: float = 60.0,
                  connect_timeout: float = 30.0, data_timeout: float = 300.0,
-                 lmtp: bool = False, name: str = "") -> None:
+                 lmtp: bool = False, name: str = "",
+                 check_in: Callable[[float], None] | None = None) -> None:
         self.address = address
+        self.check_in = check_in
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self.data_timeout = data_timeout
@@ -145,8 +161,13 @@ class SMTPClient:
 
     # -- connection -------------------------------------------------------------
 
+    def _will_wait(self, seconds: float) -> None:
+        if self.check_in is not None:
+            self.check_in(seconds)
+
     def connect(self) -> Reply:
         """Open the connection and read the greeting (any code: the caller judges it)."""
+        self._will_wait(self.connect_timeout)
         try:
             if isinstance(self.address, str):
                 sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -166,7 +187,7 @@ class SMTPClient:
                                               f"{exc.strerror or exc}") from None
         sock.settimeout(self.timeout)
         self.sock = sock
-        return self.read_reply()
+        return self.read_reply(self.connect_timeout)  # the greeting, within the connect timeout
 
     def close(self) -> None:
         """Close the connection at once (nothing half-sent is delivered: no end-of-data went out)."""
@@ -188,8 +209,8 @@ class SMTPClient:
         if self.sock is None:
             return
         try:
-            self.sock.settimeout(min(self.timeout, 5.0))
-            self.command("QUIT")
+            self.send(b"QUIT\r\n")
+            self.read_reply(min(self.timeout, 5.0))
         except UpstreamError:
             pass
         self.close()
@@ -207,12 +228,13 @@ class SMTPClient:
         """Send bytes (a command or a piece of the message), or raise UpstreamError."""
         if self.sock is None:
             raise UpstreamError(451, "4.4.2", f"no connection to upstream {self.name}")
+        self._will_wait(self.timeout)
         try:
             self.sock.sendall(data)
         except OSError as exc:
             raise self._fail("while sending", exc) from None
 
-    def _line(self) -> bytes:
+    def _line(self, deadline: float) -> bytes:
         while True:
             i = self.buf.find(b"\n", 0, MAX_REPLY_LINE)
             if i >= 0:
@@ -221,6 +243,11 @@ class SMTPClient:
             if len(self.buf) >= MAX_REPLY_LINE:
                 raise self._garbage("a reply line too long")
             try:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError()
+                self.sock.settimeout(left)
+                self._will_wait(left)
                 data = self.sock.recv(RECV_SIZE)
             except OSError as exc:
                 raise self._fail("waiting for a reply", exc) from None
@@ -228,39 +255,72 @@ class SMTPClient:
                 raise self._fail("waiting for a reply (closed by the upstream)")
             self.buf += data
 
+    def _expect_quiet(self) -> None:
+        """Before a command: the upstream must have said nothing since its last reply.
+
+        Anything it did say (or its close) would be taken for the reply to what
+        we send next, and every later reply would be off by one.
+        """
+        sock = self.sock
+        if sock is None:
+            raise UpstreamError(451, "4.4.2", f"no connection to upstream {self.name}")
+        if not self.buf:
+            try:
+                readable = select.select([sock], [], [], 0)[0] or (isinstance(sock, ssl.SSLSocket) and sock.pending())
+                if not readable:
+                    return
+                sock.settimeout(0)
+                try:
+                    data = sock.recv(RECV_SIZE)
+                finally:
+                    sock.settimeout(self.timeout)
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
+                return  # only TLS housekeeping (a session ticket), no reply
+            except (OSError, ValueError) as exc:
+                raise self._fail("while idle", exc) from None
+            if not data:
+                raise self._fail("while idle (closed by the upstream)")
+            self.buf += data
+        raise self._garbage(f"out of turn ({self.buf[:80]!r})")
+
     def _garbage(self, what: str) -> UpstreamError:
         self.close()
         return UpstreamError(451, "4.3.0", f"upstream {self.name} answered {what}")
 
-    def read_reply(self, timeout: float | None = None) -> Reply:
-        """Read one (possibly multi-line) reply; anything that is not one raises UpstreamError."""
+    def read_reply(self, timeout: float | None = None, deadline: float | None = None) -> Reply:
+        """Read one (possibly multi-line) reply, whole within ``timeout`` (default: ours) or by ``deadline``.
+
+        Anything that is not a reply, or not all of it in time, raises UpstreamError.
+        """
         if self.sock is None:
             raise UpstreamError(451, "4.4.2", f"no connection to upstream {self.name}")
-        if timeout is not None:
-            self.sock.settimeout(timeout)
+        if deadline is None:
+            deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         try:
             code, lines = None, []
             while True:
-                m = _REPLY_LINE.fullmatch(self._line())
+                m = _REPLY_LINE.fullmatch(self._line(deadline))
                 if m is None or (code is not None and int(m.group(1)) != code):
                     raise self._garbage("something that is not an SMTP reply")
                 code = int(m.group(1))
-                lines.append(m.group(3).decode("utf-8", "replace").strip())
+                lines.append((m.group(3) or b"").decode("utf-8", "replace").strip())
                 if m.group(2) != b"-":
                     return Reply(code, lines)
                 if len(lines) >= MAX_REPLY_LINES:
                     raise self._garbage("a reply with too many lines")
         finally:
-            if timeout is not None and self.sock is not None:
+            if self.sock is not None:
                 self.sock.settimeout(self.timeout)
 
     def command(self, line: str) -> Reply:
         """Send one command line and read its reply."""
+        self._expect_quiet()
         self.send(line.encode("utf-8", "surrogateescape") + b"\r\n")
         return self.read_reply()
 
     def pipeline(self, lines: list[str]) -> list[Reply]:
         """Send several commands in one write and read their replies in order (RFC 2920)."""
+        self._expect_quiet()
         self.send(b"".join(line.encode("utf-8", "surrogateescape") + b"\r\n" for line in lines))
         return [self.read_reply() for _ in lines]
 
@@ -289,6 +349,7 @@ class SMTPClient:
         reply = self.command("STARTTLS")
         if reply.code != 220:
             return reply
+        self._will_wait(self.timeout)
         try:
             self.sock = context.wrap_socket(self.sock, server_hostname=server_hostname)
         except (ssl.SSLError, ssl.CertificateError, OSError) as exc:
@@ -301,10 +362,15 @@ class SMTPClient:
         return reply
 
     def data(self) -> Reply:
-        """DATA; after a 354 the message goes out with :meth:`data_chunk` and :meth:`end_data`."""
+        """DATA; after a 354 the message goes out with :meth:`data_chunk` and :meth:`end_data`.
+
+        Any other success reply (a 250 to DATA) is not SMTP: UpstreamError, never a reply to pass on.
+        """
         reply = self.command("DATA")
         if reply.code == 354:
             self.stuffer = DotStuffer()
+        elif reply.code < 400:
+            raise self._garbage(f"DATA with {reply.code} instead of 354")
         return reply
 
     def data_chunk(self, data: bytes) -> None:
@@ -312,16 +378,24 @@ class SMTPClient:
         self.send(self.stuffer.stuff(data))
 
     def end_data(self, replies: int = 1) -> list[Reply]:
-        """End the message and read the reply to it (LMTP: one per accepted recipient, in order)."""
+        """End the message and read the reply to it (LMTP: one per accepted recipient, in order).
+
+        A reply that came before the end (out of turn) fails the message; all
+        the replies must come within ``data_timeout``.
+        """
         end, self.stuffer = self.stuffer.end(), None
+        self._expect_quiet()
         self.send(end)
-        return [self.read_reply(self.data_timeout) for _ in range(max(replies, 1))]
+        deadline = time.monotonic() + self.data_timeout
+        return [self.read_reply(deadline=deadline) for _ in range(max(replies, 1))]
 
     def bdat(self, data: bytes, last: bool = False, replies: int = 1) -> list[Reply]:
         """One BDAT chunk (RFC 3030), sent as it is; the LAST one gets LMTP's per-recipient replies."""
+        self._expect_quiet()
         self.send(f"BDAT {len(data)}{' LAST' if last else ''}\r\n".encode() + data)
         count = max(replies, 1) if last else 1
-        return [self.read_reply(self.data_timeout if last else None) for _ in range(count)]
+        deadline = time.monotonic() + (self.data_timeout if last else self.timeout)
+        return [self.read_reply(deadline=deadline) for _ in range(count)]
 
     def xforward_commands(self, attributes: dict[str, str | None]) -> list[str]:
         """XFORWARD (Postfix) lines with the attributes the upstream announced, each at most 512 octets."""

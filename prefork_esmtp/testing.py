@@ -36,8 +36,32 @@ from typing import Any
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 10.0
 
-_LISTENING = re.compile(r"listening on (?:\[[^\]]+\]|[\d.]+):(\d+)(?! \(implicit TLS\))")
+#: The master's "listening on HOST:PORT" lines, in text logs or as a JSON message (--log-format json).
+_LISTENING = re.compile(r"listening on (?:\[[^\]]+\]|[\d.]+):(\d+)( \(implicit TLS\))?(?=$|\")", re.M)
 _READY = ("serving with", "ready: generation")
+
+
+def listening_ports(log_text: str) -> tuple[list[int], list[int]]:
+    """The ports a server's log says it listens on: (plain, implicit TLS), in order."""
+    found = _LISTENING.findall(log_text)
+    return [int(p) for p, tls in found if not tls], [int(p) for p, tls in found if tls]
+
+
+def wait_until_ready(proc: subprocess.Popen, read_log: Any, timeout: float = START_TIMEOUT) -> str:
+    """Wait until the server's log says it serves (``-X``) or its first workers booted; return the log.
+
+    Raises :class:`ServerFailed` with the log if the process exits or the time runs out.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise ServerFailed(f"the server exited with status {proc.returncode}:\n{read_log()}")
+        text = read_log()
+        if any(mark in text for mark in _READY) and _LISTENING.search(text):
+            return text
+        if time.monotonic() > deadline:
+            raise ServerFailed(f"the server was not ready after {timeout:.0f}s:\n{text}")
+        time.sleep(0.02)
 
 
 class ServerFailed(RuntimeError):
@@ -51,7 +75,9 @@ class RunningServer:
         self.proc = proc
         self.log_path = log_path
         self.host = host
-        self.port = 0
+        self.port = 0  # the first plain listener's port
+        self.ports: list[int] = []
+        self.tls_ports: list[int] = []
 
     @property
     def pid(self) -> int:
@@ -70,19 +96,14 @@ class RunningServer:
         return smtplib.SMTP(self.host, self.port, timeout=timeout)
 
     def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise ServerFailed(f"the server exited with status {self.proc.returncode}:\n{self.log()}")
-            text = self.log()
-            found = _LISTENING.search(text)
-            if found and any(mark in text for mark in _READY):
-                self.port = int(found.group(1))
-                return
-            if time.monotonic() > deadline:
-                self.stop()
-                raise ServerFailed(f"the server was not ready after {timeout:.0f}s:\n{self.log()}")
-            time.sleep(0.02)
+        """Return once the server serves; its ports are then in ``port``, ``ports`` and ``tls_ports``."""
+        try:
+            text = wait_until_ready(self.proc, self.log, timeout)
+        except ServerFailed:
+            self.stop()
+            raise
+        self.ports, self.tls_ports = listening_ports(text)
+        self.port = self.ports[0] if self.ports else 0
 
     def stop(self) -> int:
         """Graceful stop (TERM), then kill after STOP_TIMEOUT; returns the exit status."""

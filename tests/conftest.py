@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from prefork_esmtp.testing import ServerFailed, listening_ports, wait_until_ready
+
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
 RECORDER = "recorder:Recorder"
@@ -136,9 +138,6 @@ def server_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-_LISTENING = re.compile(r"listening on (?:\[[^\]]+\]|[\d.]+):(\d+)( \(implicit TLS\))?$", re.M)
-
-
 def launch(directory: Path, *args: str, env: dict[str, str] | None = None, handler: str = RECORDER,
            mode: tuple[str, ...] = ("-X",), listen: tuple[str, ...] = ("127.0.0.1:0",),
            tls_listen: bool = False, wait: bool = True, log_file: Path | None = None) -> Server:
@@ -170,17 +169,13 @@ def launch(directory: Path, *args: str, env: dict[str, str] | None = None, handl
                                 cwd=str(directory))
     srv = Server(proc, log_file if log_file is not None else log_path, record_path)
     if wait:
-        def ready() -> bool:
-            if proc.poll() is not None:
-                raise AssertionError(f"server exited with {proc.returncode}:\n{srv.log()}")
-            log = srv.log()
-            return "serving with" in log or "ready: generation" in log
-
-        wait_for(ready, 15, message="the server to be ready")
-        found = _LISTENING.findall(srv.log())
-        srv.ports = [int(port) for port, tls in found if not tls]
+        # The testing kit's own readiness check and port discovery: the suite uses what it offers users.
+        try:
+            text = wait_until_ready(proc, srv.log, 15)
+        except ServerFailed as exc:
+            raise AssertionError(str(exc)) from None
+        srv.ports, tls_ports = listening_ports(text)
         srv.port = srv.ports[0] if srv.ports else 0
-        tls_ports = [int(port) for port, tls in found if tls]
         srv.tls_port = tls_ports[0] if tls_ports else 0
     return srv
 

@@ -32,3 +32,17 @@ class DropsRecipients(ESMTPHandler):
     def DATA(self):
         self.env_recipients[:] = [r for r in self.env_recipients if not r.startswith("drop")]
         return super().DATA()
+
+
+class WrongCount(ESMTPHandler):
+    """EOM answers one reply too many: a handler bug the engine must not pass on as replies."""
+
+    def EOM(self):
+        return [(250, "2.0.0 delivered")] * (len(self.env_recipients) + 1)
+
+
+class Raising(ESMTPHandler):
+    """EOM raises: every recipient must get a transient refusal, in step."""
+
+    def EOM(self):
+        raise RuntimeError("the mailbox store fell over")

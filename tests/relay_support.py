@@ -121,3 +121,74 @@ class ScriptedUpstream:
                 conn.sendall(b"550 5.1.1 <unknown@example.org>: user unknown here\r\n")
             else:
                 conn.sendall(b"250 2.0.0 ok\r\n")
+
+
+class RawUpstream:
+    """A loopback server in a thread whose every connection is handled by ``script(sock, reader, state)``.
+
+    For the upstream misbehaviours a scripted dialogue cannot express (a reply
+    trickled byte by byte, a reply before end-of-data, an extra reply).
+    ``state`` is a dict shared by all connections: the script records there
+    what it saw (``state["connections"]`` counts them).
+    """
+
+    def __init__(self, script: Callable[[socket.socket, object, dict], None]) -> None:
+        self.script = script
+        self.state: dict = {"connections": 0}
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.2)
+        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        self.stopping = threading.Event()
+        self.current: socket.socket | None = None
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                continue
+            self.state["connections"] += 1
+            self.current = conn
+            with conn:
+                conn.settimeout(20)
+                try:
+                    self.script(conn, conn.makefile("rb"), self.state)
+                except (OSError, ValueError):
+                    pass
+
+    def close(self) -> None:
+        """Stop: the connection being served is shut down, so its script ends at once."""
+        self.stopping.set()
+        conn = self.current
+        if conn is not None:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self.thread.join(30)
+        self.listener.close()
+
+    def __enter__(self) -> "RawUpstream":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def read_message(reader) -> bytes | None:
+    """The DATA section a raw upstream receives, up to its end-of-data line (excluded); None on EOF."""
+    lines: list[bytes] = []
+    while True:
+        line = reader.readline(1 << 20)
+        if not line:
+            return None
+        if line == b".\r\n" and (not lines or lines[-1].endswith(b"\r\n")):
+            return b"".join(lines)
+        lines.append(line)
+
+
+def ehlo_reply(*extensions: str) -> bytes:
+    lines = ["upstream.test", *extensions]
+    return "".join(f"250{'-' if i < len(lines) - 1 else ' '}{text}\r\n" for i, text in enumerate(lines)).encode()

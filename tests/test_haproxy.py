@@ -89,7 +89,7 @@ def test_send_proxy_v1_maildir_received_line_and_logs_name_the_client(behind):
     content = wait_for(lambda: stored(maildir, "via v1"), 10, message="the stored message")
     received = content.split(b"\nReceived: ", 1)[1].split(b"\n\t", 1)[0]
     assert received == f"from client.example ([{CLIENT}])".encode(), content[:300]
-    assert f"peer={CLIENT}:{own_port}" in v1.log()
+    assert f"client={CLIENT}:{own_port}" in v1.log()
 
 
 def test_send_proxy_v2_handler_sees_the_client(behind):

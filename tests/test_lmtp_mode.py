@@ -157,4 +157,31 @@ def test_replies_follow_the_accepted_rcpts_whatever_the_handler_does_to_its_list
     assert got[-1] == (250, ["2.0.0 OK"]), "the NOOP's reply comes last: in sync"
     assert "Traceback" not in srv.log(), srv.log()
     assert c.cmd("QUIT")[0] == 221
+
+
+def test_lmtp_mode_answers_a_refused_chunk_once(start_server):
+    """In LMTP only the message's end gets one reply per recipient; a BDAT chunk refused midway gets one."""
+    srv = start_server("--protocol", "lmtp", "--max-message-size", "1K")
+    c = lmtp_client(srv)
+    assert c.cmd("LHLO client.example")[0] == 250
+    assert c.cmd("MAIL FROM:<alice@example.org>")[0] == 250
+    assert c.cmd("RCPT TO:<a@example.org>")[0] == 250
+    assert c.cmd("RCPT TO:<b@example.org>")[0] == 250
+    c.send(b"BDAT 2000\r\n" + b"x" * 2000)
+    assert c.reply()[0] == 552
+    assert c.cmd("NOOP")[0] == 250
+    c.close()
+
+
+@pytest.mark.parametrize("handler", ["lmtp_handlers:WrongCount", "lmtp_handlers:Raising"])
+def test_a_broken_eom_gives_each_recipient_a_transient_refusal_in_step(start_server, handler):
+    """EOM with a reply too many, or raising: one 451 per recipient, and a pipelined NOOP's own reply after."""
+    srv = start_server("--protocol", "lmtp", handler=handler)
+    c = lmtp_client(srv)
+    envelope(c, ["a@example.org", "b@example.org"])
+    assert c.cmd("DATA")[0] == 354
+    c.send(b"Subject: hi\r\n\r\nhello\r\n.\r\nNOOP\r\n")
+    replies = c.replies(3)
+    assert [code for code, _ in replies] == [451, 451, 250], replies
+    assert replies[0][1][0].startswith("4.3.0 ")
     c.close()

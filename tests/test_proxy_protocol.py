@@ -85,7 +85,7 @@ def test_v2_header_and_smtp_in_one_packet_with_tlvs(tmp_path):
         assert [0xE1, b"z".hex()] in proxy["tlvs"]
         eom = [r for r in srv.records() if r["hook"] == "EOM"]
         assert eom and eom[-1]["args"][0]["peer"] == ["192.0.2.8", 40002]
-        assert "peer=192.0.2.8:40002" in srv.log()
+        assert "client=192.0.2.8:40002" in srv.log()
     finally:
         srv.stop()
 

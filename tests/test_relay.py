@@ -239,7 +239,7 @@ def test_a_50_megabyte_message_streams_in_bounded_memory(start_server, tmp_path)
     ("", "upstream: missing"),
     ("upstream=nohost", "upstream: expected host:port"),
     ("upstream=127.0.0.1:25 tls=maybe", "tls: expected one of none, opportunistic, required"),
-    ("upstream=127.0.0.1:25 timeout=0", "timeout: expected a number of seconds greater than 0"),
+    ("upstream=127.0.0.1:25 timeout=0", "timeout: must be a number of seconds greater than 0"),
 ])
 def test_bad_relay_options_are_one_line_at_configtest(option, message):
     args = [sys.executable, "-m", "prefork_esmtp", "configtest", "--handler",

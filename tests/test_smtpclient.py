@@ -116,7 +116,7 @@ def _fake_upstream(script) -> tuple[socket.socket, threading.Thread]:
 
 
 @pytest.mark.parametrize("behaviour, enhanced", [
-    ("silent", "4.4.2"), ("garbage", "4.3.0"), ("close", "4.4.2"), ("mixed", "4.3.0"),
+    ("silent", "4.4.2"), ("garbage", "4.3.0"), ("close", "4.4.2"), ("mixed", "4.3.0"), ("glued", "4.3.0"),
 ])
 def test_a_misbehaving_upstream_raises_a_transient_reply(behaviour, enhanced):
     def script(conn: socket.socket) -> None:
@@ -127,6 +127,8 @@ def test_a_misbehaving_upstream_raises_a_transient_reply(behaviour, enhanced):
             conn.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
         elif behaviour == "mixed":
             conn.sendall(b"220-first\r\n250 second\r\n")
+        elif behaviour == "glued":  # a code must be followed by a space, a hyphen or the line end
+            conn.sendall(b"2200 not a 220\r\n")
         # "close": closes at once
 
     listener, thread = _fake_upstream(script)

@@ -1,8 +1,9 @@
 """Reading handler options (the ``[handler]`` table, ``--handler-option KEY=VALUE``) in ``configure``.
 
 Values come as strings from the command line or as TOML values from the file;
-each ``take_*`` pops one key, converts it, and raises HandlerConfigError with
-one line naming the key when the value is wrong.
+:func:`take` pops one key, converts it (with the settings' own parsers where
+they fit), and raises HandlerConfigError with one line naming the key when the
+value is wrong.
 """
 
 from __future__ import annotations
@@ -11,12 +12,9 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from prefork_esmtp.handler import HandlerConfigError
+from prefork_esmtp.settings import parse_bool, parse_seconds
 
 T = TypeVar("T")
-
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
-
 
 def take(options: dict[str, Any], key: str, default: T, convert: Callable[[Any], T]) -> T:
     """Pop ``key`` and convert it; ``default`` when absent; a ValueError becomes one line naming the key."""
@@ -29,29 +27,10 @@ def take(options: dict[str, Any], key: str, default: T, convert: Callable[[Any],
         raise HandlerConfigError(f"{key}: {exc}") from None
 
 
-def boolean(value: Any) -> bool:
-    """true/false, yes/no, on/off, 1/0."""
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in _TRUE:
-        return True
-    if text in _FALSE:
-        return False
-    raise ValueError(f"expected true or false, got {value!r}")
-
-
-def seconds(value: Any) -> float:
-    """A number of seconds greater than zero."""
-    if isinstance(value, bool):
-        raise ValueError(f"expected a number of seconds, got {value!r}")
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"expected a number of seconds, got {value!r}") from None
-    if not 0 < number < float("inf"):
-        raise ValueError(f"expected a number of seconds greater than 0, got {value!r}")
-    return number
+#: true/false, yes/no, on/off, 1/0 (the settings' own parser: one spelling for every switch).
+boolean = parse_bool
+#: A number of seconds greater than zero (the settings' own parser).
+seconds = parse_seconds
 
 
 def choice(*allowed: str) -> Callable[[Any], str]:

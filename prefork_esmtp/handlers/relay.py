@@ -128,7 +128,8 @@ class Relay(ESMTPHandler):
         error: UpstreamError | None = None
         for text in addresses:
             conn = SMTPClient(parse_address(text), timeout=self.timeout, connect_timeout=self.connect_timeout,
-                              data_timeout=self.data_timeout, lmtp=self.lmtp, name=text)
+                              data_timeout=self.data_timeout, lmtp=self.lmtp, name=text,
+                              check_in=self.may_block)
             try:
                 greeting = conn.connect()
                 if not 200 <= greeting.code < 300:
@@ -218,12 +219,15 @@ class Relay(ESMTPHandler):
                 greeting = self._open(addresses)
                 if not 200 <= greeting.code < 300:
                     return (451 if greeting.code < 500 else 554), *greeting.lines
+            reply = None
             try:
                 reply = self._start_transaction(env_sender)
             except UpstreamError:
                 if not reused:
                     raise
-                # The upstream may have closed an idle connection: one fresh try.
+            if reused and (reply is None or reply.code == 421):
+                # The upstream closed the idle connection (Postfix says 421 first, maybe
+                # just as our MAIL went out): one fresh try.
                 self._close()
                 greeting = self._open(addresses)
                 if not 200 <= greeting.code < 300:
@@ -329,8 +333,8 @@ class Relay(ESMTPHandler):
     def _check_chunk(self, replies: list[Reply]) -> None:
         reply = replies[-1]
         if not 200 <= reply.code < 300:
-            raise UpstreamError(reply.code if reply.code >= 400 else 451, "4.3.0",
-                                f"upstream refused a chunk: {reply}")
+            code = reply.code if reply.code >= 400 else 451
+            raise UpstreamError(code, f"{code // 100}.3.0", f"upstream refused a chunk: {reply}")
 
     def EOH(self) -> None:
         self._stream(received_header(self) + self.extra_headers() + self.header_section)
