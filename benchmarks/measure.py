@@ -14,7 +14,10 @@
   idle after a number of sessions;
 * ``herd``: ``--accept-mode exclusive`` against ``shared``: messages/s, and
   with ``perf stat`` on the workers the accept4() calls, failed accepts,
-  epoll_wait() returns and context switches per connection.
+  epoll_wait() returns and context switches per connection;
+* ``pool``: a fresh server with a large pool: seconds from ``start`` until
+  every worker reports idle on the scoreboard (waiting for a connection), then
+  the CPU and wake-ups of the whole idle process tree over a 10-second window.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from typing import Any
 
 import psutil
 
-from procs import HOST, end_process, log, release, run_cmd, spawn
+from procs import HOST, end_process, free_port, greets, log, process_tree, release, run_cmd, spawn
 from servers import PreforkRelayServer, PreforkServer, Server
 
 SMTP_SOURCE = shutil.which("smtp-source") or "/usr/sbin/smtp-source"
@@ -496,12 +499,10 @@ def herd(args: argparse.Namespace, conn: Workload, workdir: Path) -> list[dict[s
                 row["ctx_per_conn_psutil"] = (after - before) / n
                 if use_perf:
                     c = perf_count(pids, lambda: drive(srv, conn, n, args.run_timeout), workdir)
-                    # idle workers also return from epoll_wait once per TICK (1 s) with nothing
                     row["accept4_per_conn"] = c.get("syscalls:sys_enter_accept4", 0) / n
                     row["failed_accept_per_conn"] = c.get("syscalls:sys_exit_accept4", 0) / n
                     row["epoll_per_conn"] = (c.get("syscalls:sys_enter_epoll_wait", 0)
                                              + c.get("syscalls:sys_enter_epoll_pwait", 0)) / n
-                    row["epoll_idle_ticks_per_conn"] = n_workers * c["window"] / n
                     row["cs_per_conn"] = c.get("context-switches", 0) / n
                 results.append(row)
         finally:
@@ -518,3 +519,91 @@ def _ctx(p: psutil.Process) -> int:
     except psutil.Error:
         return 0
 
+
+
+# -- a large pool: start-up time and idle cost -----------------------------------------------------
+
+def _idle_slots(board_path: str) -> tuple[int, set[int]]:
+    """(workers reporting idle, pids of all workers) on a master's scoreboard file; (0, set()) if unreadable.
+
+    The scoreboard is read through the package's own reader: ``status --json``
+    would also read every worker's memory, far too slow to poll 1,000 workers.
+    """
+    from prefork_esmtp.scoreboard import IDLE, Scoreboard
+
+    try:
+        board = Scoreboard.open(board_path)
+    except (OSError, ValueError):
+        return 0, set()
+    slots = [board.slot(i) for i in range(board.nslots)]  # also those whose pid the master has yet to note
+    return sum(1 for s in slots if s.state == IDLE), {s.pid for s in slots if s.pid}
+
+
+def _wakeups(procs: list[psutil.Process]) -> int:
+    """Voluntary context switches of the processes so far: each is one sleep, so one wake-up."""
+    total = 0
+    for p in procs:
+        try:
+            total += p.num_ctx_switches().voluntary
+        except psutil.Error:
+            pass
+    return total
+
+
+def pool(args: argparse.Namespace, workdir: Path) -> list[dict[str, Any]]:
+    """Per pool size N: seconds from spawning ``start --workers N`` to N idle workers; idle CPU over a window.
+
+    "Accepting" is a worker that has reported idle on the scoreboard: it does
+    so just before it blocks in epoll_wait on the listeners.  A 220 greeting is
+    checked once all are up.  Then, after a 2-second settle, the CPU of the
+    master and every worker (schedstat runtime) and their voluntary context
+    switches (wake-ups) over ``args.pool_idle_seconds`` with no client at all.
+    """
+    rows = []
+    for n in args.pool_workers:
+        pid_path = workdir / f"pool-{n}.pid"
+        srv = PreforkServer(n, ["--pidfile", str(pid_path)], key=f"pool-{n}", label=f"pool of {n}")
+        port = free_port()
+        row: dict[str, Any] = {"workers": n, "ok": False, "error": ""}
+        logf = open(workdir / f"pool-{n}.log", "wb")
+        t0 = time.monotonic()
+        proc = spawn(srv.command(port), stdout=logf, stderr=subprocess.STDOUT, cwd=str(workdir))
+        try:
+            first = None
+            deadline = t0 + max(60.0, n * 0.1)
+            idle = 0
+            while time.monotonic() < deadline and proc.poll() is None:
+                idle, _ = _idle_slots(f"{pid_path}.scoreboard")
+                if idle and first is None:
+                    first = time.monotonic() - t0
+                if idle >= n:
+                    break
+                time.sleep(0.05)
+            if idle < n:
+                row["error"] = (f"exited with {proc.returncode}" if proc.poll() is not None
+                                else f"only {idle} of {n} workers idle after {deadline - t0:.0f} s")
+                log(f"pool of {n}: {row['error']}")
+                rows.append(row)
+                continue
+            row["ready_s"] = time.monotonic() - t0
+            row["first_s"] = first
+            row["greets"] = greets(port)
+            time.sleep(2.0)
+            tree = process_tree(proc.pid)
+            row["procs"] = len(tree)
+            cpu0, wake0, t1 = cpu_times(tree)[0], _wakeups(tree), time.monotonic()
+            time.sleep(args.pool_idle_seconds)
+            cpu1, wake1, t2 = cpu_times(tree)[0], _wakeups(tree), time.monotonic()
+            row["idle_window_s"] = t2 - t1
+            row["idle_cpu_pct"] = 100.0 * (cpu1 - cpu0) / (t2 - t1)
+            row["wakeups_per_s"] = (wake1 - wake0) / (t2 - t1)
+            row["idle_after"], _ = _idle_slots(f"{pid_path}.scoreboard")
+            row["ok"] = row["greets"] and row["idle_after"] >= n
+            log(f"pool of {n}: first worker idle after {first:.2f} s, all {n} after {row['ready_s']:.2f} s; "
+                f"idle CPU {row['idle_cpu_pct']:.2f}% of a core over {row['idle_window_s']:.0f} s, "
+                f"{row['wakeups_per_s']:.1f} wake-ups/s ({len(tree)} processes)")
+            rows.append(row)
+        finally:
+            end_process(proc, signal.SIGINT, grace=10.0)
+            logf.close()
+    return rows

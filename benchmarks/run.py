@@ -36,7 +36,10 @@ ratios of prefork-esmtp to each peer and pass/fail against the targets
 (``RATIO_TARGETS`` in ``report.py``).  It then measures the accept herd
 (``--accept-mode exclusive`` against ``shared``): messages/s, and with
 ``perf stat`` on the workers the accept4() calls, failed accepts,
-epoll_wait() returns and context switches per connection.  Everything goes into ``benchmarks/RESULTS.md``; the section that
+epoll_wait() returns and context switches per connection.  Last, a fresh
+server with a large pool (``--pool-workers``, 1,000): seconds from ``start``
+until every worker reports idle on the scoreboard, and the CPU and wake-ups
+of the idle master and workers over 10 seconds.  Everything goes into ``benchmarks/RESULTS.md``; the section that
 ``benchmarks/profiling.py`` writes there is kept.
 
 Only loopback addresses are used, and every process started here is ended
@@ -106,6 +109,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="comma-separated pool sizes for the herd measurement")
     p.add_argument("--herd-connections", type=int, default=2000,
                    help="connections counted with perf per herd mode")
+    p.add_argument("--only", default="",
+                   help="comma-separated phases to run, of: side-by-side (the workloads, their worker "
+                        "memory and the relay memory run), production (reload under load, HAProxy), "
+                        "idle-uss, herd, pool; default: all")
+    p.add_argument("--no-pool", action="store_true", help="skip the large-pool start-up and idle-CPU phase")
+    p.add_argument("--pool-workers", default="1000",
+                   help="comma-separated pool sizes: time to all workers idle, then their idle CPU")
+    p.add_argument("--pool-idle-seconds", type=float, default=10.0,
+                   help="window over which the idle pool's CPU and wake-ups are measured")
     p.add_argument("--reload-messages", type=int, default=30000,
                    help="messages per run of the reload and HAProxy figures (connection per message, 2 KB)")
     p.add_argument("--no-reload", action="store_true", help="skip the reload-under-load figure")
@@ -125,9 +137,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.herd_connections = min(args.herd_connections, 300)
         args.reload_messages = min(args.reload_messages, 6000)
         args.herd_workers = args.herd_workers.split(",")[0]
+        args.pool_workers = "50"
+        args.pool_idle_seconds = min(args.pool_idle_seconds, 5.0)
     if not args.workers:
         args.workers = max(args.sessions, args.big_sessions) + 2
     args.herd_workers = [int(x) for x in str(args.herd_workers).split(",") if x.strip()]
+    phases = {"side-by-side", "production", "idle-uss", "herd", "pool"}
+    args.phases = {x.strip() for x in args.only.split(",") if x.strip()} or phases
+    if args.phases - phases:
+        p.error(f"--only: unknown phase(s) {', '.join(sorted(args.phases - phases))}")
+    if args.no_herd:
+        args.phases.discard("herd")
+    if args.no_pool:
+        args.phases.discard("pool")
+    args.pool_workers = [int(x) for x in str(args.pool_workers).split(",") if x.strip()]
     args.servers = [s.strip() for s in args.servers.split(",") if s.strip()]
     return args
 
@@ -145,7 +168,10 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.monotonic()
     workloads = measure.workloads(args.sessions, args.big_sessions, args.conn_messages,
                                   args.persist_messages, args.big_messages)
-    if not args.no_relay:
+    conn = workloads[0]  # the load of the idle-USS and herd phases
+    if "side-by-side" not in args.phases:
+        workloads = []
+    elif not args.no_relay:
         workloads += measure.relay_workloads(args.sessions, args.big_sessions, args.relay_messages,
                                              args.relay_big_messages)
     workdir = Path(tempfile.mkdtemp(prefix="prefork-esmtp-bench-"))
@@ -155,31 +181,35 @@ def main(argv: list[str] | None = None) -> int:
     relay_mem: dict[str, Any] | None = None
     idle_rows: list[dict[str, Any]] = []
     herd_rows: list[dict[str, Any]] = []
+    pool_rows: list[dict[str, Any]] = []
     ops: dict[str, Any] | None = None
     try:
-        log(f"work dir {workdir}; preparing servers")
-        servers = peers.side_by_side(args.workers, set(args.servers), haraka=not args.no_haraka)
-        active = peers.start_all(servers, workdir)
-        if not args.no_relay:
-            upstream = peers.SmtpSinkServer("relay-upstream", "Postfix smtp-sink (relay upstream)")
-            relays = peers.relay_pair(args.workers, not args.no_haraka and "haraka" in args.servers,
-                                      upstream)
-            servers += relays
-            active += peers.start_relays(upstream, relays, workdir)
-        measure.interleaved(active, workloads, args.reps, args.run_timeout)
-        bench_uss = servers[0].worker_uss()
-        for s in servers:
-            s.stop()
-        if upstream is not None and upstream.available:
-            small, big = (next(wl for wl in workloads if wl.key == k) for k in ("relay", "relay-big"))
-            relay_mem = measure.relay_memory(args, small, big, upstream, workdir)
-            upstream.stop()
-
-        if not (args.no_reload and args.no_haproxy):
-            ops = production.measure(args, workloads[0], workdir)
-        idle_rows = measure.idle_uss(args, workloads[0], workdir)
-        if not args.no_herd:
-            herd_rows = measure.herd(args, workloads[0], workdir)
+        log(f"work dir {workdir}; phases: {', '.join(sorted(args.phases))}")
+        if "side-by-side" in args.phases:
+            servers = peers.side_by_side(args.workers, set(args.servers), haraka=not args.no_haraka)
+            active = peers.start_all(servers, workdir)
+            if not args.no_relay:
+                upstream = peers.SmtpSinkServer("relay-upstream", "Postfix smtp-sink (relay upstream)")
+                relays = peers.relay_pair(args.workers, not args.no_haraka and "haraka" in args.servers,
+                                          upstream)
+                servers += relays
+                active += peers.start_relays(upstream, relays, workdir)
+            measure.interleaved(active, workloads, args.reps, args.run_timeout)
+            bench_uss = servers[0].worker_uss()
+            for s in servers:
+                s.stop()
+            if upstream is not None and upstream.available:
+                small, big = (next(wl for wl in workloads if wl.key == k) for k in ("relay", "relay-big"))
+                relay_mem = measure.relay_memory(args, small, big, upstream, workdir)
+                upstream.stop()
+        if "production" in args.phases and not (args.no_reload and args.no_haproxy):
+            ops = production.measure(args, conn, workdir)
+        if "idle-uss" in args.phases:
+            idle_rows = measure.idle_uss(args, conn, workdir)
+        if "herd" in args.phases:
+            herd_rows = measure.herd(args, conn, workdir)
+        if "pool" in args.phases:
+            pool_rows = measure.pool(args, workdir)
     except KeyboardInterrupt:
         log("interrupted: stopping every process started here")
         end_all()
@@ -190,11 +220,12 @@ def main(argv: list[str] | None = None) -> int:
         end_all()
 
     body = report.render(args, workloads, servers, bench_uss, idle_rows, herd_rows, started,
-                         time.monotonic() - t_start, relay_mem, ops)
+                         time.monotonic() - t_start, relay_mem, ops, pool_rows)
     report.write_results(args.output, body)
     if args.json:
         raw = {s.key: {k: [vars(x) for x in v] for k, v in s.samples.items()} for s in servers}
         args.json.write_text(json.dumps({"samples": raw, "idle": idle_rows, "herd": herd_rows,
+                                         "pool": pool_rows,
                                          "bench_uss": bench_uss, "relay_memory": relay_mem,
                                          "reload_haproxy": production.as_json(ops)},
                                         indent=1))

@@ -10,6 +10,7 @@ stops (first start) or aborts the reload instead of respawning in a loop.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import signal
@@ -83,7 +84,7 @@ def _boot_and_serve(plan: WorkerPlan) -> int:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, plan.signals)  # blocked by the master across the fork
     for fd in plan.master_fds:
         os.close(fd)
-    die_with_parent(plan.master_pid)
+    told = die_with_parent(plan.master_pid)
     random.seed()
     if plan.counters is not None:
         counters.use(plan.counters.row(plan.slot))
@@ -92,7 +93,7 @@ def _boot_and_serve(plan: WorkerPlan) -> int:
     try:
         privileges.drop(plan.ids)
         if plan.ids is not None:
-            die_with_parent(plan.master_pid)  # a uid/gid change cleared the parent-death signal
+            told = die_with_parent(plan.master_pid)  # a uid/gid change cleared the parent-death signal
         # The master never imported it (unless preloaded, and then configured it too),
         # so this import is fresh and its options are this generation's.
         handler_class = plan.handler_class
@@ -110,11 +111,16 @@ def _boot_and_serve(plan: WorkerPlan) -> int:
     limit = config.max_connections_per_child
     if limit:
         limit += random.randint(0, limit // 10)
+    # Idle, a worker runs no code of its own until a connection or a signal: nothing can get
+    # stuck, so it promises no check-in (math.inf) and sleeps without a timeout.  Only where
+    # the kernel will not send TERM when the master dies does it wake every TICK to check.
+    tick = None if told else TICK
     reporter = ScoreboardReporter(plan.scoreboard, plan.slot, plan.generation, plan.master_pid,
-                                  idle_expect=TICK, busy_expect=config.timeout, wake_fd=plan.wake_fd)
+                                  idle_expect=math.inf if tick is None else tick,
+                                  busy_expect=config.timeout, wake_fd=plan.wake_fd)
     worker = Worker(plan.listeners, handler_class, config, max_sessions=limit, reporter=reporter,
                     tls_context=plan.tls_context, tls_listeners=plan.tls_fds,
-                    limits=Limits(config, reporter.sessions_from, plan.rate_table))
+                    limits=Limits(config, reporter.sessions_from, plan.rate_table), idle_tick=tick)
     worker.install_signals()
     signal.signal(signal.SIGHUP, lambda s, f: worker.stop())  # retire: finish the session, exit
     signal.signal(signal.SIGUSR1, lambda s, f: logs.reopen())
@@ -138,9 +144,13 @@ _PRCTL = _load_prctl()
 _PR_SET_PDEATHSIG = 1
 
 
-def die_with_parent(master_pid: int) -> None:
-    """Ask Linux to send us TERM if the master dies (no orphans), where prctl is available."""
-    if _PRCTL is not None:
-        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+def die_with_parent(master_pid: int) -> bool:
+    """Ask Linux to send us TERM if the master dies (no orphans); whether it will.
+
+    False where prctl is unavailable or refused: the serve loop then checks
+    the parent itself, once per TICK while idle.
+    """
+    told = _PRCTL is not None and _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) == 0
     if os.getppid() != master_pid:
         os._exit(0)  # the master died before prctl took effect
+    return told

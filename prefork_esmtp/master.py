@@ -20,7 +20,7 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 from setproctitle import setproctitle
 
@@ -33,6 +33,7 @@ from prefork_esmtp.pool import adaptive_step, max_spare_default
 from prefork_esmtp.limits import RateTable
 from prefork_esmtp.scoreboard import BUSY, IDLE, STARTING, Scoreboard
 from prefork_esmtp.sdnotify import Notifier
+from prefork_esmtp.warmup import warm_up
 from prefork_esmtp.settings import Config
 
 log = logging.getLogger("prefork_esmtp.master")
@@ -244,6 +245,7 @@ class Master:
         # OpenSSL sets up its global tables on the first context: do it here, once, so workers
         # that make a TLS client context (the relay's STARTTLS upstream) share them.
         ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        warm_up(self.config)
         gc.collect()
         gc.freeze()  # what the master has built so far stays shared with the workers
         self._publish()
@@ -330,44 +332,65 @@ class Master:
     def spawn_missing(self) -> None:
         """Fixed pool: fork until the current generation has ``target`` workers."""
         current = [c for c in self.children.values() if c.generation == self.generation and not c.retiring]
-        for _ in range(self.target - len(current)):
-            self.spawn()
+        self.spawn(self.target - len(current))
 
-    def spawn(self) -> None:
-        """Fork one worker of the current generation (unless stopping, paused, full, or fork fails)."""
-        if self.stop_deadline is not None or time.monotonic() < self.spawn_paused_until:
+    def spawn(self, count: int = 1) -> None:
+        """Fork ``count`` workers of the current generation (fewer if stopping, paused, full, or fork fails).
+
+        The forks run back to back with as little of the master's own work
+        between them as possible: every page the master writes after a fork
+        stays behind as private memory of the worker forked just before, so
+        the bookkeeping (slots claimed, signals blocked) is done once for the
+        batch, before and after it.
+        """
+        if count <= 0 or self.stop_deadline is not None or time.monotonic() < self.spawn_paused_until:
             return
-        slot = self.scoreboard.free_slot()
-        if slot is None:
-            log.error("scoreboard full; not starting another worker")
-            return
-        # Claimed before the fork: a worker that boots fast must not have its first report
-        # overwritten by the master's bookkeeping (status showed busy workers as "starting").
-        self.scoreboard.claim(slot, 0, self.generation)
-        # Signals stay blocked across the fork until the child has its own handlers: a TERM
+        slots = []
+        for _ in range(count):
+            slot = self.scoreboard.free_slot()
+            if slot is None:
+                log.error("scoreboard full; not starting another worker")
+                break
+            # Claimed before the fork: a worker that boots fast must not have its first report
+            # overwritten by the master's bookkeeping (status showed busy workers as "starting").
+            self.scoreboard.claim(slot, 0, self.generation)
+            slots.append(slot)
+        pids = [0] * len(slots)
+        forked = 0
+        fork = os.fork
+        # Signals stay blocked across the forks until each child has its own handlers: a TERM
         # that lands in between is then delivered to the worker's handler, not lost in a
-        # copy of the master's queue.
+        # copy of the master's queue.  The master handles what arrived after the batch.
         signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
         try:
-            pid = os.fork()
-        except OSError as exc:  # EAGAIN (process limit), ENOMEM: keep serving, retry next turn
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
-            self.scoreboard.release(slot)
+            while forked < len(slots):
+                pid = fork()
+                if pid == 0:
+                    self._run_child(slots[forked])
+                pids[forked] = pid
+                forked += 1
+        except OSError as exc:  # EAGAIN (process limit), ENOMEM: keep serving, retry after a pause
             log.error("cannot fork a worker: %s", exc)
             self.spawn_paused_until = time.monotonic() + 1.0
-            return
-        if pid != 0:
+        finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
-        if pid == 0:
-            run_worker(WorkerPlan(
-                master_pid=self.pid, slot=slot, generation=self.generation, config=self.config,
-                handler_class=self.handler_class, ids=self.ids, listeners=self.listeners,
-                tls_context=self.tls_context, tls_fds=self.tls_fds, scoreboard=self.scoreboard,
-                rate_table=self.rate_table,
-                wake_fd=self.wake_w, error_fd=self.error_w, master_fds=(self.wake_r, self.error_r),
-                signals=frozenset(SIGNALS), counters=self.metrics.table))
-        self.scoreboard.set_pid(slot, pid)
-        self.children[pid] = Child(pid, slot, self.generation, time.time())
+        now = time.time()
+        for slot, pid in zip(slots, pids):
+            if pid:
+                self.scoreboard.set_pid(slot, pid)
+                self.children[pid] = Child(pid, slot, self.generation, now)
+            else:
+                self.scoreboard.release(slot)
+
+    def _run_child(self, slot: int) -> NoReturn:
+        """In the forked child: become the worker of ``slot`` (never returns)."""
+        run_worker(WorkerPlan(
+            master_pid=self.pid, slot=slot, generation=self.generation, config=self.config,
+            handler_class=self.handler_class, ids=self.ids, listeners=self.listeners,
+            tls_context=self.tls_context, tls_fds=self.tls_fds, scoreboard=self.scoreboard,
+            rate_table=self.rate_table,
+            wake_fd=self.wake_w, error_fd=self.error_w, master_fds=(self.wake_r, self.error_r),
+            signals=frozenset(SIGNALS), counters=self.metrics.table))
 
     def reap(self) -> None:
         """Collect exited workers; a boot failure on first start stops the master."""
@@ -472,8 +495,7 @@ class Master:
         step = adaptive_step(len(current), idle, self.config.min_spare or 0,
                              max_spare_default(self.config.min_spare, self.config.max_spare),
                              self.max_workers, self.spawn_rate)
-        for _ in range(step.spawn):
-            self.spawn()
+        self.spawn(step.spawn)
         self.spawn_rate = step.spawn_rate
         for child in self._pick_idle(current, step.retire):  # Apache: one spare per second
             self._retire(child)

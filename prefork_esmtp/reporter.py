@@ -8,6 +8,7 @@ its process title; ``start -X`` uses the base class, which reports nothing.
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -48,7 +49,9 @@ class ScoreboardReporter(Reporter):
 
     The first report after boot also writes to ``wake_fd`` (the master's wake
     pipe), so the master sees the worker booted at once rather than at its
-    next tick.
+    next tick.  Slot and title are written when the state changes (busy,
+    then idle with one session more), not when the serve loop comes round
+    again with nothing new (a connection another worker took, a signal).
     """
 
     def __init__(self, board: Scoreboard, slot: int, generation: int, master_pid: int, *,
@@ -62,8 +65,14 @@ class ScoreboardReporter(Reporter):
         self.busy_expect = busy_expect
         self.wake_fd = wake_fd
         self.sessions = 0
+        self.title = f"prefork-esmtp: worker [gen {generation}] "
+        self.reported: tuple[int, int] | None = None  # (state, sessions) last written
 
     def idle(self) -> None:
+        if self.reported == (IDLE, self.sessions):
+            if self.idle_expect != math.inf:
+                self.board.check_in(self.slot, self.idle_expect)  # the fallback's tick: still alive
+            return
         self._report(IDLE, "idle", "", self.idle_expect)
 
     def busy(self, peer: Any) -> None:
@@ -84,8 +93,8 @@ class ScoreboardReporter(Reporter):
 
     def _report(self, state: int, name: str, peer_text: str, expect: float) -> None:
         self.board.update(self.slot, state, self.sessions, peer_text, expect)
-        setproctitle(f"prefork-esmtp: worker [gen {self.generation}] {name}"
-                     f"{' ' + peer_text if peer_text else ''}, {self.sessions} sessions")
+        self.reported = (state, self.sessions)
+        setproctitle(f"{self.title}{name}{' ' + peer_text if peer_text else ''}, {self.sessions} sessions")
         if self.wake_fd is not None:  # booted: tell the master now
             fd, self.wake_fd = self.wake_fd, None
             try:

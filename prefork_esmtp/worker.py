@@ -26,7 +26,8 @@ from prefork_esmtp.settings import Config
 
 log = logging.getLogger("prefork_esmtp.worker")
 
-#: Seconds between heartbeats while idle.
+#: Seconds between checks that the master is alive while idle, where the kernel cannot tell
+#: (no PR_SET_PDEATHSIG); with it an idle worker sleeps until a connection or a signal.
 TICK = 1.0
 #: After TERM a worker exits by itself this long past graceful_timeout (its master may be gone).
 ORPHAN_GRACE = 2.0
@@ -37,8 +38,11 @@ class Worker:
     def __init__(self, listeners: list[socket.socket], handler_class: type, config: Config,
                  max_sessions: int = 0, reporter: Reporter = NO_REPORTER, *,
                  tls_context: Any = None, tls_listeners: frozenset[int] = frozenset(),
-                 limits: Limits | None = None) -> None:
+                 limits: Limits | None = None, idle_tick: float | None = None) -> None:
         self.listeners = listeners
+        # None: wait for a connection or a signal without a timeout (the master's death arrives
+        # as TERM); a number: also wake that often to check the master (no parent-death signal).
+        self.idle_tick = idle_tick
         self.limits = limits if limits is not None else Limits(config, reporter.sessions_from)
         self.tls_context = tls_context
         self.tls_listeners = tls_listeners  # fds of implicit-TLS listeners
@@ -117,10 +121,11 @@ class Worker:
         all of them (the accept thundering herd).
         """
         poller = _Poller(self.listeners, self._wake_r, self.config.accept_mode == "exclusive")
+        tick = self.idle_tick
         try:
             while self.alive:
                 self.reporter.idle()
-                ready = poller.wait(TICK)
+                ready = poller.wait(tick)
                 if self.shutting_down or not self.reporter.master_alive():
                     break
                 # Told to retire (HUP, TTOU, max-spare) while the wait returned: still accept
@@ -209,9 +214,10 @@ class _Poller:
                 self.sel.register(sock, selectors.EVENT_READ)
             self.sel.register(wake_fd, selectors.EVENT_READ)
 
-    def wait(self, timeout: float) -> list[int]:
+    def wait(self, timeout: float | None) -> list[int]:
+        """The ready fds; ``timeout`` None blocks until one is ready (or a signal's handler raises)."""
         if self.epoll is not None:
-            return [fd for fd, _ in self.ep.poll(timeout)]
+            return [fd for fd, _ in self.ep.poll(-1 if timeout is None else timeout)]
         return [key.fd for key, _ in self.sel.select(timeout)]
 
     def listener(self, fd: int) -> socket.socket:

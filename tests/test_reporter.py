@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 from setproctitle import getproctitle, setproctitle
@@ -65,3 +66,32 @@ def test_the_single_process_reporter_reports_nothing():
     NO_REPORTER.check_in(1.0)
     assert NO_REPORTER.master_alive()
     assert NO_REPORTER.sessions_from("192.0.2.7") == 0
+
+
+def test_idle_again_with_nothing_new_writes_neither_slot_nor_title(board):
+    """The serve loop comes round again (a connection another worker took): nothing to write."""
+    reporter = ScoreboardReporter(board, 2, 7, os.getppid(), idle_expect=float("inf"), busy_expect=300.0)
+    reporter.idle()
+    seen = board.slot(2).seen
+    setproctitle("marker")
+    reporter.idle()
+    assert getproctitle() == "marker" and board.slot(2).seen == seen
+    reporter.busy(("192.0.2.7", 4000))
+    assert getproctitle() == "prefork-esmtp: worker [gen 7] busy 192.0.2.7:4000, 0 sessions"
+    reporter.served()
+    reporter.idle()
+    assert getproctitle() == "prefork-esmtp: worker [gen 7] idle, 1 sessions"
+    assert (board.slot(2).state, board.slot(2).sessions) == (IDLE, 1)
+
+
+def test_idle_again_in_the_tick_fallback_still_checks_in(board):
+    """Without a parent-death signal an idle worker promised a check-in each tick: it keeps it."""
+    reporter = ScoreboardReporter(board, 2, 7, os.getppid(), idle_expect=1.0, busy_expect=300.0)
+    reporter.idle()
+    first = board.slot(2).seen
+    deadline = time.monotonic() + 1
+    while time.time() <= first and time.monotonic() < deadline:
+        pass  # the clock moves on (microseconds)
+    reporter.idle()
+    assert board.slot(2).seen > first
+    assert board.slot(2).expect == 1.0

@@ -1,0 +1,92 @@
+"""One session through the engine in the master before the first fork, so workers inherit it warm.
+
+A worker's first session touches code and objects for the first time: the
+interpreter specialises the bytecode of every function it runs (writing
+into the code objects), fills type and method caches, builds reply bytes
+and interns strings.  Done after the fork, each worker copies those pages
+and keeps them as private memory; done once in the master before
+``gc.freeze()``, they stay shared by all workers.  The session runs the
+base handler (which takes and discards the message), never the configured
+one, over a ``socketpair`` whose client side has sent its whole script and
+shut down writing, so it can neither block nor deliver anything; its log
+lines are suppressed, and its counts go to the master's private row.  Its
+settings are the configured ones except those that would slow it down or cut
+it short (the error sleep, the pipelining check), and it gives up after the
+first session that did not go through or after :data:`BUDGET` seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+
+from prefork_esmtp.handler import ESMTPHandler
+from prefork_esmtp.limits import Limits
+from prefork_esmtp.settings import Config
+
+log = logging.getLogger("prefork_esmtp.master")
+
+_BODY = (b"From: warm-up <a@example.org>\r\nTo: <b@example.org>\r\nSubject: warm-up\r\n"
+         b"Message-ID: <warm-up@example.org>\r\n\r\n" + b"a line of the body\r\n" * 20 + b"..dot\r\n.\r\n")
+
+
+def script(config: Config) -> bytes:
+    """What the warm-up client sends: greeting, two transactions, a reset, QUIT (LHLO in LMTP mode)."""
+    hello = b"LHLO" if config.protocol == "lmtp" else b"EHLO"
+    proxy = b"PROXY TCP4 127.0.0.1 127.0.0.1 40000 25\r\n" if config.proxy_protocol else b""
+    transaction = (b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.org>\r\n"
+                   b"RCPT TO:<c@example.org>\r\nDATA\r\n" + _BODY)
+    return (proxy + hello + b" warm-up.example\r\n" + transaction + transaction
+            + b"NOOP\r\nRSET\r\nQUIT\r\n")
+
+
+#: Sessions run: the interpreter specialises a function's bytecode after 8 calls (3.11), and
+#: most of the engine's functions run once or twice per session.
+SESSIONS = 10
+#: Seconds the warm-up may take at most (about 2 ms is usual).
+BUDGET = 0.5
+#: Settings the warm-up runs without: a sleep before error replies, and closing on pipelining
+#: (its client sends the whole script at once).
+_OVERRIDES = {"error_sleep": 0.0, "forbid_unauth_pipelining": False}
+
+
+def warm_up(config: Config, sessions: int = SESSIONS) -> int:
+    """Run ``sessions`` sessions of the base handler in this process; return how many completed.
+
+    A failure is logged at debug level and ends the warm-up: it only costs
+    memory, never the start.
+    """
+    from prefork_esmtp.session import Session
+
+    previous = logging.root.manager.disable
+    logging.disable(logging.CRITICAL)
+    done = 0
+    deadline = time.monotonic() + BUDGET
+    try:
+        config = Config({**config.values, **_OVERRIDES})
+        data = script(config)
+        limits = Limits(config, lambda ip: 0)  # its own: the shared per-address counts stay untouched
+        for _ in range(sessions):
+            server, client = socket.socketpair()
+            try:
+                client.sendall(data)
+                client.shutdown(socket.SHUT_WR)  # end of input after the script: the session cannot block
+                Session(server, ("127.0.0.1", 40000), ESMTPHandler, config, lambda: False,
+                        limits=limits).run()
+                replies = client.recv(65536)
+            finally:
+                server.close()
+                client.close()
+            lines = replies.split(b"\r\n")[:-1]
+            if not lines or not lines[-1].startswith(b"221") or any(l[:1] not in (b"2", b"3") for l in lines):
+                break  # refused somewhere (a setting this script does not satisfy): no use repeating it
+            done += 1
+            if time.monotonic() > deadline:
+                break
+    except Exception as exc:
+        logging.disable(previous)
+        log.debug("warm-up session failed: %s", exc)
+    finally:
+        logging.disable(previous)
+    return done

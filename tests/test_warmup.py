@@ -1,0 +1,59 @@
+"""The master's warm-up sessions before the first fork: complete, silent, counted nowhere."""
+
+from __future__ import annotations
+
+import logging
+import smtplib
+import time
+
+import pytest
+
+from master_support import pool_mode, strays, wait_pool  # noqa: F401
+from metrics_support import metrics_port, scrape, value
+from prefork_esmtp import warmup
+from prefork_esmtp.settings import resolve
+
+
+@pytest.mark.parametrize("values", [{}, {"protocol": "lmtp"}, {"proxy_protocol": True},
+                                    {"protocol": "lmtp", "proxy_protocol": True},
+                                    {"forbid_unauth_pipelining": True, "error_sleep": "5"}])
+def test_every_warm_up_session_completes_and_logging_is_back(values, caplog):
+    caplog.set_level(logging.DEBUG)
+    assert warmup.warm_up(resolve({"hostname": "mx.test.example", **values}, {})) == warmup.SESSIONS
+    assert logging.root.manager.disable == logging.NOTSET
+    assert not caplog.records  # not a line from the sessions, nor a failure
+
+
+def test_a_configuration_that_refuses_the_script_ends_the_warm_up_at_once(caplog):
+    """A message over the size limit: errors, which past the soft limit would sleep 5 s each."""
+    caplog.set_level(logging.DEBUG)
+    config = resolve({"max_message_size": "512", "soft_error_limit": "1", "error_sleep": "5"}, {})
+    started = time.monotonic()
+    assert warmup.warm_up(config) == 0
+    assert time.monotonic() - started < warmup.BUDGET + 0.5
+    assert logging.root.manager.disable == logging.NOTSET
+    assert not caplog.records
+
+
+def test_the_script_speaks_the_configured_protocol():
+    assert warmup.script(resolve({}, {})).startswith(b"EHLO ")
+    assert warmup.script(resolve({"protocol": "lmtp"}, {})).startswith(b"LHLO ")
+    assert warmup.script(resolve({"proxy_protocol": True}, {})).startswith(b"PROXY TCP4 ")
+    assert warmup.script(resolve({}, {})).endswith(b"QUIT\r\n")
+
+
+def test_a_pool_counts_and_logs_only_real_sessions(start_server, tmp_path, strays):
+    srv = start_server("--metrics-listen", "127.0.0.1:0", "--log-level", "info",
+                       mode=pool_mode(tmp_path, "--workers", "2"))
+    strays.add_tree(srv.proc.pid)
+    port = metrics_port(srv)
+    wait_pool(srv, 2)
+    samples = scrape(port)
+    assert value(samples, "prefork_esmtp_sessions_total") == 0
+    assert value(samples, "prefork_esmtp_messages_total") == 0
+    with smtplib.SMTP("127.0.0.1", srv.port, timeout=10) as smtp:
+        smtp.sendmail("a@example.org", ["b@example.org"], b"Subject: real\r\n\r\nreal\r\n")
+    samples = scrape(port)
+    assert value(samples, "prefork_esmtp_sessions_total") == 1
+    assert value(samples, "prefork_esmtp_messages_total") == 1
+    assert "warm-up" not in srv.log()
