@@ -173,6 +173,9 @@ def launch(directory: Path, *args: str, env: dict[str, str] | None = None, handl
         try:
             text = wait_until_ready(proc, srv.log, 15)
         except ServerFailed as exc:
+            if proc.poll() is None:  # never leave a server behind that no fixture will stop
+                proc.kill()
+                proc.wait(10)
             raise AssertionError(str(exc)) from None
         srv.ports, tls_ports = listening_ports(text)
         srv.port = srv.ports[0] if srv.ports else 0
