@@ -98,7 +98,9 @@ class Server:
         if not self.record_path.exists():
             return []
         out = []
-        for line in self.record_path.read_text().splitlines():
+        text = self.record_path.read_text()
+        # Only whole lines: a record being written right now is read on the next call.
+        for line in text[:text.rfind("\n") + 1].splitlines():
             entry = json.loads(line)
             if "b64" in entry:
                 entry["bytes"] = base64.b64decode(entry["b64"])
