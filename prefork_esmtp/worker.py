@@ -40,6 +40,13 @@ class Worker:
                  tls_context: Any = None, tls_listeners: frozenset[int] = frozenset(),
                  limits: Limits | None = None, idle_tick: float | None = None) -> None:
         self.listeners = listeners
+        for sock in listeners:
+            # Replies go out at once (a client waits for each); set once here, Linux gives it
+            # to every accepted socket, rather than one setsockopt per connection.
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
         # None: wait for a connection or a signal without a timeout (the master's death arrives
         # as TERM); a number: also wake that often to check the master (no parent-death signal).
         self.idle_tick = idle_tick
@@ -167,10 +174,6 @@ class Worker:
         # Behind a load balancer the socket's peer is the balancer: the session reports the
         # client once the PROXY header has named it; until then no address is counted.
         self.reporter.busy(None if self.config.proxy_protocol else peer)
-        try:
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
         try:
             self.session = Session(conn, peer, self.handler_class, self.config, self.stopping,
                                    self.reporter, tls_context=self.tls_context, implicit_tls=implicit_tls,

@@ -84,3 +84,16 @@ def test_a_signal_before_the_wait_wakes_it_at_once(listener):
         signal.signal(signal.SIGUSR2, signal.SIG_DFL)
         for sig, handler in zip((signal.SIGTERM, signal.SIGINT, signal.SIGQUIT), old):
             signal.signal(sig, handler)
+
+
+def test_accepted_sockets_have_tcp_nodelay(listener):
+    """Set once on the listener by the worker; Linux hands it to every accepted socket."""
+    Worker([listener], ESMTPHandler, _config())
+    client = socket.create_connection(listener.getsockname(), timeout=5)
+    try:
+        listener.setblocking(True)
+        conn, _ = listener.accept()
+        with conn:
+            assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+    finally:
+        client.close()
