@@ -121,7 +121,10 @@ class Connection:
         if not self.kernel_timeouts:
             self.sock.sendall(data)
             return
-        sent = self.sock.send(data, socket.MSG_DONTWAIT) if data else 0
+        try:
+            sent = self.sock.send(data, socket.MSG_DONTWAIT) if data else 0
+        except (BlockingIOError, InterruptedError):
+            sent = 0  # the send buffer is full right now (EAGAIN): not a client gone, wait for room
         if sent < len(data):
             self._send_rest(memoryview(data)[sent:])
 

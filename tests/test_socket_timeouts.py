@@ -160,6 +160,38 @@ def test_replies_larger_than_the_window_arrive_whole_for_a_slow_reader():
         theirs.close()
 
 
+def test_a_reply_to_a_full_send_buffer_waits_for_room_instead_of_dropping_the_client():
+    """EAGAIN on the first, non-blocking send means "no room yet", not "client gone"."""
+    conn, theirs = connection(timeout=5)
+    try:
+        filler = b"f" * 65536
+        while True:  # fill our send buffer and their receive buffer to the brim
+            try:
+                conn.sock.send(filler, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                break
+        received = bytearray()
+
+        def drain_later() -> None:
+            time.sleep(0.3)  # the reply's first send finds no room
+            theirs.settimeout(10)
+            while not received.endswith(b"250 OK\r\n"):
+                chunk = theirs.recv(65536)
+                if not chunk:
+                    return
+                received.extend(chunk)
+
+        reader = threading.Thread(target=drain_later)
+        reader.start()
+        conn.writer.write(b"250 OK\r\n")
+        conn.writer.flush()  # before the fix: ClientGone (BlockingIOError), the session dropped
+        reader.join(20)
+        assert received.endswith(b"250 OK\r\n")
+    finally:
+        conn.close()
+        theirs.close()
+
+
 def test_a_client_that_never_reads_cannot_hold_the_send_past_the_timeout():
     conn, theirs = connection(timeout=1)
     try:
