@@ -462,6 +462,15 @@ class Master:
             if slot.state == STARTING and child.generation > self.generation:
                 continue  # booting in a reload already aborted: killed then, waiting to be reaped
             if now > slot.seen + slot.expect + timeout:
+                # Read again: a slot the worker is writing right now, or a check-in time from
+                # before the worker was born, is no proof of a stuck worker; the next turn decides.
+                slot = self.scoreboard.slot(child.slot)
+                if slot.pid != child.pid or not now > slot.seen + slot.expect + timeout:
+                    continue
+                if slot.seen < slot.started:  # the master's claim wrote both; a worker only moves seen on
+                    log.warning("worker %d: scoreboard slot %d reads a check-in older than the worker "
+                                "(%r); not killing it on that", child.pid, child.slot, slot)
+                    continue
                 log.error("worker %d is stuck (silent %.0fs, state %s); killing it", child.pid,
                           now - slot.seen, slot.state_name)
                 try:
