@@ -72,6 +72,15 @@ def messages_from(records: list[dict]) -> list[dict]:
 
 
 @pytest.fixture
+def listener() -> Iterator[socket.socket]:
+    """A non-blocking listening socket on a free loopback port, for in-process Worker tests."""
+    sock = socket.create_server(("127.0.0.1", 0), backlog=16)
+    sock.setblocking(False)
+    yield sock
+    sock.close()
+
+
+@pytest.fixture
 def clients() -> Iterator[list]:
     """A list to put raw clients in; every one is closed at teardown."""
     opened: list = []

@@ -10,14 +10,10 @@ from __future__ import annotations
 
 import math
 import os
-import re
-import signal
-import socket
 import threading
 import time
 
 import psutil
-import pytest
 
 from conftest import wait_for
 from master_support import pool_mode, wait_pool
@@ -83,14 +79,6 @@ class _Orphaned(Reporter):
     def master_alive(self) -> bool:
         self.checks += 1
         return self.checks < self.after
-
-
-@pytest.fixture
-def listener():
-    sock = socket.create_server(("127.0.0.1", 0), backlog=16)
-    sock.setblocking(False)
-    yield sock
-    sock.close()
 
 
 def test_without_a_parent_death_signal_an_idle_worker_checks_its_master_each_tick(listener, monkeypatch):

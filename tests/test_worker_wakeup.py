@@ -12,7 +12,6 @@ import signal
 import socket
 import threading
 
-import pytest
 
 from prefork_esmtp import ESMTPHandler
 from prefork_esmtp import worker as worker_module
@@ -22,14 +21,6 @@ from prefork_esmtp.worker import Worker
 
 def _config():
     return resolve({"hostname": "mx.test.example", "accept_mode": "exclusive"}, {})
-
-
-@pytest.fixture
-def listener():
-    sock = socket.create_server(("127.0.0.1", 0), backlog=16)
-    sock.setblocking(False)
-    yield sock
-    sock.close()
 
 
 def test_retire_right_after_the_wait_still_serves_the_connection(listener, monkeypatch):

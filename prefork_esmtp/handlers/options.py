@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from prefork_esmtp.handler import HandlerConfigError
+from prefork_esmtp.settings import choice as settings_choice
 from prefork_esmtp.settings import parse_bool, parse_seconds
 
 T = TypeVar("T")
@@ -31,18 +32,8 @@ def take(options: dict[str, Any], key: str, default: T, convert: Callable[[Any],
 boolean = parse_bool
 #: A number of seconds greater than zero (the settings' own parser).
 seconds = parse_seconds
-
-
-def choice(*allowed: str) -> Callable[[Any], str]:
-    """A converter to one of ``allowed`` (case-insensitive)."""
-
-    def convert(value: Any) -> str:
-        text = str(value).strip().lower()
-        if text not in allowed:
-            raise ValueError(f"expected one of {', '.join(allowed)}, got {value!r}")
-        return text
-
-    return convert
+#: A converter to one of the given words, case-insensitive (the settings' own).
+choice = settings_choice
 
 
 def text(value: Any) -> str:
