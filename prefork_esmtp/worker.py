@@ -129,11 +129,14 @@ class Worker:
         """
         poller = _Poller(self.listeners, self._wake_r, self.config.accept_mode == "exclusive")
         tick = self.idle_tick
+        # With the parent-death signal the master's end arrives as TERM (shutting_down), so
+        # asking the kernel for our parent after every wait would tell nothing new.
+        check_parent = tick is not None
         try:
             while self.alive:
                 self.reporter.idle()
                 ready = poller.wait(tick)
-                if self.shutting_down or not self.reporter.master_alive():
+                if self.shutting_down or (check_parent and not self.reporter.master_alive()):
                     break
                 # Told to retire (HUP, TTOU, max-spare) while the wait returned: still accept
                 # what it reported.  With EPOLLEXCLUSIVE the kernel woke only this worker for
