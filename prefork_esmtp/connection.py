@@ -68,12 +68,13 @@ class Connection:
 
     ``check_in(seconds)`` is called before each blocking read with the longest
     it may block (so the master can tell a worker waiting on a slow client from
-    a stuck one); ``stopping()`` says whether the server is stopping.
+    a stuck one); ``stopping()`` says whether the server is stopping; ``local``
+    is our address when the caller knows it (None: ``getsockname()``).
     """
 
     def __init__(self, sock: socket.socket, peer: Any, config: Config,
                  check_in: Callable[[float], None] | None = None,
-                 stopping: Callable[[], bool] = lambda: False) -> None:
+                 stopping: Callable[[], bool] = lambda: False, local: Any = None) -> None:
         self.sock = sock
         self.config = config
         self.check_in = check_in
@@ -83,10 +84,12 @@ class Connection:
         self.kernel_timeouts = True
         if sock.gettimeout() is not None:
             sock.setblocking(True)
-        try:
-            self.local = _address(sock.getsockname())
-        except OSError:
-            self.local = None
+        if local is None:  # not known from a listener bound to one address: ask the socket
+            try:
+                local = sock.getsockname()
+            except OSError:
+                pass
+        self.local = _address(local)
         #: the client, as logs name it
         self.who = f"{self.peer[0]}:{self.peer[1]}" if self.peer else "client"
         #: set by the session while it waits for a command outside a transaction: a stop
