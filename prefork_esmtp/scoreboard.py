@@ -14,6 +14,7 @@ import mmap
 import os
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +31,7 @@ _SEEN_OFFSET = struct.calcsize("<iiB3xQd")  # where 'seen' and 'expect' start in
 _STATE_OFFSET = struct.calcsize("<ii")
 _STATE = struct.Struct("<B3xQ")  # state, sessions
 _SEEN = struct.Struct("<dd64s")  # seen, expect, peer
+_CHECK_IN = struct.Struct("<dd")  # seen, expect
 _MAGIC = b"PFESMTP1"
 
 
@@ -149,13 +151,26 @@ class Scoreboard:
 
     def update(self, index: int, state: int, sessions: int, peer: str, expect: float) -> None:
         """Worker: record state, sessions served and the peer; check in now."""
-        off = self._offset(index)
+        off = len(_MAGIC) + _HEADER.size + index * _SLOT.size
         _STATE.pack_into(self.mem, off + _STATE_OFFSET, state, sessions)
         _SEEN.pack_into(self.mem, off + _SEEN_OFFSET, time.time(), expect, peer.encode()[:63])
 
     def check_in(self, index: int, expect: float) -> None:
         """Worker: 'alive, and may stay silent for ``expect`` seconds' (before a blocking wait)."""
-        struct.pack_into("<dd", self.mem, self._offset(index) + _SEEN_OFFSET, time.time(), expect)
+        _CHECK_IN.pack_into(self.mem, self._offset(index) + _SEEN_OFFSET, time.time(), expect)
+
+    def checker(self, index: int) -> Callable[[float], None]:
+        """Worker: :meth:`check_in` for slot ``index`` as one function with everything bound.
+
+        A session checks in before every blocking read; this does it in one
+        Python call (the slot's place is found once, not on every call).
+        """
+        pack, mem, offset, now = _CHECK_IN.pack_into, self.mem, self._offset(index) + _SEEN_OFFSET, time.time
+
+        def check_in(expect: float) -> None:
+            pack(mem, offset, now(), expect)
+
+        return check_in
 
     def slot(self, index: int) -> Slot:
         *fields, peer = _SLOT.unpack_from(self.mem, self._offset(index))
