@@ -10,6 +10,7 @@ which reports nothing.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import select
@@ -61,6 +62,9 @@ class Worker:
         self.shutting_down = False
         self.served = 0
         self.session: Session | None = None
+        # What the session calls as stopping() (before each command and each wait for one):
+        # the same answer as the method, read with no Python frame of its own.
+        self._stopping = functools.partial(getattr, self, "shutting_down")
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -132,6 +136,7 @@ class Worker:
         # With the parent-death signal the master's end arrives as TERM (shutting_down), so
         # asking the kernel for our parent after every wait would tell nothing new.
         check_parent = tick is not None
+        by_fd = poller.by_fd
         try:
             while self.alive:
                 self.reporter.idle()
@@ -142,10 +147,11 @@ class Worker:
                 # what it reported.  With EPOLLEXCLUSIVE the kernel woke only this worker for
                 # that connection; leaving without it would strand the client until the next one.
                 for fd in ready:
-                    if fd == self._wake_r:
+                    listener = by_fd.get(fd)
+                    if listener is None:  # the wake pipe
                         self._drain_wake()
                         continue
-                    if self._accept(poller.listener(fd)):
+                    if self._accept(listener):
                         break  # back to waiting: fair to the other listeners and workers
                 if self.max_sessions and self.served >= self.max_sessions:
                     log.info("served %d sessions; recycling", self.served)
@@ -185,7 +191,7 @@ class Worker:
         # client once the PROXY header has named it; until then no address is counted.
         self.reporter.busy(None if self.config.proxy_protocol else peer)
         try:
-            self.session = Session(conn, peer, self.handler_class, self.config, self.stopping,
+            self.session = Session(conn, peer, self.handler_class, self.config, self._stopping,
                                    self.reporter, tls_context=self.tls_context, implicit_tls=implicit_tls,
                                    limits=self.limits, local=local)
         except Exception:
@@ -259,7 +265,10 @@ class _Poller:
             self.sel.register(wake_fd, selectors.EVENT_READ)
 
     def wait(self, timeout: float | None) -> list[int]:
-        """The ready fds; ``timeout`` None blocks until one is ready (or a signal's handler raises)."""
+        """The ready fds; ``timeout`` None blocks until one is ready (or a signal's handler raises).
+
+        ``by_fd`` maps a ready listener's fd to its :class:`_Listener`; any other fd is the wake pipe.
+        """
         if self.epoll is not None:
             return [fd for fd, _ in self.ep.poll(-1 if timeout is None else timeout)]
         return [key.fd for key, _ in self.sel.select(timeout)]
