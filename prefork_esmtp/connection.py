@@ -79,7 +79,8 @@ class Connection:
         self.config = config
         self.check_in = check_in
         self.stopping = stopping
-        self.peer = _address(peer)
+        # (host, port) of an address tuple (an IPv6 one has four fields), else None
+        self.peer = (peer[0], peer[1]) if type(peer) is tuple and len(peer) >= 2 else _address(peer)
         #: the socket is blocking and its read timeout is the kernel's (False once TLS is on)
         self.kernel_timeouts = True
         if sock.gettimeout() is not None:
@@ -89,7 +90,7 @@ class Connection:
                 local = sock.getsockname()
             except OSError:
                 pass
-        self.local = _address(local)
+        self.local = local if type(local) is tuple and len(local) == 2 else _address(local)
         #: the client, as logs name it
         self.who = f"{self.peer[0]}:{self.peer[1]}" if self.peer else "client"
         #: set by the session while it waits for a command outside a transaction: a stop
@@ -268,5 +269,6 @@ class Connection:
             pass  # SSLWantReadError: ours is sent, the client's has not come
 
     def close(self) -> None:
-        """Close the socket (again: closing a closed socket does nothing)."""
-        self.sock.close()
+        """Close the socket, unless :meth:`shutdown` already did (then there is nothing to do)."""
+        if self.sock.fileno() >= 0:
+            self.sock.close()
