@@ -34,7 +34,9 @@ class Event:
         self.fields = fields
 
     def __str__(self) -> str:
-        pairs = " ".join(f"{key}={_text_value(value)}" for key, value in self.fields.items())
+        # None and int (most fields) are written here; only other values need _text_value.
+        pairs = " ".join([f"{key}=-" if value is None else f"{key}={value}" if type(value) is int
+                          else f"{key}={_text_value(value)}" for key, value in self.fields.items()])
         return f"{self.sid}: {self.name} {pairs}"
 
 
@@ -57,8 +59,11 @@ def _text_value(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.3f}"
     text = str(value)
-    if _PLAIN.fullmatch(text) and text.isprintable():
-        return text
+    if text.isprintable():  # no control characters: nothing to escape but '"' and '\\'
+        if _PLAIN.fullmatch(text):
+            return text
+        if '"' not in text and "\\" not in text:
+            return f'"{text}"'  # a reply, say: spaces only
     return '"' + "".join(_ESCAPES.get(c) or (c if c.isprintable() else f"\\x{ord(c):02x}")
                          for c in text) + '"'
 
