@@ -53,6 +53,12 @@ def _timeval(seconds: float) -> bytes:
     return _TIMEVAL.pack(micro // 1_000_000, micro % 1_000_000)
 
 
+#: Timevals already packed, by seconds: a session sets the same few (the idle timeout,
+#: whole seconds of a shorter deadline) again and again.  Bounded: only so many are kept.
+_TIMEVALS: dict[float, bytes] = {}
+_TIMEVALS_KEPT = 64
+
+
 class StopSession(Exception):
     """The server is stopping and the session, idle between transactions, ends now (421)."""
 
@@ -144,7 +150,12 @@ class Connection:
     def settimeout(self, seconds: float) -> None:
         """How long the next reads may block: in the kernel for a plain socket, in Python for TLS."""
         if self.kernel_timeouts:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(seconds))
+            timeval = _TIMEVALS.get(seconds)
+            if timeval is None:
+                timeval = _timeval(seconds)
+                if len(_TIMEVALS) < _TIMEVALS_KEPT:
+                    _TIMEVALS[seconds] = timeval
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
         else:
             self.sock.settimeout(seconds)
 
