@@ -12,6 +12,7 @@ import json
 import logging
 import re
 import sys
+import time
 from datetime import datetime
 from typing import Any
 
@@ -68,6 +69,26 @@ def _text_value(value: Any) -> str:
                          for c in text) + '"'
 
 
+class TextFormatter(logging.Formatter):
+    """The text format: :data:`FORMAT`, with the date and time to the second formatted once per second.
+
+    ``time.strftime`` of the local time is the dearest part of a text record;
+    records of the same second share it.  The text is the standard Formatter's.
+    """
+
+    _second: int | None = None
+    _date = ""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
+        if datefmt is not None:
+            return super().formatTime(record, datefmt)
+        second = int(record.created)
+        if second != self._second:
+            self._date = time.strftime(self.default_time_format, self.converter(record.created))
+            self._second = second
+        return self.default_msec_format % (self._date, record.msecs)
+
+
 class JSONFormatter(logging.Formatter):
     """One JSON object per record: time, level, logger, pid, message (and an event's fields; a traceback)."""
 
@@ -98,7 +119,7 @@ def setup(level: str, path: str | None, fmt: str = "text") -> None:
         logger.removeHandler(_handler)
         _handler.close()
     _handler = logging.FileHandler(path) if path else logging.StreamHandler(sys.stderr)
-    _handler.setFormatter(JSONFormatter() if fmt == "json" else logging.Formatter(FORMAT))
+    _handler.setFormatter(JSONFormatter() if fmt == "json" else TextFormatter(FORMAT))
     logger.addHandler(_handler)
     logger.setLevel(level.upper())
     logger.propagate = False

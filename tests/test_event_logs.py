@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import random
 import re
 
@@ -10,7 +11,7 @@ import pytest
 
 from conftest import wait_for
 from master_support import pool_mode, strays  # noqa: F401
-from prefork_esmtp.logs import Event
+from prefork_esmtp.logs import FORMAT, Event, TextFormatter
 
 JUDGE = "metrics_handlers:Judge"
 _EVENT = re.compile(r": ([0-9A-F]{12}): (message|session) (.*)$")
@@ -146,3 +147,15 @@ def test_text_values_match_the_documented_quoting_for_mixed_strings():
     for value in values:
         assert str(Event("0123456789AB", "message", {"k": value})) == \
             f"0123456789AB: message k={_reference_text(value)}", repr(value)
+
+
+def test_text_records_read_as_the_standard_formatter_writes_them():
+    """The time to the second is formatted once per second; every record's text stays the standard one."""
+    ours, standard = TextFormatter(FORMAT), logging.Formatter(FORMAT)
+    rng = random.Random(5)
+    created = 1_764_763_200.0
+    for _ in range(2000):
+        created += rng.choice((0.0004, 0.013, 0.25, 0.999, 1.0, 3.7, 86_399.5))
+        record = logging.LogRecord("prefork_esmtp.session", logging.INFO, __file__, 1, "x=%s", ("y",), None)
+        record.created, record.msecs = created, int((created - int(created)) * 1000)
+        assert ours.format(record) == standard.format(record)
