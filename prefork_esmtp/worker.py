@@ -273,9 +273,6 @@ class _Poller:
             return [fd for fd, _ in self.ep.poll(-1 if timeout is None else timeout)]
         return [key.fd for key, _ in self.sel.select(timeout)]
 
-    def listener(self, fd: int) -> _Listener:
-        return self.by_fd[fd]
-
     def close(self) -> None:
         if self.epoll is not None:
             self.ep.close()
