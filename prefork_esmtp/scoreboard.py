@@ -22,12 +22,13 @@ STATE_NAMES = {FREE: "free", STARTING: "starting", IDLE: "idle", BUSY: "busy", E
 
 # master pid, generation, started, reloads (completed or failed), nslots, listeners, last error
 _HEADER = struct.Struct("<iidII256s256s")
-# pid, generation, state, sessions, started, seen, expect (seconds the worker may stay silent), peer.
+# pid, generation, state, sessions, started, seen, expect (seconds the worker may stay silent),
+# due (the monotonic time by which it promised to check in again: seen + expect), peer.
 # Native order and alignment: every 8-byte field sits on an 8-byte boundary of the mmap (the
 # header ends on one and a slot is a multiple of 8), so a worker writes each number with one
 # aligned store and the master, reading without a lock, sees each field old or new, never half.
-_SLOT = struct.Struct("@iiB7xQddd64s")
-_PID, _STATE, _SESSIONS, _SEEN, _EXPECT, _PEER = 0, 8, 16, 32, 40, 48  # byte offsets in a slot
+_SLOT = struct.Struct("@iiB7xQdddd64s")
+_PID, _STATE, _SESSIONS, _SEEN, _EXPECT, _DUE, _PEER = 0, 8, 16, 32, 40, 48, 56  # byte offsets in a slot
 _PEER_SIZE = 64
 _MAGIC = b"PFESMTP2"
 _BASE = len(_MAGIC) + _HEADER.size  # where slot 0 starts
@@ -46,11 +47,23 @@ class Slot:
     started: float
     seen: float
     expect: float
+    due: float
     peer: str
 
     @property
     def state_name(self) -> str:
         return STATE_NAMES.get(self.state, "?")
+
+    def overdue(self, now: float, grace: float) -> bool:
+        """Whether the worker is more than ``grace`` seconds past its promised check-in.
+
+        ``now`` is ``time.monotonic()``.  One field decides: a reader that took
+        ``seen`` from one check-in and ``expect`` from the next (a worker long
+        idle, promising nothing, now busy with a read timeout) would compute a
+        deadline neither check-in promised; and a step of the wall clock moves
+        no deadline.
+        """
+        return now > self.due + grace
 
 
 class Scoreboard:
@@ -58,7 +71,7 @@ class Scoreboard:
 
     Who writes a slot: the master claims a free one before the fork (the whole
     record) and, after the fork, writes only its pid; the worker then writes
-    only its own fields (state, sessions, seen, expect, peer), each with one
+    only its own fields (state, sessions, seen, expect, due, peer), each with one
     store, so neither overwrites the other's news and a reader without a lock
     sees each field old or new.  The master releases the slot once it has
     reaped the worker, when nobody writes it any more.
@@ -155,7 +168,9 @@ class Scoreboard:
         The slot is free, so no worker writes it: one pack of the whole record is safe.
         """
         now = time.time()
-        _SLOT.pack_into(self.mem, self._offset(index), pid, generation, STARTING, 0, now, now, 0.0, b"")
+        # due now: a worker must boot (its first report) within the master's grace
+        _SLOT.pack_into(self.mem, self._offset(index), pid, generation, STARTING, 0, now, now, 0.0,
+                        time.monotonic(), b"")
         self._free.discard(index)
 
     def set_pid(self, index: int, pid: int) -> None:
@@ -164,7 +179,7 @@ class Scoreboard:
 
     def release(self, index: int) -> None:
         """Master: the slot's worker is gone (reaped), so nobody writes the slot any more."""
-        _SLOT.pack_into(self.mem, self._offset(index), 0, 0, FREE, 0, 0.0, 0.0, 0.0, b"")
+        _SLOT.pack_into(self.mem, self._offset(index), 0, 0, FREE, 0, 0.0, 0.0, 0.0, 0.0, b"")
         if index not in self._free:
             self._free.add(index)
             heapq.heappush(self._free_heap, index)
@@ -196,6 +211,7 @@ class Scoreboard:
         words = self._f64
         words[(off + _SEEN) // 8] = time.time()
         words[(off + _EXPECT) // 8] = expect
+        words[(off + _DUE) // 8] = time.monotonic() + expect
 
     def slot(self, index: int) -> Slot:
         *fields, peer = _SLOT.unpack_from(self.mem, self._offset(index))

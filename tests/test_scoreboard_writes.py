@@ -14,15 +14,19 @@ it (the worker paused there, preempted, for as long as it takes).
 
 from __future__ import annotations
 
+import itertools
+import logging
 import math
+import subprocess
 import time
 import types
-from dataclasses import astuple
+from dataclasses import astuple, fields, replace
 
 import pytest
 
 from prefork_esmtp import scoreboard as scoreboard_module
-from prefork_esmtp.scoreboard import BUSY, IDLE, STARTING, Scoreboard
+from prefork_esmtp.master import Child, Master
+from prefork_esmtp.scoreboard import BUSY, IDLE, STARTING, Scoreboard, Slot
 
 SLOT = 2
 WORKER_TIMEOUT = 60.0  # the master's default grace past a promised check-in
@@ -51,13 +55,16 @@ class Reading:
 class PausingClock:
     """Stands for the ``time`` module in scoreboard.py; its readings snapshot ``board``'s slot."""
 
-    def __init__(self, board: Scoreboard) -> None:
+    def __init__(self, board: Scoreboard, on_pause=None) -> None:
         self.board = board
+        self.on_pause = on_pause  # run at each pause too (the master's loop turning meanwhile)
         self.offset = 0.0  # seconds added to the real clocks (a check-in long ago: negative)
         self.snapshots: list = []
 
     def _snap(self) -> None:
         self.snapshots.append(self.board.slot(SLOT))
+        if self.on_pause is not None:
+            self.on_pause()
 
     def time(self) -> Reading:
         return Reading(time.time() + self.offset, self._snap)
@@ -75,15 +82,15 @@ def board():
     board.close()
 
 
-def _paused_write(monkeypatch, board: Scoreboard, write, offset: float = 0.0) -> tuple:
+def _paused_write(monkeypatch, board: Scoreboard, write, offset: float = 0.0, on_pause=None) -> tuple:
     """Run ``write`` with the pausing clock; the slot before, at each pause, and after."""
-    clock = PausingClock(board)
+    clock = PausingClock(board, on_pause)
     clock.offset = offset
-    monkeypatch.setattr(scoreboard_module, "time", types.SimpleNamespace(time=clock.time,
-                                                                         monotonic=clock.monotonic))
-    before = board.slot(SLOT)
-    write()
-    monkeypatch.undo()
+    with monkeypatch.context() as patch:
+        patch.setattr(scoreboard_module, "time", types.SimpleNamespace(time=clock.time,
+                                                                       monotonic=clock.monotonic))
+        before = board.slot(SLOT)
+        write()
     after = board.slot(SLOT)
     assert clock.snapshots, "the write read no clock: nothing was interleaved"
     return before, clock.snapshots, after
@@ -98,9 +105,9 @@ def _assert_old_or_new(before, during, after) -> None:
                 f"(before {getattr(before, name)!r}, after {getattr(after, name)!r}): {astuple(snapshot)}")
 
 
-def _looks_stuck(slot, now: float) -> bool:
+def _looks_stuck(slot) -> bool:
     """The master's test of a missed check-in, as it applies it to a slot it reads."""
-    return now > slot.seen + slot.expect + WORKER_TIMEOUT
+    return slot.overdue(time.monotonic(), WORKER_TIMEOUT)
 
 
 def test_a_check_in_never_shows_a_check_in_time_of_zero(board, monkeypatch):
@@ -108,8 +115,7 @@ def test_a_check_in_never_shows_a_check_in_time_of_zero(board, monkeypatch):
     board.update(SLOT, BUSY, 3, "192.0.2.7:4000", 300.0)
     before, during, after = _paused_write(monkeypatch, board, lambda: board.check_in(SLOT, 300.0))
     _assert_old_or_new(before, during, after)
-    now = time.time()
-    assert not any(_looks_stuck(s, now) for s in [before, *during, after])
+    assert not any(_looks_stuck(s) for s in [before, *during, after])
 
 
 @pytest.mark.parametrize("state, peer, expect", [(BUSY, "192.0.2.7:4000", 300.0), (IDLE, "", math.inf)])
@@ -128,3 +134,90 @@ def test_the_pid_the_master_writes_after_the_fork_keeps_the_workers_fields(board
     slot = board.slot(1)
     assert (slot.pid, slot.generation, slot.state, slot.expect) == (5151, 8, IDLE, math.inf)
     assert board.slot(SLOT).pid == 4242 and board.slot(SLOT).state == STARTING
+
+
+# -- the stuck-worker killer, given what it can read ---------------------------------------
+
+
+@pytest.fixture
+def victim():
+    """A live process standing for the worker: the killer's SIGKILL would end it."""
+    proc = subprocess.Popen(["sleep", "60"])
+    yield proc
+    proc.kill()
+    proc.wait(timeout=10)
+
+
+def _killer(board, pid: int) -> Master:
+    """The real master's supervision state for one worker of generation 7 in SLOT."""
+    master = Master.__new__(Master)
+    master.config = types.SimpleNamespace(worker_timeout=WORKER_TIMEOUT)
+    master.generation = 7
+    master.children = {pid: Child(pid, SLOT, 7, time.time())}
+    master.scoreboard = board
+    return master
+
+
+def _assert_alive(victim, caplog) -> None:
+    with pytest.raises(subprocess.TimeoutExpired):
+        victim.wait(timeout=0.5)  # a SIGKILLed child is gone within milliseconds
+    assert "is stuck" not in caplog.text
+
+
+def test_the_killer_spares_a_worker_paused_in_the_middle_of_any_write(monkeypatch, victim, caplog):
+    """The worker preempted mid-write while the master's loop turns (twice at each pause)."""
+    caplog.set_level(logging.WARNING, logger="prefork_esmtp.master")
+    board = Scoreboard(4)
+    try:
+        board.claim(SLOT, 0, 7)
+        board.set_pid(SLOT, victim.pid)
+        master = _killer(board, victim.pid)
+        turns = lambda: (master.murder_stale(), master.murder_stale())  # noqa: E731
+        _paused_write(monkeypatch, board, lambda: board.update(SLOT, IDLE, 0, "", math.inf), on_pause=turns)
+        _paused_write(monkeypatch, board, lambda: board.update(SLOT, BUSY, 0, "192.0.2.7:4000", 300.0),
+                      on_pause=turns)
+        _paused_write(monkeypatch, board, lambda: board.check_in(SLOT, 300.0), on_pause=turns)
+        _paused_write(monkeypatch, board, lambda: board.update(SLOT, IDLE, 1, "", math.inf), on_pause=turns)
+    finally:
+        board.close()
+    _assert_alive(victim, caplog)
+
+
+class _Reading:
+    """A board whose slot reads as a given snapshot (what the master assembled from memory)."""
+
+    def __init__(self, slot: Slot) -> None:
+        self.snapshot = slot
+
+    def slot(self, index: int) -> Slot:
+        return self.snapshot
+
+
+def test_the_killer_spares_a_worker_whatever_mix_of_two_check_ins_it_reads(monkeypatch, victim, caplog):
+    """A worker idle for an hour (promising no check-in) takes a client: its check-in moves from
+    'an hour ago, silent as long as it likes' to 'now, within the read timeout'.  A master read
+    overlapping that write may take each field from either; no mix may look like a missed check-in."""
+    caplog.set_level(logging.WARNING, logger="prefork_esmtp.master")
+    board = Scoreboard(4)
+    try:
+        with monkeypatch.context() as patch:
+            hour_ago = types.SimpleNamespace(time=lambda: time.time() - 3600,
+                                             monotonic=lambda: time.monotonic() - 3600)
+            patch.setattr(scoreboard_module, "time", hour_ago)
+            board.claim(SLOT, 0, 7)
+            board.set_pid(SLOT, victim.pid)
+            board.update(SLOT, IDLE, 4, "", math.inf)
+        before = board.slot(SLOT)
+        board.update(SLOT, BUSY, 4, "192.0.2.7:4000", 300.0)
+        after = board.slot(SLOT)
+    finally:
+        board.close()
+    changed = [f.name for f in fields(Slot) if getattr(before, f.name) != getattr(after, f.name)]
+    assert {"seen", "expect", "state"} <= set(changed)
+    mixes = 0
+    for taken in itertools.product((before, after), repeat=len(changed)):
+        mix = replace(before, **{name: getattr(source, name) for name, source in zip(changed, taken)})
+        _killer(_Reading(mix), victim.pid).murder_stale()
+        mixes += 1
+    assert mixes == 2 ** len(changed)
+    _assert_alive(victim, caplog)
