@@ -28,7 +28,7 @@ _HEADER = struct.Struct("<iidII256s256s")
 # header ends on one and a slot is a multiple of 8), so a worker writes each number with one
 # aligned store and the master, reading without a lock, sees each field old or new, never half.
 _SLOT = struct.Struct("@iiB7xQdddd64s")
-_PID, _STATE, _SESSIONS, _SEEN, _EXPECT, _DUE, _PEER = 0, 8, 16, 32, 40, 48, 56  # byte offsets in a slot
+_PID, _STATE, _SESSIONS, _SEEN, _PEER = 0, 8, 16, 32, 56  # byte offsets in a slot (expect, due: after seen)
 _PEER_SIZE = 64
 _MAGIC = b"PFESMTP2"
 _BASE = len(_MAGIC) + _HEADER.size  # where slot 0 starts
@@ -197,21 +197,19 @@ class Scoreboard:
         Field by field, each in one store, the state last: a reader that sees
         the new state sees the peer and counts that go with it.
         """
-        off = self._offset(index)
+        off = _BASE + index * _SLOT.size
         self.mem[off + _PEER:off + _PEER + _PEER_SIZE] = peer.encode()[:_PEER_SIZE - 1].ljust(_PEER_SIZE, b"\0")
-        self._u64[(off + _SESSIONS) // 8] = sessions
-        self._check_in(off, expect)
+        self._u64[(off + _SESSIONS) >> 3] = sessions
+        self.check_in(index, expect)
         self.mem[off + _STATE] = state
 
     def check_in(self, index: int, expect: float) -> None:
         """Worker: 'alive, and may stay silent for ``expect`` seconds' (before a blocking wait)."""
-        self._check_in(self._offset(index), expect)
-
-    def _check_in(self, off: int, expect: float) -> None:
+        word = (_BASE + index * _SLOT.size + _SEEN) >> 3  # seen, expect and due follow each other
         words = self._f64
-        words[(off + _SEEN) // 8] = time.time()
-        words[(off + _EXPECT) // 8] = expect
-        words[(off + _DUE) // 8] = time.monotonic() + expect
+        words[word] = time.time()
+        words[word + 1] = expect
+        words[word + 2] = time.monotonic() + expect
 
     def slot(self, index: int) -> Slot:
         *fields, peer = _SLOT.unpack_from(self.mem, self._offset(index))
