@@ -127,8 +127,15 @@ class Connection:
             self.waiting = False
 
     def sendall(self, data: bytes) -> None:
-        """Send all of ``data`` within the idle timeout (OSError if not)."""
+        """Send all of ``data`` within the idle timeout (OSError if not).
+
+        A send that may block checks in first, promising the idle timeout: a
+        worker waiting for a client that does not read is no stuck worker,
+        however long the client waited before it sent the command.
+        """
         if not self.kernel_timeouts:
+            if self.check_in is not None:  # TLS: any send may wait for the client's window
+                self.check_in(self.config.timeout)
             self.sock.sendall(data)
             return
         try:
@@ -141,6 +148,8 @@ class Connection:
     def _send_rest(self, rest: memoryview) -> None:
         """The client's window is full: send the rest under a Python timeout, then back to blocking."""
         sock = self.sock
+        if self.check_in is not None:
+            self.check_in(self.config.timeout)
         sock.settimeout(self.config.timeout)
         try:
             sock.sendall(rest)
@@ -219,6 +228,8 @@ class Connection:
         """
         self.writer.flush()
         self.kernel_timeouts = False  # from here on Python timeouts (see the module's docstring)
+        if self.check_in is not None:  # the handshake may wait for the client that long (never promise less)
+            self.check_in(max(self.config.timeout, self.config.tls_handshake_timeout))
         try:
             self.sock.settimeout(self.config.tls_handshake_timeout)
             wrapped = context.wrap_socket(self.sock, server_side=True, do_handshake_on_connect=False)
