@@ -49,7 +49,8 @@ def address(peer: Any) -> str | None:
     return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
 
 
-#: Values written as they are in text; anything else is quoted (spaces, quotes, '=', control characters).
+#: Values written as they are in text; anything else is quoted (spaces, quotes, '=', control characters,
+#: and "-" itself, which unquoted means none).
 _PLAIN = re.compile(r'[^\s"\\=]+')
 _ESCAPES = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
@@ -61,12 +62,21 @@ def _text_value(value: Any) -> str:
         return f"{value:.3f}"
     text = str(value)
     if text.isprintable():  # no control characters: nothing to escape but '"' and '\\'
-        if _PLAIN.fullmatch(text):
+        if _PLAIN.fullmatch(text) and text != "-":  # a "-" of its own would read as none
             return text
         if '"' not in text and "\\" not in text:
             return f'"{text}"'  # a reply, say: spaces only
-    return '"' + "".join(_ESCAPES.get(c) or (c if c.isprintable() else f"\\x{ord(c):02x}")
-                         for c in text) + '"'
+    return '"' + "".join(_ESCAPES.get(c) or (c if c.isprintable() else _escape(c)) for c in text) + '"'
+
+
+def _escape(c: str) -> str:
+    """A character that is not printable, by its code point: ``\\xNN``, ``\\uNNNN`` or ``\\UNNNNNNNN``.
+
+    As Python writes them: each escape has a fixed number of digits, so the
+    characters after it can never be read as part of it.
+    """
+    code = ord(c)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
 
 
 class TextFormatter(logging.Formatter):

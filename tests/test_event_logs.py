@@ -121,6 +121,8 @@ def _fields(event: dict) -> list[str]:
     ("line\r\nbreak\x1b", r'"line\r\nbreak\x1b"'), ("née", "née"),
     (True, "True"), (-7, "-7"), ("250 2.0.0 Message accepted", '"250 2.0.0 Message accepted"'),
     ("no\u00a0break space", r'"no\xa0break space"'), ("tab\there", r'"tab\there"'), ("nul\x00", r'"nul\x00"'),
+    ("-", '"-"'), ("a\u2028b", r'"a\u2028b"'), ("\u200b28", r'"\u200b28"'), ("\U000e0001", r'"\U000e0001"'),
+    ("bad\udcff", r'"bad\udcff"'), ("--", "--"),
 ])
 def test_text_values_are_quoted_when_they_would_break_the_line(value, text):
     assert str(Event("0123456789AB", "message", {"k": value})) == f"0123456789AB: message k={text}"
@@ -133,10 +135,21 @@ def _reference_text(value):
     if isinstance(value, float):
         return f"{value:.3f}"
     text = str(value)
-    if re.fullmatch(r'[^\s"\\=]+', text) and text.isprintable():
+    if re.fullmatch(r'[^\s"\\=]+', text) and text.isprintable() and text != "-":
         return text
     escapes = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
-    return '"' + "".join(escapes.get(c) or (c if c.isprintable() else f"\\x{ord(c):02x}") for c in text) + '"'
+    return '"' + "".join(escapes.get(c) or (c if c.isprintable() else repr(c)[1:-1]) for c in text) + '"'
+
+
+def _read_text(text):
+    """A text value back, as the README says to read it (None for ``-``)."""
+    if text == "-":
+        return None
+    if not text.startswith('"'):
+        return text
+    return re.sub(r'\\(x[0-9a-f]{2}|u[0-9a-f]{4}|U[0-9a-f]{8}|.)',
+                  lambda m: chr(int(m.group(1)[1:], 16)) if len(m.group(1)) > 1
+                  else {"n": "\n", "r": "\r", "t": "\t"}.get(m.group(1), m.group(1)), text[1:-1])
 
 
 def test_text_values_match_the_documented_quoting_for_mixed_strings():
@@ -149,6 +162,18 @@ def test_text_values_match_the_documented_quoting_for_mixed_strings():
             f"0123456789AB: message k={_reference_text(value)}", repr(value)
 
 
+def test_every_text_value_reads_back_as_it_was():
+    """The quoting is unambiguous: a reader of the documented escapes gets each string back,
+    "-" included (none is only the unquoted one), and an escape's digits never swallow what follows."""
+    rng = random.Random(12)
+    pool = 'a Z0-=\\"\t\n\x00\x7f\u00a0\u2028\u200b\U000e0001\udcff2f'
+    values = ["".join(rng.choice(pool) for _ in range(rng.randrange(0, 8))) for _ in range(5000)]
+    for value in values + ["-", "\u2028" + "28", "\x1b" + "ab"]:
+        line = str(Event("0123456789AB", "message", {"k": value}))
+        assert _read_text(line.split(" k=", 1)[1]) == value, (repr(value), line)
+    assert _read_text(str(Event("0123456789AB", "message", {"k": None})).split(" k=", 1)[1]) is None
+
+
 def test_text_records_read_as_the_standard_formatter_writes_them():
     """The time to the second is formatted once per second; every record's text stays the standard one."""
     ours, standard = TextFormatter(FORMAT), logging.Formatter(FORMAT)
@@ -159,3 +184,20 @@ def test_text_records_read_as_the_standard_formatter_writes_them():
         record = logging.LogRecord("prefork_esmtp.session", logging.INFO, __file__, 1, "x=%s", ("y",), None)
         record.created, record.msecs = created, int((created - int(created)) * 1000)
         assert ours.format(record) == standard.format(record)
+
+
+def test_a_line_separator_in_an_address_and_a_helo_of_dash_read_back_from_the_real_log(start_server, client_for):
+    """What a client can put in the line: a UTF-8 sender with U+2028 and a HELO name "-"."""
+    srv = start_server("--error-sleep", "0")
+    c = client_for(srv)
+    assert c.cmd("EHLO -")[0] == 250
+    c.send("MAIL FROM:<a\u2028b@example.org> SMTPUTF8\r\n".encode())
+    assert c.reply()[0] == 250
+    assert c.cmd("RCPT TO:<b@example.org>")[0] == 250
+    assert c.cmd("DATA")[0] == 354
+    assert c.cmd("Subject: x\r\n\r\nhi\r\n.")[0] == 250
+    assert c.cmd("QUIT")[0] == 221
+    line = wait_for(lambda: re.search(r": message (.*)", srv.log()), 5, message="the message line").group(1)
+    assert 'from="<a\\u2028b@example.org>" ' in line, line
+    assert ' helo="-" ' in line, line
+    assert _read_text(re.search(r"^from=(\S+) ", line).group(1)) == "<a\u2028b@example.org>"
