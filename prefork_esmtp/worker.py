@@ -231,8 +231,17 @@ class _Listener:
         self.local = _bound_address(sock)
 
 
+#: IP_TRANSPARENT and IPV6_TRANSPARENT (Linux): a listener that takes connections for other addresses.
+_TRANSPARENT = {socket.AF_INET: (socket.SOL_IP, getattr(socket, "IP_TRANSPARENT", 19)),
+                socket.AF_INET6: (socket.IPPROTO_IPV6, getattr(socket, "IPV6_TRANSPARENT", 75))}
+
+
 def _bound_address(sock: socket.socket) -> tuple[str, int] | None:
-    """(host, port) of a TCP listener bound to one address; None for a wildcard or anything else."""
+    """(host, port) of a TCP listener bound to one address; None for a wildcard or anything else.
+
+    A transparent listener (systemd's ``Transparent=yes``, behind a TPROXY rule)
+    is bound to one address but accepts connections made to others: None too.
+    """
     try:
         address = sock.getsockname()
     except OSError:
@@ -242,6 +251,11 @@ def _bound_address(sock: socket.socket) -> tuple[str, int] | None:
     host = address[0]
     if host in ("0.0.0.0", "::") or host.startswith("::ffff:0.0.0.0"):
         return None
+    try:
+        if sock.getsockopt(*_TRANSPARENT[sock.family]):
+            return None
+    except OSError:
+        pass  # not Linux: no such option, no such listener
     return (host, address[1])
 
 

@@ -89,3 +89,24 @@ def test_a_unix_listener_has_no_bound_address(tmp_path):
         sock.bind(str(tmp_path / "s"))
         sock.listen(1)
         assert _bound_address(sock) is None
+
+
+@pytest.mark.parametrize("family, host, level, option", [
+    (socket.AF_INET, "127.0.0.1", socket.SOL_IP, 19), (socket.AF_INET6, "::1", socket.IPPROTO_IPV6, 75)])
+def test_a_transparent_listener_asks_each_connection_for_its_address(family, host, level, option):
+    """IP_TRANSPARENT (a TPROXY listener, systemd's Transparent=yes) accepts connections made to
+    other addresses than its own: its address is not every connection's."""
+    try:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except OSError:
+        pytest.skip(f"no {family.name} here")
+    with sock:
+        try:
+            sock.setsockopt(level, option, 1)
+            sock.bind((host, 0))
+        except OSError as exc:
+            pytest.skip(f"cannot make a transparent listener here: {exc}")
+        sock.listen(1)
+        assert _bound_address(sock) is None
+        (peer, local), (client_side, server_side) = _one_session(sock, sock.getsockname()[:2])
+        assert local == server_side
