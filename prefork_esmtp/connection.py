@@ -202,6 +202,8 @@ class Connection:
         if networks and not (self.peer and proxy.trusted(self.peer[0], networks)):
             log.warning("connection from %s, not a trusted PROXY sender: closed", self.who)
             return None
+        if self.check_in is not None:  # the header may take that long to come (never promise less)
+            self.check_in(max(self.config.timeout, self.config.proxy_timeout))
         try:
             header = proxy.receive(self.sock, self.config.proxy_timeout)
         except proxy.ProxyError as exc:

@@ -162,3 +162,24 @@ def test_a_worker_waiting_for_a_client_that_does_not_read_is_not_killed_as_stuck
         sock.close()
     finally:
         srv.stop()
+
+
+def test_a_worker_waiting_for_a_slow_proxy_header_is_not_killed_as_stuck(tmp_path):
+    """The PROXY header may take proxy_timeout, longer here than the idle timeout plus worker_timeout."""
+    srv = launch(tmp_path, "--timeout", "1", "--worker-timeout", "1", "--proxy-protocol", "--proxy-timeout", "6",
+                 mode=pool_mode(tmp_path, "--workers", "1"))
+    try:
+        (worker,) = wait_for(lambda: workers_of(srv.proc.pid), 10, message="the worker")
+        sock = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+        sock.sendall(b"PROXY TCP4 192.0.2.7 198.51.100.1 4321 25")
+        time.sleep(4)  # a balancer that takes its time, within proxy_timeout
+        sock.sendall(b"\r\n")
+        assert sock.recv(1000).startswith(b"220 ")
+        sock.sendall(b"QUIT\r\n")
+        assert sock.recv(1000).startswith(b"221 ")
+        sock.close()
+        wait_for(lambda: " session client=192.0.2.7:4321 " in srv.log(), 5, message="the session line")
+        assert "is stuck" not in srv.log(), srv.log()
+        assert worker in workers_of(srv.proc.pid)
+    finally:
+        srv.stop()
