@@ -179,12 +179,12 @@ class Connection:
             log.warning("connection from %s, not a trusted PROXY sender: closed", self.who)
             return None
         try:
-            header = proxy.receive(self.sock, self.config.proxy_timeout)
+            header = proxy.receive(self.sock, self.config.proxy_timeout, self.settimeout)
         except proxy.ProxyError as exc:
             log.warning("bad PROXY header from %s: %s; closed", self.who, exc)
             return None
-        finally:
-            self.sock.settimeout(None)  # blocking again; the reader's kernel timeout still holds
+        # The reads' timeout is left at most proxy_timeout: the reader keeps it while it owes no less.
+        self.reader.timeout_set(self.config.proxy_timeout)
         proxied_by = self.who
         if header.source is not None:
             self.peer, self.local = header.source, header.destination

@@ -16,6 +16,7 @@ import ipaddress
 import socket
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -282,35 +283,44 @@ def crc32c(data: bytes) -> int:
 
 # -- off the socket -----------------------------------------------------------------
 
-def receive(sock: socket.socket, timeout: float) -> ProxyHeader:
+def receive(sock: socket.socket, timeout: float,
+            settimeout: Callable[[float], None] | None = None) -> ProxyHeader:
     """Read one header off ``sock`` within ``timeout`` seconds, and not one octet more.
 
-    Peeks at what has arrived, and takes only octets known to belong to the
-    header: what follows it stays in the socket for the reader or the TLS
-    handshake.  A header arriving in pieces (even one octet at a time) is
-    put together, all within the one deadline.
+    The first read peeks (which version comes, and how long it is, is not
+    known yet) and usually shows the whole header; then exactly the
+    header's octets are taken, so what follows it stays in the socket for
+    the reader or the TLS handshake.  A header arriving in pieces (even one
+    octet at a time) is put together, all within the one deadline.
+    ``settimeout(seconds)`` bounds the next reads (the connection's: the
+    kernel's ``SO_RCVTIMEO`` on a blocking socket, no ``poll()`` per read);
+    by default the socket's own Python timeout.  Either way the reads'
+    timeout is left at most ``timeout``.
     """
+    if settimeout is None:
+        settimeout = sock.settimeout
     deadline = time.monotonic() + timeout
+    left = timeout
     got = b""
     for _ in range(V2_MAX + 1):  # each round takes at least one octet, or ends
-        left = deadline - time.monotonic()
-        if left <= 0:
-            break
-        sock.settimeout(left)
+        settimeout(left)
         try:
             peeked = sock.recv(V2_MAX - len(got), socket.MSG_PEEK)
-        except (socket.timeout, TimeoutError):
+        except (TimeoutError, BlockingIOError):  # a Python timeout, or the kernel's (SO_RCVTIMEO)
             break
         except OSError as exc:
             raise ProxyError(f"connection failed before a complete PROXY header: {exc}") from None
         if not peeked:
             raise ProxyError(f"connection closed after {len(got)} octets, before a complete PROXY header")
-        result = parse(got + peeked)
+        result = parse(got + peeked if got else peeked)
         if result is not None:
             header, length = result
             _take(sock, length - len(got))
             return header
         got += _take(sock, len(peeked))  # all of it belongs to the header
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
     raise ProxyError(f"no complete PROXY header within {timeout:g}s ({len(got)} octets came)")
 
 
