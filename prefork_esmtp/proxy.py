@@ -30,6 +30,7 @@ V1_MAX = 107
 #: facts with the client certificate's CN) fits well within this bound.
 V2_MAX = 4096
 _V2_FIXED = struct.Struct("!12sBBH")
+_PORTS = struct.Struct("!HH")
 
 # v2 TLV types and SSL sub-types (section 2.2)
 PP2_TYPE_ALPN = 0x01
@@ -188,14 +189,18 @@ def _parse_v2(data: bytes) -> tuple[ProxyHeader, int] | None:
     protocol, address_length, usable = _FAMILIES[family]
     if len(block) < address_length:
         raise ProxyError(f"v2 {protocol} header with {len(block)} address octets, {address_length} needed")
-    values = _tlvs(block, address_length, data[:total])
+    # no TLVs (what send-proxy-v2 sends by default): nothing to walk
+    values = _tlvs(block, address_length, data[:total]) if len(block) > address_length else {}
     if command == 0:  # LOCAL: the proxy's own connection; its address block means nothing
         return ProxyHeader(2, "LOCAL", protocol, **values), total
     source = destination = None
     if usable:
-        size = 4 if protocol == "TCP4" else 16
-        hosts = [str(ipaddress.ip_address(block[i:i + size])) for i in (0, size)]
-        ports = struct.unpack_from("!HH", block, 2 * size)
+        if protocol == "TCP4":  # dotted quad, as ipaddress writes it, in one C call each
+            hosts = (socket.inet_ntop(socket.AF_INET, block[0:4]), socket.inet_ntop(socket.AF_INET, block[4:8]))
+            ports = _PORTS.unpack_from(block, 8)
+        else:  # ipaddress's RFC 5952 text (the C library's differs for IPv4-mapped addresses)
+            hosts = (str(ipaddress.IPv6Address(block[0:16])), str(ipaddress.IPv6Address(block[16:32])))
+            ports = _PORTS.unpack_from(block, 32)
         source, destination = (hosts[0], ports[0]), (hosts[1], ports[1])
     return ProxyHeader(2, "PROXY", protocol, source, destination, **values), total
 
