@@ -25,6 +25,9 @@ class Reporter:
     def busy(self, peer: Any) -> None:
         """Serving a session with ``peer`` (an address tuple, or anything else for none)."""
 
+    def accepted(self) -> None:
+        """Serving a connection whose client a PROXY header will name (then :meth:`busy`)."""
+
     def served(self) -> None:
         """One session more has ended."""
 
@@ -79,6 +82,11 @@ class ScoreboardReporter(Reporter):
         peer_text = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else ""
         self._report(BUSY, "busy", peer_text, self.busy_expect)
 
+    def accepted(self) -> None:
+        # The slot says busy at once (the master must not take this worker for an idle one);
+        # the title waits for busy() with the client: one title per session, not two.
+        self._report(BUSY, "busy", "", self.busy_expect, title=False)
+
     def served(self) -> None:
         self.sessions += 1
 
@@ -91,10 +99,11 @@ class ScoreboardReporter(Reporter):
     def sessions_from(self, ip: str) -> int:
         return self.board.sessions_from(ip)
 
-    def _report(self, state: int, name: str, peer_text: str, expect: float) -> None:
+    def _report(self, state: int, name: str, peer_text: str, expect: float, title: bool = True) -> None:
         self.board.update(self.slot, state, self.sessions, peer_text, expect)
         self.reported = (state, self.sessions)
-        setproctitle(f"{self.title}{name}{' ' + peer_text if peer_text else ''}, {self.sessions} sessions")
+        if title:
+            setproctitle(f"{self.title}{name}{' ' + peer_text if peer_text else ''}, {self.sessions} sessions")
         if self.wake_fd is not None:  # booted: tell the master now
             fd, self.wake_fd = self.wake_fd, None
             try:

@@ -95,3 +95,22 @@ def test_idle_again_in_the_tick_fallback_still_checks_in(board):
     reporter.idle()
     assert board.slot(2).seen > first
     assert board.slot(2).expect == 1.0
+
+
+def test_a_connection_behind_a_proxy_is_busy_at_once_and_titled_once_with_the_client(board):
+    """Before the PROXY header names the client: the slot says busy (no address), the title waits."""
+    reporter = ScoreboardReporter(board, 2, 7, os.getppid(), idle_expect=float("inf"), busy_expect=300.0)
+    reporter.idle()
+    setproctitle("marker")
+    reporter.accepted()
+    slot = board.slot(2)
+    assert (slot.state, slot.peer, slot.expect) == (BUSY, "", 300.0)
+    assert reporter.sessions_from("192.0.2.7") == 0
+    assert getproctitle() == "marker"
+    reporter.busy(("192.0.2.7", 4000))
+    assert board.slot(2).peer == "192.0.2.7:4000" and reporter.sessions_from("192.0.2.7") == 1
+    assert getproctitle() == "prefork-esmtp: worker [gen 7] busy 192.0.2.7:4000, 0 sessions"
+    reporter.served()
+    reporter.idle()
+    assert getproctitle() == "prefork-esmtp: worker [gen 7] idle, 1 sessions"
+    NO_REPORTER.accepted()
