@@ -83,10 +83,8 @@ class Connection:
         self.kernel_timeouts = True
         if sock.gettimeout() is not None:
             sock.setblocking(True)
-        try:
-            self.local = _address(sock.getsockname())
-        except OSError:
-            self.local = None
+        #: our address as the client sees it; behind a PROXY header, the header's (see take_proxy_header)
+        self.local = None if config.proxy_protocol else self._own_address()
         #: the client, as logs name it
         self.who = f"{self.peer[0]}:{self.peer[1]}" if self.peer else "client"
         #: set by the session while it waits for a command outside a transaction: a stop
@@ -97,6 +95,12 @@ class Connection:
         self.reader = Reader(self, config.timeout)
         self.reader.command_deadline = config.command_deadline
         self.reader.limit_session(config.max_session_time)
+
+    def _own_address(self) -> tuple[str, int] | None:
+        try:
+            return _address(self.sock.getsockname())
+        except OSError:
+            return None
 
     # -- the socket, as the reader and the writer see it ------------------------
 
@@ -172,16 +176,19 @@ class Connection:
         Only a trusted proxy (``proxy_trusted``) may send one; the header must
         be complete within ``proxy_timeout``.  Returns None (logged) when the
         connection must be closed without a word.  Octets after the header stay
-        unread, for the reader or the TLS handshake.
+        unread, for the reader or the TLS handshake.  ``local`` is known after
+        this call (the header's destination, else the socket's own address).
         """
         networks = self.config.proxy_trusted
         if networks and not (self.peer and proxy.trusted(self.peer[0], networks)):
             log.warning("connection from %s, not a trusted PROXY sender: closed", self.who)
+            self.local = self._own_address()
             return None
         try:
             header = proxy.receive(self.sock, self.config.proxy_timeout, self.settimeout)
         except proxy.ProxyError as exc:
             log.warning("bad PROXY header from %s: %s; closed", self.who, exc)
+            self.local = self._own_address()
             return None
         # The reads' timeout is left at most proxy_timeout: the reader keeps it while it owes no less.
         self.reader.timeout_set(self.config.proxy_timeout)
@@ -189,6 +196,8 @@ class Connection:
         if header.source is not None:
             self.peer, self.local = header.source, header.destination
             self.who = f"{self.peer[0]}:{self.peer[1]}"
+        else:  # LOCAL or UNKNOWN: the connection's own addresses stand
+            self.local = self._own_address()
         log.debug("PROXY v%d %s %s from %s: client %s", header.version, header.command,
                   header.protocol, proxied_by, self.who)
         return header

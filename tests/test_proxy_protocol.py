@@ -129,6 +129,11 @@ def test_bad_missing_and_late_headers_close_without_a_reply(tmp_path):
                        message="six bad-header log lines")
         assert "not a PROXY protocol header" in log and "no complete PROXY header within 3s" in log
         assert not connect_records(srv), "CONNECT ran for a connection without a valid header"
+        # DISCONNECT still runs, with the connection's own addresses (the balancer's, ours)
+        ends = wait_for(lambda: (r := [x for x in srv.records() if x["hook"] == "DISCONNECT"]) and len(r) >= 6 and r,
+                        5, message="six DISCONNECT records")
+        assert all(r["args"][0]["peer"][0] == "127.0.0.1" and r["args"][0]["local"] == ["127.0.0.1", srv.port]
+                   for r in ends), ends
     finally:
         srv.stop()
 
