@@ -337,15 +337,18 @@ class PreforkCountingServer(PreforkServer):
 class HAProxyServer(Server):
     """A real HAProxy in TCP mode in front of one server, sending it the PROXY protocol v2 header.
 
-    Its own config in the work directory (no health checks, no logging: the
-    first greeting through it shows the path works), run in the foreground
-    (``-db``), so the pid held is HAProxy's; never the system's service or
-    config.  Threads: HAProxy's default (one per CPU).
+    Its own config in the work directory, run in the foreground (``-db``), so
+    the pid held is HAProxy's; never the system's service or config.  What
+    it runs with is :data:`HAPROXY_TUNING` (see benchmarks/README.md for the
+    measurements behind it); ``tuning`` replaces it for a comparison
+    (``haproxy_options.py``).
     """
 
-    def __init__(self, backend: Server) -> None:
-        super().__init__("haproxy", "HAProxy send-proxy-v2 → prefork-esmtp --proxy-protocol")
+    def __init__(self, backend: Server, tuning: dict[str, list[str]] | None = None,
+                 key: str = "haproxy", label: str = "") -> None:
+        super().__init__(key, label or "HAProxy send-proxy-v2 → prefork-esmtp --proxy-protocol")
         self.backend = backend
+        self.tuning = HAPROXY_TUNING if tuning is None else tuning
         self.binary = shutil.which("haproxy") or "/usr/sbin/haproxy"
         self.workdir: Path | None = None
         if not os.path.exists(self.binary):
@@ -364,21 +367,45 @@ class HAProxyServer(Server):
     def command(self, port: int) -> list[str]:
         assert self.workdir is not None
         config = self.workdir / f"{self.key}.cfg"
-        config.write_text("\n".join([
-            "global",
-            "    maxconn 4096",
-            "defaults",
-            "    mode tcp",
-            "    timeout connect 5s",
-            "    timeout client 60s",
-            "    timeout server 60s",
-            "frontend smtp",
-            f"    bind {HOST}:{port}",
-            "    default_backend prefork",
-            "backend prefork",
-            f"    server s1 {HOST}:{self.backend.port} send-proxy-v2",
-        ]) + "\n")
+        config.write_text(haproxy_config(port, self.backend.port, self.tuning))
         return [self.binary, "-db", "-f", str(config)]
+
+
+#: What the benchmark's HAProxy runs with, beyond a plain TCP front: one thread (on two cores
+#: shared with the server and the client, HAProxy's default of a thread per CPU costs it about
+#: a fifth more CPU per connection; measured with haproxy_options.py, see benchmarks/README.md).
+#: No logging and no health checks: the first greeting through it shows the path works.
+HAPROXY_TUNING: dict[str, list[str]] = {
+    "global": ["nbthread 1"],
+}
+
+
+def haproxy_config(port: int, backend_port: int, tuning: dict[str, list[str]]) -> str:
+    """An SMTP TCP front on ``port`` to one server sending PROXY v2, with ``tuning``'s lines added.
+
+    Timeouts as an SMTP operator sets them: the client and the server may
+    each be silent for SMTP's five minutes (RFC 5321 4.5.3.2).
+    """
+    def extra(section: str) -> list[str]:
+        return [f"    {line}" for line in tuning.get(section, [])]
+    return "\n".join([
+        "global",
+        "    maxconn 4096",
+        *extra("global"),
+        "defaults",
+        "    mode tcp",
+        "    timeout connect 5s",
+        "    timeout client 300s",
+        "    timeout server 300s",
+        *extra("defaults"),
+        "frontend smtp",
+        f"    bind {HOST}:{port}",
+        "    default_backend prefork",
+        *extra("frontend"),
+        "backend prefork",
+        f"    server s1 {HOST}:{backend_port} send-proxy-v2",
+        *extra("backend"),
+    ]) + "\n"
 
 
 class AiosmtpdServer(Server):
