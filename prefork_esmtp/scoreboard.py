@@ -14,6 +14,7 @@ import mmap
 import os
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -215,6 +216,22 @@ class Scoreboard:
         words[word] = time.time()
         words[word + 1] = expect
         words[word + 2] = time.monotonic() + expect
+
+    def checker(self, index: int) -> Callable[[float], None]:
+        """Worker: :meth:`check_in` for slot ``index`` as one function with everything bound.
+
+        A session checks in before every blocking read; this does it in one
+        Python call (the slot's word and the clocks are looked up once, not on
+        every call), with the same three stores as :meth:`check_in`.
+        """
+        word, words, wall, monotonic = (_BASE + index * _SLOT.size + _SEEN) >> 3, self._f64, time.time, time.monotonic
+
+        def check_in(expect: float) -> None:
+            words[word] = wall()
+            words[word + 1] = expect
+            words[word + 2] = monotonic() + expect
+
+        return check_in
 
     def slot(self, index: int) -> Slot:
         *fields, peer = _SLOT.unpack_from(self.mem, self._offset(index))
