@@ -4,7 +4,8 @@
 worker memory, accept herd rows) into the markdown report: the run's date and
 machine, pass/fail per target, a throughput and CPU table per workload with
 ratios of prefork-esmtp (the relay handler in the relay workloads) to each
-peer, worker memory and the accept herd.  ``write_results`` writes it,
+peer (after each 2 KB table, one sentence on the Python floor, a reference
+that is never part of a target), worker memory and the accept herd.  ``write_results`` writes it,
 keeping the profile section that ``benchmarks/profiling.py`` writes there.
 """
 
@@ -124,6 +125,11 @@ def render(args: argparse.Namespace, workloads: list[Workload], servers: list[Se
                         f"(`benchmarks/aiosmtpd_sink.py`)",
             "smtp-sink": f"Postfix {s.version} `smtp-sink`, one event-driven C process",
             "haraka": f"Haraka {s.version}, cluster `nodes=2`, accept-all rcpt + discarding queue plugin",
+            "python-floor": f"Python floor ({s.version}, `benchmarks/python_floor.py`), a reference and not a "
+                            f"peer: `--workers {args.workers}` forked processes blocking in `accept()`, a fixed "
+                            f"reply per command line by its first four octets, no parsing, handler, limits or "
+                            f"timeouts; the least a Python prefork SMTP server can do per session. Run in the "
+                            f"two 2 KB workloads only, never part of a target",
             "prefork-relay": f"prefork-esmtp {s.version}: relay handler (`prefork_esmtp.handlers.relay:Relay`"
                              f", `--handler-option upstream=127.0.0.1:PORT`), `--workers {args.workers}`, "
                              f"otherwise as above; streams each message upstream while it arrives",
@@ -214,7 +220,7 @@ def render(args: argparse.Namespace, workloads: list[Workload], servers: list[Se
         w("|---|--:|--:|--:|--:|--:|--:|--:|")
         prefork = ours[wl.group]
         ref = stats.get((prefork.key, wl.key))
-        group = [s for s in servers if s.group == wl.group]
+        group = [s for s in servers if s.group == wl.group and s.runs(wl.key)]
         for s in group:
             if not s.available:
                 w(f"| {s.label} | not run: {s.reason} | | | | | | |")
@@ -233,6 +239,10 @@ def render(args: argparse.Namespace, workloads: list[Workload], servers: list[Se
             w("")
             w("Failed runs: " + "; ".join(sorted(set(errors))[:6]))
         w("")
+        floor = floor_sentence(wl, group, stats)
+        if floor:
+            w(floor)
+            w("")
 
     # memory
     w("## prefork-esmtp worker memory (USS)")
@@ -358,6 +368,32 @@ def render(args: argparse.Namespace, workloads: list[Workload], servers: list[Se
               f"{fmt(r.get('idle_window_s'))} s | {'yes' if r['ok'] else 'no'} |")
     w("")
     return "\n".join(lines)
+
+
+def floor_sentence(wl: Workload, group: list[Server], stats: dict[tuple[str, str], Any]) -> str:
+    """After a 2 KB table: prefork-esmtp's CPU per message ÷ the Python floor's, and the floor's ÷ smtp-sink's.
+
+    The floor is a reference, not a target: the sentence says how much of the
+    CPU gap to smtp-sink a Python prefork server pays with no SMTP engine at
+    all.  Empty when the floor did not run in this workload or has no CPU figure.
+    """
+    by_key = {s.key: s for s in group if s.available}
+    floor = next((s for s in group if s.reference and s.available), None)
+    if wl.big or floor is None or not group or not group[0].available:
+        return ""
+    ours = stats.get((group[0].key, wl.key))
+    low = stats.get((floor.key, wl.key))
+    if not ours or not low or not ours.cpu_us or not low.cpu_us:
+        return ""
+    text = (f"Against the Python floor (a reference, never a target): {group[0].label}'s CPU per message is "
+            f"**{ours.cpu_us / low.cpu_us:.2f}×** the floor's ({fmt(ours.cpu_us)} vs {fmt(low.cpu_us)} µs)")
+    sink = stats.get(("smtp-sink", wl.key)) if "smtp-sink" in by_key else None
+    if sink and sink.cpu_us:
+        text += (f", and the floor's is **{low.cpu_us / sink.cpu_us:.2f}×** smtp-sink's ({fmt(low.cpu_us)} vs "
+                 f"{fmt(sink.cpu_us)} µs): of the {ours.cpu_us / sink.cpu_us:.2f}× between "
+                 f"{group[0].label} and smtp-sink, that second factor is Python itself (a prefork server "
+                 f"with no SMTP engine), the first is the engine")
+    return text + "."
 
 
 def _counts(st: dict[str, Any]) -> str:

@@ -11,7 +11,10 @@ waits until it answers with a 220 greeting.  The servers:
 * Postfix's ``smtp-sink``;
 * Haraka in cluster mode, npm-installed once into a cache outside the
   repository, with one plugin that accepts every recipient and discards the
-  message.
+  message;
+* the Python floor (``python_floor.py``), a reference rather than a peer:
+  the least a Python prefork SMTP server can do per session, run in the two
+  2 KB workloads only and never part of a target.
 
 For the reload and HAProxy figures (``production.py``): prefork-esmtp with
 a benchmark-only handler that records every message it accepts
@@ -79,6 +82,12 @@ class Server:
     expected_children: int = 0
     samples: dict[str, list[Sample]] = field(default_factory=dict)
     group: str = "sink"  # which workloads drive it: "sink" (accept and discard) or "relay"
+    only: frozenset[str] | None = None  # the keys of the workloads it runs in; None: all of its group
+    reference: bool = False  # a yardstick shown beside the others, never a peer of a target
+
+    def runs(self, workload_key: str) -> bool:
+        """Whether it runs in that workload of its group."""
+        return self.only is None or workload_key in self.only
 
     def command(self, port: int) -> list[str]:
         """The command line that serves SMTP on 127.0.0.1:port."""
@@ -442,6 +451,27 @@ class SmtpSinkServer(Server):
         return cmd + ["-h", "smtp-sink.bench", f"{HOST}:{port}", "256"]
 
 
+class PythonFloorServer(Server):
+    """The Python floor (``python_floor.py``): forked workers blocking in accept(), fixed replies.
+
+    A reference, not a peer: what a Python prefork server costs per session
+    with no SMTP engine at all (no parsing, handler, limits or timeouts).  It
+    runs in the two 2 KB workloads only, with as many workers as
+    prefork-esmtp, and the report never makes it part of a target.
+    """
+
+    def __init__(self, workers: int) -> None:
+        super().__init__("python-floor", "Python floor (no SMTP engine; reference only)")
+        self.n_workers = workers
+        self.expected_children = workers
+        self.only = frozenset({"conn", "persist"})
+        self.reference = True
+        self.version = "Python " + ".".join(map(str, sys.version_info[:3]))
+
+    def command(self, port: int) -> list[str]:
+        return [sys.executable, str(HERE / "python_floor.py"), HOST, str(port), str(self.n_workers)]
+
+
 class HarakaServer(Server):
     """Haraka in cluster mode (a master and NODES workers) with an accept-and-discard plugin."""
 
@@ -549,7 +579,10 @@ def ensure_aiosmtpd() -> tuple[bool, str]:
 
 
 def side_by_side(workers: int, wanted: set[str], haraka: bool) -> list[Server]:
-    """The servers of one run, prefork-esmtp first; peers not in ``wanted`` are listed as not run."""
+    """The servers of one run, prefork-esmtp first; peers not in ``wanted`` are listed as not run.
+
+    The Python floor comes last: a reference beside the peers, not one of them.
+    """
     return [
         PreforkServer(workers),
         AiosmtpdServer() if "aiosmtpd" in wanted else
@@ -557,6 +590,9 @@ def side_by_side(workers: int, wanted: set[str], haraka: bool) -> list[Server]:
         SmtpSinkServer() if "smtp-sink" in wanted else
         Server("smtp-sink", "Postfix smtp-sink", False, "not selected (--servers)"),
         HarakaServer(haraka and "haraka" in wanted),
+        PythonFloorServer(workers) if "python-floor" in wanted else
+        Server("python-floor", "Python floor (no SMTP engine; reference only)", False,
+               "not selected (--servers)", reference=True),
     ]
 
 
