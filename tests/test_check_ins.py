@@ -20,7 +20,7 @@ import time
 
 import pytest
 
-from conftest import HOSTNAME, launch, wait_for
+from conftest import HOSTNAME, Client, launch, wait_for
 from master_support import pool_mode, workers_of
 from prefork_esmtp.connection import Connection
 from prefork_esmtp.settings import resolve
@@ -181,5 +181,29 @@ def test_a_worker_waiting_for_a_slow_proxy_header_is_not_killed_as_stuck(tmp_pat
         wait_for(lambda: " session client=192.0.2.7:4321 " in srv.log(), 5, message="the session line")
         assert "is stuck" not in srv.log(), srv.log()
         assert worker in workers_of(srv.proc.pid)
+    finally:
+        srv.stop()
+
+
+def test_a_handler_stuck_in_eom_inside_tls_is_still_killed(tmp_path, pki):  # noqa: F811
+    """The check-ins before TLS sends promise no more than the reads did: a hook that never
+    returns is still found out, idle timeout plus worker_timeout after the last read."""
+    srv = launch(tmp_path, "--timeout", "1", "--worker-timeout", "1", "--tls-cert", str(pki.cert),
+                 "--tls-key", str(pki.key), mode=pool_mode(tmp_path, "--workers", "1"),
+                 env={"PREFORK_TEST_EOM_DELAY": "60"}, tls_listen=True)
+    try:
+        (worker,) = wait_for(lambda: workers_of(srv.proc.pid), 10, message="the worker")
+        raw = socket.create_connection(("127.0.0.1", srv.tls_port), timeout=10)
+        c = Client(client_context(pki).wrap_socket(raw, server_hostname=HOSTNAME))
+        assert c.reply()[0] == 220
+        for command, code in (("EHLO client.example", 250), ("MAIL FROM:<a@example.org>", 250),
+                              ("RCPT TO:<b@example.org>", 250), ("DATA", 354)):
+            assert c.cmd(command)[0] == code
+        started = time.monotonic()
+        c.send(b"Subject: x\r\n\r\nhi\r\n.\r\n")
+        assert c.closed(15)
+        assert time.monotonic() - started < 8
+        assert c.buf == b""  # no reply at all, never a 250
+        wait_for(lambda: f"worker {worker} is stuck" in srv.log(), 5, message="the stuck worker's kill")
     finally:
         srv.stop()
