@@ -72,7 +72,8 @@ def _address(address: Any) -> tuple[str, int] | None:
 class Connection:
     """One accepted client socket and its reader and reply writer.
 
-    ``check_in(seconds)`` is called before each blocking read with the longest
+    ``check_in(seconds)`` is called before each wait for the client (a read, a
+    send that may block, the PROXY header, the TLS handshake) with the longest
     it may block (so the master can tell a worker waiting on a slow client from
     a stuck one); ``stopping()`` says whether the server is stopping; ``local``
     is our address when the caller knows it (None: ``getsockname()``).
