@@ -265,6 +265,9 @@ class Session:
                     self._answer(R.TOO_MANY_ERRORS.format(self.hostname))
                     return
                 if self.errors > self.config.soft_error_limit and self.config.error_sleep:
+                    # A wait like a read's, so promised like one: pipelined errors after a pause
+                    # would otherwise add up to a worker taken for stuck.
+                    self.reporter.check_in(max(self.config.timeout, self.config.error_sleep))
                     time.sleep(self.config.error_sleep)  # the reply is still queued: it goes out late
             if reply.closes:
                 self.closing = True

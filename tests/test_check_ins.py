@@ -207,3 +207,23 @@ def test_a_handler_stuck_in_eom_inside_tls_is_still_killed(tmp_path, pki):  # no
         wait_for(lambda: f"worker {worker} is stuck" in srv.log(), 5, message="the stuck worker's kill")
     finally:
         srv.stop()
+
+
+def test_a_worker_slowing_down_an_erring_client_is_not_killed_as_stuck(tmp_path):
+    """error_sleep waits before each error reply past soft_error_limit: pipelined errors after a
+    pause within the idle timeout add up to more than the idle timeout plus worker_timeout."""
+    srv = launch(tmp_path, "--timeout", "3", "--worker-timeout", "1", "--error-sleep", "0.5",
+                 "--soft-error-limit", "1", "--max-errors", "20", mode=pool_mode(tmp_path, "--workers", "1"))
+    try:
+        (worker,) = wait_for(lambda: workers_of(srv.proc.pid), 10, message="the worker")
+        c = Client(srv.connect())
+        assert c.reply()[0] == 220
+        time.sleep(2)  # the client takes its time, within the idle timeout
+        c.send(b"BOGUS\r\n" * 10)  # nine of the replies wait error_sleep each: 4.5 s in all
+        assert [c.reply(timeout=15)[0] for _ in range(10)] == [500] * 10
+        assert c.cmd("QUIT")[0] == 221
+        wait_for(lambda: " session client=" in srv.log(), 5, message="the session line")
+        assert "is stuck" not in srv.log(), srv.log()
+        assert worker in workers_of(srv.proc.pid)
+    finally:
+        srv.stop()
