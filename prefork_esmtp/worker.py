@@ -235,7 +235,7 @@ class _Listener:
 
 
 #: IP_TRANSPARENT and IPV6_TRANSPARENT (Linux): a listener that takes connections for other addresses.
-_TRANSPARENT = {socket.AF_INET: (socket.SOL_IP, getattr(socket, "IP_TRANSPARENT", 19)),
+_TRANSPARENT = {socket.AF_INET: (socket.IPPROTO_IP, getattr(socket, "IP_TRANSPARENT", 19)),
                 socket.AF_INET6: (socket.IPPROTO_IPV6, getattr(socket, "IPV6_TRANSPARENT", 75))}
 
 
