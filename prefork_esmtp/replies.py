@@ -155,6 +155,42 @@ def default_enhanced(code: int, verb: str) -> str | None:
     return _BY_VERB.get((verb, cls)) or _BY_CODE.get(code) or f"{cls}.0.0"
 
 
+#: default_enhanced by (verb, code), as they come up: the verbs are the engine's names (never
+#: a client's word) and codes run from 200 to 599, so the table stays small.
+_DEFAULTS: dict[tuple[str, int], str | None] = {}
+#: The bytes of the engine's own replies by (reply, verb); bounded, as a reply's text may carry
+#: a client's word (an unsupported parameter's name): past the bound they are framed each time.
+_WIRE: dict[tuple[Reply, str], bytes] = {}
+_WIRE_MAX = 512
+
+
+def wire(reply: Reply | HookReply, verb: str) -> bytes:
+    """A final reply to ``verb`` as it goes on the wire: :func:`format_reply` with
+    :func:`default_enhanced`, the engine's constant replies framed once, a hook's one-line
+    reply without the loop."""
+    code = reply.code
+    if type(reply) is Reply:
+        key = (reply, verb)
+        data = _WIRE.get(key)
+        if data is None:
+            data = format_reply(code, [reply.line], default_enhanced(code, verb))
+            if len(_WIRE) < _WIRE_MAX:
+                _WIRE[key] = data
+        return data
+    key2 = (verb, code)
+    try:
+        enhanced = _DEFAULTS[key2]
+    except KeyError:
+        enhanced = _DEFAULTS[key2] = default_enhanced(code, verb)
+    lines = reply.lines
+    if len(lines) != 1:
+        return format_reply(code, lines, enhanced)
+    line = lines[0]
+    if enhanced is not None and (line[1:2] != "." or _ENHANCED.match(line) is None):
+        line = f"{enhanced} {line}" if line else enhanced
+    return f"{code} {line}\r\n".encode("utf-8", "surrogateescape")
+
+
 def has_enhanced(message: str) -> bool:
     """Whether a reply message already starts with an enhanced status code."""
     return _ENHANCED.match(message) is not None
@@ -209,7 +245,13 @@ def call_hook(handler: Any, hook: str, who: str, *args: Any) -> HookReply | Repl
     session goes on.
     """
     try:
-        return normalize(getattr(handler, hook)(*args))
+        result = getattr(handler, hook)(*args)
+        # normalize's common case, without the call: (int code, one printable str)
+        if type(result) is tuple and len(result) == 2:
+            code, message = result
+            if type(code) is int and 200 <= code <= 599 and type(message) is str and message.isprintable():
+                return _tuple_new(HookReply, (code, [message], True))
+        return normalize(result)
     except BadHookResult as exc:
         log.error("%s hook returned a bad reply: %s", hook, exc)
     except Exception:

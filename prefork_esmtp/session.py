@@ -68,6 +68,7 @@ class Session:
         self.counts[counters.SESSIONS] += 1
         self.began = time.monotonic()
         self.conn = conn = Connection(sock, peer, config, reporter.check_in, stopping)
+        self.queue = conn.writer.pending.append  # the writer's queue (ReplyWriter.write, without the call)
         self.state = ConnectionState(peer=conn.peer, local=conn.local, hostname=config.hostname,
                                      session_id=f"{random.getrandbits(48):012X}")
         self.end = ""  # why the session ended, for its log line (else: quit, or closed by us)
@@ -247,7 +248,7 @@ class Session:
         """
         if reply is not None:
             code = reply.code
-            self.conn.writer.write(R.format_reply(code, reply.lines, R.default_enhanced(code, verb)))
+            self.queue(R.wire(reply, verb))
             self.last_reply = (reply, verb)
             if code >= 400:
                 self.counts[counters.ERROR_REPLIES + min(code, 599) - 400] += 1

@@ -193,7 +193,7 @@ class Transaction:
         if reply.code != 354:
             return reply
         conn = self.conn
-        conn.writer.write(R.format_reply(354, reply.lines, None))
+        conn.writer.write(R.wire(reply, "DATA"))
         if self.handler.disconnect:
             return None
         if conn.pipelined_early(self.state.auth_user is not None):
@@ -313,7 +313,7 @@ class Transaction:
         """Write all but the last of LMTP's per-recipient replies; return the last for the session."""
         writer = self.conn.writer
         for reply in replies[:-1]:
-            writer.write(R.format_reply(reply.code, reply.lines, R.default_enhanced(reply.code, "EOM")))
+            writer.write(R.wire(reply, "EOM"))
             if reply.code >= 400:  # the last one is counted where the session writes it
                 self.counts[counters.ERROR_REPLIES + min(reply.code, 599) - 400] += 1
         return replies[-1]
