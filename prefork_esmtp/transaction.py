@@ -267,9 +267,14 @@ class Transaction:
         count = len(accepted)
         lmtp = self.config.protocol == "lmtp"
         if problem is not None:
-            self._received(problem, intake.size, R.first_line(problem, "EOM"))
+            self._received(problem, intake.size)
             return self._per_recipient([problem] * count) if lmtp and complete else problem
         replies = self._eom(count)
+        if type(replies) is not list:  # one reply for the message
+            if not lmtp:
+                self._received(replies, intake.size)
+                return replies
+            replies = [replies] * count
         verdict, delivered = R.one_for_all(replies)
         if lmtp:
             reply = self._per_recipient(replies)
@@ -279,12 +284,15 @@ class Transaction:
                 log.warning("message from=<%s>: EOM took it for %s only; answering %d so the client retries",
                             env.sender, ", ".join(f"<{accepted[i]}>" for i in delivered), reply.code)
         codes = [r.code for r in replies]
-        text = ",".join(str(code) for code in codes) if lmtp and len(set(codes)) > 1 else R.first_line(verdict, "EOM")
-        self._received(verdict, intake.size, text)
+        mixed = lmtp and len(set(codes)) > 1
+        self._received(verdict, intake.size, ",".join(str(code) for code in codes) if mixed else None)
         return reply
 
-    def _received(self, verdict: R.Reply | R.HookReply, size: int, text: str) -> None:
-        """A message received to its end: count it by its reply, log it, end the transaction."""
+    def _received(self, verdict: R.Reply | R.HookReply, size: int, text: str | None = None) -> None:
+        """A message received to its end: count it by its reply, log it, end the transaction.
+
+        ``text``: the reply as the log line shows it; None for the verdict's first line.
+        """
         counts = self.counts
         cls = verdict.code // 100
         counts[counters.MESSAGES_BY_CLASS[cls]] += 1
@@ -293,21 +301,26 @@ class Transaction:
             self.messages_accepted += 1
         else:
             self.messages_refused += 1
-        self._log("accepted" if cls == 2 else "refused", text, size)
+        if log.isEnabledFor(logging.INFO):
+            self._log("accepted" if cls == 2 else "refused",
+                      text if text is not None else R.first_line(verdict, "EOM"), size)
         self._clear()
 
-    def _eom(self, count: int) -> list[R.HookReply | R.Reply]:
-        """Call EOM: one reply (repeated for each recipient) or a list with one per recipient."""
+    def _eom(self, count: int) -> R.HookReply | R.Reply | list[R.HookReply]:
+        """Call EOM: one reply for the message, or a list with one per recipient."""
         try:
             result = self.handler.EOM()
-            replies = R.per_recipient(result, count)
-            return replies if replies is not None else [R.normalize(result)] * count
+            if isinstance(result, list):
+                replies = R.per_recipient(result, count)
+                if replies is not None:
+                    return replies
+            return R.normalize(result)
         except R.BadHookResult as exc:
             log.error("EOM hook returned a bad reply: %s", exc)
         except Exception:
             log.exception("EOM hook raised (client %s)", self.conn.who)
         counters.hook_failed("EOM")
-        return [R.HOOK_FAILED] * count
+        return R.HOOK_FAILED
 
     def _per_recipient(self, replies: list) -> R.Answer:
         """Write all but the last of LMTP's per-recipient replies; return the last for the session."""
