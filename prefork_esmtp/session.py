@@ -308,18 +308,19 @@ class Session:
                 log.info("too many junk commands from %s", self.conn.who)
                 self._answer(R.TOO_MANY_JUNK.format(self.hostname))
                 return
-        method = _COMMANDS.get(verb)
-        if method is None:  # the enhanced code then follows UNKNOWN, never the client's word
+        entry = _COMMANDS.get(verb)
+        if entry is None:  # the enhanced code then follows UNKNOWN, never the client's word
             verb, reply = "UNKNOWN", R.call_hook(self.handler, "UNKNOWN", self.conn.who, text)
         else:
-            reply = method(self, arg.strip(" \t"))
+            method, of_transaction = entry
+            reply = method(self.transaction if of_transaction else self, arg.strip(" \t"))
         self._answer(reply, verb)
         if self.tls_next:
             self.tls_next = False
             if not self.closing and self._start_tls():
                 self.state.forget_greeting()  # RFC 3207 4.2: forget everything said before TLS
                 self.transaction.reset()
-        if verb in GROUP_ENDERS and verb != "DATA" and not self.closing \
+        if verb in GROUP_ENDERS and verb != "DATA" and self.config.forbid_unauth_pipelining and not self.closing \
                 and self.conn.pipelined_early(self.state.auth_user is not None):
             self._answer(R.PIPELINING_ABUSE.format(self.hostname))
 
@@ -421,18 +422,6 @@ class Session:
     def smtp_AUTH(self, arg: str) -> R.Answer:
         return self.auth.command(arg, in_transaction=self.transaction.active)
 
-    def smtp_MAIL(self, arg: str) -> R.Answer:
-        return self.transaction.mail(arg)
-
-    def smtp_RCPT(self, arg: str) -> R.Answer:
-        return self.transaction.rcpt(arg)
-
-    def smtp_DATA(self, arg: str) -> R.Answer:
-        return self.transaction.data(arg)
-
-    def smtp_BDAT(self, arg: str) -> R.Answer:
-        return self.transaction.bdat(arg)
-
     def smtp_RSET(self, arg: str) -> R.Answer:
         if arg:
             return R.SYNTAX_NOARGS.format("RSET")
@@ -459,7 +448,12 @@ class Session:
         return R.call_hook(self.handler, "HELP", self.conn.who, arg or None)
 
 
-#: The dispatch table: verb -> its method.
-_COMMANDS: dict[str, Callable[[Session, str], R.Answer]] = {
-    name[5:]: getattr(Session, name) for name in dir(Session) if name.startswith("smtp_")
+#: The dispatch table: verb -> (its method, whether a method of the session's Transaction
+#: rather than of the Session); the transaction's verbs go to it without a hop.
+_COMMANDS: dict[str, tuple[Callable[[Any, str], R.Answer], bool]] = {
+    **{name[5:]: (getattr(Session, name), False) for name in dir(Session) if name.startswith("smtp_")},
+    "MAIL": (Transaction.mail, True),
+    "RCPT": (Transaction.rcpt, True),
+    "DATA": (Transaction.data, True),
+    "BDAT": (Transaction.bdat, True),
 }

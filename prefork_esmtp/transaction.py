@@ -110,12 +110,12 @@ class Transaction:
             address, params = parse_path_argument(arg, "FROM")
         except AddressError as exc:
             return R.Reply(exc.code, exc.enhanced, exc.text)
-        problem = P.check_mail(params, self.config.max_message_size, bdat_offered=True)
+        problem = P.check_mail(params, self.config.max_message_size, bdat_offered=True) if params else None
         if problem is None and not arg.isascii() and "SMTPUTF8" not in params:
             problem = R.NON_ASCII_ADDRESS
         if problem is not None:
             return problem
-        if self.state.peer and self.limits.message(self.state.peer[0]):
+        if self.config.max_messages_per_ip and self.state.peer and self.limits.message(self.state.peer[0]):
             log.info("too many messages from %s", self.state.peer[0])
             return R.RATE_MESSAGES
         env.sender, env.mail_params = address, params
@@ -139,14 +139,14 @@ class Transaction:
             address, params = parse_path_argument(arg, "TO")
         except AddressError as exc:
             return R.Reply(exc.code, exc.enhanced, exc.text)
-        problem = P.check_rcpt(params)
+        problem = P.check_rcpt(params) if params else None
         if problem is None and not arg.isascii() and "SMTPUTF8" not in env.mail_params:
             problem = R.NON_ASCII_ADDRESS
         if problem is not None:
             return problem
         if len(self.accepted) >= self.config.max_recipients:
             return R.TOO_MANY_RECIPIENTS
-        if self.state.peer and self.limits.recipient(self.state.peer[0]):
+        if self.config.max_recipients_per_ip and self.state.peer and self.limits.recipient(self.state.peer[0]):
             log.info("too many recipients from %s", self.state.peer[0])
             return R.RATE_RECIPIENTS
         env.rcpt_params = params
@@ -196,7 +196,7 @@ class Transaction:
         conn.writer.write(R.wire(reply, "DATA"))
         if self.handler.disconnect:
             return None
-        if conn.pipelined_early(self.state.auth_user is not None):
+        if self.config.forbid_unauth_pipelining and conn.pipelined_early(self.state.auth_user is not None):
             return R.PIPELINING_ABUSE.format(self.config.hostname)
         intake = self._new_intake(check_newlines=True)
         reader = conn.reader
