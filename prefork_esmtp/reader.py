@@ -52,7 +52,7 @@ class Reader:
         #: whether the last command line ended with a bare LF instead of CRLF
         self.bare_lf = False
         # the minimum data rate: (octets/s, start time, octets received at start, grace), or None
-        self._rate: tuple[float, float, int, float] | None = None
+        self._rate: tuple[float, float | None, int, float] | None = None
         #: monotonic time by which a command line must be complete once its first octet
         #: arrived (set by readline when command_deadline is on), and the session's end
         self.command_deadline = 0.0
@@ -64,7 +64,9 @@ class Reader:
     def start_rate(self, octets_per_second: int, grace: float) -> None:
         """From now until :meth:`stop_rate`, require this average rate (after ``grace`` seconds)."""
         if octets_per_second > 0:
-            self._rate = (float(octets_per_second), time.monotonic(), self.received, grace)
+            # the clock starts at the transfer's first read (None: _read_timeout sets it), so the
+            # start costs no clock reading, nor does a transfer that was buffered already
+            self._rate = (float(octets_per_second), None, self.received, grace)
 
     def stop_rate(self) -> None:
         self._rate = None
@@ -84,6 +86,9 @@ class Reader:
             raise ReadTimeout()
         if self._rate is not None:
             rate, start, received, grace = self._rate
+            if start is None:
+                start = now
+                self._rate = (rate, now, received, grace)
             left = start + grace + (self.received - received) / rate - now
             if left <= 0:
                 raise DataTooSlow()
@@ -126,7 +131,11 @@ class Reader:
         idle_end = now + self.timeout
         woken = False
         while True:
-            timeout = self._read_timeout(now, idle_end - now if woken else self.timeout)
+            timeout = idle_end - now if woken else self.timeout
+            session_deadline = self.session_deadline
+            if self._rate is not None or self._line_deadline is not None or timeout <= 0 \
+                    or (session_deadline is not None and session_deadline - now < timeout):
+                timeout = self._read_timeout(now, timeout)  # a deadline comes first, or is past
             try:
                 if timeout < self._current_timeout or woken:
                     if timeout >= 2.0:
@@ -161,12 +170,16 @@ class Reader:
         try:
             while True:
                 end = self.pos + limit
-                i = self.buf.find(b"\n", self.pos, end)
+                buf = self.buf
+                start = self.pos
+                i = buf.find(b"\n", start, end)
                 if i >= 0:
-                    line = self.buf[self.pos:i]
                     self.pos = i + 1
-                    self.bare_lf = not line.endswith(b"\r")
-                    return line if self.bare_lf else line[:-1]
+                    if i > start and buf[i - 1] == 0x0D:  # CRLF
+                        self.bare_lf = False
+                        return buf[start:i - 1]
+                    self.bare_lf = True
+                    return buf[start:i]
                 if len(self.buf) >= end:
                     self._drain_line()
                     raise LineTooLong()
