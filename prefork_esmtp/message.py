@@ -279,8 +279,13 @@ class MessageParser:
                 self.partial += data  # still no line end: grow, do not rescan (a trickle stays linear)
                 return
             data, self.partial = bytes(self.partial) + data, b""
-        pos = 0
         n = len(data)
+        if n and handler.chunkmode:  # the common case: one BODY call for a piece within the chunk size
+            size = getattr(handler, "chunksize", DEFAULT_CHUNKSIZE)
+            if type(size) is int and n <= size:
+                handler.BODY(data)
+                return
+        pos = 0
         while pos < n:
             size = self._chunksize()
             if handler.chunkmode:

@@ -11,7 +11,7 @@ before it blocks.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prefork_esmtp.dotdata import DotDecoder
@@ -199,12 +199,13 @@ class Reader:
             self.buf, self.pos = b"", 0
             self._fill()
 
-    def read_data(self, decoder: DotDecoder) -> Iterator[bytes]:
-        """Yield the unstuffed pieces of a DATA section up to its ``<CRLF>.<CRLF>``."""
+    def read_data(self, decoder: DotDecoder, take: Callable[[bytes], None]) -> None:
+        """Pass the unstuffed pieces of a DATA section up to its ``<CRLF>.<CRLF>`` to ``take``, in order."""
         while True:
             if self.pos < len(self.buf):
                 pieces, self.pos, ended = decoder.decode(self.buf, self.pos)
-                yield from pieces
+                for piece in pieces:
+                    take(piece)
                 if ended:
                     return
             self._fill()

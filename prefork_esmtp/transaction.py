@@ -202,8 +202,7 @@ class Transaction:
         reader = conn.reader
         reader.start_rate(self.config.min_data_rate, self.config.min_data_rate_grace)
         try:
-            for piece in reader.read_data(DotDecoder()):
-                intake.feed(piece)
+            reader.read_data(DotDecoder(), intake.feed)
         finally:
             reader.stop_rate()
         return self._end_message(intake)
