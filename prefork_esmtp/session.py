@@ -375,7 +375,22 @@ class Session:
         return R.HookReply(reply.code, lines, reply.counts)
 
     def _with_extensions(self, lines: list[str]) -> list[str]:
-        """Append the engine's extension keywords the handler did not list itself."""
+        """Append the engine's extension keywords the handler did not list itself.
+
+        What is appended depends only on the handler's own keyword lines and
+        on what is offered now, so it is worked out once per combination.
+        """
+        key = (tuple(lines[1:]), self.config.max_message_size, bool(getattr(self.handler, "dsn", False)),
+               self.tls_context is not None and self.state.tls is None, self.auth.offered())
+        extra = _EXTENSIONS.get(key)
+        if extra is None:
+            extra = self._extensions(lines, *key[2:])
+            if len(_EXTENSIONS) < _EXTENSIONS_MAX:
+                _EXTENSIONS[key] = extra
+        return lines + extra
+
+    def _extensions(self, lines: list[str], dsn: bool, starttls: bool, auth: bool) -> list[str]:
+        """The engine's extension keywords the handler did not list itself."""
         have = {line.split(" ", 1)[0].upper() for line in lines[1:]}
         extensions = [
             "PIPELINING",
@@ -386,14 +401,14 @@ class Session:
             "CHUNKING",
             "BINARYMIME",
         ]
-        if getattr(self.handler, "dsn", False):
+        if dsn:
             extensions.append("DSN")
-        if self.tls_context is not None and self.state.tls is None:
+        if starttls:
             extensions.append("STARTTLS")
-        if self.auth.offered():
+        if auth:
             extensions.append(AUTH_KEYWORD)
         extensions.append("HELP")
-        return lines + [e for e in extensions if e.split(" ", 1)[0] not in have]
+        return [e for e in extensions if e.split(" ", 1)[0] not in have]
 
     def smtp_STARTTLS(self, arg: str) -> R.Answer:
         """STARTTLS: the hook's 220, then (in _dispatch, once it is written) the handshake."""
@@ -447,6 +462,11 @@ class Session:
     def smtp_HELP(self, arg: str) -> R.Answer:
         return R.call_hook(self.handler, "HELP", self.conn.who, arg or None)
 
+
+#: EHLO's extension lines by (the handler's own keyword lines, SIZE, DSN, STARTTLS, AUTH offered);
+#: bounded, as a handler may vary its lines.
+_EXTENSIONS: dict[tuple[Any, ...], list[str]] = {}
+_EXTENSIONS_MAX = 64
 
 #: The dispatch table: verb -> (its method, whether a method of the session's Transaction
 #: rather than of the Session); the transaction's verbs go to it without a hop.
