@@ -267,13 +267,16 @@ def format_reply(code: int, lines: list[str], enhanced: str | None) -> bytes:
     add none (greeting, HELO/EHLO, 3xx).  A line that carries its own code sets
     the default for the lines after it.
     """
+    if not lines:
+        lines = [""]
     if len(lines) == 1:  # the common case, without the loop
         line = lines[0]
         if enhanced is not None and (line[1:2] != "." or _ENHANCED.match(line) is None):
             line = f"{enhanced} {line}" if line else enhanced
         return f"{code} {line}\r\n".encode("utf-8", "surrogateescape") if line else f"{code} \r\n".encode()
-    if not lines:
-        lines = [""]
+    if enhanced is None:  # no codes to add (EHLO, the greeting): one join
+        return (f"{code}-" + f"\r\n{code}-".join(lines[:-1]) + f"\r\n{code} {lines[-1]}\r\n").encode(
+            "utf-8", "surrogateescape")
     out = []
     last = len(lines) - 1
     for i, line in enumerate(lines):

@@ -89,3 +89,10 @@ def test_a_two_tuple_hook_result_is_what_normalize_makes_of_it():
     for hook in "ABC":
         result = getattr(Hooks(), hook)()
         assert R.call_hook(Hooks(), hook, "client") == R.normalize(result)
+
+
+@pytest.mark.parametrize("lines", [[], [""], ["a"], ["a", ""], ["", "b"], ["a", "b", "c"], ["caf\u00e9", "x y"]])
+@pytest.mark.parametrize("code", [220, 250, 354])
+def test_format_reply_without_codes_frames_every_line(code, lines):
+    expected = [f"{code}-{line}" for line in lines[:-1]] + [f"{code} {lines[-1] if lines else ''}"]
+    assert R.format_reply(code, lines, None) == "".join(f"{x}\r\n" for x in expected).encode()
