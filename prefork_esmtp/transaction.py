@@ -78,8 +78,7 @@ class Transaction:
 
     def _clear(self) -> None:
         """A fresh envelope, no message under way."""
-        self.envelope = Envelope()
-        attach(self.handler, envelope=self.envelope)
+        self.envelope = self.handler._esmtp_envelope = Envelope()  # state.attach's work, without the call
         self.intake = None
         self.accepted = []
         self.started = None
@@ -182,10 +181,11 @@ class Transaction:
         """
         if arg:
             return R.SYNTAX_NOARGS.format("DATA")
-        problem = self._problem()
+        env = self.envelope
+        problem = self._problem() if self.state.client is None or env.sender is None or not self.accepted else None
         if problem is None and self.intake is not None:  # BDAT chunks already came
             problem = R.DATA_AFTER_BDAT
-        if problem is None and (self.envelope.mail_params.get("BODY") or "").upper() == "BINARYMIME":
+        if problem is None and (env.mail_params.get("BODY") or "").upper() == "BINARYMIME":
             problem = R.BINARYMIME_NEEDS_BDAT
         if problem is not None:
             return problem
