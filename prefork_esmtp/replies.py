@@ -125,6 +125,9 @@ TOO_MANY_ERRORS = Reply(421, "4.7.0", "%s Error: too many errors")
 LMTP_NEEDS_LHLO = Reply(500, "5.5.1", "Error: this is an LMTP server; say LHLO")
 SHUTTING_DOWN = Reply(421, "4.3.2", "%s Service shutting down, closing connection")
 
+#: The replies above, whose framed bytes wire() keeps.
+_CONSTANTS = frozenset(value for value in tuple(globals().values()) if type(value) is Reply)
+
 _ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}(?= |$)")
 
 # Default enhanced codes by (verb, code) first, then by code, then by class.
@@ -158,10 +161,9 @@ def default_enhanced(code: int, verb: str) -> str | None:
 #: default_enhanced by (verb, code), as they come up: the verbs are the engine's names (never
 #: a client's word) and codes run from 200 to 599, so the table stays small.
 _DEFAULTS: dict[tuple[str, int], str | None] = {}
-#: The bytes of the engine's own replies by (reply, verb); bounded, as a reply's text may carry
-#: a client's word (an unsupported parameter's name): past the bound they are framed each time.
+#: The bytes of the engine's constant replies (this module's) by (reply, verb).  A reply made
+#: with arguments (which may carry a client's word) is framed each time, so the table stays small.
 _WIRE: dict[tuple[Reply, str], bytes] = {}
-_WIRE_MAX = 512
 
 
 def wire(reply: Reply | HookReply, verb: str) -> bytes:
@@ -174,7 +176,7 @@ def wire(reply: Reply | HookReply, verb: str) -> bytes:
         data = _WIRE.get(key)
         if data is None:
             data = format_reply(code, [reply.line], default_enhanced(code, verb))
-            if len(_WIRE) < _WIRE_MAX:
+            if reply in _CONSTANTS:
                 _WIRE[key] = data
         return data
     key2 = (verb, code)
