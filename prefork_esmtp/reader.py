@@ -43,7 +43,10 @@ class LineTooLong(Exception):
 class Reader:
     """Reads command lines, DATA sections and exact byte counts from the connection."""
 
-    def __init__(self, sock: Any, timeout: float) -> None:
+    def __init__(self, sock: Any, timeout: float, wake_after: float | None = None) -> None:
+        """``wake_after``: a shorter timeout to give the socket from the start, when one will be
+        needed anyway (the data rate's grace): a read that times out early is only a wake-up,
+        and the timeout then need not be shortened (a system call) at the first message."""
         self.sock = sock  # the connection: recv() and settimeout(), as a socket has
         self.timeout = timeout
         self.buf = b""
@@ -58,6 +61,8 @@ class Reader:
         self.command_deadline = 0.0
         self.session_deadline: float | None = None
         self._line_deadline: float | None = None
+        if wake_after is not None and 1.0 <= wake_after < timeout:
+            timeout = float(int(wake_after)) if wake_after >= 2.0 else wake_after
         self._current_timeout = timeout
         sock.settimeout(timeout)
 
