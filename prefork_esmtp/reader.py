@@ -174,22 +174,23 @@ class Reader:
         """
         try:
             while True:
-                end = self.pos + limit
                 buf = self.buf
                 start = self.pos
-                i = buf.find(b"\n", start, end)
-                if i >= 0:
-                    self.pos = i + 1
-                    if i > start and buf[i - 1] == 0x0D:  # CRLF
-                        self.bare_lf = False
-                        return buf[start:i - 1]
-                    self.bare_lf = True
-                    return buf[start:i]
-                if len(self.buf) >= end:
-                    self._drain_line()
-                    raise LineTooLong()
-                if self._line_deadline is None and self.command_deadline and self.pos < len(self.buf):
-                    self._line_deadline = time.monotonic() + self.command_deadline
+                if start < len(buf):  # else nothing buffered (the common case): read at once
+                    end = start + limit
+                    i = buf.find(b"\n", start, end)
+                    if i >= 0:
+                        self.pos = i + 1
+                        if i > start and buf[i - 1] == 0x0D:  # CRLF
+                            self.bare_lf = False
+                            return buf[start:i - 1]
+                        self.bare_lf = True
+                        return buf[start:i]
+                    if len(buf) >= end:
+                        self._drain_line()
+                        raise LineTooLong()
+                    if self._line_deadline is None and self.command_deadline:
+                        self._line_deadline = time.monotonic() + self.command_deadline
                 self._fill()
         finally:
             self._line_deadline = None
