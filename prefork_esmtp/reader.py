@@ -10,6 +10,7 @@ before it blocks.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -44,8 +45,8 @@ class Reader:
     """Reads command lines, DATA sections and exact byte counts from the connection."""
 
     def __init__(self, sock: Any, timeout: float, wake_after: float | None = None) -> None:
-        """``wake_after``: a shorter timeout to give the socket from the start, when one will be
-        needed anyway (the data rate's grace): a read that times out early is only a wake-up,
+        """``wake_after``: a shorter timeout for the first read to give the socket, when one will
+        be needed anyway (the data rate's grace): a read that times out early is only a wake-up,
         and the timeout then need not be shortened (a system call) at the first message."""
         self.sock = sock  # the connection: recv() and settimeout(), as a socket has
         self.timeout = timeout
@@ -61,10 +62,12 @@ class Reader:
         self.command_deadline = 0.0
         self.session_deadline: float | None = None
         self._line_deadline: float | None = None
-        if wake_after is not None and 1.0 <= wake_after < timeout:
-            timeout = float(int(wake_after)) if wake_after >= 2.0 else wake_after
-        self._current_timeout = timeout
-        sock.settimeout(timeout)
+        #: the socket's read timeout as last set: none yet (the first read sets it, to
+        #: ``wake_after``'s whole seconds when that is shorter than the timeout owed)
+        self._current_timeout = math.inf
+        self._wake_after = None
+        if wake_after is not None and wake_after >= 1.0:
+            self._wake_after = float(int(wake_after)) if wake_after >= 2.0 else wake_after
 
     def start_rate(self, octets_per_second: int, grace: float) -> None:
         """From now until :meth:`stop_rate`, require this average rate (after ``grace`` seconds)."""
@@ -118,6 +121,14 @@ class Reader:
         self.sock.settimeout(self.timeout)
         self._current_timeout = self.timeout
 
+    def timeout_set(self, seconds: float) -> None:
+        """Someone else (the PROXY header's read) left the socket's read timeout at most ``seconds``.
+
+        The reader sets its own only when the one it owes is shorter (a longer
+        one owed: an early wake-up, as in :meth:`_fill`), not once more per session.
+        """
+        self._current_timeout = seconds
+
     def pending(self) -> bool:
         """Whether bytes the client sent are buffered and not yet consumed."""
         return self.pos < len(self.buf)
@@ -143,7 +154,10 @@ class Reader:
                 timeout = self._read_timeout(now, timeout)  # a deadline comes first, or is past
             try:
                 if timeout < self._current_timeout or woken:
-                    if timeout >= 2.0:
+                    if self._current_timeout == math.inf and self._wake_after is not None \
+                            and self._wake_after < timeout:
+                        timeout = self._wake_after  # the first read: see wake_after
+                    elif timeout >= 2.0:
                         timeout = float(int(timeout))
                     self.sock.settimeout(timeout)
                     self._current_timeout = timeout
