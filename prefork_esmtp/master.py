@@ -33,7 +33,7 @@ from prefork_esmtp.pool import adaptive_step, max_spare_default
 from prefork_esmtp.limits import RateTable
 from prefork_esmtp.scoreboard import BUSY, IDLE, STARTING, Scoreboard
 from prefork_esmtp.sdnotify import Notifier
-from prefork_esmtp.warmup import warm_up
+from prefork_esmtp.warmup import fill_pools, warm_up
 from prefork_esmtp.settings import Config
 
 log = logging.getLogger("prefork_esmtp.master")
@@ -247,6 +247,8 @@ class Master:
         ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         warm_up(self.config)
         gc.collect()
+        # After the collection (it frees objects, leaving holes) and before the first fork.
+        fill_pools()
         gc.freeze()  # what the master has built so far stays shared with the workers
         self._publish()
         self.metrics.start(self)
