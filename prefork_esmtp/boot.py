@@ -9,6 +9,7 @@ stops (first start) or aborts the reload instead of respawning in a loop.
 
 from __future__ import annotations
 
+import _signal
 import logging
 import math
 import os
@@ -74,14 +75,18 @@ def run_worker(plan: WorkerPlan) -> NoReturn:
 
 def _boot_and_serve(plan: WorkerPlan) -> int:
     """Boot (privileges, handler import and options) and serve; return the exit status."""
+    # The C functions under the signal module: its wrappers turn the handler they replace (here
+    # the master's) into an enum, a failed lookup with an exception each time, and code the master
+    # never ran, so every new worker would copy the pages it touches.
+    setsig = _signal.signal
     for sig in plan.signals:
-        signal.signal(sig, signal.SIG_DFL)
+        setsig(sig, _signal.SIG_DFL)
     # While booting (the handler import may be slow): USR1 must not kill us, and a
     # retire (HUP) must not be lost; TERM, INT and QUIT may end a worker that serves no one.
     retire_early: list[bool] = []
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    signal.signal(signal.SIGHUP, lambda s, f: retire_early.append(True))
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, plan.signals)  # blocked by the master across the fork
+    setsig(signal.SIGUSR1, _signal.SIG_IGN)
+    setsig(signal.SIGHUP, lambda s, f: retire_early.append(True))
+    _signal.pthread_sigmask(_signal.SIG_UNBLOCK, plan.signals)  # blocked by the master across the fork
     for fd in plan.master_fds:
         os.close(fd)
     told = die_with_parent(plan.master_pid)
@@ -122,8 +127,8 @@ def _boot_and_serve(plan: WorkerPlan) -> int:
                     tls_context=plan.tls_context, tls_listeners=plan.tls_fds,
                     limits=Limits(config, reporter.sessions_from, plan.rate_table), idle_tick=tick)
     worker.install_signals()
-    signal.signal(signal.SIGHUP, lambda s, f: worker.stop())  # retire: finish the session, exit
-    signal.signal(signal.SIGUSR1, lambda s, f: logs.reopen())
+    setsig(signal.SIGHUP, lambda s, f: worker.stop())  # retire: finish the session, exit
+    setsig(signal.SIGUSR1, lambda s, f: logs.reopen())
     if retire_early:
         return 0
     worker.run()
