@@ -1,7 +1,8 @@
 """A pre-forked worker's life after the fork: boot (signals, privileges, handler) and serve.
 
 The master forks and calls :func:`run_worker` in the child with a
-:class:`WorkerPlan`, everything the worker needs from it; nothing here runs
+:class:`WorkerPlan`, everything the worker needs from it (one plan per
+batch of forks, made before them), and the worker's slot; nothing here runs
 in the master but the import.  A worker that cannot boot writes one line to
 the master's error pipe and exits with :data:`BOOT_ERROR`, so the master
 stops (first start) or aborts the reload instead of respawning in a loop.
@@ -38,10 +39,14 @@ BOOT_ERROR = 3
 
 @dataclass(frozen=True)
 class WorkerPlan:
-    """What a forked worker gets from its master: its slot, generation, config and file descriptors."""
+    """What a forked worker gets from its master: generation, config and file descriptors.
+
+    One plan serves every worker of a batch of forks (only the slot differs,
+    passed beside it): made once before the forks, it is shared memory rather
+    than an object each new worker builds.
+    """
 
     master_pid: int
-    slot: int
     generation: int
     config: Config
     #: preloaded and configured by the master, or None: import and configure it here
@@ -59,11 +64,12 @@ class WorkerPlan:
     counters: CounterTable | None = None  # the shared counters (metrics on): this worker counts in its slot's row
 
 
-def run_worker(plan: WorkerPlan) -> NoReturn:
-    """In the forked child: boot, serve, and leave with ``os._exit`` (never back into the master's code)."""
+def run_worker(plan: WorkerPlan, slot: int) -> NoReturn:
+    """In the forked child: boot as the worker of scoreboard ``slot``, serve, and leave with
+    ``os._exit`` (never back into the master's code)."""
     status = 1
     try:
-        status = _boot_and_serve(plan)
+        status = _boot_and_serve(plan, slot)
     except SystemExit as exc:
         status = exc.code if isinstance(exc.code, int) else 0
     except BaseException:
@@ -73,7 +79,7 @@ def run_worker(plan: WorkerPlan) -> NoReturn:
         os._exit(status)
 
 
-def _boot_and_serve(plan: WorkerPlan) -> int:
+def _boot_and_serve(plan: WorkerPlan, slot: int) -> int:
     """Boot (privileges, handler import and options) and serve; return the exit status."""
     # The C functions under the signal module: its wrappers turn the handler they replace (here
     # the master's) into an enum, a failed lookup with an exception each time, and code the master
@@ -92,7 +98,7 @@ def _boot_and_serve(plan: WorkerPlan) -> int:
     told = die_with_parent(plan.master_pid)
     random.seed()
     if plan.counters is not None:
-        counters.use(plan.counters.row(plan.slot))
+        counters.use(plan.counters.row(slot))
     config = plan.config
     setproctitle(f"prefork-esmtp: worker [gen {plan.generation}] starting")
     try:
@@ -120,7 +126,7 @@ def _boot_and_serve(plan: WorkerPlan) -> int:
     # stuck, so it promises no check-in (math.inf) and sleeps without a timeout.  Only where
     # the kernel will not send TERM when the master dies does it wake every TICK to check.
     tick = None if told else TICK
-    reporter = ScoreboardReporter(plan.scoreboard, plan.slot, plan.generation, plan.master_pid,
+    reporter = ScoreboardReporter(plan.scoreboard, slot, plan.generation, plan.master_pid,
                                   idle_expect=math.inf if tick is None else tick,
                                   busy_expect=config.timeout, wake_fd=plan.wake_fd)
     worker = Worker(plan.listeners, handler_class, config, max_sessions=limit, reporter=reporter,

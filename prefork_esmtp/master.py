@@ -20,7 +20,7 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any
 
 from setproctitle import setproctitle
 
@@ -360,6 +360,7 @@ class Master:
         pids = [0] * len(slots)
         forked = 0
         fork = os.fork
+        plan = self._plan()
         # Signals stay blocked across the forks until each child has its own handlers: a TERM
         # that lands in between is then delivered to the worker's handler, not lost in a
         # copy of the master's queue.  The master handles what arrived after the batch.
@@ -368,7 +369,7 @@ class Master:
             while forked < len(slots):
                 pid = fork()
                 if pid == 0:
-                    self._run_child(slots[forked])
+                    run_worker(plan, slots[forked])  # never returns
                 pids[forked] = pid
                 forked += 1
         except OSError as exc:  # EAGAIN (process limit), ENOMEM: keep serving, retry after a pause
@@ -384,15 +385,15 @@ class Master:
             else:
                 self.scoreboard.release(slot)
 
-    def _run_child(self, slot: int) -> NoReturn:
-        """In the forked child: become the worker of ``slot`` (never returns)."""
-        run_worker(WorkerPlan(
-            master_pid=self.pid, slot=slot, generation=self.generation, config=self.config,
+    def _plan(self) -> WorkerPlan:
+        """What the workers of the next batch of forks get: one plan for all of them."""
+        return WorkerPlan(
+            master_pid=self.pid, generation=self.generation, config=self.config,
             handler_class=self.handler_class, ids=self.ids, listeners=self.listeners,
             tls_context=self.tls_context, tls_fds=self.tls_fds, scoreboard=self.scoreboard,
             rate_table=self.rate_table,
             wake_fd=self.wake_w, error_fd=self.error_w, master_fds=(self.wake_r, self.error_r),
-            signals=frozenset(SIGNALS), counters=self.metrics.table))
+            signals=frozenset(SIGNALS), counters=self.metrics.table)
 
     def reap(self) -> None:
         """Collect exited workers; a boot failure on first start stops the master."""
