@@ -33,7 +33,7 @@ from prefork_esmtp.pool import adaptive_step, max_spare_default
 from prefork_esmtp.limits import RateTable
 from prefork_esmtp.scoreboard import BUSY, IDLE, STARTING, Scoreboard
 from prefork_esmtp.sdnotify import Notifier
-from prefork_esmtp.warmup import fill_pools, warm_up
+from prefork_esmtp.warmup import fill_pools, warm_fork_callbacks, warm_up
 from prefork_esmtp.settings import Config
 
 log = logging.getLogger("prefork_esmtp.master")
@@ -246,6 +246,7 @@ class Master:
         # that make a TLS client context (the relay's STARTTLS upstream) share them.
         ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         warm_up(self.config)
+        warm_fork_callbacks()  # before any thread of the master's own (metrics) starts
         gc.collect()
         # After the collection (it frees objects, leaving holes) and before the first fork.
         fill_pools()

@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import re
 import socket
 import sys
+import threading
 import time
 
 from prefork_esmtp.handler import ESMTPHandler
@@ -97,6 +99,36 @@ def warm_up(config: Config, sessions: int = SESSIONS) -> int:
     finally:
         logging.disable(previous)
     return done
+
+
+#: Calls of each after-fork function: enough for the interpreter to specialise its bytecode.
+FORK_CALLS = 10
+
+
+def warm_fork_callbacks(calls: int = FORK_CALLS) -> bool:
+    """Run here first what the interpreter runs in every child right after ``fork()``; whether it ran.
+
+    The standard library registers functions that run in each new child
+    (threading resets its thread table, logging its locks, random reseeds).
+    Run only in children, that code is cold in each of them: its bytecode is
+    specialised and the type cache filled there, and every worker copies the
+    pages that writes.  Run here, those writes happen once, in shared memory.
+    In a process with one thread, as the master is before its first fork,
+    they change nothing: locks nobody holds are made anew, the thread table
+    keeps its one thread.  With another thread (a preloaded handler may
+    start one) nothing is run, as that thread could hold one of those locks.
+    """
+    after_fork = getattr(threading, "_after_fork", None)
+    reinit_logging = getattr(logging, "_after_at_fork_child_reinit_locks", None)
+    if after_fork is None or reinit_logging is None:
+        return False
+    if threading.enumerate() != [threading.main_thread()] or len(getattr(threading, "_dangling", ())) > 1:
+        return False  # another thread, or a Thread made and not started: its state must not be touched
+    for _ in range(calls):
+        after_fork()
+        reinit_logging()
+        random.seed()
+    return True
 
 
 #: Objects that fill the free blocks of the master's partly used memory pools (see fill_pools).
