@@ -29,7 +29,8 @@ from prefork_esmtp.limits import Limits, RateTable
 from prefork_esmtp.reporter import ScoreboardReporter
 from prefork_esmtp.scoreboard import Scoreboard
 from prefork_esmtp.settings import Config
-from prefork_esmtp.worker import TICK, Worker
+from prefork_esmtp.handler import ESMTPHandler
+from prefork_esmtp.worker import TICK, Worker, _Poller
 
 log = logging.getLogger("prefork_esmtp.worker")
 
@@ -139,6 +140,40 @@ def _boot_and_serve(plan: WorkerPlan, slot: int) -> int:
         return 0
     worker.run()
     return 0
+
+
+#: Rehearsals of a worker's start-up in the master: enough for the interpreter to specialise its code.
+REHEARSALS = 10
+
+
+def rehearse(plan: WorkerPlan, times: int = REHEARSALS) -> None:
+    """In the master before the first fork: build a worker's start-up objects and drop them.
+
+    Every new worker runs the same constructors once (reporter, worker,
+    limits, the epoll set) and makes its first report.  Run only there, that
+    code is cold in each worker: its bytecode specialised and the type cache
+    filled in the child, which copies the pages written.  Run here first, it
+    happens once, in memory the workers share.  Nothing is served or
+    reported: a scratch scoreboard, pipes and epoll sets closed at once; the
+    listeners only get TCP_NODELAY, which every worker sets on them anyway.
+    Its one side effect, the process title, the master sets again just after.
+    """
+    board = Scoreboard(1)
+    try:
+        for _ in range(times):
+            reporter = ScoreboardReporter(board, 0, plan.generation, plan.master_pid, idle_expect=math.inf,
+                                          busy_expect=plan.config.timeout)
+            worker = Worker(plan.listeners, plan.handler_class or ESMTPHandler, plan.config, reporter=reporter,
+                            tls_context=plan.tls_context, tls_listeners=plan.tls_fds,
+                            limits=Limits(plan.config, reporter.sessions_from, plan.rate_table))
+            try:
+                _Poller(worker.listeners, worker._wake_r, plan.config.accept_mode == "exclusive").close()
+                reporter.idle()
+            finally:
+                os.close(worker._wake_r)
+                os.close(worker._wake_w)
+    finally:
+        board.close()
 
 
 def _load_prctl() -> Any:

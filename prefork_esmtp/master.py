@@ -25,7 +25,7 @@ from typing import Any
 from setproctitle import setproctitle
 
 from prefork_esmtp import logs, pidfile, privileges, tls
-from prefork_esmtp.boot import BOOT_ERROR, WorkerPlan, run_worker
+from prefork_esmtp.boot import BOOT_ERROR, WorkerPlan, rehearse, run_worker
 from prefork_esmtp.exposition import NO_METRICS, NoMetrics
 from prefork_esmtp.listeners import describe
 from prefork_esmtp.loader import configure_handler, load_handler
@@ -246,6 +246,7 @@ class Master:
         # that make a TLS client context (the relay's STARTTLS upstream) share them.
         ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         warm_up(self.config)
+        rehearse(self._plan())
         warm_fork_callbacks()  # before any thread of the master's own (metrics) starts
         gc.collect()
         # After the collection (it frees objects, leaving holes) and before the first fork.
