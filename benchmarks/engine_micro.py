@@ -5,11 +5,17 @@ the base handler and the default settings, as a worker runs it); a client
 thread plays a non-pipelining client (send a command, read its reply) on
 the other end.  Only the server thread's CPU time is counted
 (``time.thread_time``), so the client's work and the GIL hand-overs stay
-out of the figures.  Two workloads:
+out of the figures.  Three workloads:
 
 - ``conn``: connection per message (greeting, EHLO, MAIL, RCPT, DATA with a
   2 KB message, QUIT), reported per session;
-- ``persistent``: one session with 20 messages, reported per message.
+- ``persistent``: one session with 20 messages, reported per message;
+- ``worker``: the ``conn`` session as a pre-forked worker serves it: the
+  worker's own loop (``Worker.run``: wait, accept over loopback TCP, serve)
+  with the real :class:`~prefork_esmtp.reporter.ScoreboardReporter` on a
+  real scoreboard (process title included), so the work a worker does
+  around each session (accept, scoreboard, title, connection set-up) shows
+  in the figures next to ``conn``'s.
 
 Reported: µs of server CPU (median of ``--rounds`` rounds, and the spread),
 Python function calls per session/message (``sys.setprofile``: Python-level
@@ -19,12 +25,14 @@ between the two threads, not the engine's).
 
     .venv/bin/python benchmarks/engine_micro.py                 # ~20 s
     .venv/bin/python benchmarks/engine_micro.py --strace        # + syscalls per session
+    .venv/bin/python benchmarks/engine_micro.py --workloads worker --strace
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import math
 import os
 import queue
 import re
@@ -42,8 +50,11 @@ from typing import Callable
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from prefork_esmtp import ESMTPHandler  # noqa: E402
+from prefork_esmtp.reporter import ScoreboardReporter  # noqa: E402
+from prefork_esmtp.scoreboard import Scoreboard  # noqa: E402
 from prefork_esmtp.session import Session  # noqa: E402
 from prefork_esmtp.settings import resolve  # noqa: E402
+from prefork_esmtp.worker import Worker  # noqa: E402
 
 PEER = ("192.0.2.1", 40000)
 MESSAGES_PER_SESSION = 20
@@ -112,13 +123,19 @@ def client(sock: socket.socket, messages: int) -> None:
     sock.close()
 
 
-def _client_loop(jobs: "queue.Queue[tuple[socket.socket, int] | None]", errors: list[BaseException]) -> None:
+def _client_loop(jobs: "queue.Queue[tuple[socket.socket | tuple[str, int], int] | None]",
+                 errors: list[BaseException]) -> None:
+    """Play each job's client: on a connected socket, or (an address) on a new TCP connection to it."""
     while (job := jobs.get()) is not None:
+        target, messages = job
+        sock = None
         try:
-            client(*job)
+            sock = target if isinstance(target, socket.socket) else socket.create_connection(target)
+            client(sock, messages)
         except BaseException as exc:  # reported by the main thread
             errors.append(exc)
-            job[0].close()
+            if sock is not None:
+                sock.close()
 
 
 class Bench:
@@ -134,6 +151,39 @@ class Bench:
     def close(self) -> None:
         self.jobs.put(None)
         self.thread.join(10)
+        if self.worker is not None:
+            self.worker.listeners[0].close()
+            self.board.close()
+
+    worker: Worker | None = None
+
+    def _worker(self) -> Worker:
+        """A worker as a pre-forked one is (scoreboard reporter, a loopback listener), made once."""
+        if self.worker is None:
+            listener = socket.create_server(("127.0.0.1", 0), backlog=128)
+            listener.setblocking(False)
+            self.board = Scoreboard(4)
+            reporter = ScoreboardReporter(self.board, 0, 1, os.getppid(), idle_expect=math.inf,
+                                          busy_expect=self.config.timeout)
+            self.worker = Worker([listener], ESMTPHandler, self.config, reporter=reporter, idle_tick=None)
+        return self.worker
+
+    def worker_sessions(self, sessions: int, around: Callable[[Callable[[], None]], None] | None = None) -> float:
+        """``sessions`` connection-per-message sessions through the worker's loop; its thread's CPU seconds."""
+        worker = self._worker()
+        address = worker.listeners[0].getsockname()
+        for _ in range(sessions):
+            self.jobs.put((address, 1))
+        worker.max_sessions = worker.served + sessions  # Worker.run returns after the last of them
+        start = time.thread_time()
+        if around is None:
+            worker.run()
+        else:
+            around(worker.run)
+        spent = time.thread_time() - start
+        if self.errors:
+            raise self.errors[0]
+        return spent
 
     def session(self, messages: int, around: Callable[[Callable[[], None]], None] | None = None) -> float:
         """One session with ``messages`` messages; returns the server thread's CPU seconds for it."""
@@ -150,15 +200,18 @@ class Bench:
             raise self.errors[0]
         return spent
 
-    def rounds(self, messages: int, sessions: int, rounds: int) -> list[float]:
+    def rounds(self, messages: int, sessions: int, rounds: int, worker: bool = False) -> list[float]:
         """µs of server CPU per session (per message when ``messages`` > 1), one figure per round."""
         result = []
         for _ in range(rounds):
-            total = sum(self.session(messages) for _ in range(sessions))
+            if worker:
+                total = self.worker_sessions(sessions)
+            else:
+                total = sum(self.session(messages) for _ in range(sessions))
             result.append(total / sessions / messages * 1e6)
         return result
 
-    def calls(self, messages: int, sessions: int) -> tuple[float, float]:
+    def calls(self, messages: int, sessions: int, worker: bool = False) -> tuple[float, float]:
         """Python-level calls and calls into C per session (per message when ``messages`` > 1)."""
         counts = collections.Counter()
 
@@ -172,13 +225,16 @@ class Bench:
             finally:
                 sys.setprofile(None)
 
-        for _ in range(sessions):
-            self.session(messages, around)
+        if worker:
+            self.worker_sessions(sessions, around)
+        else:
+            for _ in range(sessions):
+                self.session(messages, around)
         per = sessions * messages
         return counts["call"] / per, counts["c_call"] / per
 
 
-WORKLOADS = {"conn": 1, "persistent": MESSAGES_PER_SESSION}
+WORKLOADS = {"conn": 1, "persistent": MESSAGES_PER_SESSION, "worker": 1}
 
 
 def syscalls(workload: str, sessions: int) -> tuple[float, dict[str, float]] | None:
@@ -220,6 +276,20 @@ def traced(workload: str, sessions: int) -> None:
     then mark the window with failing writes on fd -1, so the window holds the sessions' own calls."""
     bench = Bench()
     messages = WORKLOADS[workload]
+    if workload == "worker":
+        bench.worker_sessions(3)
+        try:
+            os.write(-1, b"start")
+        except OSError:
+            pass
+        bench.worker_sessions(sessions)  # the clients connect from their own thread, not counted
+        try:
+            os.write(-1, b"stop")
+        except OSError:
+            pass
+        bench.close()
+        print(threading.get_native_id())
+        return
     for _ in range(3):
         bench.session(messages)
     pairs = [socket.socketpair() for _ in range(sessions)]
@@ -248,8 +318,14 @@ def main() -> None:
                         help=f"persistent sessions ({MESSAGES_PER_SESSION} messages each) per round")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--strace", action="store_true", help="also count system calls (needs strace)")
+    parser.add_argument("--workloads", default=",".join(WORKLOADS),
+                        help="comma-separated, of: " + ", ".join(WORKLOADS) + " (default: all)")
     parser.add_argument("--traced", choices=sorted(WORKLOADS), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    wanted = [w for w in args.workloads.split(",") if w]
+    unknown = set(wanted) - set(WORKLOADS)
+    if unknown:
+        parser.error(f"unknown workload(s): {', '.join(sorted(unknown))}")
     if args.traced:
         traced(args.traced, args.sessions)
         return
@@ -258,12 +334,18 @@ def main() -> None:
     try:
         for _ in range(50):  # warm up: imports, caches, first-use allocations
             bench.session(1)
+        if "worker" in wanted:
+            bench.worker_sessions(50)
         rows = []
         for workload, sessions, unit in (("conn", args.sessions, "session"),
-                                         ("persistent", args.persistent_sessions, "message")):
+                                         ("persistent", args.persistent_sessions, "message"),
+                                         ("worker", args.sessions, "session")):
+            if workload not in wanted:
+                continue
             messages = WORKLOADS[workload]
-            figures = bench.rounds(messages, sessions, args.rounds)
-            py_calls, c_calls = bench.calls(messages, max(1, sessions // 10))
+            worker = workload == "worker"
+            figures = bench.rounds(messages, sessions, args.rounds, worker)
+            py_calls, c_calls = bench.calls(messages, max(1, sessions // 10), worker)
             rows.append((workload, unit, figures, py_calls, c_calls))
     finally:
         bench.close()
@@ -278,14 +360,16 @@ def main() -> None:
         print(f"{workload:<12} {unit:<8} {statistics.median(figures):>10.1f} {spread:>16} "
               f"{py_calls:>9.1f} {c_calls:>8.1f}")
     if args.strace:
-        for workload, sessions in (("conn", 200), ("persistent", 10)):
+        for workload, sessions in (("conn", 200), ("persistent", 10), ("worker", 200)):
+            if workload not in wanted:
+                continue
             result = syscalls(workload, sessions)
             if result is None:
                 print("strace not found: no system call counts")
                 break
             total, names = result
             detail = ", ".join(f"{name} {n:.1f}" for name, n in names.items() if n >= 0.05)
-            print(f"syscalls per {'session' if workload == 'conn' else 'message'} ({workload}): "
+            print(f"syscalls per {'message' if workload == 'persistent' else 'session'} ({workload}): "
                   f"{total:.1f} without futex  ({detail})")
 
 

@@ -53,6 +53,12 @@ def _timeval(seconds: float) -> bytes:
     return _TIMEVAL.pack(micro // 1_000_000, micro % 1_000_000)
 
 
+#: Timevals already packed, by seconds: a session sets the same few (the idle timeout,
+#: whole seconds of a shorter deadline) again and again.  Bounded: only so many are kept.
+_TIMEVALS: dict[float, bytes] = {}
+_TIMEVALS_KEPT = 64
+
+
 class StopSession(Exception):
     """The server is stopping and the session, idle between transactions, ends now (421)."""
 
@@ -68,25 +74,29 @@ class Connection:
 
     ``check_in(seconds)`` is called before each blocking read with the longest
     it may block (so the master can tell a worker waiting on a slow client from
-    a stuck one); ``stopping()`` says whether the server is stopping.
+    a stuck one); ``stopping()`` says whether the server is stopping; ``local``
+    is our address when the caller knows it (None: ``getsockname()``).
     """
 
     def __init__(self, sock: socket.socket, peer: Any, config: Config,
                  check_in: Callable[[float], None] | None = None,
-                 stopping: Callable[[], bool] = lambda: False) -> None:
+                 stopping: Callable[[], bool] = lambda: False, local: Any = None) -> None:
         self.sock = sock
         self.config = config
         self.check_in = check_in
         self.stopping = stopping
-        self.peer = _address(peer)
+        # (host, port) of an address tuple (an IPv6 one has four fields), else None
+        self.peer = (peer[0], peer[1]) if type(peer) is tuple and len(peer) >= 2 else _address(peer)
         #: the socket is blocking and its read timeout is the kernel's (False once TLS is on)
         self.kernel_timeouts = True
         if sock.gettimeout() is not None:
             sock.setblocking(True)
-        try:
-            self.local = _address(sock.getsockname())
-        except OSError:
-            self.local = None
+        if local is None:  # not known from a listener bound to one address: ask the socket
+            try:
+                local = sock.getsockname()
+            except OSError:
+                pass
+        self.local = local if type(local) is tuple and len(local) == 2 else _address(local)
         #: the client, as logs name it
         self.who = f"{self.peer[0]}:{self.peer[1]}" if self.peer else "client"
         #: set by the session while it waits for a command outside a transaction: a stop
@@ -140,7 +150,12 @@ class Connection:
     def settimeout(self, seconds: float) -> None:
         """How long the next reads may block: in the kernel for a plain socket, in Python for TLS."""
         if self.kernel_timeouts:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(seconds))
+            timeval = _TIMEVALS.get(seconds)
+            if timeval is None:
+                timeval = _timeval(seconds)
+                if len(_TIMEVALS) < _TIMEVALS_KEPT:
+                    _TIMEVALS[seconds] = timeval
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
         else:
             self.sock.settimeout(seconds)
 
@@ -265,5 +280,6 @@ class Connection:
             pass  # SSLWantReadError: ours is sent, the client's has not come
 
     def close(self) -> None:
-        """Close the socket (again: closing a closed socket does nothing)."""
-        self.sock.close()
+        """Close the socket, unless :meth:`shutdown` already did (then there is nothing to do)."""
+        if self.sock.fileno() >= 0:
+            self.sock.close()

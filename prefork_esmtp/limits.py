@@ -149,15 +149,15 @@ class Limits:
 
     def message(self, ip: str) -> bool:
         """A MAIL from ``ip``: whether it is over ``max_messages_per_ip`` in this window."""
-        return self._rate(ip, "messages", self.config.max_messages_per_ip, 1, 0)
+        limit = self.config.max_messages_per_ip
+        return bool(limit) and self._rate(ip, "messages", limit, 1, 0)  # no limit: nothing to count
 
     def recipient(self, ip: str) -> bool:
         """A RCPT from ``ip``: whether it is over ``max_recipients_per_ip`` in this window."""
-        return self._rate(ip, "recipients", self.config.max_recipients_per_ip, 0, 1)
+        limit = self.config.max_recipients_per_ip
+        return bool(limit) and self._rate(ip, "recipients", limit, 0, 1)
 
     def _rate(self, ip: str, what: str, limit: int, messages: int, recipients: int) -> bool:
-        if not limit:
-            return False
         window = self.config.limits_window
         if self.redis is not None:
             count = self.redis.count(ip, what, window)

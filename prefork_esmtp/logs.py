@@ -12,6 +12,7 @@ import json
 import logging
 import re
 import sys
+import time
 from datetime import datetime
 from typing import Any
 
@@ -34,7 +35,9 @@ class Event:
         self.fields = fields
 
     def __str__(self) -> str:
-        pairs = " ".join(f"{key}={_text_value(value)}" for key, value in self.fields.items())
+        # None and int (most fields) are written here; only other values need _text_value.
+        pairs = " ".join([f"{key}=-" if value is None else f"{key}={value}" if type(value) is int
+                          else f"{key}={_text_value(value)}" for key, value in self.fields.items()])
         return f"{self.sid}: {self.name} {pairs}"
 
 
@@ -57,10 +60,33 @@ def _text_value(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.3f}"
     text = str(value)
-    if _PLAIN.fullmatch(text) and text.isprintable():
-        return text
+    if text.isprintable():  # no control characters: nothing to escape but '"' and '\\'
+        if _PLAIN.fullmatch(text):
+            return text
+        if '"' not in text and "\\" not in text:
+            return f'"{text}"'  # a reply, say: spaces only
     return '"' + "".join(_ESCAPES.get(c) or (c if c.isprintable() else f"\\x{ord(c):02x}")
                          for c in text) + '"'
+
+
+class TextFormatter(logging.Formatter):
+    """The text format: :data:`FORMAT`, with the date and time to the second formatted once per second.
+
+    ``time.strftime`` of the local time is the dearest part of a text record;
+    records of the same second share it.  The text is the standard Formatter's.
+    """
+
+    _second: int | None = None
+    _date = ""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
+        if datefmt is not None:
+            return super().formatTime(record, datefmt)
+        second = int(record.created)
+        if second != self._second:
+            self._date = time.strftime(self.default_time_format, self.converter(record.created))
+            self._second = second
+        return self.default_msec_format % (self._date, record.msecs)
 
 
 class JSONFormatter(logging.Formatter):
@@ -93,7 +119,7 @@ def setup(level: str, path: str | None, fmt: str = "text") -> None:
         logger.removeHandler(_handler)
         _handler.close()
     _handler = logging.FileHandler(path) if path else logging.StreamHandler(sys.stderr)
-    _handler.setFormatter(JSONFormatter() if fmt == "json" else logging.Formatter(FORMAT))
+    _handler.setFormatter(JSONFormatter() if fmt == "json" else TextFormatter(FORMAT))
     logger.addHandler(_handler)
     logger.setLevel(level.upper())
     logger.propagate = False

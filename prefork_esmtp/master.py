@@ -458,7 +458,7 @@ class Master:
 
     def murder_stale(self) -> None:
         """Kill workers that missed their check-in by more than the worker timeout."""
-        now = time.time()
+        now = time.monotonic()
         timeout = self.config.worker_timeout
         for child in list(self.children.values()):
             slot = self.scoreboard.slot(child.slot)
@@ -466,18 +466,19 @@ class Master:
                 continue
             if slot.state == STARTING and child.generation > self.generation:
                 continue  # booting in a reload already aborted: killed then, waiting to be reaped
-            if now > slot.seen + slot.expect + timeout:
-                # Read again: a slot the worker is writing right now, or a check-in time from
-                # before the worker was born, is no proof of a stuck worker; the next turn decides.
+            if slot.overdue(now, timeout):
+                # Defence in depth (a worker stores each field whole, so a read shows it old or
+                # new): read again, and a check-in time from before the worker was born is no
+                # proof of a stuck worker; the next turn decides.
                 slot = self.scoreboard.slot(child.slot)
-                if slot.pid != child.pid or not now > slot.seen + slot.expect + timeout:
+                if slot.pid != child.pid or not slot.overdue(now, timeout):
                     continue
                 if slot.seen < slot.started:  # the master's claim wrote both; a worker only moves seen on
                     log.warning("worker %d: scoreboard slot %d reads a check-in older than the worker "
                                 "(%r); not killing it on that", child.pid, child.slot, slot)
                     continue
                 log.error("worker %d is stuck (silent %.0fs, state %s); killing it", child.pid,
-                          now - slot.seen, slot.state_name)
+                          time.time() - slot.seen, slot.state_name)
                 try:
                     os.kill(child.pid, signal.SIGKILL)
                 except ProcessLookupError:

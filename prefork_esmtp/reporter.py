@@ -64,25 +64,42 @@ class ScoreboardReporter(Reporter):
         self.idle_expect = idle_expect
         self.busy_expect = busy_expect
         self.wake_fd = wake_fd
+        # check_in runs before every blocking read of a session: one bound function, which
+        # writes the slot's check-in with no lookups on the way (it replaces the method).
+        self.check_in = board.checker(slot)  # type: ignore[method-assign]
         self.sessions = 0
         self.title = f"prefork-esmtp: worker [gen {generation}] "
-        self.reported: tuple[int, int] | None = None  # (state, sessions) last written
+        self.idle_at: int | None = None  # sessions served when idle was last written; None: not idle
 
     def idle(self) -> None:
-        if self.reported == (IDLE, self.sessions):
+        sessions = self.sessions
+        if self.idle_at == sessions:  # nothing new since idle was written (another worker took it, a signal)
             if self.idle_expect != math.inf:
-                self.board.check_in(self.slot, self.idle_expect)  # the fallback's tick: still alive
+                self.check_in(self.idle_expect)  # the fallback's tick: still alive
             return
-        self._report(IDLE, "idle", "", self.idle_expect)
+        self.idle_at = sessions
+        self.board.update(self.slot, IDLE, sessions, "", self.idle_expect)
+        setproctitle(f"{self.title}idle, {sessions} sessions")
+        if self.wake_fd is not None:
+            self._booted()
 
     def busy(self, peer: Any) -> None:
-        peer_text = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else ""
-        self._report(BUSY, "busy", peer_text, self.busy_expect)
+        self.idle_at = None
+        if isinstance(peer, tuple):
+            peer_text = f"{peer[0]}:{peer[1]}"
+            title = f"{self.title}busy {peer_text}, {self.sessions} sessions"
+        else:
+            peer_text, title = "", f"{self.title}busy, {self.sessions} sessions"
+        self.board.update(self.slot, BUSY, self.sessions, peer_text, self.busy_expect)
+        setproctitle(title)
+        if self.wake_fd is not None:
+            self._booted()
 
     def served(self) -> None:
         self.sessions += 1
 
     def check_in(self, expect: float) -> None:
+        """Alive, and may stay silent up to ``expect`` seconds (each instance binds a faster one)."""
         self.board.check_in(self.slot, expect)
 
     def master_alive(self) -> bool:
@@ -91,13 +108,10 @@ class ScoreboardReporter(Reporter):
     def sessions_from(self, ip: str) -> int:
         return self.board.sessions_from(ip)
 
-    def _report(self, state: int, name: str, peer_text: str, expect: float) -> None:
-        self.board.update(self.slot, state, self.sessions, peer_text, expect)
-        self.reported = (state, self.sessions)
-        setproctitle(f"{self.title}{name}{' ' + peer_text if peer_text else ''}, {self.sessions} sessions")
-        if self.wake_fd is not None:  # booted: tell the master now
-            fd, self.wake_fd = self.wake_fd, None
-            try:
-                os.write(fd, b"b")
-            except OSError:
-                pass
+    def _booted(self) -> None:
+        """The first report after boot: tell the master now, through its wake pipe (once)."""
+        fd, self.wake_fd = self.wake_fd, None
+        try:
+            os.write(fd, b"b")  # type: ignore[arg-type]
+        except OSError:
+            pass

@@ -14,6 +14,7 @@ import mmap
 import os
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,15 +23,17 @@ STATE_NAMES = {FREE: "free", STARTING: "starting", IDLE: "idle", BUSY: "busy", E
 
 # master pid, generation, started, reloads (completed or failed), nslots, listeners, last error
 _HEADER = struct.Struct("<iidII256s256s")
-# pid, generation, state, sessions, started, seen, expect (seconds the worker may stay silent), peer
-_SLOT = struct.Struct("<iiB3xQddd64s")
-_SEEN_OFFSET = struct.calcsize("<iiB3xQd")  # where 'seen' and 'expect' start in a slot
-# After the fork the master writes only the pid and the worker only its own fields (state,
-# sessions, seen, expect, peer), so neither can overwrite the other's news.
-_STATE_OFFSET = struct.calcsize("<ii")
-_STATE = struct.Struct("<B3xQ")  # state, sessions
-_SEEN = struct.Struct("<dd64s")  # seen, expect, peer
-_MAGIC = b"PFESMTP1"
+# pid, generation, state, sessions, started, seen, expect (seconds the worker may stay silent),
+# due (the monotonic time by which it promised to check in again: seen + expect), peer.
+# Native order and alignment: every 8-byte field sits on an 8-byte boundary of the mmap (the
+# header ends on one and a slot is a multiple of 8), so a worker writes each number with one
+# aligned store and the master, reading without a lock, sees each field old or new, never half.
+_SLOT = struct.Struct("@iiB7xQdddd64s")
+_PID, _STATE, _SESSIONS, _SEEN, _PEER = 0, 8, 16, 32, 56  # byte offsets in a slot (expect, due: after seen)
+_PEER_SIZE = 64
+_MAGIC = b"PFESMTP2"
+_BASE = len(_MAGIC) + _HEADER.size  # where slot 0 starts
+assert _BASE % 8 == 0 and _SLOT.size % 8 == 0 and struct.calcsize("@iiB7xQd") == _SEEN
 
 
 @dataclass
@@ -45,19 +48,39 @@ class Slot:
     started: float
     seen: float
     expect: float
+    due: float
     peer: str
 
     @property
     def state_name(self) -> str:
         return STATE_NAMES.get(self.state, "?")
 
+    def overdue(self, now: float, grace: float) -> bool:
+        """Whether the worker is more than ``grace`` seconds past its promised check-in.
+
+        ``now`` is ``time.monotonic()``.  One field decides: a reader that took
+        ``seen`` from one check-in and ``expect`` from the next (a worker long
+        idle, promising nothing, now busy with a read timeout) would compute a
+        deadline neither check-in promised; and a step of the wall clock moves
+        no deadline.
+        """
+        return now > self.due + grace
+
 
 class Scoreboard:
-    """Fixed-size shared memory; one writer per slot (its worker), the master for the header."""
+    """Fixed-size shared memory; one writer per slot (its worker), the master for the header.
+
+    Who writes a slot: the master claims a free one before the fork (the whole
+    record) and, after the fork, writes only its pid; the worker then writes
+    only its own fields (state, sessions, seen, expect, due, peer), each with one
+    store, so neither overwrites the other's news and a reader without a lock
+    sees each field old or new.  The master releases the slot once it has
+    reaped the worker, when nobody writes it any more.
+    """
 
     def __init__(self, nslots: int, path: str | None = None) -> None:
         self.nslots = nslots
-        self.size = len(_MAGIC) + _HEADER.size + nslots * _SLOT.size
+        self.size = _BASE + nslots * _SLOT.size
         self.path = path
         if path:
             # Never through a planted symlink or into someone else's file: remove what is
@@ -75,6 +98,7 @@ class Scoreboard:
         else:
             self.mem = mmap.mmap(-1, self.size)
         self.mem[: len(_MAGIC)] = _MAGIC
+        self._views()
         # The master's own account of free slots (it alone claims and releases them): finding
         # one is then O(log n), not a scan of every slot per fork, which made starting a pool
         # of 1,000 workers quadratic.  Lowest index first, as the scan gave.
@@ -94,10 +118,29 @@ class Scoreboard:
         header = board.header()
         board.nslots = header["nslots"]
         board.size = len(data)
+        if board.size < _BASE + board.nslots * _SLOT.size:
+            raise ValueError(f"{path} is not a whole prefork-esmtp scoreboard")
         return board
+
+    def _views(self) -> None:
+        """Word views of the shared memory: a store through one is a single aligned write.
+
+        (CPython stores a memoryview item with one fixed-size memcpy, which compiles
+        to one aligned 8-byte move on 64-bit platforms, atomic on x86-64 and arm64.)
+
+        ``struct.pack_into`` is not: it zeroes the whole record first, then
+        converts and writes each field, so a reader in between sees zeros the
+        worker never meant (a check-in at time 0: a busy worker taken for stuck).
+        """
+        self._bytes = memoryview(self.mem)
+        self._i32 = self._bytes.cast("i")
+        self._u64 = self._bytes.cast("Q")
+        self._f64 = self._bytes.cast("d")
 
     def close(self) -> None:
         if isinstance(self.mem, mmap.mmap):
+            for view in (self._i32, self._u64, self._f64, self._bytes):
+                view.release()  # an mmap with live views cannot be closed
             self.mem.close()
         if self.path:
             try:
@@ -121,21 +164,26 @@ class Scoreboard:
     # -- slots ----------------------------------------------------------------
 
     def _offset(self, index: int) -> int:
-        return len(_MAGIC) + _HEADER.size + index * _SLOT.size
+        return _BASE + index * _SLOT.size
 
     def claim(self, index: int, pid: int, generation: int) -> None:
-        """Master, before the fork: reserve the slot for a worker (its pid follows with set_pid)."""
+        """Master, before the fork: reserve the slot for a worker (its pid follows with set_pid).
+
+        The slot is free, so no worker writes it: one pack of the whole record is safe.
+        """
         now = time.time()
-        _SLOT.pack_into(self.mem, self._offset(index), pid, generation, STARTING, 0, now, now, 0.0, b"")
+        # due now: a worker must boot (its first report) within the master's grace
+        _SLOT.pack_into(self.mem, self._offset(index), pid, generation, STARTING, 0, now, now, 0.0,
+                        time.monotonic(), b"")
         self._free.discard(index)
 
     def set_pid(self, index: int, pid: int) -> None:
         """Master, after the fork: the slot's worker pid (the worker may have reported already)."""
-        struct.pack_into("<i", self.mem, self._offset(index), pid)
+        self._i32[(self._offset(index) + _PID) // 4] = pid  # one store: the worker may be writing its fields
 
     def release(self, index: int) -> None:
-        """Master: the slot's worker is gone."""
-        _SLOT.pack_into(self.mem, self._offset(index), 0, 0, FREE, 0, 0.0, 0.0, 0.0, b"")
+        """Master: the slot's worker is gone (reaped), so nobody writes the slot any more."""
+        _SLOT.pack_into(self.mem, self._offset(index), 0, 0, FREE, 0, 0.0, 0.0, 0.0, 0.0, b"")
         if index not in self._free:
             self._free.add(index)
             heapq.heappush(self._free_heap, index)
@@ -148,14 +196,42 @@ class Scoreboard:
         return heap[0] if heap else None
 
     def update(self, index: int, state: int, sessions: int, peer: str, expect: float) -> None:
-        """Worker: record state, sessions served and the peer; check in now."""
-        off = self._offset(index)
-        _STATE.pack_into(self.mem, off + _STATE_OFFSET, state, sessions)
-        _SEEN.pack_into(self.mem, off + _SEEN_OFFSET, time.time(), expect, peer.encode()[:63])
+        """Worker: record state, sessions served and the peer; check in now.
+
+        Field by field, each in one store, the state last: on x86-64, whose
+        stores are seen in program order, a reader that sees the new state
+        sees the peer and counts that go with it; anywhere, each field reads
+        old or new.
+        """
+        off = _BASE + index * _SLOT.size
+        self.mem[off + _PEER:off + _PEER + _PEER_SIZE] = peer.encode()[:_PEER_SIZE - 1].ljust(_PEER_SIZE, b"\0")
+        self._u64[(off + _SESSIONS) >> 3] = sessions
+        self.check_in(index, expect)
+        self.mem[off + _STATE] = state
 
     def check_in(self, index: int, expect: float) -> None:
         """Worker: 'alive, and may stay silent for ``expect`` seconds' (before a blocking wait)."""
-        struct.pack_into("<dd", self.mem, self._offset(index) + _SEEN_OFFSET, time.time(), expect)
+        word = (_BASE + index * _SLOT.size + _SEEN) >> 3  # seen, expect and due follow each other
+        words = self._f64
+        words[word] = time.time()
+        words[word + 1] = expect
+        words[word + 2] = time.monotonic() + expect
+
+    def checker(self, index: int) -> Callable[[float], None]:
+        """Worker: :meth:`check_in` for slot ``index`` as one function with everything bound.
+
+        A session checks in before every blocking read; this does it in one
+        Python call (the slot's word and the clocks are looked up once, not on
+        every call), with the same three stores as :meth:`check_in`.
+        """
+        word, words, wall, monotonic = (_BASE + index * _SLOT.size + _SEEN) >> 3, self._f64, time.time, time.monotonic
+
+        def check_in(expect: float) -> None:
+            words[word] = wall()
+            words[word + 1] = expect
+            words[word + 2] = monotonic() + expect
+
+        return check_in
 
     def slot(self, index: int) -> Slot:
         *fields, peer = _SLOT.unpack_from(self.mem, self._offset(index))

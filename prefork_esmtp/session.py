@@ -49,13 +49,14 @@ class Session:
     ``stopping()`` says whether the server is stopping (then 421 at the next
     command outside a transaction); ``reporter`` gets a check-in before each
     blocking read and counts this IP's sessions across all workers;
-    ``tls_context`` enables STARTTLS (and is used at once when ``implicit_tls``).
+    ``tls_context`` enables STARTTLS (and is used at once when ``implicit_tls``);
+    ``local``: our address, when the caller knows it (else the socket is asked).
     """
 
     def __init__(self, sock: socket.socket, peer: Any, handler_class: type, config: Config,
                  stopping: Callable[[], bool] = lambda: False, reporter: Reporter = NO_REPORTER, *,
                  tls_context: ssl.SSLContext | None = None, implicit_tls: bool = False,
-                 limits: Limits | None = None) -> None:
+                 limits: Limits | None = None, local: Any = None) -> None:
         self.config = config
         self.hostname = config.hostname
         self.stopping = stopping
@@ -67,7 +68,7 @@ class Session:
         self.counts = counters.current.values
         self.counts[counters.SESSIONS] += 1
         self.began = time.monotonic()
-        self.conn = conn = Connection(sock, peer, config, reporter.check_in, stopping)
+        self.conn = conn = Connection(sock, peer, config, reporter.check_in, stopping, local)
         self.state = ConnectionState(peer=conn.peer, local=conn.local, hostname=config.hostname,
                                      session_id=f"{random.getrandbits(48):012X}")
         self.end = ""  # why the session ended, for its log line (else: quit, or closed by us)

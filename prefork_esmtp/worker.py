@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import _signal
 import errno
+import functools
 import logging
 import os
 import select
@@ -62,6 +63,9 @@ class Worker:
         self.shutting_down = False
         self.served = 0
         self.session: Session | None = None
+        # What the session calls as stopping() (before each command and each wait for one):
+        # the same answer as the method, read with no Python frame of its own.
+        self._stopping = functools.partial(getattr, self, "shutting_down")
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -129,22 +133,27 @@ class Worker:
         EPOLLEXCLUSIVE, so a new connection wakes one idle worker instead of
         all of them (the accept thundering herd).
         """
-        poller = _Poller(self.listeners, self._wake_r, self.config.accept_mode == "exclusive")
+        poller = _Poller(self.listeners, self._wake_r, self.config.accept_mode == "exclusive", self.tls_listeners)
         tick = self.idle_tick
+        # With the parent-death signal the master's end arrives as TERM (shutting_down), so
+        # asking the kernel for our parent after every wait would tell nothing new.
+        check_parent = tick is not None
+        by_fd = poller.by_fd
         try:
             while self.alive:
                 self.reporter.idle()
                 ready = poller.wait(tick)
-                if self.shutting_down or not self.reporter.master_alive():
+                if self.shutting_down or (check_parent and not self.reporter.master_alive()):
                     break
                 # Told to retire (HUP, TTOU, max-spare) while the wait returned: still accept
                 # what it reported.  With EPOLLEXCLUSIVE the kernel woke only this worker for
                 # that connection; leaving without it would strand the client until the next one.
                 for fd in ready:
-                    if fd == self._wake_r:
+                    listener = by_fd.get(fd)
+                    if listener is None:  # the wake pipe
                         self._drain_wake()
                         continue
-                    if self._accept(poller.listener(fd)):
+                    if self._accept(listener):
                         break  # back to waiting: fair to the other listeners and workers
                 if self.max_sessions and self.served >= self.max_sessions:
                     log.info("served %d sessions; recycling", self.served)
@@ -159,27 +168,34 @@ class Worker:
         except OSError:
             pass
 
-    def _accept(self, listener: Any) -> bool:
+    def _accept(self, listener: "_Listener") -> bool:
+        # socket.accept() without its wrapper's Python work (the family and type looked up
+        # and converted to enums on every call): the listener's are known once.
         try:
-            conn, peer = listener.accept()
+            fd, peer = listener.sock._accept()
         except (BlockingIOError, InterruptedError):
             return False  # another worker took it
         except OSError as exc:
             if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                 log.error("accept failed: %s", exc)
             return False
-        self.serve(conn, peer, implicit_tls=listener.fileno() in self.tls_listeners)
+        conn = socket.socket(listener.family, listener.type, listener.proto, fileno=fd)
+        self.serve(conn, peer, implicit_tls=listener.implicit_tls, local=listener.local)
         return True
 
-    def serve(self, conn: socket.socket, peer: Any, implicit_tls: bool = False) -> None:
-        """Run one session to its end; nothing a session does kills the worker."""
+    def serve(self, conn: socket.socket, peer: Any, implicit_tls: bool = False, local: Any = None) -> None:
+        """Run one session to its end; nothing a session does kills the worker.
+
+        ``local``: our address on the connection when the listener already says it (bound
+        to one address), so the session need not ask the kernel; None: the session asks.
+        """
         # Behind a load balancer the socket's peer is the balancer: the session reports the
         # client once the PROXY header has named it; until then no address is counted.
         self.reporter.busy(None if self.config.proxy_protocol else peer)
         try:
-            self.session = Session(conn, peer, self.handler_class, self.config, self.stopping,
+            self.session = Session(conn, peer, self.handler_class, self.config, self._stopping,
                                    self.reporter, tls_context=self.tls_context, implicit_tls=implicit_tls,
-                                   limits=self.limits)
+                                   limits=self.limits, local=local)
         except Exception:
             counters.hook_failed("session")
             log.exception("cannot start a session for %s (handler constructor failed?)", peer)
@@ -201,11 +217,42 @@ class Worker:
             self.reporter.served()
 
 
+class _Listener:
+    """A listener and what every connection accepted from it shares, looked up once.
+
+    ``local`` is the address of a listener bound to one address (every connection's
+    own address, then); None for a wildcard listener, whose connections differ.
+    """
+
+    __slots__ = ("sock", "family", "type", "proto", "implicit_tls", "local")
+
+    def __init__(self, sock: socket.socket, implicit_tls: bool) -> None:
+        self.sock = sock
+        self.family, self.type, self.proto = int(sock.family), int(sock.type), sock.proto
+        self.implicit_tls = implicit_tls
+        self.local = _bound_address(sock)
+
+
+def _bound_address(sock: socket.socket) -> tuple[str, int] | None:
+    """(host, port) of a TCP listener bound to one address; None for a wildcard or anything else."""
+    try:
+        address = sock.getsockname()
+    except OSError:
+        return None
+    if sock.family not in (socket.AF_INET, socket.AF_INET6) or not isinstance(address, tuple):
+        return None
+    host = address[0]
+    if host in ("0.0.0.0", "::") or host.startswith("::ffff:0.0.0.0"):
+        return None
+    return (host, address[1])
+
+
 class _Poller:
     """Waits for listeners and the wake pipe: raw epoll (with EPOLLEXCLUSIVE) or a selector."""
 
-    def __init__(self, listeners: list[socket.socket], wake_fd: int, exclusive: bool) -> None:
-        self.by_fd = {sock.fileno(): sock for sock in listeners}
+    def __init__(self, listeners: list[socket.socket], wake_fd: int, exclusive: bool,
+                 tls_listeners: frozenset[int] = frozenset()) -> None:
+        self.by_fd = {sock.fileno(): _Listener(sock, sock.fileno() in tls_listeners) for sock in listeners}
         self.epoll = getattr(select, "epoll", None)
         if self.epoll is not None:
             self.ep = select.epoll()
@@ -215,18 +262,18 @@ class _Poller:
             self.ep.register(wake_fd, select.EPOLLIN)
         else:
             self.sel = selectors.DefaultSelector()
-            for sock in listeners:
-                self.sel.register(sock, selectors.EVENT_READ)
+            for fd in self.by_fd:
+                self.sel.register(fd, selectors.EVENT_READ)
             self.sel.register(wake_fd, selectors.EVENT_READ)
 
     def wait(self, timeout: float | None) -> list[int]:
-        """The ready fds; ``timeout`` None blocks until one is ready (or a signal's handler raises)."""
+        """The ready fds; ``timeout`` None blocks until one is ready (or a signal's handler raises).
+
+        ``by_fd`` maps a ready listener's fd to its :class:`_Listener`; any other fd is the wake pipe.
+        """
         if self.epoll is not None:
             return [fd for fd, _ in self.ep.poll(-1 if timeout is None else timeout)]
         return [key.fd for key, _ in self.sel.select(timeout)]
-
-    def listener(self, fd: int) -> socket.socket:
-        return self.by_fd[fd]
 
     def close(self) -> None:
         if self.epoll is not None:

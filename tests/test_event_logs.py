@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
+import random
 import re
 
 import pytest
 
 from conftest import wait_for
 from master_support import pool_mode, strays  # noqa: F401
-from prefork_esmtp.logs import Event
+from prefork_esmtp.logs import FORMAT, Event, TextFormatter
 
 JUDGE = "metrics_handlers:Judge"
 _EVENT = re.compile(r": ([0-9A-F]{12}): (message|session) (.*)$")
@@ -117,6 +119,43 @@ def _fields(event: dict) -> list[str]:
     (None, "-"), (3, "3"), (0.12345, "0.123"), ("<a@b>", "<a@b>"), ("", '""'), ("odd name", '"odd name"'),
     ('say "hi"', r'"say \"hi\""'), ("a=b", '"a=b"'), ("back\\slash", r'"back\\slash"'),
     ("line\r\nbreak\x1b", r'"line\r\nbreak\x1b"'), ("née", "née"),
+    (True, "True"), (-7, "-7"), ("250 2.0.0 Message accepted", '"250 2.0.0 Message accepted"'),
+    ("no\u00a0break space", r'"no\xa0break space"'), ("tab\there", r'"tab\there"'), ("nul\x00", r'"nul\x00"'),
 ])
 def test_text_values_are_quoted_when_they_would_break_the_line(value, text):
     assert str(Event("0123456789AB", "message", {"k": value})) == f"0123456789AB: message k={text}"
+
+
+def _reference_text(value):
+    """The documented quoting, written the plain way (one character at a time), to compare against."""
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    text = str(value)
+    if re.fullmatch(r'[^\s"\\=]+', text) and text.isprintable():
+        return text
+    escapes = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+    return '"' + "".join(escapes.get(c) or (c if c.isprintable() else f"\\x{ord(c):02x}") for c in text) + '"'
+
+
+def test_text_values_match_the_documented_quoting_for_mixed_strings():
+    rng = random.Random(11)
+    pool = 'ab Z09<>@.:-_=\\"\t\r\n\x00\x1b\x7f\u00a0\u00e9\u2028\u200b\U0001F600'
+    values = ["".join(rng.choice(pool) for _ in range(rng.randrange(0, 12))) for _ in range(3000)]
+    values += [0, 1, -1, 10**20, 1.5, False, None]
+    for value in values:
+        assert str(Event("0123456789AB", "message", {"k": value})) == \
+            f"0123456789AB: message k={_reference_text(value)}", repr(value)
+
+
+def test_text_records_read_as_the_standard_formatter_writes_them():
+    """The time to the second is formatted once per second; every record's text stays the standard one."""
+    ours, standard = TextFormatter(FORMAT), logging.Formatter(FORMAT)
+    rng = random.Random(5)
+    created = 1_764_763_200.0
+    for _ in range(2000):
+        created += rng.choice((0.0004, 0.013, 0.25, 0.999, 1.0, 3.7, 86_399.5))
+        record = logging.LogRecord("prefork_esmtp.session", logging.INFO, __file__, 1, "x=%s", ("y",), None)
+        record.created, record.msecs = created, int((created - int(created)) * 1000)
+        assert ours.format(record) == standard.format(record)

@@ -95,3 +95,14 @@ def test_idle_again_in_the_tick_fallback_still_checks_in(board):
     reporter.idle()
     assert board.slot(2).seen > first
     assert board.slot(2).expect == 1.0
+
+
+def test_check_in_writes_the_time_and_the_promise_into_its_own_slot(board, monkeypatch):
+    monkeypatch.setattr(time, "time", lambda: 1234.5)  # bound by the reporter's check-in: patch first
+    monkeypatch.setattr(time, "monotonic", lambda: 77.25)
+    reporter = ScoreboardReporter(board, 2, 7, os.getppid(), idle_expect=1.0, busy_expect=300.0)
+    neighbour = board.slot(3)
+    reporter.check_in(42.0)
+    slot = board.slot(2)
+    assert (slot.seen, slot.expect, slot.due) == (1234.5, 42.0, 77.25 + 42.0)  # as Scoreboard.check_in writes
+    assert board.slot(3) == neighbour  # the slot next to it is not touched
