@@ -167,7 +167,8 @@ def rehearse(plan: WorkerPlan, times: int = REHEARSALS) -> None:
                             tls_context=plan.tls_context, tls_listeners=plan.tls_fds,
                             limits=Limits(plan.config, reporter.sessions_from, plan.rate_table))
             try:
-                _Poller(worker.listeners, worker._wake_r, plan.config.accept_mode == "exclusive").close()
+                _Poller(worker.listeners, worker._wake_r, plan.config.accept_mode == "exclusive",
+                        worker.tls_listeners).close()
                 reporter.idle()
             finally:
                 os.close(worker._wake_r)
