@@ -17,6 +17,10 @@ out of the figures.  Three workloads:
   around each session (accept, scoreboard, title, connection set-up) shows
   in the figures next to ``conn``'s.
 
+With ``--proxy`` the server has ``proxy_protocol`` on and every session
+starts with the PROXY v2 header HAProxy's ``send-proxy-v2`` sends (TCP4,
+no TLVs), so what the header costs is the difference from a run without.
+
 Reported: µs of server CPU (median of ``--rounds`` rounds, and the spread),
 Python function calls per session/message (``sys.setprofile``: Python-level
 calls, and calls into C), and with ``--strace`` the server thread's system
@@ -25,6 +29,7 @@ between the two threads, not the engine's).
 
     .venv/bin/python benchmarks/engine_micro.py                 # ~20 s
     .venv/bin/python benchmarks/engine_micro.py --strace        # + syscalls per session
+    .venv/bin/python benchmarks/engine_micro.py --proxy         # behind a PROXY v2 header
     .venv/bin/python benchmarks/engine_micro.py --workloads worker --strace
 """
 
@@ -83,6 +88,13 @@ def make_message(size: int = 2048) -> bytes:
 
 MESSAGE = make_message()
 
+#: What HAProxy's send-proxy-v2 sends first: signature, PROXY over TCP4, the two addresses and ports.
+PROXY_V2 = (b"\r\n\r\n\x00\r\nQUIT\n" + bytes([0x21, 0x11]) + (12).to_bytes(2, "big")
+            + socket.inet_aton(PEER[0]) + socket.inet_aton("198.51.100.1")
+            + PEER[1].to_bytes(2, "big") + (25).to_bytes(2, "big"))
+#: Sent before the greeting is read: empty, or PROXY_V2 with --proxy.
+PREAMBLE = [b""]
+
 
 def _reply(sock: socket.socket, buf: bytearray) -> bytes:
     """Read one whole reply (up to its last line, ``code SP``) from ``sock``; return its first line."""
@@ -103,6 +115,8 @@ def _reply(sock: socket.socket, buf: bytearray) -> bytes:
 def client(sock: socket.socket, messages: int) -> None:
     """A non-pipelining client: EHLO, ``messages`` × (MAIL, RCPT, DATA, message), QUIT."""
     buf = bytearray()
+    if PREAMBLE[0]:
+        sock.sendall(PREAMBLE[0])
     if _reply(sock, buf)[:3] != b"220":
         raise RuntimeError("no greeting")
     sock.sendall(b"EHLO client.example\r\n")
@@ -142,7 +156,10 @@ class Bench:
     """Runs sessions in this thread against a client thread; counts server CPU only."""
 
     def __init__(self) -> None:
-        self.config = resolve({}, {"hostname": "mx.bench.example"}, source="bench")
+        settings = {"hostname": "mx.bench.example"}
+        if PREAMBLE[0]:
+            settings["proxy_protocol"] = True
+        self.config = resolve({}, settings, source="bench")
         self.jobs: queue.Queue = queue.Queue()
         self.errors: list[BaseException] = []
         self.thread = threading.Thread(target=_client_loop, args=(self.jobs, self.errors), daemon=True)
@@ -245,7 +262,8 @@ def syscalls(workload: str, sessions: int) -> tuple[float, dict[str, float]] | N
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "trace"
         proc = subprocess.run([strace, "-f", "-qq", "-o", str(out), sys.executable, __file__,
-                               "--traced", workload, "--sessions", str(sessions)],
+                               "--traced", workload, "--sessions", str(sessions)]
+                              + (["--proxy"] if PREAMBLE[0] else []),
                               capture_output=True, text=True, timeout=600)
         if proc.returncode != 0:
             raise RuntimeError(f"traced run failed: {proc.stderr}")
@@ -318,6 +336,8 @@ def main() -> None:
                         help=f"persistent sessions ({MESSAGES_PER_SESSION} messages each) per round")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--strace", action="store_true", help="also count system calls (needs strace)")
+    parser.add_argument("--proxy", action="store_true",
+                        help="proxy_protocol on; each session starts with a PROXY v2 header")
     parser.add_argument("--workloads", default=",".join(WORKLOADS),
                         help="comma-separated, of: " + ", ".join(WORKLOADS) + " (default: all)")
     parser.add_argument("--traced", choices=sorted(WORKLOADS), help=argparse.SUPPRESS)
@@ -326,6 +346,8 @@ def main() -> None:
     unknown = set(wanted) - set(WORKLOADS)
     if unknown:
         parser.error(f"unknown workload(s): {', '.join(sorted(unknown))}")
+    if args.proxy:
+        PREAMBLE[0] = PROXY_V2
     if args.traced:
         traced(args.traced, args.sessions)
         return
@@ -350,7 +372,8 @@ def main() -> None:
     finally:
         bench.close()
 
-    print(f"engine microbenchmark: Python {sys.version.split()[0]}, {args.rounds} rounds "
+    print(f"engine microbenchmark{' behind a PROXY v2 header' if args.proxy else ''}: "
+          f"Python {sys.version.split()[0]}, {args.rounds} rounds "
           f"({args.sessions} connection-per-message sessions, {args.persistent_sessions} persistent "
           f"sessions of {MESSAGES_PER_SESSION} messages), server thread CPU only")
     print(f"{'workload':<12} {'per':<8} {'µs median':>10} {'min..max':>16} {'py calls':>9} {'C calls':>8}")

@@ -5,7 +5,8 @@
   (every thread's runtime from ``/proc/PID/task/*/schedstat``, plus reaped
   children; psutil's tick-sampled user/system split on the side);
 * ``interleaved``: the warm-up and the repetitions, every server of the
-  workload's group once per repetition and workload, the order rotating;
+  workload's group that runs in it once per repetition and workload, the
+  order rotating;
 * ``relay_memory``: on a fresh relay server warmed up with 2 KB messages,
   the workers' peak RSS (``VmHWM``, reset through ``clear_refs``) and sampled
   USS during a 1 MB-message relay run, against the same workers idle just
@@ -235,11 +236,11 @@ def interleaved(active: list[Server], wls: list[Workload], reps: int, timeout: f
     log("warm-up")
     for wl in wls:
         for s in active:
-            if s.group == wl.group:
+            if s.group == wl.group and s.runs(wl.key):
                 drive(s, wl, max(wl.sessions * 2, wl.count // 10), timeout)
     for rep in range(reps):
         for wl in wls:
-            group = [s for s in active if s.group == wl.group]
+            group = [s for s in active if s.group == wl.group and s.runs(wl.key)]
             if not group:
                 continue
             k = rep % len(group)

@@ -4,7 +4,8 @@
 worker memory, accept herd rows) into the markdown report: the run's date and
 machine, pass/fail per target, a throughput and CPU table per workload with
 ratios of prefork-esmtp (the relay handler in the relay workloads) to each
-peer, worker memory and the accept herd.  ``write_results`` writes it,
+peer (after each 2 KB table, one sentence on the Python floor, a reference
+that is never part of a target), worker memory and the accept herd.  ``write_results`` writes it,
 keeping the profile section that ``benchmarks/profiling.py`` writes there.
 """
 
@@ -20,7 +21,7 @@ import psutil
 
 from measure import MIB, Workload, fmt_mib, median, summarize
 from production import MODES, summary
-from servers import Server
+from servers import HAPROXY_TUNING, Server
 
 PROFILE_BEGIN = "<!-- profile:begin -->"
 PROFILE_END = "<!-- profile:end -->"
@@ -124,6 +125,11 @@ def render(args: argparse.Namespace, workloads: list[Workload], servers: list[Se
                         f"(`benchmarks/aiosmtpd_sink.py`)",
             "smtp-sink": f"Postfix {s.version} `smtp-sink`, one event-driven C process",
             "haraka": f"Haraka {s.version}, cluster `nodes=2`, accept-all rcpt + discarding queue plugin",
+            "python-floor": f"Python floor ({s.version}, `benchmarks/python_floor.py`), a reference and not a "
+                            f"peer: `--workers {args.workers}` forked processes blocking in `accept()`, a fixed "
+                            f"reply per command line by its first four octets, no parsing, handler, limits or "
+                            f"timeouts; the least a Python prefork SMTP server can do per session. Run in the "
+                            f"two 2 KB workloads only, never part of a target",
             "prefork-relay": f"prefork-esmtp {s.version}: relay handler (`prefork_esmtp.handlers.relay:Relay`"
                              f", `--handler-option upstream=127.0.0.1:PORT`), `--workers {args.workers}`, "
                              f"otherwise as above; streams each message upstream while it arrives",
@@ -214,7 +220,7 @@ def render(args: argparse.Namespace, workloads: list[Workload], servers: list[Se
         w("|---|--:|--:|--:|--:|--:|--:|--:|")
         prefork = ours[wl.group]
         ref = stats.get((prefork.key, wl.key))
-        group = [s for s in servers if s.group == wl.group]
+        group = [s for s in servers if s.group == wl.group and s.runs(wl.key)]
         for s in group:
             if not s.available:
                 w(f"| {s.label} | not run: {s.reason} | | | | | | |")
@@ -233,6 +239,10 @@ def render(args: argparse.Namespace, workloads: list[Workload], servers: list[Se
             w("")
             w("Failed runs: " + "; ".join(sorted(set(errors))[:6]))
         w("")
+        floor = floor_sentence(wl, group, stats)
+        if floor:
+            w(floor)
+            w("")
 
     # memory
     w("## prefork-esmtp worker memory (USS)")
@@ -360,6 +370,32 @@ def render(args: argparse.Namespace, workloads: list[Workload], servers: list[Se
     return "\n".join(lines)
 
 
+def floor_sentence(wl: Workload, group: list[Server], stats: dict[tuple[str, str], Any]) -> str:
+    """After a 2 KB table: prefork-esmtp's CPU per message ÷ the Python floor's, and the floor's ÷ smtp-sink's.
+
+    The floor is a reference, not a target: the sentence says how much of the
+    CPU gap to smtp-sink a Python prefork server pays with no SMTP engine at
+    all.  Empty when the floor did not run in this workload or has no CPU figure.
+    """
+    by_key = {s.key: s for s in group if s.available}
+    floor = next((s for s in group if s.reference and s.available), None)
+    if wl.big or floor is None or not group or not group[0].available:
+        return ""
+    ours = stats.get((group[0].key, wl.key))
+    low = stats.get((floor.key, wl.key))
+    if not ours or not low or not ours.cpu_us or not low.cpu_us:
+        return ""
+    text = (f"Against the Python floor (a reference, never a target): {group[0].label}'s CPU per message is "
+            f"**{ours.cpu_us / low.cpu_us:.2f}×** the floor's ({fmt(ours.cpu_us)} vs {fmt(low.cpu_us)} µs)")
+    sink = stats.get(("smtp-sink", wl.key)) if "smtp-sink" in by_key else None
+    if sink and sink.cpu_us:
+        text += (f", and the floor's is **{low.cpu_us / sink.cpu_us:.2f}×** smtp-sink's ({fmt(low.cpu_us)} vs "
+                 f"{fmt(sink.cpu_us)} µs): of the {ours.cpu_us / sink.cpu_us:.2f}× between "
+                 f"{group[0].label} and smtp-sink, that second factor is Python itself (a prefork server "
+                 f"with no SMTP engine), the first is the engine")
+    return text + "."
+
+
 def _counts(st: dict[str, Any]) -> str:
     """Sessions refused / cut / messages lost, summed over runs ("?" when a run stopped early)."""
     return f"{st['refused']} / {st['cut']} / {'?' if st['lost'] is None else st['lost']}"
@@ -407,19 +443,33 @@ def ops_targets(ops: dict[str, Any] | None) -> list[str]:
     if hap is None:
         rows.append(f"| {names['haproxy']} | not run ({ops['not_run'].get('haproxy', 'no run')}) | n/a |")
     else:
-        rows.append(_rate_row(names["haproxy"], hap, direct, HAPROXY_RATE_TARGET, "direct"))
+        rows.append(_rate_row(names["haproxy"], hap, direct, HAPROXY_RATE_TARGET, "direct",
+                              _cpu_note(hap, direct)))
     return rows
 
 
-def _rate_row(name: str, st: dict[str, Any], direct: dict[str, Any] | None, need: float, ref: str) -> str:
-    """A ratio row: median msgs/s against the direct runs', failing also when a run of either failed."""
+def _cpu_note(hap: dict[str, Any], direct: dict[str, Any] | None) -> str:
+    """Beside the HAProxy ratio (not part of its target): our CPU per message through PROXY ÷ direct,
+    and HAProxy's own, which shares the machine's cores with the server and the client."""
+    if direct is None or not direct["cpu_us"] or not hap["cpu_us"]:
+        return ""
+    return (f"; prefork-esmtp CPU/msg {fmt(hap['cpu_us'])} vs {fmt(direct['cpu_us'])} µs = "
+            f"{hap['cpu_us'] / direct['cpu_us']:.2f}× direct, HAProxy's own {fmt(hap['proxy_cpu_us'])} µs/msg")
+
+
+def _rate_row(name: str, st: dict[str, Any], direct: dict[str, Any] | None, need: float, ref: str,
+              extra: str = "") -> str:
+    """A ratio row: median msgs/s against the direct runs', failing also when a run of either failed.
+
+    ``extra``: figures shown after the ratio that do not count for PASS/FAIL.
+    """
     if direct is None or not direct["rate"] or not st["rate"]:
         return f"| {name} | no successful run | FAIL |"
     ratio = st["rate"] / direct["rate"]
     clean = _clean(st) and _clean(direct)
     note = "" if clean else (f"; failed runs: this {st['n_fail']}, {ref} {direct['n_fail']} "
                              f"(refused / cut / lost {_counts(st)}, {ref} {_counts(direct)})")
-    return (f"| {name} | {fmt(st['rate'])} vs {fmt(direct['rate'])} ({ref}) = **{ratio:.0%}**{note} | "
+    return (f"| {name} | {fmt(st['rate'])} vs {fmt(direct['rate'])} ({ref}) = **{ratio:.0%}**{note}{extra} | "
             f"{'PASS' if ratio >= need and clean else 'FAIL'} |")
 
 
@@ -438,8 +488,9 @@ def ops_section(ops: dict[str, Any] | None) -> list[str]:
         f"server, the k-th HUP sent once k/{ops['hups'] + 1} of the messages are out (smtp-source's "
         f"`-c` counter) and the previous reload is over (the master's `READY=1` on a `NOTIFY_SOCKET` "
         f"the benchmark listens on). **HAProxy**: a second such server with `--proxy-protocol` behind "
-        f"HAProxy {ops.get('haproxy_version', '')} (TCP mode, `server ... send-proxy-v2`, default "
-        f"threads, no health checks), on the same machine: its CPU competes for the same cores.")
+        f"HAProxy {ops.get('haproxy_version', '')} (TCP mode, `server ... send-proxy-v2`, "
+        f"{_haproxy_tuning()}; no logging, no health checks; why: benchmarks/README.md), on the same "
+        f"machine: its CPU competes for the same cores.")
     out.append("")
     out.append("Refused: a connection refused, a non-2xx greeting or a connection lost before it. Cut: a "
                "421 to a command or a connection lost mid-session (smtp-source stops at the first lost "
@@ -466,10 +517,26 @@ def ops_section(ops: dict[str, Any] | None) -> list[str]:
                    f"{_seconds(st) if mode == 'reloads' else '—'} | "
                    f"{_counts(st)} | {st['n_ok']}/{st['n_fail']} |")
         errors += [f"{labels[mode]}: {e}" for e in st["errors"]]
+    hap, direct = (summary(ops["runs"][m]) if ops["runs"].get(m) else None for m in ("haproxy", "direct"))
+    if hap is not None and direct is not None and direct["cpu_us"] and hap["cpu_us"]:
+        def cpu(mode: str, attr: str = "cpu") -> str:  # median (min – max) µs per message over the runs
+            v = [getattr(r, attr) / r.messages * 1e6 for r in ops["runs"][mode]]
+            return f"{fmt(median(v))} ({fmt(min(v))} – {fmt(max(v))})"
+        out += ["", f"Through HAProxy, prefork-esmtp's own CPU per message is "
+                    f"**{hap['cpu_us'] / direct['cpu_us']:.2f}× direct** ({cpu('haproxy')} vs "
+                    f"{cpu('direct')} µs: what reading the PROXY header adds, plus running beside "
+                    f"HAProxy on the same cores), and HAProxy's own is {cpu('haproxy', 'proxy_cpu')} µs per "
+                    f"message. The target stays the msgs/s ratio; these say where the difference goes."]
     if errors:
         out += ["", "smtp-source said: " + "; ".join(errors[:6])]
     out.append("")
     return out
+
+
+def _haproxy_tuning() -> str:
+    """What the benchmark's HAProxy adds to a plain TCP front, as config lines in backquotes."""
+    lines = [line for section in HAPROXY_TUNING.values() for line in section]
+    return ", ".join(f"`{line}`" for line in lines) if lines else "HAProxy's defaults"
 
 
 def write_results(path: Path, body: str) -> None:

@@ -13,7 +13,11 @@ servers rotates from one repetition to the next):
 * ``persist``: 20 persistent sessions of 2 KB messages (``smtp-source -d``);
 * ``big``: 1 MB messages over 4 persistent sessions.
 
-and, through a relay, prefork-esmtp's relay handler against Haraka's
+Beside them, in the two 2 KB workloads only, the Python floor
+(``python_floor.py``): a reference, never part of a target, for how much of a
+message's CPU any Python prefork server spends with no SMTP engine at all.
+
+And, through a relay, prefork-esmtp's relay handler against Haraka's
 smtp_forward, both forwarding to one shared ``smtp-sink`` upstream:
 
 * ``relay``: one connection per 2 KB message, 20 parallel sessions;
@@ -99,7 +103,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-relay", action="store_true", help="skip the relay workloads")
     p.add_argument("--workers", type=int, default=0,
                    help="prefork-esmtp workers (default: sessions + 2, so workers >= client sessions)")
-    p.add_argument("--servers", default="prefork-esmtp,aiosmtpd,smtp-sink,haraka",
+    p.add_argument("--servers", default="prefork-esmtp,aiosmtpd,smtp-sink,haraka,python-floor",
                    help="comma-separated servers to run (prefork-esmtp is always run)")
     p.add_argument("--no-haraka", action="store_true", help="do not install or run Haraka")
     p.add_argument("--idle-sessions", type=int, default=2000,

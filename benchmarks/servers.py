@@ -11,7 +11,10 @@ waits until it answers with a 220 greeting.  The servers:
 * Postfix's ``smtp-sink``;
 * Haraka in cluster mode, npm-installed once into a cache outside the
   repository, with one plugin that accepts every recipient and discards the
-  message.
+  message;
+* the Python floor (``python_floor.py``), a reference rather than a peer:
+  the least a Python prefork SMTP server can do per session, run in the two
+  2 KB workloads only and never part of a target.
 
 For the reload and HAProxy figures (``production.py``): prefork-esmtp with
 a benchmark-only handler that records every message it accepts
@@ -79,6 +82,12 @@ class Server:
     expected_children: int = 0
     samples: dict[str, list[Sample]] = field(default_factory=dict)
     group: str = "sink"  # which workloads drive it: "sink" (accept and discard) or "relay"
+    only: frozenset[str] | None = None  # the keys of the workloads it runs in; None: all of its group
+    reference: bool = False  # a yardstick shown beside the others, never a peer of a target
+
+    def runs(self, workload_key: str) -> bool:
+        """Whether it runs in that workload of its group."""
+        return self.only is None or workload_key in self.only
 
     def command(self, port: int) -> list[str]:
         """The command line that serves SMTP on 127.0.0.1:port."""
@@ -337,15 +346,18 @@ class PreforkCountingServer(PreforkServer):
 class HAProxyServer(Server):
     """A real HAProxy in TCP mode in front of one server, sending it the PROXY protocol v2 header.
 
-    Its own config in the work directory (no health checks, no logging: the
-    first greeting through it shows the path works), run in the foreground
-    (``-db``), so the pid held is HAProxy's; never the system's service or
-    config.  Threads: HAProxy's default (one per CPU).
+    Its own config in the work directory, run in the foreground (``-db``), so
+    the pid held is HAProxy's; never the system's service or config.  What
+    it runs with is :data:`HAPROXY_TUNING` (see benchmarks/README.md for the
+    measurements behind it); ``tuning`` replaces it for a comparison
+    (``haproxy_options.py``).
     """
 
-    def __init__(self, backend: Server) -> None:
-        super().__init__("haproxy", "HAProxy send-proxy-v2 → prefork-esmtp --proxy-protocol")
+    def __init__(self, backend: Server, tuning: dict[str, list[str]] | None = None,
+                 key: str = "haproxy", label: str = "") -> None:
+        super().__init__(key, label or "HAProxy send-proxy-v2 → prefork-esmtp --proxy-protocol")
         self.backend = backend
+        self.tuning = HAPROXY_TUNING if tuning is None else tuning
         self.binary = shutil.which("haproxy") or "/usr/sbin/haproxy"
         self.workdir: Path | None = None
         if not os.path.exists(self.binary):
@@ -364,21 +376,45 @@ class HAProxyServer(Server):
     def command(self, port: int) -> list[str]:
         assert self.workdir is not None
         config = self.workdir / f"{self.key}.cfg"
-        config.write_text("\n".join([
-            "global",
-            "    maxconn 4096",
-            "defaults",
-            "    mode tcp",
-            "    timeout connect 5s",
-            "    timeout client 60s",
-            "    timeout server 60s",
-            "frontend smtp",
-            f"    bind {HOST}:{port}",
-            "    default_backend prefork",
-            "backend prefork",
-            f"    server s1 {HOST}:{self.backend.port} send-proxy-v2",
-        ]) + "\n")
+        config.write_text(haproxy_config(port, self.backend.port, self.tuning))
         return [self.binary, "-db", "-f", str(config)]
+
+
+#: What the benchmark's HAProxy runs with, beyond a plain TCP front: one thread (on two cores
+#: shared with the server and the client, HAProxy's default of a thread per CPU costs it about
+#: a fifth more CPU per connection; measured with haproxy_options.py, see benchmarks/README.md).
+#: No logging and no health checks: the first greeting through it shows the path works.
+HAPROXY_TUNING: dict[str, list[str]] = {
+    "global": ["nbthread 1"],
+}
+
+
+def haproxy_config(port: int, backend_port: int, tuning: dict[str, list[str]]) -> str:
+    """An SMTP TCP front on ``port`` to one server sending PROXY v2, with ``tuning``'s lines added.
+
+    Timeouts as an SMTP operator sets them: the client and the server may
+    each be silent for SMTP's five minutes (RFC 5321 4.5.3.2).
+    """
+    def extra(section: str) -> list[str]:
+        return [f"    {line}" for line in tuning.get(section, [])]
+    return "\n".join([
+        "global",
+        "    maxconn 4096",
+        *extra("global"),
+        "defaults",
+        "    mode tcp",
+        "    timeout connect 5s",
+        "    timeout client 300s",
+        "    timeout server 300s",
+        *extra("defaults"),
+        "frontend smtp",
+        f"    bind {HOST}:{port}",
+        "    default_backend prefork",
+        *extra("frontend"),
+        "backend prefork",
+        f"    server s1 {HOST}:{backend_port} send-proxy-v2",
+        *extra("backend"),
+    ]) + "\n"
 
 
 class AiosmtpdServer(Server):
@@ -413,6 +449,27 @@ class SmtpSinkServer(Server):
         if os.geteuid() == 0:
             cmd += ["-u", "nobody"]  # required as root; it drops privileges after binding
         return cmd + ["-h", "smtp-sink.bench", f"{HOST}:{port}", "256"]
+
+
+class PythonFloorServer(Server):
+    """The Python floor (``python_floor.py``): forked workers blocking in accept(), fixed replies.
+
+    A reference, not a peer: what a Python prefork server costs per session
+    with no SMTP engine at all (no parsing, handler, limits or timeouts).  It
+    runs in the two 2 KB workloads only, with as many workers as
+    prefork-esmtp, and the report never makes it part of a target.
+    """
+
+    def __init__(self, workers: int) -> None:
+        super().__init__("python-floor", "Python floor (no SMTP engine; reference only)")
+        self.n_workers = workers
+        self.expected_children = workers
+        self.only = frozenset({"conn", "persist"})
+        self.reference = True
+        self.version = "Python " + ".".join(map(str, sys.version_info[:3]))
+
+    def command(self, port: int) -> list[str]:
+        return [sys.executable, str(HERE / "python_floor.py"), HOST, str(port), str(self.n_workers)]
 
 
 class HarakaServer(Server):
@@ -522,7 +579,10 @@ def ensure_aiosmtpd() -> tuple[bool, str]:
 
 
 def side_by_side(workers: int, wanted: set[str], haraka: bool) -> list[Server]:
-    """The servers of one run, prefork-esmtp first; peers not in ``wanted`` are listed as not run."""
+    """The servers of one run, prefork-esmtp first; peers not in ``wanted`` are listed as not run.
+
+    The Python floor comes last: a reference beside the peers, not one of them.
+    """
     return [
         PreforkServer(workers),
         AiosmtpdServer() if "aiosmtpd" in wanted else
@@ -530,6 +590,9 @@ def side_by_side(workers: int, wanted: set[str], haraka: bool) -> list[Server]:
         SmtpSinkServer() if "smtp-sink" in wanted else
         Server("smtp-sink", "Postfix smtp-sink", False, "not selected (--servers)"),
         HarakaServer(haraka and "haraka" in wanted),
+        PythonFloorServer(workers) if "python-floor" in wanted else
+        Server("python-floor", "Python floor (no SMTP engine; reference only)", False,
+               "not selected (--servers)", reference=True),
     ]
 
 

@@ -91,11 +91,11 @@ class Connection:
         self.kernel_timeouts = True
         if sock.gettimeout() is not None:
             sock.setblocking(True)
-        if local is None:  # not known from a listener bound to one address: ask the socket
-            try:
-                local = sock.getsockname()
-            except OSError:
-                pass
+        # Ours: the listener's when it is bound to one address, else the socket's; behind a PROXY
+        # header the header's, and the socket is asked only when the header names none (take_proxy_header).
+        if local is None and not config.proxy_protocol:
+            local = self._own_address()
+        #: our address as the client sees it (None until the PROXY header, when it is on and the listener does not say)
         self.local = local if type(local) is tuple and len(local) == 2 else _address(local)
         #: the client, as logs name it
         self.who = f"{self.peer[0]}:{self.peer[1]}" if self.peer else "client"
@@ -107,6 +107,17 @@ class Connection:
         self.reader = Reader(self, config.timeout)
         self.reader.command_deadline = config.command_deadline
         self.reader.limit_session(config.max_session_time)
+
+    def _own_address(self) -> tuple[str, int] | None:
+        try:
+            return _address(self.sock.getsockname())
+        except OSError:
+            return None
+
+    def _know_local(self) -> None:
+        """No address from a PROXY header: ours is the listener's, or else the socket's."""
+        if self.local is None:
+            self.local = self._own_address()
 
     # -- the socket, as the reader and the writer see it ------------------------
 
@@ -187,23 +198,28 @@ class Connection:
         Only a trusted proxy (``proxy_trusted``) may send one; the header must
         be complete within ``proxy_timeout``.  Returns None (logged) when the
         connection must be closed without a word.  Octets after the header stay
-        unread, for the reader or the TLS handshake.
+        unread, for the reader or the TLS handshake.  ``local`` is known after
+        this call (the header's destination, else the socket's own address).
         """
         networks = self.config.proxy_trusted
         if networks and not (self.peer and proxy.trusted(self.peer[0], networks)):
             log.warning("connection from %s, not a trusted PROXY sender: closed", self.who)
+            self._know_local()
             return None
         try:
-            header = proxy.receive(self.sock, self.config.proxy_timeout)
+            header = proxy.receive(self.sock, self.config.proxy_timeout, self.settimeout)
         except proxy.ProxyError as exc:
             log.warning("bad PROXY header from %s: %s; closed", self.who, exc)
+            self._know_local()
             return None
-        finally:
-            self.sock.settimeout(None)  # blocking again; the reader's kernel timeout still holds
+        # The reads' timeout is left at most proxy_timeout: the reader keeps it while it owes no less.
+        self.reader.timeout_set(self.config.proxy_timeout)
         proxied_by = self.who
         if header.source is not None:
             self.peer, self.local = header.source, header.destination
             self.who = f"{self.peer[0]}:{self.peer[1]}"
+        else:  # LOCAL or UNKNOWN: the connection's own addresses stand
+            self._know_local()
         log.debug("PROXY v%d %s %s from %s: client %s", header.version, header.command,
                   header.protocol, proxied_by, self.who)
         return header

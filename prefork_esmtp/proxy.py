@@ -16,6 +16,7 @@ import ipaddress
 import socket
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +30,7 @@ V1_MAX = 107
 #: facts with the client certificate's CN) fits well within this bound.
 V2_MAX = 4096
 _V2_FIXED = struct.Struct("!12sBBH")
+_PORTS = struct.Struct("!HH")
 
 # v2 TLV types and SSL sub-types (section 2.2)
 PP2_TYPE_ALPN = 0x01
@@ -187,14 +189,18 @@ def _parse_v2(data: bytes) -> tuple[ProxyHeader, int] | None:
     protocol, address_length, usable = _FAMILIES[family]
     if len(block) < address_length:
         raise ProxyError(f"v2 {protocol} header with {len(block)} address octets, {address_length} needed")
-    values = _tlvs(block, address_length, data[:total])
+    # no TLVs (what send-proxy-v2 sends by default): nothing to walk
+    values = _tlvs(block, address_length, data[:total]) if len(block) > address_length else {}
     if command == 0:  # LOCAL: the proxy's own connection; its address block means nothing
         return ProxyHeader(2, "LOCAL", protocol, **values), total
     source = destination = None
     if usable:
-        size = 4 if protocol == "TCP4" else 16
-        hosts = [str(ipaddress.ip_address(block[i:i + size])) for i in (0, size)]
-        ports = struct.unpack_from("!HH", block, 2 * size)
+        if protocol == "TCP4":  # dotted quad, as ipaddress writes it, in one C call each
+            hosts = (socket.inet_ntop(socket.AF_INET, block[0:4]), socket.inet_ntop(socket.AF_INET, block[4:8]))
+            ports = _PORTS.unpack_from(block, 8)
+        else:  # ipaddress's RFC 5952 text (the C library's differs for IPv4-mapped addresses)
+            hosts = (str(ipaddress.IPv6Address(block[0:16])), str(ipaddress.IPv6Address(block[16:32])))
+            ports = _PORTS.unpack_from(block, 32)
         source, destination = (hosts[0], ports[0]), (hosts[1], ports[1])
     return ProxyHeader(2, "PROXY", protocol, source, destination, **values), total
 
@@ -282,35 +288,44 @@ def crc32c(data: bytes) -> int:
 
 # -- off the socket -----------------------------------------------------------------
 
-def receive(sock: socket.socket, timeout: float) -> ProxyHeader:
+def receive(sock: socket.socket, timeout: float,
+            settimeout: Callable[[float], None] | None = None) -> ProxyHeader:
     """Read one header off ``sock`` within ``timeout`` seconds, and not one octet more.
 
-    Peeks at what has arrived, and takes only octets known to belong to the
-    header: what follows it stays in the socket for the reader or the TLS
-    handshake.  A header arriving in pieces (even one octet at a time) is
-    put together, all within the one deadline.
+    The first read peeks (which version comes, and how long it is, is not
+    known yet) and usually shows the whole header; then exactly the
+    header's octets are taken, so what follows it stays in the socket for
+    the reader or the TLS handshake.  A header arriving in pieces (even one
+    octet at a time) is put together, all within the one deadline.
+    ``settimeout(seconds)`` bounds the next reads (the connection's: the
+    kernel's ``SO_RCVTIMEO`` on a blocking socket, no ``poll()`` per read);
+    by default the socket's own Python timeout.  Either way the reads'
+    timeout is left at most ``timeout``.
     """
+    if settimeout is None:
+        settimeout = sock.settimeout
     deadline = time.monotonic() + timeout
+    left = timeout
     got = b""
     for _ in range(V2_MAX + 1):  # each round takes at least one octet, or ends
-        left = deadline - time.monotonic()
-        if left <= 0:
-            break
-        sock.settimeout(left)
+        settimeout(left)
         try:
             peeked = sock.recv(V2_MAX - len(got), socket.MSG_PEEK)
-        except (socket.timeout, TimeoutError):
+        except (TimeoutError, BlockingIOError):  # a Python timeout, or the kernel's (SO_RCVTIMEO)
             break
         except OSError as exc:
             raise ProxyError(f"connection failed before a complete PROXY header: {exc}") from None
         if not peeked:
             raise ProxyError(f"connection closed after {len(got)} octets, before a complete PROXY header")
-        result = parse(got + peeked)
+        result = parse(got + peeked if got else peeked)
         if result is not None:
             header, length = result
             _take(sock, length - len(got))
             return header
         got += _take(sock, len(peeked))  # all of it belongs to the header
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
     raise ProxyError(f"no complete PROXY header within {timeout:g}s ({len(got)} octets came)")
 
 

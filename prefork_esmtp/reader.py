@@ -10,6 +10,7 @@ before it blocks.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -58,8 +59,8 @@ class Reader:
         self.command_deadline = 0.0
         self.session_deadline: float | None = None
         self._line_deadline: float | None = None
-        self._current_timeout = timeout
-        sock.settimeout(timeout)
+        #: the socket's read timeout as last set: none yet (the first read sets it)
+        self._current_timeout = math.inf
 
     def start_rate(self, octets_per_second: int, grace: float) -> None:
         """From now until :meth:`stop_rate`, require this average rate (after ``grace`` seconds)."""
@@ -107,6 +108,14 @@ class Reader:
         self.buf, self.pos = b"", 0
         self.sock.settimeout(self.timeout)
         self._current_timeout = self.timeout
+
+    def timeout_set(self, seconds: float) -> None:
+        """Someone else (the PROXY header's read) left the socket's read timeout at most ``seconds``.
+
+        The reader sets its own only when the one it owes is shorter (a longer
+        one owed: an early wake-up, as in :meth:`_fill`), not once more per session.
+        """
+        self._current_timeout = seconds
 
     def pending(self) -> bool:
         """Whether bytes the client sent are buffered and not yet consumed."""

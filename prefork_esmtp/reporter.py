@@ -25,6 +25,9 @@ class Reporter:
     def busy(self, peer: Any) -> None:
         """Serving a session with ``peer`` (an address tuple, or anything else for none)."""
 
+    def accepted(self) -> None:
+        """Serving a connection whose client a PROXY header will name (then :meth:`busy`)."""
+
     def served(self) -> None:
         """One session more has ended."""
 
@@ -92,6 +95,14 @@ class ScoreboardReporter(Reporter):
             peer_text, title = "", f"{self.title}busy, {self.sessions} sessions"
         self.board.update(self.slot, BUSY, self.sessions, peer_text, self.busy_expect)
         setproctitle(title)
+        if self.wake_fd is not None:
+            self._booted()
+
+    def accepted(self) -> None:
+        # The slot says busy at once (the master must not take this worker for an idle one);
+        # the title waits for busy() with the client: one title per session, not two.
+        self.idle_at = None
+        self.board.update(self.slot, BUSY, self.sessions, "", self.busy_expect)
         if self.wake_fd is not None:
             self._booted()
 

@@ -209,10 +209,10 @@ class Session:
         A missing, bad or untrusted header ends the session without a reply.
         """
         header = self.conn.take_proxy_header()
+        self.state.peer, self.state.local = self.conn.peer, self.conn.local
         if header is None:
             self.closing = self.quit = True
             return False
-        self.state.peer, self.state.local = self.conn.peer, self.conn.local
         self.state.proxy = header.facts()
         self.reporter.busy(self.conn.peer)  # what the per-IP limit and status count
         return True

@@ -191,7 +191,10 @@ class Worker:
         """
         # Behind a load balancer the socket's peer is the balancer: the session reports the
         # client once the PROXY header has named it; until then no address is counted.
-        self.reporter.busy(None if self.config.proxy_protocol else peer)
+        if self.config.proxy_protocol:
+            self.reporter.accepted()
+        else:
+            self.reporter.busy(peer)
         try:
             self.session = Session(conn, peer, self.handler_class, self.config, self._stopping,
                                    self.reporter, tls_context=self.tls_context, implicit_tls=implicit_tls,

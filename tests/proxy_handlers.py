@@ -1,6 +1,6 @@
 """A recording handler that also records what the PROXY header told (the ``proxy`` session fact).
 
-Its CONNECT and EOM records carry ``peer``, ``local`` and ``proxy`` (bytes
+Its CONNECT, EOM and DISCONNECT records carry ``peer``, ``local`` and ``proxy`` (bytes
 values as hex), so a test behind a load balancer sees which address the
 handler was given.
 """
@@ -25,7 +25,7 @@ def _plain(value: Any) -> Any:
 
 class ProxyRecorder(Recorder):
     def _record(self, hook: str, *args: object, raw: bytes | None = None) -> None:
-        if hook in ("CONNECT", "EOM"):
+        if hook in ("CONNECT", "EOM", "DISCONNECT"):
             args = (*args, {"peer": _plain(self.peer), "local": _plain(self.local),
                             "proxy": _plain(self.proxy), "tls": self.tls is not None})
         super()._record(hook, *args, raw=raw)

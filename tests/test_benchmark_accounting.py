@@ -29,7 +29,9 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 if str(BENCHMARKS) not in sys.path:
     sys.path.append(str(BENCHMARKS))  # appended: the benchmark's module names never shadow others
 
+import haproxy_options  # noqa: E402
 import production  # noqa: E402
+import servers  # noqa: E402
 from counting_handler import CountingHandler  # noqa: E402
 from measure import Workload  # noqa: E402
 from servers import Notices  # noqa: E402
@@ -182,3 +184,16 @@ def test_counting_handler_records_across_a_reload_that_the_notify_socket_reports
     finally:
         notices.close()
     assert not os.path.exists(notices.path)
+
+
+@pytest.mark.parametrize("variant", ["benchmark", *haproxy_options.VARIANTS])
+def test_haproxy_configs_are_valid_for_the_real_haproxy(tmp_path: Path, variant: str) -> None:
+    """What the HAProxy figure runs with, and every variant compared with it, passes ``haproxy -c``."""
+    haproxy = require_tool("haproxy")
+    tuning = servers.HAPROXY_TUNING if variant == "benchmark" else haproxy_options.VARIANTS[variant]
+    config = tmp_path / "haproxy.cfg"
+    config.write_text(servers.haproxy_config(free_port(), free_port(), tuning))
+    for line in (line for section in tuning.values() for line in section):
+        assert f"    {line}\n" in config.read_text()
+    done = subprocess.run([haproxy, "-c", "-f", str(config)], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stdout + done.stderr

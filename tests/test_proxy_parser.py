@@ -10,6 +10,7 @@ import ipaddress
 import socket
 import struct
 import threading
+import time
 
 import pytest
 
@@ -279,17 +280,34 @@ def _pair() -> tuple[socket.socket, socket.socket]:
     return client, server
 
 
-def test_receive_leaves_the_clients_first_bytes_in_the_socket():
+@pytest.fixture(params=["python", "kernel"])
+def read_timeout(request):
+    """How receive() bounds its reads: the socket's Python timeout, or (as a worker does) SO_RCVTIMEO."""
+    if request.param == "python":
+        return lambda server: None
+
+    def kernel(server: socket.socket):
+        server.setblocking(True)
+
+        def settimeout(seconds: float) -> None:
+            micro = max(1, int(seconds * 1e6))
+            server.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                              struct.pack("@ll", micro // 1_000_000, micro % 1_000_000))
+        return settimeout
+    return kernel
+
+
+def test_receive_leaves_the_clients_first_bytes_in_the_socket(read_timeout):
     client, server = _pair()
     with client, server:
         client.sendall(v2(1, 0x11, tcp4("192.0.2.10", "198.51.100.1", 56324, 25)) + b"\x16\x03\x01TLS hello")
-        header = receive(server, 5)
+        header = receive(server, 5, read_timeout(server))
         assert header.source == ("192.0.2.10", 56324)
         server.settimeout(5)
         assert server.recv(100) == b"\x16\x03\x01TLS hello"
 
 
-def test_receive_one_octet_at_a_time():
+def test_receive_one_octet_at_a_time(read_timeout):
     client, server = _pair()
     data = b"PROXY TCP4 192.0.2.10 198.51.100.1 56324 25\r\n"
     with client, server:
@@ -302,7 +320,7 @@ def test_receive_one_octet_at_a_time():
         sender = threading.Thread(target=drip)
         sender.start()
         try:
-            header = receive(server, 10)
+            header = receive(server, 10, read_timeout(server))
         finally:
             sender.join(10)
         assert header.source == ("192.0.2.10", 56324)
@@ -315,12 +333,38 @@ def test_receive_one_octet_at_a_time():
         assert rest == b"EHLO x\r\n"
 
 
-def test_receive_times_out_on_a_partial_header():
+def test_receive_times_out_on_a_partial_header(read_timeout):
     client, server = _pair()
     with client, server:
         client.sendall(b"PROXY TCP4 192.0.2.10")
+        started = time.monotonic()
         with pytest.raises(ProxyError, match=r"no complete PROXY header within 0.3s \(21 octets came\)"):
-            receive(server, 0.3)
+            receive(server, 0.3, read_timeout(server))
+        assert 0.25 <= time.monotonic() - started < 3
+
+
+def test_receive_keeps_one_deadline_for_a_header_in_pieces(read_timeout):
+    """A proxy sending a piece now and then cannot stretch the deadline: each wait is what is left."""
+    client, server = _pair()
+    data = b"PROXY TCP4 192.0.2.10 198.51.100.1 56324 25\r\n"
+    stop = threading.Event()
+    with client, server:
+        def drip() -> None:
+            for i in range(len(data) - 1):  # never the last octet
+                if stop.wait(0.2):
+                    return
+                client.sendall(data[i:i + 1])
+
+        sender = threading.Thread(target=drip)
+        sender.start()
+        started = time.monotonic()
+        try:
+            with pytest.raises(ProxyError, match=r"no complete PROXY header within 1s"):
+                receive(server, 1, read_timeout(server))
+        finally:
+            stop.set()
+            sender.join(10)
+        assert 0.9 <= time.monotonic() - started < 1.5
 
 
 def test_receive_refuses_a_client_that_closes_early_or_speaks_smtp():

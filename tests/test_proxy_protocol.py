@@ -129,6 +129,40 @@ def test_bad_missing_and_late_headers_close_without_a_reply(tmp_path):
                        message="six bad-header log lines")
         assert "not a PROXY protocol header" in log and "no complete PROXY header within 3s" in log
         assert not connect_records(srv), "CONNECT ran for a connection without a valid header"
+        # DISCONNECT still runs, with the connection's own addresses (the balancer's, ours)
+        ends = wait_for(lambda: (r := [x for x in srv.records() if x["hook"] == "DISCONNECT"]) and len(r) >= 6 and r,
+                        5, message="six DISCONNECT records")
+        assert all(r["args"][0]["peer"][0] == "127.0.0.1" and r["args"][0]["local"] == ["127.0.0.1", srv.port]
+                   for r in ends), ends
+    finally:
+        srv.stop()
+
+
+def test_after_the_header_the_idle_timeout_is_the_sessions_own(tmp_path):
+    """The header's deadline does not outlive the header: a client may pause longer than
+    proxy_timeout between commands, and still gets 421 at the idle timeout, longer or shorter."""
+    srv = launch(tmp_path / "long", "--proxy-protocol", "--proxy-timeout", "3", "--timeout", "5",
+                 "--error-sleep", "0", handler=HANDLER)
+    try:
+        c = Client(srv.connect())
+        c.send(v2_tcp4("192.0.2.11", 40010))
+        assert c.reply()[0] == 220
+        time.sleep(3.6)  # the pause under test: past proxy_timeout, within the idle timeout
+        assert c.cmd("EHLO client.example")[0] == 250
+        started = time.monotonic()
+        assert c.reply(timeout=10)[0] == 421
+        assert 4.5 <= time.monotonic() - started < 8
+    finally:
+        srv.stop()
+    srv = launch(tmp_path / "short", "--proxy-protocol", "--proxy-timeout", "3", "--timeout", "1",
+                 "--error-sleep", "0", handler=HANDLER)
+    try:
+        c = Client(srv.connect())
+        c.send(v2_tcp4("192.0.2.12", 40011))
+        started = time.monotonic()
+        assert c.reply()[0] == 220
+        assert c.reply(timeout=10)[0] == 421
+        assert 0.8 <= time.monotonic() - started < 2.5
     finally:
         srv.stop()
 

@@ -106,3 +106,22 @@ def test_check_in_writes_the_time_and_the_promise_into_its_own_slot(board, monke
     slot = board.slot(2)
     assert (slot.seen, slot.expect, slot.due) == (1234.5, 42.0, 77.25 + 42.0)  # as Scoreboard.check_in writes
     assert board.slot(3) == neighbour  # the slot next to it is not touched
+
+
+def test_a_connection_behind_a_proxy_is_busy_at_once_and_titled_once_with_the_client(board):
+    """Before the PROXY header names the client: the slot says busy (no address), the title waits."""
+    reporter = ScoreboardReporter(board, 2, 7, os.getppid(), idle_expect=float("inf"), busy_expect=300.0)
+    reporter.idle()
+    setproctitle("marker")
+    reporter.accepted()
+    slot = board.slot(2)
+    assert (slot.state, slot.peer, slot.expect) == (BUSY, "", 300.0)
+    assert reporter.sessions_from("192.0.2.7") == 0
+    assert getproctitle() == "marker"
+    reporter.busy(("192.0.2.7", 4000))
+    assert board.slot(2).peer == "192.0.2.7:4000" and reporter.sessions_from("192.0.2.7") == 1
+    assert getproctitle() == "prefork-esmtp: worker [gen 7] busy 192.0.2.7:4000, 0 sessions"
+    reporter.served()
+    reporter.idle()
+    assert getproctitle() == "prefork-esmtp: worker [gen 7] idle, 1 sessions"
+    NO_REPORTER.accepted()
