@@ -31,6 +31,12 @@ between the two threads, not the engine's).
     .venv/bin/python benchmarks/engine_micro.py --strace        # + syscalls per session
     .venv/bin/python benchmarks/engine_micro.py --proxy         # behind a PROXY v2 header
     .venv/bin/python benchmarks/engine_micro.py --workloads worker --strace
+    .venv/bin/python benchmarks/engine_micro.py --scripted      # + the engine over a scripted socket
+
+With ``--scripted`` the conn and persistent sessions also run over a scripted
+socket (one client write per read, nothing sent anywhere): no system call, no
+second thread, so the figure is the engine's Python work alone, steadier than
+the socketpair figure on a shared machine.
 """
 
 from __future__ import annotations
@@ -254,6 +260,77 @@ class Bench:
 WORKLOADS = {"conn": 1, "persistent": MESSAGES_PER_SESSION, "worker": 1}
 
 
+class ScriptedSocket:
+    """A socket stand-in that hands out one client write per ``recv`` and keeps what is sent.
+
+    The client's writes are those of :func:`client` (which waits for each
+    reply, so each write comes in a read of its own); with it a session does
+    all of its Python work and no system call, and its CPU time is the
+    engine's alone, without the kernel's noise.
+    """
+
+    def __init__(self, writes: list[bytes]) -> None:
+        self.writes = writes[::-1]
+        self.sent: list[bytes] = []
+
+    def recv(self, size: int, flags: int = 0) -> bytes:
+        if not self.writes:
+            return b""
+        if flags & socket.MSG_PEEK:
+            return self.writes[-1][:size]
+        data = self.writes.pop()
+        if len(data) > size:  # the rest comes with the next read
+            data, rest = data[:size], data[size:]
+            self.writes.append(rest)
+        return data
+
+    def send(self, data: bytes, flags: int = 0) -> int:
+        self.sent.append(data)
+        return len(data)
+
+    def sendall(self, data: bytes) -> None:
+        self.sent.append(data)
+
+    def gettimeout(self) -> None:
+        return None
+
+    def getsockname(self) -> tuple[str, int]:
+        return ("192.0.2.25", 25)
+
+    def setblocking(self, flag: bool) -> None: ...
+    def settimeout(self, seconds: float | None) -> None: ...
+    def setsockopt(self, *args: object) -> None: ...
+    def shutdown(self, how: int) -> None: ...
+    def close(self) -> None: ...
+
+    def fileno(self) -> int:
+        return -1
+
+
+def client_writes(messages: int) -> list[bytes]:
+    """What :func:`client` sends, one item per write."""
+    writes = [b"EHLO client.example\r\n"]
+    for _ in range(messages):
+        writes += [b"MAIL FROM:<sender@example.org>\r\n", b"RCPT TO:<recipient@bench.example>\r\n",
+                   b"DATA\r\n", MESSAGE + b".\r\n"]
+    return writes + [b"QUIT\r\n"]
+
+
+def scripted(config, messages: int, sessions: int, rounds: int) -> list[float]:  # noqa: ANN001
+    """µs of CPU per session (per message when ``messages`` > 1) over :class:`ScriptedSocket`, per round."""
+    writes = ([PREAMBLE[0]] if PREAMBLE[0] else []) + client_writes(messages)
+    result = []
+    for _ in range(rounds):
+        start = time.thread_time()
+        for _ in range(sessions):
+            sock = ScriptedSocket(writes)
+            Session(sock, PEER, ESMTPHandler, config).run()
+        result.append((time.thread_time() - start) / sessions / messages * 1e6)
+        if not sock.sent[-1].startswith(b"221 "):
+            raise RuntimeError(f"scripted session did not end with 221: {sock.sent[-3:]!r}")
+    return result
+
+
 def syscalls(workload: str, sessions: int) -> tuple[float, dict[str, float]] | None:
     """System calls of the server thread per session (per message), by running this script under strace."""
     strace = shutil.which("strace")
@@ -336,6 +413,8 @@ def main() -> None:
                         help=f"persistent sessions ({MESSAGES_PER_SESSION} messages each) per round")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--strace", action="store_true", help="also count system calls (needs strace)")
+    parser.add_argument("--scripted", action="store_true",
+                        help="also time the engine over a scripted socket (Python work only, no system calls)")
     parser.add_argument("--proxy", action="store_true",
                         help="proxy_protocol on; each session starts with a PROXY v2 header")
     parser.add_argument("--workloads", default=",".join(WORKLOADS),
@@ -382,6 +461,14 @@ def main() -> None:
         spread = f"{min(figures):.1f}..{max(figures):.1f}"
         print(f"{workload:<12} {unit:<8} {statistics.median(figures):>10.1f} {spread:>16} "
               f"{py_calls:>9.1f} {c_calls:>8.1f}")
+    if args.scripted:
+        for _ in range(50):
+            scripted(bench.config, 1, 1, 1)
+        for workload, sessions, unit in (("conn", args.sessions, "session"),
+                                         ("persistent", args.persistent_sessions, "message")):
+            figures = scripted(bench.config, WORKLOADS[workload], sessions, args.rounds)
+            print(f"scripted socket, {workload} per {unit}: {statistics.median(figures):.1f} µs median "
+                  f"({min(figures):.1f}..{max(figures):.1f}), no system calls")
     if args.strace:
         for workload, sessions in (("conn", 200), ("persistent", 10), ("worker", 200)):
             if workload not in wanted:

@@ -80,9 +80,9 @@ _UNSAFE_RE = re.compile(r"[^\x20-\x7e]")
 # The common case in one match: ASCII dot-string "@" domain, no source route, no literal.
 _ASCII_ATEXT = "A-Za-z0-9!#$%&'*+\\-/=?^_`{|}~"
 _ASCII_SUB_DOMAIN = "[A-Za-z0-9](?:[A-Za-z0-9\\-]*[A-Za-z0-9])?"
-_PLAIN_PATH = (
-    "<([" + _ASCII_ATEXT + "]+(?:\\.[" + _ASCII_ATEXT + "]+)*)"
-    "@(" + _ASCII_SUB_DOMAIN + "(?:\\." + _ASCII_SUB_DOMAIN + ")*)>"
+_PLAIN_PATH = (  # groups: the address, its local part, its domain
+    "<(([" + _ASCII_ATEXT + "]+(?:\\.[" + _ASCII_ATEXT + "]+)*)"
+    "@(" + _ASCII_SUB_DOMAIN + "(?:\\." + _ASCII_SUB_DOMAIN + ")*))>"
 )
 _PLAIN = {
     "FROM": re.compile(" *FROM: *" + _PLAIN_PATH, re.IGNORECASE | re.ASCII),
@@ -161,6 +161,12 @@ def _parse_parameters(text: str) -> dict[str, str | None]:
     return params
 
 
+def _plain_lengths_ok(m: re.Match[str]) -> bool:
+    """Whether a plain path's local part, domain and whole path are within RFC 5321's limits."""
+    local, domain = m.group(2, 3)
+    return len(local) <= _MAX_LOCAL_PART and len(domain) <= _MAX_DOMAIN and len(local) + len(domain) + 3 <= _MAX_PATH
+
+
 def parse_path_argument(argument: str, keyword: str) -> tuple[str, dict[str, str | None]]:
     """Parse 'FROM:<a@b> SIZE=10' (keyword 'FROM') or 'TO:<c@d> NOTIFY=NEVER' (keyword 'TO').
 
@@ -172,12 +178,11 @@ def parse_path_argument(argument: str, keyword: str) -> tuple[str, dict[str, str
     if plain is not None:
         m = plain.match(argument)
         if m is not None:
-            local, domain = m.group(1, 2)
-            end = m.end()
-            rest = argument[end:]
-            if len(local) <= _MAX_LOCAL_PART and len(domain) <= _MAX_DOMAIN \
-                    and len(local) + len(domain) + 3 <= _MAX_PATH and (not rest or rest[0] == " "):
-                return local + "@" + domain, _parse_parameters(rest) if rest else {}
+            address = m.group(1)
+            rest = argument[m.end():]
+            # an address of at most 64 octets is within every length limit
+            if (not rest or rest[0] == " ") and (len(address) <= _MAX_LOCAL_PART or _plain_lengths_ok(m)):
+                return address, _parse_parameters(rest) if rest else {}
     return _parse_general(argument, keyword)
 
 

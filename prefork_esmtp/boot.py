@@ -1,7 +1,8 @@
 """A pre-forked worker's life after the fork: boot (signals, privileges, handler) and serve.
 
 The master forks and calls :func:`run_worker` in the child with a
-:class:`WorkerPlan`, everything the worker needs from it; nothing here runs
+:class:`WorkerPlan`, everything the worker needs from it (one plan per
+batch of forks, made before them), and the worker's slot; nothing here runs
 in the master but the import.  A worker that cannot boot writes one line to
 the master's error pipe and exits with :data:`BOOT_ERROR`, so the master
 stops (first start) or aborts the reload instead of respawning in a loop.
@@ -9,6 +10,7 @@ stops (first start) or aborts the reload instead of respawning in a loop.
 
 from __future__ import annotations
 
+import _signal
 import logging
 import math
 import os
@@ -27,7 +29,8 @@ from prefork_esmtp.limits import Limits, RateTable
 from prefork_esmtp.reporter import ScoreboardReporter
 from prefork_esmtp.scoreboard import Scoreboard
 from prefork_esmtp.settings import Config
-from prefork_esmtp.worker import TICK, Worker
+from prefork_esmtp.handler import ESMTPHandler
+from prefork_esmtp.worker import TICK, Worker, _Poller
 
 log = logging.getLogger("prefork_esmtp.worker")
 
@@ -37,10 +40,14 @@ BOOT_ERROR = 3
 
 @dataclass(frozen=True)
 class WorkerPlan:
-    """What a forked worker gets from its master: its slot, generation, config and file descriptors."""
+    """What a forked worker gets from its master: generation, config and file descriptors.
+
+    One plan serves every worker of a batch of forks (only the slot differs,
+    passed beside it): made once before the forks, it is shared memory rather
+    than an object each new worker builds.
+    """
 
     master_pid: int
-    slot: int
     generation: int
     config: Config
     #: preloaded and configured by the master, or None: import and configure it here
@@ -58,11 +65,12 @@ class WorkerPlan:
     counters: CounterTable | None = None  # the shared counters (metrics on): this worker counts in its slot's row
 
 
-def run_worker(plan: WorkerPlan) -> NoReturn:
-    """In the forked child: boot, serve, and leave with ``os._exit`` (never back into the master's code)."""
+def run_worker(plan: WorkerPlan, slot: int) -> NoReturn:
+    """In the forked child: boot as the worker of scoreboard ``slot``, serve, and leave with
+    ``os._exit`` (never back into the master's code)."""
     status = 1
     try:
-        status = _boot_and_serve(plan)
+        status = _boot_and_serve(plan, slot)
     except SystemExit as exc:
         status = exc.code if isinstance(exc.code, int) else 0
     except BaseException:
@@ -72,22 +80,26 @@ def run_worker(plan: WorkerPlan) -> NoReturn:
         os._exit(status)
 
 
-def _boot_and_serve(plan: WorkerPlan) -> int:
+def _boot_and_serve(plan: WorkerPlan, slot: int) -> int:
     """Boot (privileges, handler import and options) and serve; return the exit status."""
+    # The C functions under the signal module: its wrappers turn the handler they replace (here
+    # the master's) into an enum, a failed lookup with an exception each time, and code the master
+    # never ran, so every new worker would copy the pages it touches.
+    setsig = _signal.signal
     for sig in plan.signals:
-        signal.signal(sig, signal.SIG_DFL)
+        setsig(sig, _signal.SIG_DFL)
     # While booting (the handler import may be slow): USR1 must not kill us, and a
     # retire (HUP) must not be lost; TERM, INT and QUIT may end a worker that serves no one.
     retire_early: list[bool] = []
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    signal.signal(signal.SIGHUP, lambda s, f: retire_early.append(True))
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, plan.signals)  # blocked by the master across the fork
+    setsig(signal.SIGUSR1, _signal.SIG_IGN)
+    setsig(signal.SIGHUP, lambda s, f: retire_early.append(True))
+    _signal.pthread_sigmask(_signal.SIG_UNBLOCK, plan.signals)  # blocked by the master across the fork
     for fd in plan.master_fds:
         os.close(fd)
     told = die_with_parent(plan.master_pid)
     random.seed()
     if plan.counters is not None:
-        counters.use(plan.counters.row(plan.slot))
+        counters.use(plan.counters.row(slot))
     config = plan.config
     setproctitle(f"prefork-esmtp: worker [gen {plan.generation}] starting")
     try:
@@ -115,19 +127,54 @@ def _boot_and_serve(plan: WorkerPlan) -> int:
     # stuck, so it promises no check-in (math.inf) and sleeps without a timeout.  Only where
     # the kernel will not send TERM when the master dies does it wake every TICK to check.
     tick = None if told else TICK
-    reporter = ScoreboardReporter(plan.scoreboard, plan.slot, plan.generation, plan.master_pid,
+    reporter = ScoreboardReporter(plan.scoreboard, slot, plan.generation, plan.master_pid,
                                   idle_expect=math.inf if tick is None else tick,
                                   busy_expect=config.timeout, wake_fd=plan.wake_fd)
     worker = Worker(plan.listeners, handler_class, config, max_sessions=limit, reporter=reporter,
                     tls_context=plan.tls_context, tls_listeners=plan.tls_fds,
                     limits=Limits(config, reporter.sessions_from, plan.rate_table), idle_tick=tick)
     worker.install_signals()
-    signal.signal(signal.SIGHUP, lambda s, f: worker.stop())  # retire: finish the session, exit
-    signal.signal(signal.SIGUSR1, lambda s, f: logs.reopen())
+    setsig(signal.SIGHUP, lambda s, f: worker.stop())  # retire: finish the session, exit
+    setsig(signal.SIGUSR1, lambda s, f: logs.reopen())
     if retire_early:
         return 0
     worker.run()
     return 0
+
+
+#: Rehearsals of a worker's start-up in the master: enough for the interpreter to specialise its code.
+REHEARSALS = 10
+
+
+def rehearse(plan: WorkerPlan, times: int = REHEARSALS) -> None:
+    """In the master before the first fork: build a worker's start-up objects and drop them.
+
+    Every new worker runs the same constructors once (reporter, worker,
+    limits, the epoll set) and makes its first report.  Run only there, that
+    code is cold in each worker: its bytecode specialised and the type cache
+    filled in the child, which copies the pages written.  Run here first, it
+    happens once, in memory the workers share.  Nothing is served or
+    reported: a scratch scoreboard, pipes and epoll sets closed at once; the
+    listeners only get TCP_NODELAY, which every worker sets on them anyway.
+    Its one side effect, the process title, the master sets again just after.
+    """
+    board = Scoreboard(1)
+    try:
+        for _ in range(times):
+            reporter = ScoreboardReporter(board, 0, plan.generation, plan.master_pid, idle_expect=math.inf,
+                                          busy_expect=plan.config.timeout)
+            worker = Worker(plan.listeners, plan.handler_class or ESMTPHandler, plan.config, reporter=reporter,
+                            tls_context=plan.tls_context, tls_listeners=plan.tls_fds,
+                            limits=Limits(plan.config, reporter.sessions_from, plan.rate_table))
+            try:
+                _Poller(worker.listeners, worker._wake_r, plan.config.accept_mode == "exclusive",
+                        worker.tls_listeners).close()
+                reporter.idle()
+            finally:
+                os.close(worker._wake_r)
+                os.close(worker._wake_w)
+    finally:
+        board.close()
 
 
 def _load_prctl() -> Any:

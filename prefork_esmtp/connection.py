@@ -105,7 +105,8 @@ class Connection:
         self.interruptible = False
         self.waiting = False
         self.writer = ReplyWriter(self)
-        self.reader = Reader(self, config.timeout)
+        self.reader = Reader(self, config.timeout,  # DATA's rate needs its grace as a timeout at once
+                             config.min_data_rate_grace if config.min_data_rate > 0 else None)
         self.reader.command_deadline = config.command_deadline
         self.reader.limit_session(config.max_session_time)
 

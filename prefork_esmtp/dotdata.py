@@ -3,10 +3,17 @@
 Only ``<CRLF>.<CRLF>`` ends a message: a line is a run of bytes ended by CRLF, and
 no bare LF or bare CR counts as a line end, so no ``\\n.\\n``-style variant can end
 a message early or smuggle a second transaction in.  Work is done on whole
-buffers with ``bytes.find`` and ``bytes.replace``: no line costs Python work of its own.
+buffers (one search for the first line that starts with a dot, ``bytes.replace``
+for stuffed dots): no line costs Python work of its own.
 """
 
 from __future__ import annotations
+
+import re
+
+#: A line that starts with a dot (found by the regular expression engine: several times faster
+#: than ``bytes.find`` for this needle in CRLF-dense text).
+_LINE_DOT = re.compile(rb"\r\n\.")
 
 _CR = 0x0D
 _LF = 0x0A
@@ -52,6 +59,20 @@ class DotDecoder:
                 continue
             # Not at a line start, and no CR of a CRLF consumed without its LF: every line
             # start from here on follows a CRLF inside buf[pos:].
+            m = _LINE_DOT.search(buf, pos)
+            if m is None:
+                end = buf.rfind(b"\r\n", pos)  # no line starts with a dot: complete lines go as they are
+                if end >= 0:
+                    out.append(buf[pos:end + 2])
+                    pos = end + 2
+                    self.bol = True
+                    continue
+            else:
+                end = m.start()
+                if buf[end + 3:end + 5] == b"\r\n":  # the first dot line ends the data: nothing to unstuff
+                    out.append(buf[pos:end + 2])
+                    return out, end + 5, True
+            # Dot lines to unstuff, or no line end at all: the general way.
             end = buf.find(b"\r\n.\r\n", pos)
             if end >= 0:
                 out.append(_unstuff(buf[pos:end + 2]))

@@ -245,7 +245,7 @@ class ESMTPHandler:
         ``self.env_sender`` and ``self.mail_params`` are set; a non-2xx reply
         starts no transaction.
         """
-        return 250, f"<{self.env_sender}>, sender ok"
+        return 250, f"<{env_sender}>, sender ok"
 
     def RCPT(self, env_recipient: str) -> Reply:
         """RCPT TO; only a 2xx reply adds ``env_recipient`` to ``self.env_recipients``."""

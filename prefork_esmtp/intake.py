@@ -47,7 +47,10 @@ class MessageIntake:
                 self.problem = R.BARE_NEWLINE
                 return
             self.prev_cr = piece.endswith(b"\r")
-        self._parse(self.parser.feed, piece)
+        try:
+            self.parser.feed(piece)
+        except Exception as exc:
+            self._failed(exc)
 
     def finish(self) -> R.Reply | None:
         """The message is complete: flush the parser; return the problem, if any.
@@ -58,19 +61,20 @@ class MessageIntake:
             if self.reject_bare and self.prev_cr:
                 self.problem = R.BARE_NEWLINE
             else:
-                self._parse(self.parser.finish)
+                try:
+                    self.parser.finish()
+                except Exception as exc:
+                    self._failed(exc)
         self.parser.handler.chunkmode = False
         return self.problem
 
-    def _parse(self, step: Any, *args: bytes) -> None:
-        """Run a parser step (which calls hooks); a failure becomes the problem."""
-        try:
-            step(*args)
-        except HeaderTooLong:
+    def _failed(self, exc: Exception) -> None:
+        """A parser step (which calls hooks) failed: the failure becomes the problem."""
+        if isinstance(exc, HeaderTooLong):
             self.problem = R.HEADER_TOO_BIG
-        except TooManyHeaderLines:
+        elif isinstance(exc, TooManyHeaderLines):
             self.problem = R.TOO_MANY_HEADER_LINES
-        except Exception:
+        else:
             counters.hook_failed("message")
-            log.exception("message hook raised (client %s)", self.who)
+            log.error("message hook raised (client %s)", self.who, exc_info=exc)
             self.problem = R.HOOK_FAILED

@@ -20,12 +20,12 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any
 
 from setproctitle import setproctitle
 
 from prefork_esmtp import logs, pidfile, privileges, tls
-from prefork_esmtp.boot import BOOT_ERROR, WorkerPlan, run_worker
+from prefork_esmtp.boot import BOOT_ERROR, WorkerPlan, rehearse, run_worker
 from prefork_esmtp.exposition import NO_METRICS, NoMetrics
 from prefork_esmtp.listeners import describe
 from prefork_esmtp.loader import configure_handler, load_handler
@@ -33,7 +33,7 @@ from prefork_esmtp.pool import adaptive_step, max_spare_default
 from prefork_esmtp.limits import RateTable
 from prefork_esmtp.scoreboard import BUSY, IDLE, STARTING, Scoreboard
 from prefork_esmtp.sdnotify import Notifier
-from prefork_esmtp.warmup import warm_up
+from prefork_esmtp.warmup import fill_pools, warm_fork_callbacks, warm_up
 from prefork_esmtp.settings import Config
 
 log = logging.getLogger("prefork_esmtp.master")
@@ -246,7 +246,11 @@ class Master:
         # that make a TLS client context (the relay's STARTTLS upstream) share them.
         ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         warm_up(self.config)
+        rehearse(self._plan())
+        warm_fork_callbacks()  # before any thread of the master's own (metrics) starts
         gc.collect()
+        # After the collection (it frees objects, leaving holes) and before the first fork.
+        fill_pools()
         gc.freeze()  # what the master has built so far stays shared with the workers
         self._publish()
         self.metrics.start(self)
@@ -358,6 +362,7 @@ class Master:
         pids = [0] * len(slots)
         forked = 0
         fork = os.fork
+        plan = self._plan()
         # Signals stay blocked across the forks until each child has its own handlers: a TERM
         # that lands in between is then delivered to the worker's handler, not lost in a
         # copy of the master's queue.  The master handles what arrived after the batch.
@@ -366,7 +371,7 @@ class Master:
             while forked < len(slots):
                 pid = fork()
                 if pid == 0:
-                    self._run_child(slots[forked])
+                    run_worker(plan, slots[forked])  # never returns
                 pids[forked] = pid
                 forked += 1
         except OSError as exc:  # EAGAIN (process limit), ENOMEM: keep serving, retry after a pause
@@ -382,15 +387,15 @@ class Master:
             else:
                 self.scoreboard.release(slot)
 
-    def _run_child(self, slot: int) -> NoReturn:
-        """In the forked child: become the worker of ``slot`` (never returns)."""
-        run_worker(WorkerPlan(
-            master_pid=self.pid, slot=slot, generation=self.generation, config=self.config,
+    def _plan(self) -> WorkerPlan:
+        """What the workers of the next batch of forks get: one plan for all of them."""
+        return WorkerPlan(
+            master_pid=self.pid, generation=self.generation, config=self.config,
             handler_class=self.handler_class, ids=self.ids, listeners=self.listeners,
             tls_context=self.tls_context, tls_fds=self.tls_fds, scoreboard=self.scoreboard,
             rate_table=self.rate_table,
             wake_fd=self.wake_w, error_fd=self.error_w, master_fds=(self.wake_r, self.error_r),
-            signals=frozenset(SIGNALS), counters=self.metrics.table))
+            signals=frozenset(SIGNALS), counters=self.metrics.table)
 
     def reap(self) -> None:
         """Collect exited workers; a boot failure on first start stops the master."""

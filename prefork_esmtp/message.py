@@ -27,9 +27,11 @@ from prefork_esmtp.handler import DEFAULT_CHUNKSIZE, ESMTPHandler
 # field-name (printable ASCII but colon), the WSP after it, and the colon if there is one:
 # a line is a header when the colon is there (obsolete syntax allows WSP before it).
 _FIELD = re.compile(rb"([!-9;-~]+)[ \t]*(:?)")
-# A header section every line of which is plainly a header or its continuation (no bare CR or
-# LF inside a line), up to and including the CRLF of its last line.
-_PLAIN_SECTION = re.compile(rb"(?:[!-9;-~]+[ \t]*:[^\r\n]*\r\n(?:[ \t][^\r\n]*\r\n)*)+")
+# A header section every line of which is plainly a header or its continuation, up to and
+# including the CRLF of its last line.  Each line runs to its first LF, which must follow a CR;
+# a bare CR inside a line is not excluded here (``.`` is quicker than ``[^\r\n]``): counting
+# the CRs and LFs of the section tells.
+_PLAIN_SECTION = re.compile(rb"(?:[!-9;-~]+[ \t]*:.*\r\n(?:[ \t].*\r\n)*)+")
 _BASE_HEADER = ESMTPHandler.HEADER
 
 
@@ -100,9 +102,12 @@ class MessageParser:
         if end < 0 or end + 2 > self.max_header_size:  # then no single header can be too long
             return False
         block_end = end + 2
-        if self.max_header_lines is not None and data.count(b"\r\n", 0, block_end) > self.max_header_lines:
-            return False
         if _PLAIN_SECTION.fullmatch(data, 0, block_end) is None:
+            return False
+        lines = data.count(b"\n", 0, block_end)  # each LF ends a line: the match put a CR before each
+        if data.count(b"\r", 0, block_end) != lines:
+            return False  # a bare CR inside a line
+        if self.max_header_lines is not None and lines > self.max_header_lines:
             return False
         last = end  # where the last header starts: after the last CRLF not followed by WSP
         while True:
@@ -274,8 +279,13 @@ class MessageParser:
                 self.partial += data  # still no line end: grow, do not rescan (a trickle stays linear)
                 return
             data, self.partial = bytes(self.partial) + data, b""
-        pos = 0
         n = len(data)
+        if n and handler.chunkmode:  # the common case: one BODY call for a piece within the chunk size
+            size = getattr(handler, "chunksize", DEFAULT_CHUNKSIZE)
+            if type(size) is int and n <= size:
+                handler.BODY(data)
+                return
+        pos = 0
         while pos < n:
             size = self._chunksize()
             if handler.chunkmode:

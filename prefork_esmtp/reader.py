@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prefork_esmtp.dotdata import DotDecoder
@@ -44,7 +44,10 @@ class LineTooLong(Exception):
 class Reader:
     """Reads command lines, DATA sections and exact byte counts from the connection."""
 
-    def __init__(self, sock: Any, timeout: float) -> None:
+    def __init__(self, sock: Any, timeout: float, wake_after: float | None = None) -> None:
+        """``wake_after``: a shorter timeout for the first read to give the socket, when one will
+        be needed anyway (the data rate's grace): a read that times out early is only a wake-up,
+        and the timeout then need not be shortened (a system call) at the first message."""
         self.sock = sock  # the connection: recv() and settimeout(), as a socket has
         self.timeout = timeout
         self.buf = b""
@@ -53,19 +56,25 @@ class Reader:
         #: whether the last command line ended with a bare LF instead of CRLF
         self.bare_lf = False
         # the minimum data rate: (octets/s, start time, octets received at start, grace), or None
-        self._rate: tuple[float, float, int, float] | None = None
+        self._rate: tuple[float, float | None, int, float] | None = None
         #: monotonic time by which a command line must be complete once its first octet
         #: arrived (set by readline when command_deadline is on), and the session's end
         self.command_deadline = 0.0
         self.session_deadline: float | None = None
         self._line_deadline: float | None = None
-        #: the socket's read timeout as last set: none yet (the first read sets it)
+        #: the socket's read timeout as last set: none yet (the first read sets it, to
+        #: ``wake_after``'s whole seconds when that is shorter than the timeout owed)
         self._current_timeout = math.inf
+        self._wake_after = None
+        if wake_after is not None and wake_after >= 1.0:
+            self._wake_after = float(int(wake_after)) if wake_after >= 2.0 else wake_after
 
     def start_rate(self, octets_per_second: int, grace: float) -> None:
         """From now until :meth:`stop_rate`, require this average rate (after ``grace`` seconds)."""
         if octets_per_second > 0:
-            self._rate = (float(octets_per_second), time.monotonic(), self.received, grace)
+            # the clock starts at the transfer's first read (None: _read_timeout sets it), so the
+            # start costs no clock reading, nor does a transfer that was buffered already
+            self._rate = (float(octets_per_second), None, self.received, grace)
 
     def stop_rate(self) -> None:
         self._rate = None
@@ -85,6 +94,9 @@ class Reader:
             raise ReadTimeout()
         if self._rate is not None:
             rate, start, received, grace = self._rate
+            if start is None:
+                start = now
+                self._rate = (rate, now, received, grace)
             left = start + grace + (self.received - received) / rate - now
             if left <= 0:
                 raise DataTooSlow()
@@ -135,10 +147,17 @@ class Reader:
         idle_end = now + self.timeout
         woken = False
         while True:
-            timeout = self._read_timeout(now, idle_end - now if woken else self.timeout)
+            timeout = idle_end - now if woken else self.timeout
+            session_deadline = self.session_deadline
+            if self._rate is not None or self._line_deadline is not None or timeout <= 0 \
+                    or (session_deadline is not None and session_deadline - now < timeout):
+                timeout = self._read_timeout(now, timeout)  # a deadline comes first, or is past
             try:
                 if timeout < self._current_timeout or woken:
-                    if timeout >= 2.0:
+                    if self._current_timeout == math.inf and self._wake_after is not None \
+                            and self._wake_after < timeout:
+                        timeout = self._wake_after  # the first read: see wake_after
+                    elif timeout >= 2.0:
                         timeout = float(int(timeout))
                     self.sock.settimeout(timeout)
                     self._current_timeout = timeout
@@ -169,18 +188,23 @@ class Reader:
         """
         try:
             while True:
-                end = self.pos + limit
-                i = self.buf.find(b"\n", self.pos, end)
-                if i >= 0:
-                    line = self.buf[self.pos:i]
-                    self.pos = i + 1
-                    self.bare_lf = not line.endswith(b"\r")
-                    return line if self.bare_lf else line[:-1]
-                if len(self.buf) >= end:
-                    self._drain_line()
-                    raise LineTooLong()
-                if self._line_deadline is None and self.command_deadline and self.pos < len(self.buf):
-                    self._line_deadline = time.monotonic() + self.command_deadline
+                buf = self.buf
+                start = self.pos
+                if start < len(buf):  # else nothing buffered (the common case): read at once
+                    end = start + limit
+                    i = buf.find(b"\n", start, end)
+                    if i >= 0:
+                        self.pos = i + 1
+                        if i > start and buf[i - 1] == 0x0D:  # CRLF
+                            self.bare_lf = False
+                            return buf[start:i - 1]
+                        self.bare_lf = True
+                        return buf[start:i]
+                    if len(buf) >= end:
+                        self._drain_line()
+                        raise LineTooLong()
+                    if self._line_deadline is None and self.command_deadline:
+                        self._line_deadline = time.monotonic() + self.command_deadline
                 self._fill()
         finally:
             self._line_deadline = None
@@ -195,12 +219,13 @@ class Reader:
             self.buf, self.pos = b"", 0
             self._fill()
 
-    def read_data(self, decoder: DotDecoder) -> Iterator[bytes]:
-        """Yield the unstuffed pieces of a DATA section up to its ``<CRLF>.<CRLF>``."""
+    def read_data(self, decoder: DotDecoder, take: Callable[[bytes], None]) -> None:
+        """Pass the unstuffed pieces of a DATA section up to its ``<CRLF>.<CRLF>`` to ``take``, in order."""
         while True:
             if self.pos < len(self.buf):
                 pieces, self.pos, ended = decoder.decode(self.buf, self.pos)
-                yield from pieces
+                for piece in pieces:
+                    take(piece)
                 if ended:
                     return
             self._fill()

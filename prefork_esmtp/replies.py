@@ -125,6 +125,9 @@ TOO_MANY_ERRORS = Reply(421, "4.7.0", "%s Error: too many errors")
 LMTP_NEEDS_LHLO = Reply(500, "5.5.1", "Error: this is an LMTP server; say LHLO")
 SHUTTING_DOWN = Reply(421, "4.3.2", "%s Service shutting down, closing connection")
 
+#: The replies above, whose framed bytes wire() keeps.
+_CONSTANTS = frozenset(value for value in tuple(globals().values()) if type(value) is Reply)
+
 _ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}(?= |$)")
 
 # Default enhanced codes by (verb, code) first, then by code, then by class.
@@ -153,6 +156,41 @@ def default_enhanced(code: int, verb: str) -> str | None:
         return None
     cls = code // 100
     return _BY_VERB.get((verb, cls)) or _BY_CODE.get(code) or f"{cls}.0.0"
+
+
+#: default_enhanced by (verb, code), as they come up: the verbs are the engine's names (never
+#: a client's word) and codes run from 200 to 599, so the table stays small.
+_DEFAULTS: dict[tuple[str, int], str | None] = {}
+#: The bytes of the engine's constant replies (this module's) by (reply, verb).  A reply made
+#: with arguments (which may carry a client's word) is framed each time, so the table stays small.
+_WIRE: dict[tuple[Reply, str], bytes] = {}
+
+
+def wire(reply: Reply | HookReply, verb: str) -> bytes:
+    """A final reply to ``verb`` as it goes on the wire: :func:`format_reply` with
+    :func:`default_enhanced`, the engine's constant replies framed once, a hook's one-line
+    reply without the loop."""
+    code = reply.code
+    if type(reply) is Reply:
+        key = (reply, verb)
+        data = _WIRE.get(key)
+        if data is None:
+            data = format_reply(code, [reply.line], default_enhanced(code, verb))
+            if reply in _CONSTANTS:
+                _WIRE[key] = data
+        return data
+    key2 = (verb, code)
+    try:
+        enhanced = _DEFAULTS[key2]
+    except KeyError:
+        enhanced = _DEFAULTS[key2] = default_enhanced(code, verb)
+    lines = reply.lines
+    if len(lines) != 1:
+        return format_reply(code, lines, enhanced)
+    line = lines[0]
+    if enhanced is not None and (line[1:2] != "." or _ENHANCED.match(line) is None):
+        line = f"{enhanced} {line}" if line else enhanced
+    return f"{code} {line}\r\n".encode("utf-8", "surrogateescape")
 
 
 def has_enhanced(message: str) -> bool:
@@ -209,7 +247,13 @@ def call_hook(handler: Any, hook: str, who: str, *args: Any) -> HookReply | Repl
     session goes on.
     """
     try:
-        return normalize(getattr(handler, hook)(*args))
+        result = getattr(handler, hook)(*args)
+        # normalize's common case, without the call: (int code, one printable str)
+        if type(result) is tuple and len(result) == 2:
+            code, message = result
+            if type(code) is int and 200 <= code <= 599 and type(message) is str and message.isprintable():
+                return _tuple_new(HookReply, (code, [message], True))
+        return normalize(result)
     except BadHookResult as exc:
         log.error("%s hook returned a bad reply: %s", hook, exc)
     except Exception:
@@ -225,13 +269,16 @@ def format_reply(code: int, lines: list[str], enhanced: str | None) -> bytes:
     add none (greeting, HELO/EHLO, 3xx).  A line that carries its own code sets
     the default for the lines after it.
     """
+    if not lines:
+        lines = [""]
     if len(lines) == 1:  # the common case, without the loop
         line = lines[0]
         if enhanced is not None and (line[1:2] != "." or _ENHANCED.match(line) is None):
             line = f"{enhanced} {line}" if line else enhanced
         return f"{code} {line}\r\n".encode("utf-8", "surrogateescape") if line else f"{code} \r\n".encode()
-    if not lines:
-        lines = [""]
+    if enhanced is None:  # no codes to add (EHLO, the greeting): one join
+        return (f"{code}-" + f"\r\n{code}-".join(lines[:-1]) + f"\r\n{code} {lines[-1]}\r\n").encode(
+            "utf-8", "surrogateescape")
     out = []
     last = len(lines) - 1
     for i, line in enumerate(lines):

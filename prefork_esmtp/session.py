@@ -69,6 +69,7 @@ class Session:
         self.counts[counters.SESSIONS] += 1
         self.began = time.monotonic()
         self.conn = conn = Connection(sock, peer, config, reporter.check_in, stopping, local)
+        self.queue = conn.writer.pending.append  # the writer's queue (ReplyWriter.write, without the call)
         self.state = ConnectionState(peer=conn.peer, local=conn.local, hostname=config.hostname,
                                      session_id=f"{random.getrandbits(48):012X}")
         self.end = ""  # why the session ended, for its log line (else: quit, or closed by us)
@@ -248,7 +249,7 @@ class Session:
         """
         if reply is not None:
             code = reply.code
-            self.conn.writer.write(R.format_reply(code, reply.lines, R.default_enhanced(code, verb)))
+            self.queue(R.wire(reply, verb))
             self.last_reply = (reply, verb)
             if code >= 400:
                 self.counts[counters.ERROR_REPLIES + min(code, 599) - 400] += 1
@@ -311,18 +312,19 @@ class Session:
                 log.info("too many junk commands from %s", self.conn.who)
                 self._answer(R.TOO_MANY_JUNK.format(self.hostname))
                 return
-        method = _COMMANDS.get(verb)
-        if method is None:  # the enhanced code then follows UNKNOWN, never the client's word
+        entry = _COMMANDS.get(verb)
+        if entry is None:  # the enhanced code then follows UNKNOWN, never the client's word
             verb, reply = "UNKNOWN", R.call_hook(self.handler, "UNKNOWN", self.conn.who, text)
         else:
-            reply = method(self, arg.strip(" \t"))
+            method, of_transaction = entry
+            reply = method(self.transaction if of_transaction else self, arg.strip(" \t"))
         self._answer(reply, verb)
         if self.tls_next:
             self.tls_next = False
             if not self.closing and self._start_tls():
                 self.state.forget_greeting()  # RFC 3207 4.2: forget everything said before TLS
                 self.transaction.reset()
-        if verb in GROUP_ENDERS and verb != "DATA" and not self.closing \
+        if verb in GROUP_ENDERS and verb != "DATA" and self.config.forbid_unauth_pipelining and not self.closing \
                 and self.conn.pipelined_early(self.state.auth_user is not None):
             self._answer(R.PIPELINING_ABUSE.format(self.hostname))
 
@@ -377,7 +379,22 @@ class Session:
         return R.HookReply(reply.code, lines, reply.counts)
 
     def _with_extensions(self, lines: list[str]) -> list[str]:
-        """Append the engine's extension keywords the handler did not list itself."""
+        """Append the engine's extension keywords the handler did not list itself.
+
+        What is appended depends only on the handler's own keyword lines and
+        on what is offered now, so it is worked out once per combination.
+        """
+        key = (tuple(lines[1:]), self.config.max_message_size, bool(getattr(self.handler, "dsn", False)),
+               self.tls_context is not None and self.state.tls is None, self.auth.offered())
+        extra = _EXTENSIONS.get(key)
+        if extra is None:
+            extra = self._extensions(lines, *key[2:])
+            if len(_EXTENSIONS) < _EXTENSIONS_MAX:
+                _EXTENSIONS[key] = extra
+        return lines + extra
+
+    def _extensions(self, lines: list[str], dsn: bool, starttls: bool, auth: bool) -> list[str]:
+        """The engine's extension keywords the handler did not list itself."""
         have = {line.split(" ", 1)[0].upper() for line in lines[1:]}
         extensions = [
             "PIPELINING",
@@ -388,14 +405,14 @@ class Session:
             "CHUNKING",
             "BINARYMIME",
         ]
-        if getattr(self.handler, "dsn", False):
+        if dsn:
             extensions.append("DSN")
-        if self.tls_context is not None and self.state.tls is None:
+        if starttls:
             extensions.append("STARTTLS")
-        if self.auth.offered():
+        if auth:
             extensions.append(AUTH_KEYWORD)
         extensions.append("HELP")
-        return lines + [e for e in extensions if e.split(" ", 1)[0] not in have]
+        return [e for e in extensions if e.split(" ", 1)[0] not in have]
 
     def smtp_STARTTLS(self, arg: str) -> R.Answer:
         """STARTTLS: the hook's 220, then (in _dispatch, once it is written) the handshake."""
@@ -424,18 +441,6 @@ class Session:
     def smtp_AUTH(self, arg: str) -> R.Answer:
         return self.auth.command(arg, in_transaction=self.transaction.active)
 
-    def smtp_MAIL(self, arg: str) -> R.Answer:
-        return self.transaction.mail(arg)
-
-    def smtp_RCPT(self, arg: str) -> R.Answer:
-        return self.transaction.rcpt(arg)
-
-    def smtp_DATA(self, arg: str) -> R.Answer:
-        return self.transaction.data(arg)
-
-    def smtp_BDAT(self, arg: str) -> R.Answer:
-        return self.transaction.bdat(arg)
-
     def smtp_RSET(self, arg: str) -> R.Answer:
         if arg:
             return R.SYNTAX_NOARGS.format("RSET")
@@ -462,7 +467,17 @@ class Session:
         return R.call_hook(self.handler, "HELP", self.conn.who, arg or None)
 
 
-#: The dispatch table: verb -> its method.
-_COMMANDS: dict[str, Callable[[Session, str], R.Answer]] = {
-    name[5:]: getattr(Session, name) for name in dir(Session) if name.startswith("smtp_")
+#: EHLO's extension lines by (the handler's own keyword lines, SIZE, DSN, STARTTLS, AUTH offered);
+#: bounded, as a handler may vary its lines.
+_EXTENSIONS: dict[tuple[Any, ...], list[str]] = {}
+_EXTENSIONS_MAX = 64
+
+#: The dispatch table: verb -> (its method, whether a method of the session's Transaction
+#: rather than of the Session); the transaction's verbs go to it without a hop.
+_COMMANDS: dict[str, tuple[Callable[[Any, str], R.Answer], bool]] = {
+    **{name[5:]: (getattr(Session, name), False) for name in dir(Session) if name.startswith("smtp_")},
+    "MAIL": (Transaction.mail, True),
+    "RCPT": (Transaction.rcpt, True),
+    "DATA": (Transaction.data, True),
+    "BDAT": (Transaction.bdat, True),
 }

@@ -78,8 +78,7 @@ class Transaction:
 
     def _clear(self) -> None:
         """A fresh envelope, no message under way."""
-        self.envelope = Envelope()
-        attach(self.handler, envelope=self.envelope)
+        self.envelope = self.handler._esmtp_envelope = Envelope()  # state.attach's work, without the call
         self.intake = None
         self.accepted = []
         self.started = None
@@ -110,12 +109,12 @@ class Transaction:
             address, params = parse_path_argument(arg, "FROM")
         except AddressError as exc:
             return R.Reply(exc.code, exc.enhanced, exc.text)
-        problem = P.check_mail(params, self.config.max_message_size, bdat_offered=True)
+        problem = P.check_mail(params, self.config.max_message_size, bdat_offered=True) if params else None
         if problem is None and not arg.isascii() and "SMTPUTF8" not in params:
             problem = R.NON_ASCII_ADDRESS
         if problem is not None:
             return problem
-        if self.state.peer and self.limits.message(self.state.peer[0]):
+        if self.config.max_messages_per_ip and self.state.peer and self.limits.message(self.state.peer[0]):
             log.info("too many messages from %s", self.state.peer[0])
             return R.RATE_MESSAGES
         env.sender, env.mail_params = address, params
@@ -139,14 +138,14 @@ class Transaction:
             address, params = parse_path_argument(arg, "TO")
         except AddressError as exc:
             return R.Reply(exc.code, exc.enhanced, exc.text)
-        problem = P.check_rcpt(params)
+        problem = P.check_rcpt(params) if params else None
         if problem is None and not arg.isascii() and "SMTPUTF8" not in env.mail_params:
             problem = R.NON_ASCII_ADDRESS
         if problem is not None:
             return problem
         if len(self.accepted) >= self.config.max_recipients:
             return R.TOO_MANY_RECIPIENTS
-        if self.state.peer and self.limits.recipient(self.state.peer[0]):
+        if self.config.max_recipients_per_ip and self.state.peer and self.limits.recipient(self.state.peer[0]):
             log.info("too many recipients from %s", self.state.peer[0])
             return R.RATE_RECIPIENTS
         env.rcpt_params = params
@@ -182,10 +181,11 @@ class Transaction:
         """
         if arg:
             return R.SYNTAX_NOARGS.format("DATA")
-        problem = self._problem()
+        env = self.envelope
+        problem = self._problem() if self.state.client is None or env.sender is None or not self.accepted else None
         if problem is None and self.intake is not None:  # BDAT chunks already came
             problem = R.DATA_AFTER_BDAT
-        if problem is None and (self.envelope.mail_params.get("BODY") or "").upper() == "BINARYMIME":
+        if problem is None and (env.mail_params.get("BODY") or "").upper() == "BINARYMIME":
             problem = R.BINARYMIME_NEEDS_BDAT
         if problem is not None:
             return problem
@@ -193,17 +193,16 @@ class Transaction:
         if reply.code != 354:
             return reply
         conn = self.conn
-        conn.writer.write(R.format_reply(354, reply.lines, None))
+        conn.writer.write(R.wire(reply, "DATA"))
         if self.handler.disconnect:
             return None
-        if conn.pipelined_early(self.state.auth_user is not None):
+        if self.config.forbid_unauth_pipelining and conn.pipelined_early(self.state.auth_user is not None):
             return R.PIPELINING_ABUSE.format(self.config.hostname)
         intake = self._new_intake(check_newlines=True)
         reader = conn.reader
         reader.start_rate(self.config.min_data_rate, self.config.min_data_rate_grace)
         try:
-            for piece in reader.read_data(DotDecoder()):
-                intake.feed(piece)
+            reader.read_data(DotDecoder(), intake.feed)
         finally:
             reader.stop_rate()
         return self._end_message(intake)
@@ -267,9 +266,14 @@ class Transaction:
         count = len(accepted)
         lmtp = self.config.protocol == "lmtp"
         if problem is not None:
-            self._received(problem, intake.size, R.first_line(problem, "EOM"))
+            self._received(problem, intake.size)
             return self._per_recipient([problem] * count) if lmtp and complete else problem
         replies = self._eom(count)
+        if type(replies) is not list:  # one reply for the message
+            if not lmtp:
+                self._received(replies, intake.size)
+                return replies
+            replies = [replies] * count
         verdict, delivered = R.one_for_all(replies)
         if lmtp:
             reply = self._per_recipient(replies)
@@ -279,12 +283,15 @@ class Transaction:
                 log.warning("message from=<%s>: EOM took it for %s only; answering %d so the client retries",
                             env.sender, ", ".join(f"<{accepted[i]}>" for i in delivered), reply.code)
         codes = [r.code for r in replies]
-        text = ",".join(str(code) for code in codes) if lmtp and len(set(codes)) > 1 else R.first_line(verdict, "EOM")
-        self._received(verdict, intake.size, text)
+        mixed = lmtp and len(set(codes)) > 1
+        self._received(verdict, intake.size, ",".join(str(code) for code in codes) if mixed else None)
         return reply
 
-    def _received(self, verdict: R.Reply | R.HookReply, size: int, text: str) -> None:
-        """A message received to its end: count it by its reply, log it, end the transaction."""
+    def _received(self, verdict: R.Reply | R.HookReply, size: int, text: str | None = None) -> None:
+        """A message received to its end: count it by its reply, log it, end the transaction.
+
+        ``text``: the reply as the log line shows it; None for the verdict's first line.
+        """
         counts = self.counts
         cls = verdict.code // 100
         counts[counters.MESSAGES_BY_CLASS[cls]] += 1
@@ -293,27 +300,32 @@ class Transaction:
             self.messages_accepted += 1
         else:
             self.messages_refused += 1
-        self._log("accepted" if cls == 2 else "refused", text, size)
+        if log.isEnabledFor(logging.INFO):
+            self._log("accepted" if cls == 2 else "refused",
+                      text if text is not None else R.first_line(verdict, "EOM"), size)
         self._clear()
 
-    def _eom(self, count: int) -> list[R.HookReply | R.Reply]:
-        """Call EOM: one reply (repeated for each recipient) or a list with one per recipient."""
+    def _eom(self, count: int) -> R.HookReply | R.Reply | list[R.HookReply]:
+        """Call EOM: one reply for the message, or a list with one per recipient."""
         try:
             result = self.handler.EOM()
-            replies = R.per_recipient(result, count)
-            return replies if replies is not None else [R.normalize(result)] * count
+            if isinstance(result, list):
+                replies = R.per_recipient(result, count)
+                if replies is not None:
+                    return replies
+            return R.normalize(result)
         except R.BadHookResult as exc:
             log.error("EOM hook returned a bad reply: %s", exc)
         except Exception:
             log.exception("EOM hook raised (client %s)", self.conn.who)
         counters.hook_failed("EOM")
-        return [R.HOOK_FAILED] * count
+        return R.HOOK_FAILED
 
     def _per_recipient(self, replies: list) -> R.Answer:
         """Write all but the last of LMTP's per-recipient replies; return the last for the session."""
         writer = self.conn.writer
         for reply in replies[:-1]:
-            writer.write(R.format_reply(reply.code, reply.lines, R.default_enhanced(reply.code, "EOM")))
+            writer.write(R.wire(reply, "EOM"))
             if reply.code >= 400:  # the last one is counted where the session writes it
                 self.counts[counters.ERROR_REPLIES + min(reply.code, 599) - 400] += 1
         return replies[-1]

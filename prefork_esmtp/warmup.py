@@ -13,12 +13,21 @@ lines are suppressed, and its counts go to the master's private row.  Its
 settings are the configured ones except those that would slow it down or cut
 it short (the error sleep, the pipelining check), and it gives up after the
 first session that did not go through or after :data:`BUDGET` seconds.
+
+:func:`fill_pools` then fills the free blocks scattered over the master's
+memory pools, so that what a worker allocates lands in pools of its own
+rather than on pages it shares with the master (each such page it would copy).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import random
+import re
 import socket
+import sys
+import threading
 import time
 
 from prefork_esmtp.handler import ESMTPHandler
@@ -90,3 +99,104 @@ def warm_up(config: Config, sessions: int = SESSIONS) -> int:
     finally:
         logging.disable(previous)
     return done
+
+
+#: Calls of each after-fork function: enough for the interpreter to specialise its bytecode.
+FORK_CALLS = 10
+
+
+def warm_fork_callbacks(calls: int = FORK_CALLS) -> bool:
+    """Run here first what the interpreter runs in every child right after ``fork()``; whether it ran.
+
+    The standard library registers functions that run in each new child
+    (threading resets its thread table, logging its locks, random reseeds).
+    Run only in children, that code is cold in each of them: its bytecode is
+    specialised and the type cache filled there, and every worker copies the
+    pages that writes.  Run here, those writes happen once, in shared memory.
+    In a process with one thread, as the master is before its first fork,
+    they change nothing: locks nobody holds are made anew, the thread table
+    keeps its one thread.  With another thread (a preloaded handler may
+    start one) nothing is run, as that thread could hold one of those locks.
+    """
+    after_fork = getattr(threading, "_after_fork", None)
+    reinit_logging = getattr(logging, "_after_at_fork_child_reinit_locks", None)
+    if after_fork is None or reinit_logging is None:
+        return False
+    if threading.enumerate() != [threading.main_thread()] or len(getattr(threading, "_dangling", ())) > 1:
+        return False  # another thread, or a Thread made and not started: its state must not be touched
+    for _ in range(calls):
+        after_fork()
+        reinit_logging()
+        random.seed()
+    return True
+
+
+#: Objects that fill the free blocks of the master's partly used memory pools (see fill_pools).
+_FILLERS: list[object] = []
+_STATS_LINE = re.compile(rb"^\s*(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s*$")
+
+
+def _free_blocks() -> dict[int, int]:
+    """Free blocks in pymalloc's partly used pools, by block size, from ``sys._debugmallocstats``.
+
+    That function prints to the C-level stderr, so fd 2 points at an
+    in-memory file while it runs.  Empty when the statistics are unavailable or unreadable.
+    """
+    stats = getattr(sys, "_debugmallocstats", None)
+    if stats is None:
+        return {}
+    memfd_create = getattr(os, "memfd_create", None)
+    if memfd_create is None:
+        return {}
+    sys.stderr.flush()
+    out = memfd_create("prefork-esmtp-mallocstats")
+    saved = os.dup(2)
+    try:
+        os.dup2(out, 2)
+        try:
+            stats()
+        finally:
+            os.dup2(saved, 2)
+        text = os.pread(out, 1 << 16, 0)
+    finally:
+        os.close(saved)
+        os.close(out)
+    free = {}
+    for line in text.split(b"\n"):
+        m = _STATS_LINE.match(line)
+        if m:
+            size, avail = int(m.group(2)), int(m.group(5))
+            if avail:
+                free[size] = avail
+        elif free and line.startswith(b"#"):
+            break
+    return free
+
+
+def _filler(size: int, i: int) -> object:
+    """A new object that pymalloc places in a block of ``size`` bytes."""
+    if size <= 16:
+        return object()
+    if size <= 32:
+        return (1 << 40) + i  # a two-digit int: 32 bytes
+    return bytes(size - 33)  # a bytes object takes 33 bytes more than its length
+
+
+def fill_pools() -> int:
+    """Fill the free blocks of partly used memory pools with objects kept for the master's life.
+
+    Objects a worker allocates otherwise land in those holes, scattered over
+    pages it shares with the master, and each such page is copied into the
+    worker (a whole page of private memory for one small object).  Filled,
+    a worker's allocations go to pools of its own, packed densely.  Returns
+    the blocks filled (0 where the allocator's statistics are unavailable).
+    """
+    done = 0
+    for size, avail in _free_blocks().items():
+        held = [None] * avail  # sized once: a list that grows would free its old arrays
+        for i in range(avail):
+            held[i] = _filler(size, i)
+        _FILLERS.append(held)
+        done += avail
+    return done
+

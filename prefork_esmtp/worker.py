@@ -9,6 +9,7 @@ which reports nothing.
 
 from __future__ import annotations
 
+import _signal
 import errno
 import functools
 import logging
@@ -73,9 +74,10 @@ class Worker:
 
     def install_signals(self) -> None:
         """TERM: finish the current transaction, 421 at the next command, exit.  INT/QUIT: exit now."""
-        signal.signal(signal.SIGTERM, self.handle_term)
-        signal.signal(signal.SIGINT, self.handle_int)
-        signal.signal(signal.SIGQUIT, self.handle_int)
+        # The signal module's C function: its wrapper would make enums of the handlers replaced.
+        _signal.signal(signal.SIGTERM, self.handle_term)
+        _signal.signal(signal.SIGINT, self.handle_int)
+        _signal.signal(signal.SIGQUIT, self.handle_int)
         # A signal that lands just before the wait starts wakes it at once (the C-level
         # handler writes to the wake pipe), instead of only at the next tick.
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)

@@ -21,6 +21,7 @@ class ReplyWriter:
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
+        #: the bytes queued, in order; the same list for the writer's life (the session appends to it)
         self.pending: list[bytes] = []
         self.sent = 0
 

@@ -53,3 +53,46 @@ def test_splitting_and_refusals_of_normalize():
 ])
 def test_format_reply(code, lines, enhanced, wire):
     assert R.format_reply(code, lines, enhanced) == wire
+
+
+@pytest.mark.parametrize("reply", [
+    R.HookReply(250, ["OK"]),
+    R.HookReply(250, ["2.1.5 own code"]),
+    R.HookReply(250, [""]),
+    R.HookReply(250, []),
+    R.HookReply(250, ["a", "2.1.0 b", "c"]),
+    R.HookReply(354, ["go ahead"]),
+    R.HookReply(550, ["caf\u00e9"]),
+    R.HookReply(552, ["x"], counts=False),
+    R.NEED_MAIL,
+    R.SYNTAX_NOARGS.format("RSET"),
+    R.UNSUPPORTED_PARAMETER.format("X-ANY"),
+])
+@pytest.mark.parametrize("verb", ["", "CONNECT", "EHLO", "MAIL", "RCPT", "DATA", "EOM", "UNKNOWN"])
+def test_wire_is_format_reply_with_the_default_code(reply, verb):
+    expected = R.format_reply(reply.code, reply.lines, R.default_enhanced(reply.code, verb))
+    assert R.wire(reply, verb) == expected
+    assert R.wire(reply, verb) == expected  # the second time from the tables
+
+
+def test_a_two_tuple_hook_result_is_what_normalize_makes_of_it():
+    class Hooks:
+        def A(self):
+            return 250, "fine"
+
+        def B(self):
+            return 250, "two\r\nlines"
+
+        def C(self):
+            return 250, b"bytes"
+
+    for hook in "ABC":
+        result = getattr(Hooks(), hook)()
+        assert R.call_hook(Hooks(), hook, "client") == R.normalize(result)
+
+
+@pytest.mark.parametrize("lines", [[], [""], ["a"], ["a", ""], ["", "b"], ["a", "b", "c"], ["caf\u00e9", "x y"]])
+@pytest.mark.parametrize("code", [220, 250, 354])
+def test_format_reply_without_codes_frames_every_line(code, lines):
+    expected = [f"{code}-{line}" for line in lines[:-1]] + [f"{code} {lines[-1] if lines else ''}"]
+    assert R.format_reply(code, lines, None) == "".join(f"{x}\r\n" for x in expected).encode()

@@ -80,6 +80,7 @@ class SlotBookkeeping(RuleBasedStateMachine):
         master.stop_deadline = None
         master.spawn_paused_until = 0.0
         master.metrics = NO_METRICS
+        master._plan = lambda: None  # what a forked child would get; no fork here returns in a child
         self.master = master
         self.patches = [mock.patch.object(os, "fork", self.kernel.fork),
                         mock.patch.object(os, "waitpid", self.kernel.waitpid)]

@@ -57,3 +57,84 @@ def test_a_pool_counts_and_logs_only_real_sessions(start_server, tmp_path, stray
     assert value(samples, "prefork_esmtp_sessions_total") == 1
     assert value(samples, "prefork_esmtp_messages_total") == 1
     assert "warm-up" not in srv.log()
+
+
+def test_filling_the_pools_leaves_no_scattered_free_blocks(capfd):
+    """Holes made on purpose (every other block of one size class freed) are filled: at most the
+    pool being carved keeps free blocks (fewer than a 16 KiB pool holds)."""
+    if not warmup._free_blocks():
+        pytest.skip("no pymalloc statistics in this interpreter")
+    kept = [bytes(100) for _ in range(20000)]  # 133-byte blocks: the 144-byte class
+    del kept[::2]
+    before = warmup._free_blocks()
+    assert before.get(144, 0) >= 10000
+    assert warmup.fill_pools() >= 10000
+    after = warmup._free_blocks()
+    assert after.get(144, 0) < 16384 // 144, after
+    assert sum(after.values()) < sum(before.values()) - 10000
+    out, err = capfd.readouterr()
+    assert "avail blocks" not in out + err  # the statistics never reach the real stderr
+
+
+def test_without_allocator_statistics_nothing_is_filled(monkeypatch):
+    monkeypatch.delattr("sys._debugmallocstats")
+    assert warmup.fill_pools() == 0
+
+
+def _child_writes(fn) -> bytes:
+    """What a forked child of this process writes to a pipe after running ``fn``, which returns bytes."""
+    import os
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.write(w, fn())
+        finally:
+            os._exit(0)
+    os.close(w)
+    os.waitpid(pid, 0)
+    with os.fdopen(r, "rb") as f:
+        return f.read()
+
+
+def test_warming_the_fork_callbacks_changes_nothing_in_a_single_threaded_process():
+    import random
+    import threading
+
+    main = threading.main_thread()
+    handler = logging.StreamHandler()
+    logging.getLogger("warmup-test").addHandler(handler)
+    try:
+        if threading.active_count() != 1 or len(threading._dangling) > 1:
+            assert not warmup.warm_fork_callbacks()
+            pytest.skip("this test process runs other threads")
+        assert warmup.warm_fork_callbacks()
+        assert threading.current_thread() is main and threading.enumerate() == [main]
+        assert not handler.lock._is_owned() and handler.lock.acquire(timeout=1)  # a free lock, usable
+        handler.lock.release()
+        logging.getLogger("warmup-test").warning("still logs")  # the module lock works too
+        # A thread still starts, runs and is joined; and children still get their own seed.
+        ran = []
+        t = threading.Thread(target=ran.append, args=(1,))
+        t.start()
+        t.join(5)
+        assert ran == [1] and not t.is_alive()
+        assert _child_writes(lambda: str(random.random()).encode()) != \
+            _child_writes(lambda: str(random.random()).encode())
+    finally:
+        logging.getLogger("warmup-test").removeHandler(handler)
+
+
+def test_with_another_thread_the_fork_callbacks_are_left_alone():
+    import threading
+
+    stop = threading.Event()
+    t = threading.Thread(target=stop.wait, args=(10,))
+    t.start()
+    try:
+        assert not warmup.warm_fork_callbacks()
+        assert t.is_alive()
+    finally:
+        stop.set()
+        t.join(5)

@@ -1,0 +1,44 @@
+"""The master's rehearsal of a worker's start-up before the first fork: leaves nothing behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+
+from setproctitle import getproctitle, setproctitle
+
+from prefork_esmtp import boot
+from prefork_esmtp.limits import RateTable
+from prefork_esmtp.scoreboard import FREE, Scoreboard
+from prefork_esmtp.settings import resolve
+
+
+def _plan(listener: socket.socket, board: Scoreboard) -> boot.WorkerPlan:
+    r, w = os.pipe()
+    os.close(r)
+    os.close(w)
+    return boot.WorkerPlan(master_pid=os.getpid(), generation=1, config=resolve({}, {}), handler_class=None,
+                           ids=None, listeners=[listener], tls_context=None, tls_fds=frozenset(),
+                           scoreboard=board, rate_table=RateTable(16), wake_fd=w, error_fd=w,
+                           master_fds=(), signals=frozenset())
+
+
+def test_a_rehearsal_leaves_no_descriptor_handler_slot_or_connection_behind(listener):
+    board = Scoreboard(4)
+    plan = _plan(listener, board)
+    fds = sorted(os.listdir("/proc/self/fd"))
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    setproctitle("rehearsal test")
+    boot.rehearse(plan, times=3)
+    assert sorted(os.listdir("/proc/self/fd")) == fds  # pipes, epoll sets and the scratch board closed
+    assert {sig: signal.getsignal(sig) for sig in handlers} == handlers
+    assert all(board.slot(i).state == FREE for i in range(board.nslots))  # the real board untouched
+    assert getproctitle().startswith("prefork-esmtp: worker")  # the one side effect, documented
+    # The listener still accepts, and nobody took the connection.
+    listener.setblocking(True)
+    listener.settimeout(5)
+    with socket.create_connection(listener.getsockname(), timeout=5):
+        conn, _ = listener.accept()
+        conn.close()
+    board.close()
