@@ -45,6 +45,7 @@ LINGER_OCTETS = 1 << 20
 
 _TIMEVAL = struct.Struct("@ll")  # struct timeval, for SO_RCVTIMEO
 _MAX_KERNEL_TIMEOUT = 1e9  # seconds: more would overflow; nobody waits 30 years
+_MSG_DONTWAIT = socket.MSG_DONTWAIT
 
 
 def _timeval(seconds: float) -> bytes:
@@ -105,6 +106,8 @@ class Connection:
         self.interruptible = False
         self.waiting = False
         self.writer = ReplyWriter(self)
+        self.pending = self.writer.pending  # the replies queued (recv sends them)
+        self.timeout = config.timeout
         self.reader = Reader(self, config.timeout,  # DATA's rate needs its grace as a timeout at once
                              config.min_data_rate_grace if config.min_data_rate > 0 else None)
         self.reader.command_deadline = config.command_deadline
@@ -124,10 +127,30 @@ class Connection:
     # -- the socket, as the reader and the writer see it ------------------------
 
     def recv(self, size: int) -> bytes:
-        """Send the queued replies, then block for the client's next bytes."""
-        self.writer.flush()
+        """Send the queued replies, check in, then block for the client's next bytes.
+
+        The replies go out here rather than through the writer's flush: on a
+        plain socket in one non-blocking send (the full-window fallback as in
+        :meth:`sendall`), so a command's round costs one Python call for the way out and in.
+        """
+        pending = self.pending
+        if pending:
+            data = b"".join(pending)  # one reply: the same bytes object, not a copy
+            pending.clear()
+            try:
+                if self.kernel_timeouts:
+                    try:
+                        sent = self.sock.send(data, _MSG_DONTWAIT)
+                    except (BlockingIOError, InterruptedError):
+                        sent = 0  # the send buffer is full right now (EAGAIN): not a client gone, wait for room
+                    if sent < len(data):
+                        self._send_rest(memoryview(data)[sent:])
+                else:
+                    self.sendall(data)
+            except OSError as exc:  # reset, broken pipe, send timeout, TLS error
+                raise ClientGone(str(exc)) from None
         if self.check_in is not None:
-            self.check_in(self.config.timeout)
+            self.check_in(self.timeout)
         if not self.interruptible:
             return self.sock.recv(size)
         self.waiting = True

@@ -1,8 +1,10 @@
 """The reply writer: replies queue up and go out in one send when input runs dry.
 
 With PIPELINING a client may send a batch of commands in one packet; their
-replies are collected here in order and written with a single ``sendall``
-just before the reader would block for more input (RFC 2920 section 3.2).
+replies are collected here in order and written with a single send just
+before the reader would block for more input (RFC 2920 section 3.2): the
+connection's ``recv`` sends the queue itself, :meth:`ReplyWriter.flush` is for
+the other moments (before STARTTLS's handshake, at the end).
 """
 
 from __future__ import annotations
@@ -17,13 +19,12 @@ class ClientGone(Exception):
 class ReplyWriter:
     """Buffers bytes for one client socket and sends them in one go on flush."""
 
-    __slots__ = ("sock", "pending", "sent")
+    __slots__ = ("sock", "pending")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         #: the bytes queued, in order; the same list for the writer's life (the session appends to it)
         self.pending: list[bytes] = []
-        self.sent = 0
 
     def write(self, data: bytes) -> None:
         """Queue bytes for the client; nothing is sent until :meth:`flush`."""
@@ -33,10 +34,9 @@ class ReplyWriter:
         """Send everything queued, in order, in one system call where possible."""
         if not self.pending:
             return
-        data = self.pending[0] if len(self.pending) == 1 else b"".join(self.pending)
+        data = b"".join(self.pending)  # one reply: the same bytes object, not a copy
         self.pending.clear()
         try:
             self.sock.sendall(data)
         except OSError as exc:  # reset, broken pipe, send timeout, TLS error
             raise ClientGone(str(exc)) from None
-        self.sent += len(data)
