@@ -20,6 +20,8 @@ from prefork_esmtp.writer import ClientGone
 
 RECV_SIZE = 65536
 
+_monotonic = time.monotonic
+
 
 class ReadTimeout(Exception):
     """The client sent nothing for the idle timeout."""
@@ -49,6 +51,7 @@ class Reader:
         be needed anyway (the data rate's grace): a read that times out early is only a wake-up,
         and the timeout then need not be shortened (a system call) at the first message."""
         self.sock = sock  # the connection: recv() and settimeout(), as a socket has
+        self._recv = sock.recv
         self.timeout = timeout
         self.buf = b""
         self.pos = 0
@@ -68,6 +71,19 @@ class Reader:
         self._wake_after = None
         if wake_after is not None and wake_after >= 1.0:
             self._wake_after = float(int(wake_after)) if wake_after >= 2.0 else wake_after
+        #: monotonic time before which a read needs no deadline arithmetic (see _replan), and
+        #: the same without a data rate, a command line under way and the socket's timeout
+        self._plain_until = -math.inf
+        self._plain_base = math.inf
+
+    def _replan(self) -> None:
+        """Until when :meth:`readline` may read at once: no data rate, no command line under way,
+        the socket's timeout no longer than the idle timeout, and the session's end more than
+        an idle timeout away (so no read can outlast it); -inf: every read takes the long way."""
+        if self._rate is not None or self._line_deadline is not None or self._current_timeout > self.timeout:
+            self._plain_until = -math.inf
+        else:
+            self._plain_until = self._plain_base
 
     def start_rate(self, octets_per_second: int, grace: float) -> None:
         """From now until :meth:`stop_rate`, require this average rate (after ``grace`` seconds)."""
@@ -75,13 +91,18 @@ class Reader:
             # the clock starts at the transfer's first read (None: _read_timeout sets it), so the
             # start costs no clock reading, nor does a transfer that was buffered already
             self._rate = (float(octets_per_second), None, self.received, grace)
+            self._plain_until = -math.inf
 
     def stop_rate(self) -> None:
         self._rate = None
+        # no command line is under way between DATA and the next command: see _replan
+        self._plain_until = self._plain_base if self._current_timeout <= self.timeout else -math.inf
 
     def limit_session(self, seconds: float) -> None:
         """End the session (SessionTooLong at the next read) ``seconds`` from now; 0: no limit."""
         self.session_deadline = time.monotonic() + seconds if seconds > 0 else None
+        self._plain_base = self.session_deadline - self.timeout if seconds > 0 else math.inf
+        self._replan()
 
     def _read_timeout(self, now: float, timeout: float) -> float:
         """How long the next read may block; the exception of a deadline already past is raised.
@@ -120,6 +141,7 @@ class Reader:
         self.buf, self.pos = b"", 0
         self.sock.settimeout(self.timeout)
         self._current_timeout = self.timeout
+        self._replan()
 
     def timeout_set(self, seconds: float) -> None:
         """Someone else (the PROXY header's read) left the socket's read timeout at most ``seconds``.
@@ -128,12 +150,13 @@ class Reader:
         one owed: an early wake-up, as in :meth:`_fill`), not once more per session.
         """
         self._current_timeout = seconds
+        self._replan()
 
     def pending(self) -> bool:
         """Whether bytes the client sent are buffered and not yet consumed."""
         return self.pos < len(self.buf)
 
-    def _fill(self) -> None:
+    def _fill(self, began: float | None = None) -> None:
         """Block for more input: the idle timeout, shortened by whichever deadline comes first.
 
         The socket's timeout may be shorter than the one owed (never longer): a
@@ -142,10 +165,11 @@ class Reader:
         shrink, rounded down to whole seconds, and a DATA transfer's shorter
         timeout (the minimum data rate) stays for the commands after it while
         they come quickly: no system call per message to put it back.
+        ``began``: when the wait began, if a read since then already woke early.
         """
-        now = time.monotonic()
-        idle_end = now + self.timeout
-        woken = False
+        now = _monotonic()
+        woken = began is not None
+        idle_end = (now if began is None else began) + self.timeout
         while True:
             timeout = idle_end - now if woken else self.timeout
             session_deadline = self.session_deadline
@@ -161,13 +185,14 @@ class Reader:
                         timeout = float(int(timeout))
                     self.sock.settimeout(timeout)
                     self._current_timeout = timeout
-                data = self.sock.recv(RECV_SIZE)
+                    self._replan()
+                data = self._recv(RECV_SIZE)
                 break
             except (TimeoutError, BlockingIOError):  # a Python timeout, or the kernel's (SO_RCVTIMEO)
                 woken = True
             except OSError as exc:
                 raise ClientGone(str(exc)) from None
-            now = time.monotonic()
+            now = _monotonic()
         if not data:
             raise ClientGone("connection closed by client")
         self.received += len(data)
@@ -186,11 +211,42 @@ class Reader:
         whole line must arrive within ``command_deadline`` seconds (when set), so a
         client dripping a byte at a time cannot hold the worker for ``limit`` idle timeouts.
         """
+        if self.pos >= len(self.buf):  # nothing buffered (the common case): read at once
+            now = _monotonic()
+            if now < self._plain_until:  # no deadline within an idle timeout: :meth:`_fill`'s work, inline
+                try:
+                    data = self._recv(RECV_SIZE)
+                except (TimeoutError, BlockingIOError):  # woke early: the long way, from when the wait began
+                    self._fill(now)
+                except OSError as exc:
+                    raise ClientGone(str(exc)) from None
+                else:
+                    if not data:
+                        raise ClientGone("connection closed by client")
+                    self.received += len(data)
+                    self.buf = data
+                    self.pos = 0
+            else:
+                self._fill()
+        buf = self.buf
+        start = self.pos
+        i = buf.find(b"\n", start, start + limit)
+        if i < 0:  # not all here yet, or too long
+            return self._readline_rest(limit)
+        self.pos = i + 1
+        if i > start and buf[i - 1] == 0x0D:  # CRLF
+            self.bare_lf = False
+            return buf[start:i - 1]
+        self.bare_lf = True
+        return buf[start:i]
+
+    def _readline_rest(self, limit: int) -> bytes:
+        """:meth:`readline` when the buffer holds a line's beginning only: read on, within the command deadline."""
         try:
             while True:
                 buf = self.buf
                 start = self.pos
-                if start < len(buf):  # else nothing buffered (the common case): read at once
+                if start < len(buf):
                     end = start + limit
                     i = buf.find(b"\n", start, end)
                     if i >= 0:
@@ -204,10 +260,13 @@ class Reader:
                         self._drain_line()
                         raise LineTooLong()
                     if self._line_deadline is None and self.command_deadline:
-                        self._line_deadline = time.monotonic() + self.command_deadline
+                        self._line_deadline = _monotonic() + self.command_deadline
+                        self._plain_until = -math.inf
                 self._fill()
         finally:
-            self._line_deadline = None
+            if self._line_deadline is not None:
+                self._line_deadline = None
+                self._replan()
 
     def _drain_line(self) -> None:
         """Discard input up to and including the next LF, holding no more than one buffer."""
