@@ -81,6 +81,10 @@ class Session:
         self.refused = False  # CONNECT answered 554: only QUIT is served
         self.tls_next = False  # STARTTLS answered 220: the handshake follows the reply
         self.lmtp = config.protocol == "lmtp"
+        self.reader = conn.reader
+        self.reject_bare_lf = config.command_bare_lf == "reject"
+        self.require_tls = config.require_tls
+        self.forbid_pipelining = config.forbid_unauth_pipelining
         handler = handler_class()
         handler.input_handle = conn.reader
         handler.output_handle = conn.writer
@@ -248,83 +252,110 @@ class Session:
         interim one, only ``disconnect`` applies.
         """
         if reply is not None:
-            code = reply.code
             self.queue(R.wire(reply, verb))
             self.last_reply = (reply, verb)
-            if code >= 400:
-                self.counts[counters.ERROR_REPLIES + min(code, 599) - 400] += 1
-            by_class = counters.BY_VERB.get(verb)
-            if by_class is not None:  # RCPT and AUTH outcomes
-                self.counts[by_class[code // 100]] += 1
-            if code == 421:
-                self.closing = True
-                return
-            if code >= 400 and reply.counts:
-                self.errors += 1
-                if self.errors >= self.config.max_errors:
-                    log.info("too many errors (%d) from %s", self.errors, self.conn.who)
-                    self._answer(R.TOO_MANY_ERRORS.format(self.hostname))
-                    return
-                if self.errors > self.config.soft_error_limit and self.config.error_sleep:
-                    # A wait like a read's, so promised like one: pipelined errors after a pause
-                    # would otherwise add up to a worker taken for stuck.
-                    self.reporter.check_in(max(self.config.timeout, self.config.error_sleep))
-                    time.sleep(self.config.error_sleep)  # the reply is still queued: it goes out late
-            if reply.closes:
-                self.closing = True
+            if verb in counters.BY_VERB:  # RCPT and AUTH outcomes
+                self.counts[counters.BY_VERB[verb][reply.code // 100]] += 1
+            if reply.code >= 400 or reply.closes:  # else nothing to count or act on
+                self._weigh(reply)
         if self.handler.disconnect:
+            self.closing = True
+
+    def _weigh(self, reply: R.Reply | R.HookReply) -> None:
+        """After an error reply or a reply that closes: count it, act on it."""
+        code = reply.code
+        if code >= 400:
+            self.counts[counters.ERROR_REPLIES + min(code, 599) - 400] += 1
+        if code == 421:
+            self.closing = True
+            return
+        if code >= 400 and reply.counts:
+            self.errors += 1
+            if self.errors >= self.config.max_errors:
+                log.info("too many errors (%d) from %s", self.errors, self.conn.who)
+                self._answer(R.TOO_MANY_ERRORS.format(self.hostname))
+                return
+            if self.errors > self.config.soft_error_limit and self.config.error_sleep:
+                # A wait like a read's, so promised like one: pipelined errors after a pause
+                # would otherwise add up to a worker taken for stuck.
+                self.reporter.check_in(max(self.config.timeout, self.config.error_sleep))
+                time.sleep(self.config.error_sleep)  # the reply is still queued: it goes out late
+        if reply.closes:
             self.closing = True
 
     # -- dispatch -------------------------------------------------------------
 
     def _dispatch(self, line: bytes) -> None:
-        """Check a command line, run its verb, write the verb's reply."""
-        if self.conn.reader.bare_lf and self.config.command_bare_lf == "reject":
-            self._refuse(R.BAD_COMMAND_LF, line)
-            return
-        if b"\0" in line or b"\r" in line:
-            self._refuse(R.BAD_CHARACTERS, line)
-            return
-        if line.isascii():
+        """Check a command line, run its verb, write the verb's reply.
+
+        The common line (ASCII, no NUL or CR, not refused for a bare LF) takes
+        the straight path; any other goes through :meth:`_decode` first.
+        """
+        if not line.isascii() or b"\0" in line or b"\r" in line or self.reader.bare_lf and self.reject_bare_lf:
+            text = self._decode(line)
+            if text is None:
+                return
+        else:
             text = line.decode("ascii")
-        else:
-            verb = line[:5].upper()
-            if verb not in (b"MAIL ", b"RCPT "):
-                self._refuse(R.BAD_CHARACTERS, line)
-                return
-            try:
-                text = line.decode("utf-8")
-            except UnicodeDecodeError:
-                self._answer(R.BAD_UTF8)
-                return
-        text = text.rstrip(" \t")
-        verb, _, arg = text.partition(" ")
-        verb = verb.upper()
-        if self.refused and verb != "QUIT":
-            self._refuse(R.REJECTED_SESSION, line)
-            return
-        if self.config.require_tls and self.state.tls is None and verb not in BEFORE_TLS:
-            self._refuse(R.TLS_REQUIRED, line)
-            return
-        if verb in JUNK:
-            self.junk += 1
-            if self.junk > self.config.max_junk_commands:
-                log.info("too many junk commands from %s", self.conn.who)
-                self._answer(R.TOO_MANY_JUNK.format(self.hostname))
-                return
+        verb, _, arg = text.rstrip(" \t").partition(" ")
         entry = _COMMANDS.get(verb)
+        if entry is None:  # a verb in lower or mixed case, or no verb of ours
+            verb = verb.upper()
+            entry = _COMMANDS.get(verb)
+        if self.refused and verb != "QUIT" or self.require_tls and self.state.tls is None and verb not in BEFORE_TLS:
+            self._refuse(R.REJECTED_SESSION if self.refused else R.TLS_REQUIRED, line)
+            return
         if entry is None:  # the enhanced code then follows UNKNOWN, never the client's word
-            verb, reply = "UNKNOWN", R.call_hook(self.handler, "UNKNOWN", self.conn.who, text)
+            verb, reply = "UNKNOWN", R.call_hook(self.handler, "UNKNOWN", self.conn.who, text.rstrip(" \t"))
         else:
-            method, of_transaction = entry
+            method, of_transaction, junk = entry
+            if junk and self._too_much_junk():
+                return
             reply = method(self.transaction if of_transaction else self, arg.strip(" \t"))
         self._answer(reply, verb)
+        if self.tls_next or self.forbid_pipelining:
+            self._after_reply(verb)
+
+    def _decode(self, line: bytes) -> str | None:
+        """A command line that is not plain ASCII, or holds NUL or CR, or ends in a refused bare LF.
+
+        Its text (UTF-8 for MAIL and RCPT only), or None once it is refused.
+        """
+        if self.reader.bare_lf and self.reject_bare_lf:
+            self._refuse(R.BAD_COMMAND_LF, line)
+            return None
+        if b"\0" in line or b"\r" in line:
+            self._refuse(R.BAD_CHARACTERS, line)
+            return None
+        if line.isascii():
+            return line.decode("ascii")
+        verb = line[:5].upper()
+        if verb not in (b"MAIL ", b"RCPT "):
+            self._refuse(R.BAD_CHARACTERS, line)
+            return None
+        try:
+            return line.decode("utf-8")
+        except UnicodeDecodeError:
+            self._answer(R.BAD_UTF8)
+            return None
+
+    def _too_much_junk(self) -> bool:
+        """Count a command that moves no mail; past max_junk_commands answer 421 (and say True)."""
+        self.junk += 1
+        if self.junk > self.config.max_junk_commands:
+            log.info("too many junk commands from %s", self.conn.who)
+            self._answer(R.TOO_MANY_JUNK.format(self.hostname))
+            return True
+        return False
+
+    def _after_reply(self, verb: str) -> None:
+        """Once a reply is written: STARTTLS's handshake; a pipelined group that did not end."""
         if self.tls_next:
             self.tls_next = False
             if not self.closing and self._start_tls():
                 self.state.forget_greeting()  # RFC 3207 4.2: forget everything said before TLS
                 self.transaction.reset()
-        if verb in GROUP_ENDERS and verb != "DATA" and self.config.forbid_unauth_pipelining and not self.closing \
+        if verb in GROUP_ENDERS and verb != "DATA" and self.forbid_pipelining and not self.closing \
                 and self.conn.pipelined_early(self.state.auth_user is not None):
             self._answer(R.PIPELINING_ABUSE.format(self.hostname))
 
@@ -472,12 +503,14 @@ class Session:
 _EXTENSIONS: dict[tuple[Any, ...], list[str]] = {}
 _EXTENSIONS_MAX = 64
 
-#: The dispatch table: verb -> (its method, whether a method of the session's Transaction
-#: rather than of the Session); the transaction's verbs go to it without a hop.
-_COMMANDS: dict[str, tuple[Callable[[Any, str], R.Answer], bool]] = {
-    **{name[5:]: (getattr(Session, name), False) for name in dir(Session) if name.startswith("smtp_")},
-    "MAIL": (Transaction.mail, True),
-    "RCPT": (Transaction.rcpt, True),
-    "DATA": (Transaction.data, True),
-    "BDAT": (Transaction.bdat, True),
+#: The dispatch table: verb (upper case) -> (its method, whether a method of the session's
+#: Transaction rather than of the Session, whether a junk command); the transaction's verbs go
+#: to it without a hop.
+_COMMANDS: dict[str, tuple[Callable[[Any, str], R.Answer], bool, bool]] = {
+    **{name[5:]: (getattr(Session, name), False, name[5:] in JUNK) for name in dir(Session) if name.startswith("smtp_")},
+    "MAIL": (Transaction.mail, True, False),
+    "RCPT": (Transaction.rcpt, True, False),
+    "DATA": (Transaction.data, True, False),
+    "BDAT": (Transaction.bdat, True, False),
 }
+assert JUNK <= _COMMANDS.keys()
