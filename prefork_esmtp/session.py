@@ -93,6 +93,8 @@ class Session:
         handler._esmtp_check_in = reporter.check_in
         attach(handler, self.state)
         self.handler = handler
+        #: the base handler's constant replies for the hooks this handler did not override
+        self.fixed = R.FIXED.get(handler_class) or R.fixed_replies(handler_class)
         self.transaction = Transaction(handler, self.state, conn, config, self.limits)
         self.auth = Auth(handler, self.state, conn, config)
 
@@ -224,7 +226,9 @@ class Session:
 
     def _greet(self) -> None:
         """CONNECT's reply with the hostname first: 220, 554 (only QUIT served) or 421 (close)."""
-        reply = R.call_hook(self.handler, "CONNECT", self.conn.who)
+        reply = self.fixed.get("CONNECT")
+        if reply is None or "CONNECT" in self.handler.__dict__:
+            reply = R.call_hook(self.handler, "CONNECT", self.conn.who)
         code, lines = reply.code, reply.lines or [""]
         if reply is R.HOOK_FAILED:
             code = 421
@@ -476,15 +480,23 @@ class Session:
         if arg:
             return R.SYNTAX_NOARGS.format("RSET")
         self.transaction.reset()
-        return R.call_hook(self.handler, "RSET", self.conn.who)
+        reply = self.fixed.get("RSET")
+        if reply is None or "RSET" in self.handler.__dict__:
+            reply = R.call_hook(self.handler, "RSET", self.conn.who)
+        return reply
 
     def smtp_NOOP(self, arg: str) -> R.Answer:
-        return R.call_hook(self.handler, "NOOP", self.conn.who)
+        reply = self.fixed.get("NOOP")
+        if reply is None or "NOOP" in self.handler.__dict__:
+            reply = R.call_hook(self.handler, "NOOP", self.conn.who)
+        return reply
 
     def smtp_QUIT(self, arg: str) -> R.Answer:
         if arg:
             return R.SYNTAX_NOARGS.format("QUIT")
-        reply = R.call_hook(self.handler, "QUIT", self.conn.who)
+        reply = self.fixed.get("QUIT")
+        if reply is None or "QUIT" in self.handler.__dict__:
+            reply = R.call_hook(self.handler, "QUIT", self.conn.who)
         self.closing = self.quit = True
         return reply
 

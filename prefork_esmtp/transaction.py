@@ -45,6 +45,8 @@ class Transaction:
     def __init__(self, handler: Any, state: ConnectionState, conn: Connection, config: Config,
                  limits: Limits | None = None) -> None:
         self.handler = handler
+        #: the base handler's constant replies for the hooks this handler did not override
+        self.fixed = R.FIXED.get(type(handler)) or R.fixed_replies(type(handler))
         self.limits = limits if limits is not None else Limits(config)
         self.state = state
         self.conn = conn
@@ -189,7 +191,9 @@ class Transaction:
             problem = R.BINARYMIME_NEEDS_BDAT
         if problem is not None:
             return problem
-        reply = R.call_hook(self.handler, "DATA", self.conn.who)
+        reply = self.fixed.get("DATA")
+        if reply is None or "DATA" in self.handler.__dict__:
+            reply = R.call_hook(self.handler, "DATA", self.conn.who)
         if reply.code != 354:
             return reply
         conn = self.conn
@@ -307,6 +311,9 @@ class Transaction:
 
     def _eom(self, count: int) -> R.HookReply | R.Reply | list[R.HookReply]:
         """Call EOM: one reply for the message, or a list with one per recipient."""
+        reply = self.fixed.get("EOM")
+        if reply is not None and "EOM" not in self.handler.__dict__:
+            return reply
         try:
             result = self.handler.EOM()
             if isinstance(result, list):
