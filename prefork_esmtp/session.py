@@ -29,7 +29,7 @@ from prefork_esmtp.logs import Event, address
 from prefork_esmtp.reader import CommandTooSlow, DataTooSlow, LineTooLong, ReadTimeout, SessionTooLong
 from prefork_esmtp.reporter import NO_REPORTER, Reporter
 from prefork_esmtp.settings import Config
-from prefork_esmtp.state import ConnectionState, attach
+from prefork_esmtp.state import ConnectionState
 from prefork_esmtp.transaction import Transaction, bdat_arguments
 from prefork_esmtp.writer import ClientGone
 
@@ -53,6 +53,17 @@ class Session:
     ``local``: our address, when the caller knows it (else the socket is asked).
     """
 
+    # What a new session starts with (class-level, so each session sets only what differs).
+    counted_ip: str | None = None  # counted by the per-address session limit: forget at the end
+    end = ""  # why the session ended, for its log line (else: quit, or closed by us)
+    last_reply: tuple[R.Reply | R.HookReply, str] | None = None  # and its verb
+    errors = 0
+    junk = 0
+    closing = False
+    quit = False  # close without lingering: the client said QUIT, or TLS failed
+    refused = False  # CONNECT answered 554: only QUIT is served
+    tls_next = False  # STARTTLS answered 220: the handshake follows the reply
+
     def __init__(self, sock: socket.socket, peer: Any, handler_class: type, config: Config,
                  stopping: Callable[[], bool] = lambda: False, reporter: Reporter = NO_REPORTER, *,
                  tls_context: ssl.SSLContext | None = None, implicit_tls: bool = False,
@@ -63,7 +74,6 @@ class Session:
         self.tls_context = tls_context
         self.implicit_tls = implicit_tls
         self.limits = limits if limits is not None else Limits(config, reporter.sessions_from)
-        self.counted_ip: str | None = None  # counted by the per-address session limit: forget at the end
         self.reporter = reporter
         self.counts = counters.current.values
         self.counts[counters.SESSIONS] += 1
@@ -72,14 +82,6 @@ class Session:
         self.queue = conn.writer.pending.append  # the writer's queue (ReplyWriter.write, without the call)
         self.state = ConnectionState(peer=conn.peer, local=conn.local, hostname=config.hostname,
                                      session_id=f"{random.getrandbits(48):012X}")
-        self.end = ""  # why the session ended, for its log line (else: quit, or closed by us)
-        self.last_reply: tuple[R.Reply | R.HookReply, str] | None = None  # and its verb
-        self.errors = 0
-        self.junk = 0
-        self.closing = False
-        self.quit = False  # close without lingering: the client said QUIT, or TLS failed
-        self.refused = False  # CONNECT answered 554: only QUIT is served
-        self.tls_next = False  # STARTTLS answered 220: the handshake follows the reply
         self.lmtp = config.protocol == "lmtp"
         self.reader = conn.reader
         self.reject_bare_lf = config.command_bare_lf == "reject"
@@ -91,7 +93,7 @@ class Session:
         handler.disconnect = False
         handler.chunkmode = False
         handler._esmtp_check_in = reporter.check_in
-        attach(handler, self.state)
+        handler._esmtp_state = self.state  # state.attach's work, without the call
         self.handler = handler
         #: the base handler's constant replies for the hooks this handler did not override
         self.fixed = R.FIXED.get(handler_class) or R.fixed_replies(handler_class)
@@ -116,16 +118,17 @@ class Session:
                     self.end = "stopping"
                     self._answer(R.SHUTTING_DOWN.format(self.hostname))
                     break
+                conn.interruptible = idle  # a stop may end the wait for a command outside a transaction
                 try:
-                    conn.interruptible = idle  # a stop may end the wait for a command outside a transaction
-                    try:
-                        line = reader.readline(limit)
-                    finally:
-                        conn.interruptible = False
-                except LineTooLong:
+                    line = reader.readline(limit)
+                except BaseException as exc:
+                    conn.interruptible = False
+                    if not isinstance(exc, LineTooLong):
+                        raise
                     self._answer(R.LINE_TOO_LONG)
-                else:
-                    self._dispatch(line)
+                    continue
+                conn.interruptible = False
+                self._dispatch(line)
             linger = not self.quit
         except StopSession:
             self.end = "stopping"

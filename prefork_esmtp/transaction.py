@@ -25,7 +25,7 @@ from prefork_esmtp.logs import Event
 from prefork_esmtp.logs import address as peer_text
 from prefork_esmtp.limits import Limits
 from prefork_esmtp.settings import Config
-from prefork_esmtp.state import ConnectionState, Envelope, attach
+from prefork_esmtp.state import ConnectionState, Envelope
 
 log = logging.getLogger("prefork_esmtp.session")
 
@@ -42,6 +42,11 @@ def bdat_arguments(arg: str) -> tuple[int, bool] | None:
 class Transaction:
     """The envelope and the message under way for one session."""
 
+    # What a new session starts with (class-level, so each session sets only what differs).
+    intake: MessageIntake | None = None  # a BDAT message under way
+    started: float | None = None  # when MAIL was accepted; None: no transaction to log
+    number = messages_accepted = messages_refused = 0  # this session's transactions, messages
+
     def __init__(self, handler: Any, state: ConnectionState, conn: Connection, config: Config,
                  limits: Limits | None = None) -> None:
         self.handler = handler
@@ -51,15 +56,11 @@ class Transaction:
         self.state = state
         self.conn = conn
         self.config = config
-        self.envelope = Envelope()
-        self.intake: MessageIntake | None = None  # a BDAT message under way
+        self.envelope = handler._esmtp_envelope = Envelope()  # state.attach's work, without the call
         #: the recipients RCPT accepted, as the engine counts them: the handler may change
         #: the list behind env_recipients, the number of replies owed must not follow it
         self.accepted: list[str] = []
-        attach(handler, envelope=self.envelope)
         self.counts = counters.current.values
-        self.started: float | None = None  # when MAIL was accepted; None: no transaction to log
-        self.number = self.messages_accepted = self.messages_refused = 0  # this session's transactions, messages
 
     @property
     def active(self) -> bool:
