@@ -41,6 +41,8 @@ GROUP_ENDERS = frozenset({"EHLO", "HELO", "LHLO", "DATA", "VRFY", "EXPN", "QUIT"
 JUNK = frozenset({"NOOP", "RSET", "VRFY", "EXPN", "HELP"})
 #: What require_tls still allows before TLS.
 BEFORE_TLS = frozenset({"EHLO", "NOOP", "STARTTLS", "QUIT"})
+#: A HookReply from all its fields, without the NamedTuple's Python-level __new__.
+_new_reply = tuple.__new__
 
 
 class Session:
@@ -245,7 +247,7 @@ class Session:
             log.info("%s talked before the greeting", self.conn.who)
             self._answer(R.PIPELINING_ABUSE.format(self.hostname))
             return
-        self._answer(R.HookReply(code, lines, counts=False), "CONNECT")
+        self._answer(_new_reply(R.HookReply, (code, lines, False)), "CONNECT")
 
     # -- replies --------------------------------------------------------------
 
@@ -414,7 +416,7 @@ class Session:
         lines[0] = f"{self.hostname} {lines[0]}".rstrip()
         if verb == "EHLO":
             lines = self._with_extensions(lines)
-        return R.HookReply(reply.code, lines, reply.counts)
+        return _new_reply(R.HookReply, (reply.code, lines, reply.counts))
 
     def _with_extensions(self, lines: list[str]) -> list[str]:
         """Append the engine's extension keywords the handler did not list itself.
