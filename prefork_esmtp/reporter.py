@@ -14,6 +14,7 @@ from typing import Any
 
 from setproctitle import setproctitle
 
+from prefork_esmtp.logs import address
 from prefork_esmtp.scoreboard import BUSY, IDLE, Scoreboard
 
 class Reporter:
@@ -89,7 +90,7 @@ class ScoreboardReporter(Reporter):
     def busy(self, peer: Any) -> None:
         self.idle_at = None
         if isinstance(peer, tuple):
-            peer_text = f"{peer[0]}:{peer[1]}"
+            peer_text = address(peer)
             title = f"{self.title}busy {peer_text}, {self.sessions} sessions"
         else:
             peer_text, title = "", f"{self.title}busy, {self.sessions} sessions"

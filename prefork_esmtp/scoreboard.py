@@ -239,10 +239,11 @@ class Scoreboard:
 
     def sessions_from(self, ip: str) -> int:
         """How many busy workers serve a client at ``ip`` (the per-IP session limit)."""
+        prefix = f"[{ip}]:" if ":" in ip else f"{ip}:"  # as the worker wrote it (logs.address)
         count = 0
         for index in range(self.nslots):
             slot = self.slot(index)
-            if slot.state == BUSY and slot.peer.rpartition(":")[0] == ip:
+            if slot.state == BUSY and slot.peer.startswith(prefix):
                 count += 1
         return count
 

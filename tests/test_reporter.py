@@ -54,6 +54,20 @@ def test_busy_idle_and_served_reach_the_slot(board):
         os.close(wake_w)
 
 
+def test_an_ipv6_client_is_written_in_brackets_and_counted_by_its_address(board):
+    """Status, titles and the per-IP limit read ``[v6]:port`` as the logs write it, never ``::1:port``."""
+    reporter = ScoreboardReporter(board, 2, 7, os.getppid(), idle_expect=1.0, busy_expect=300.0)
+    reporter.busy(("2001:db8::7", 4000, 0, 0))
+    assert board.slot(2).peer == "[2001:db8::7]:4000"
+    assert getproctitle() == "prefork-esmtp: worker [gen 7] busy [2001:db8::7]:4000, 0 sessions"
+    assert reporter.sessions_from("2001:db8::7") == 1
+    assert reporter.sessions_from("2001:db8:") == 0  # a prefix of the address is not the address
+    assert reporter.sessions_from("2001:db8::") == 0
+    reporter.busy(("192.0.2.70", 4000))
+    assert reporter.sessions_from("192.0.2.7") == 0
+    assert reporter.sessions_from("192.0.2.70") == 1
+
+
 def test_master_alive_is_the_parent_check(board):
     assert ScoreboardReporter(board, 2, 7, os.getppid(), idle_expect=1.0, busy_expect=300.0).master_alive()
     assert not ScoreboardReporter(board, 2, 7, os.getpid(), idle_expect=1.0, busy_expect=300.0).master_alive()

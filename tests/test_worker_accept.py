@@ -67,19 +67,28 @@ def test_a_wildcard_listener_asks_each_connection_for_its_address():
         sock.close()
 
 
-@pytest.mark.parametrize("host, bound", [("127.0.0.1", True), ("0.0.0.0", False), ("::1", True), ("::", False)])
-def test_bound_address_only_for_one_address(host, bound):
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+def _listening(family: int, host: str, option: tuple[int, int] | None = None) -> socket.socket:
+    """A listener on ``host`` (with a socket option set to 1 before binding); skipped where the
+    machine has no such family or the option needs a privilege it lacks."""
     try:
         sock = socket.socket(family, socket.SOCK_STREAM)
     except OSError:
         pytest.skip(f"no {family.name} here")
-    with sock:
-        try:
-            sock.bind((host, 0))
-        except OSError:
-            pytest.skip(f"cannot bind {host}")
-        sock.listen(1)
+    try:
+        if option is not None:
+            sock.setsockopt(*option, 1)
+        sock.bind((host, 0))
+    except OSError as exc:
+        sock.close()
+        pytest.skip(f"cannot listen on {host} with {option}: {exc}")
+    sock.listen(1)
+    return sock
+
+
+@pytest.mark.parametrize("host, bound", [("127.0.0.1", True), ("0.0.0.0", False), ("::1", True), ("::", False)])
+def test_bound_address_only_for_one_address(host, bound):
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with _listening(family, host) as sock:
         expected = sock.getsockname()[:2] if bound else None
         assert _bound_address(sock) == expected
 
@@ -96,17 +105,7 @@ def test_a_unix_listener_has_no_bound_address(tmp_path):
 def test_a_transparent_listener_asks_each_connection_for_its_address(family, host, level, option):
     """IP_TRANSPARENT (a TPROXY listener, systemd's Transparent=yes) accepts connections made to
     other addresses than its own: its address is not every connection's."""
-    try:
-        sock = socket.socket(family, socket.SOCK_STREAM)
-    except OSError:
-        pytest.skip(f"no {family.name} here")
-    with sock:
-        try:
-            sock.setsockopt(level, option, 1)
-            sock.bind((host, 0))
-        except OSError as exc:
-            pytest.skip(f"cannot make a transparent listener here: {exc}")
-        sock.listen(1)
+    with _listening(family, host, (level, option)) as sock:
         assert _bound_address(sock) is None
         (peer, local), (client_side, server_side) = _one_session(sock, sock.getsockname()[:2])
         assert local == server_side
