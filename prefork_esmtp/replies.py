@@ -125,8 +125,8 @@ TOO_MANY_ERRORS = Reply(421, "4.7.0", "%s Error: too many errors")
 LMTP_NEEDS_LHLO = Reply(500, "5.5.1", "Error: this is an LMTP server; say LHLO")
 SHUTTING_DOWN = Reply(421, "4.3.2", "%s Service shutting down, closing connection")
 
-#: The replies above, whose framed bytes wire() keeps.
-_CONSTANTS = frozenset(value for value in tuple(globals().values()) if type(value) is Reply)
+#: The replies above (and the base handler's fixed replies), whose framed bytes wire() keeps.
+_CONSTANTS = {value for value in tuple(globals().values()) if type(value) is Reply}
 
 _ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}(?= |$)")
 
@@ -260,6 +260,42 @@ def call_hook(handler: Any, hook: str, who: str, *args: Any) -> HookReply | Repl
         log.exception("%s hook raised (client %s)", hook, who)
     counters.hook_failed(hook)
     return HOOK_FAILED
+
+
+#: The base handler's hooks whose reply is a constant, with arguments for a call that shows it.
+_FIXED_HOOKS: dict[str, tuple[Any, ...]] = {
+    "CONNECT": (), "HELO": ("client.example",), "DATA": (), "EOM": (), "NOOP": (), "RSET": (), "QUIT": (),
+    "VRFY": ("someone",), "EXPN": ("list",), "STARTTLS": (),
+}
+#: fixed_replies by handler class (bounded: classes are few, but a test may make many).
+FIXED: dict[type, dict[str, Reply]] = {}
+_FIXED_MAX = 64
+
+
+def fixed_replies(cls: type) -> dict[str, Reply]:
+    """The replies of the hooks ``cls`` takes unchanged from the base handler, by hook name.
+
+    Those hooks return a constant and do nothing else, so the engine may use
+    the reply without the call (unless the handler object has its own
+    attribute of that name): the same bytes on the wire, the reply framed once.
+    """
+    fixed = FIXED.get(cls)
+    if fixed is not None:
+        return fixed
+    from prefork_esmtp.handler import ESMTPHandler  # the handler module needs nothing of this one
+
+    base = ESMTPHandler()
+    fixed = {}
+    for hook, args in _FIXED_HOOKS.items():
+        own = ESMTPHandler.__dict__[hook]
+        if getattr(cls, hook, None) is own:
+            reply = normalize(own(base, *args))
+            if len(reply.lines) == 1:
+                fixed[hook] = Reply(reply.code, "", reply.lines[0])
+                _CONSTANTS.add(fixed[hook])
+    if len(FIXED) < _FIXED_MAX:
+        FIXED[cls] = fixed
+    return fixed
 
 
 def format_reply(code: int, lines: list[str], enhanced: str | None) -> bytes:

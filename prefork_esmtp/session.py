@@ -29,7 +29,7 @@ from prefork_esmtp.logs import Event, address
 from prefork_esmtp.reader import CommandTooSlow, DataTooSlow, LineTooLong, ReadTimeout, SessionTooLong
 from prefork_esmtp.reporter import NO_REPORTER, Reporter
 from prefork_esmtp.settings import Config
-from prefork_esmtp.state import ConnectionState, attach
+from prefork_esmtp.state import ConnectionState
 from prefork_esmtp.transaction import Transaction, bdat_arguments
 from prefork_esmtp.writer import ClientGone
 
@@ -41,6 +41,8 @@ GROUP_ENDERS = frozenset({"EHLO", "HELO", "LHLO", "DATA", "VRFY", "EXPN", "QUIT"
 JUNK = frozenset({"NOOP", "RSET", "VRFY", "EXPN", "HELP"})
 #: What require_tls still allows before TLS.
 BEFORE_TLS = frozenset({"EHLO", "NOOP", "STARTTLS", "QUIT"})
+#: A HookReply from all its fields, without the NamedTuple's Python-level __new__.
+_new_reply = tuple.__new__
 
 
 class Session:
@@ -53,6 +55,17 @@ class Session:
     ``local``: our address, when the caller knows it (else the socket is asked).
     """
 
+    # What a new session starts with (class-level, so each session sets only what differs).
+    counted_ip: str | None = None  # counted by the per-address session limit: forget at the end
+    end = ""  # why the session ended, for its log line (else: quit, or closed by us)
+    last_reply: tuple[R.Reply | R.HookReply, str] | None = None  # and its verb
+    errors = 0
+    junk = 0
+    closing = False
+    quit = False  # close without lingering: the client said QUIT, or TLS failed
+    refused = False  # CONNECT answered 554: only QUIT is served
+    tls_next = False  # STARTTLS answered 220: the handshake follows the reply
+
     def __init__(self, sock: socket.socket, peer: Any, handler_class: type, config: Config,
                  stopping: Callable[[], bool] = lambda: False, reporter: Reporter = NO_REPORTER, *,
                  tls_context: ssl.SSLContext | None = None, implicit_tls: bool = False,
@@ -63,7 +76,6 @@ class Session:
         self.tls_context = tls_context
         self.implicit_tls = implicit_tls
         self.limits = limits if limits is not None else Limits(config, reporter.sessions_from)
-        self.counted_ip: str | None = None  # counted by the per-address session limit: forget at the end
         self.reporter = reporter
         self.counts = counters.current.values
         self.counts[counters.SESSIONS] += 1
@@ -72,23 +84,21 @@ class Session:
         self.queue = conn.writer.pending.append  # the writer's queue (ReplyWriter.write, without the call)
         self.state = ConnectionState(peer=conn.peer, local=conn.local, hostname=config.hostname,
                                      session_id=f"{random.getrandbits(48):012X}")
-        self.end = ""  # why the session ended, for its log line (else: quit, or closed by us)
-        self.last_reply: tuple[R.Reply | R.HookReply, str] | None = None  # and its verb
-        self.errors = 0
-        self.junk = 0
-        self.closing = False
-        self.quit = False  # close without lingering: the client said QUIT, or TLS failed
-        self.refused = False  # CONNECT answered 554: only QUIT is served
-        self.tls_next = False  # STARTTLS answered 220: the handshake follows the reply
         self.lmtp = config.protocol == "lmtp"
+        self.reader = conn.reader
+        self.reject_bare_lf = config.command_bare_lf == "reject"
+        self.require_tls = config.require_tls
+        self.forbid_pipelining = config.forbid_unauth_pipelining
         handler = handler_class()
         handler.input_handle = conn.reader
         handler.output_handle = conn.writer
         handler.disconnect = False
         handler.chunkmode = False
         handler._esmtp_check_in = reporter.check_in
-        attach(handler, self.state)
+        handler._esmtp_state = self.state  # state.attach's work, without the call
         self.handler = handler
+        #: the base handler's constant replies for the hooks this handler did not override
+        self.fixed = R.FIXED.get(handler_class) or R.fixed_replies(handler_class)
         self.transaction = Transaction(handler, self.state, conn, config, self.limits)
         self.auth = Auth(handler, self.state, conn, config)
 
@@ -110,16 +120,17 @@ class Session:
                     self.end = "stopping"
                     self._answer(R.SHUTTING_DOWN.format(self.hostname))
                     break
+                conn.interruptible = idle  # a stop may end the wait for a command outside a transaction
                 try:
-                    conn.interruptible = idle  # a stop may end the wait for a command outside a transaction
-                    try:
-                        line = reader.readline(limit)
-                    finally:
-                        conn.interruptible = False
-                except LineTooLong:
+                    line = reader.readline(limit)
+                except BaseException as exc:
+                    conn.interruptible = False
+                    if not isinstance(exc, LineTooLong):
+                        raise
                     self._answer(R.LINE_TOO_LONG)
-                else:
-                    self._dispatch(line)
+                    continue
+                conn.interruptible = False
+                self._dispatch(line)
             linger = not self.quit
         except StopSession:
             self.end = "stopping"
@@ -220,7 +231,9 @@ class Session:
 
     def _greet(self) -> None:
         """CONNECT's reply with the hostname first: 220, 554 (only QUIT served) or 421 (close)."""
-        reply = R.call_hook(self.handler, "CONNECT", self.conn.who)
+        reply = self.fixed.get("CONNECT")
+        if reply is None or "CONNECT" in self.handler.__dict__:
+            reply = R.call_hook(self.handler, "CONNECT", self.conn.who)
         code, lines = reply.code, reply.lines or [""]
         if reply is R.HOOK_FAILED:
             code = 421
@@ -234,7 +247,7 @@ class Session:
             log.info("%s talked before the greeting", self.conn.who)
             self._answer(R.PIPELINING_ABUSE.format(self.hostname))
             return
-        self._answer(R.HookReply(code, lines, counts=False), "CONNECT")
+        self._answer(_new_reply(R.HookReply, (code, lines, False)), "CONNECT")
 
     # -- replies --------------------------------------------------------------
 
@@ -248,83 +261,110 @@ class Session:
         interim one, only ``disconnect`` applies.
         """
         if reply is not None:
-            code = reply.code
             self.queue(R.wire(reply, verb))
             self.last_reply = (reply, verb)
-            if code >= 400:
-                self.counts[counters.ERROR_REPLIES + min(code, 599) - 400] += 1
-            by_class = counters.BY_VERB.get(verb)
-            if by_class is not None:  # RCPT and AUTH outcomes
-                self.counts[by_class[code // 100]] += 1
-            if code == 421:
-                self.closing = True
-                return
-            if code >= 400 and reply.counts:
-                self.errors += 1
-                if self.errors >= self.config.max_errors:
-                    log.info("too many errors (%d) from %s", self.errors, self.conn.who)
-                    self._answer(R.TOO_MANY_ERRORS.format(self.hostname))
-                    return
-                if self.errors > self.config.soft_error_limit and self.config.error_sleep:
-                    # A wait like a read's, so promised like one: pipelined errors after a pause
-                    # would otherwise add up to a worker taken for stuck.
-                    self.reporter.check_in(max(self.config.timeout, self.config.error_sleep))
-                    time.sleep(self.config.error_sleep)  # the reply is still queued: it goes out late
-            if reply.closes:
-                self.closing = True
+            if verb in counters.BY_VERB:  # RCPT and AUTH outcomes
+                self.counts[counters.BY_VERB[verb][reply.code // 100]] += 1
+            if reply.code >= 400 or reply.closes:  # else nothing to count or act on
+                self._weigh(reply)
         if self.handler.disconnect:
+            self.closing = True
+
+    def _weigh(self, reply: R.Reply | R.HookReply) -> None:
+        """After an error reply or a reply that closes: count it, act on it."""
+        code = reply.code
+        if code >= 400:
+            self.counts[counters.ERROR_REPLIES + min(code, 599) - 400] += 1
+        if code == 421:
+            self.closing = True
+            return
+        if code >= 400 and reply.counts:
+            self.errors += 1
+            if self.errors >= self.config.max_errors:
+                log.info("too many errors (%d) from %s", self.errors, self.conn.who)
+                self._answer(R.TOO_MANY_ERRORS.format(self.hostname))
+                return
+            if self.errors > self.config.soft_error_limit and self.config.error_sleep:
+                # A wait like a read's, so promised like one: pipelined errors after a pause
+                # would otherwise add up to a worker taken for stuck.
+                self.reporter.check_in(max(self.config.timeout, self.config.error_sleep))
+                time.sleep(self.config.error_sleep)  # the reply is still queued: it goes out late
+        if reply.closes:
             self.closing = True
 
     # -- dispatch -------------------------------------------------------------
 
     def _dispatch(self, line: bytes) -> None:
-        """Check a command line, run its verb, write the verb's reply."""
-        if self.conn.reader.bare_lf and self.config.command_bare_lf == "reject":
-            self._refuse(R.BAD_COMMAND_LF, line)
-            return
-        if b"\0" in line or b"\r" in line:
-            self._refuse(R.BAD_CHARACTERS, line)
-            return
-        if line.isascii():
+        """Check a command line, run its verb, write the verb's reply.
+
+        The common line (ASCII, no NUL or CR, not refused for a bare LF) takes
+        the straight path; any other goes through :meth:`_decode` first.
+        """
+        if not line.isascii() or b"\0" in line or b"\r" in line or self.reader.bare_lf and self.reject_bare_lf:
+            text = self._decode(line)
+            if text is None:
+                return
+        else:
             text = line.decode("ascii")
-        else:
-            verb = line[:5].upper()
-            if verb not in (b"MAIL ", b"RCPT "):
-                self._refuse(R.BAD_CHARACTERS, line)
-                return
-            try:
-                text = line.decode("utf-8")
-            except UnicodeDecodeError:
-                self._answer(R.BAD_UTF8)
-                return
-        text = text.rstrip(" \t")
-        verb, _, arg = text.partition(" ")
-        verb = verb.upper()
-        if self.refused and verb != "QUIT":
-            self._refuse(R.REJECTED_SESSION, line)
-            return
-        if self.config.require_tls and self.state.tls is None and verb not in BEFORE_TLS:
-            self._refuse(R.TLS_REQUIRED, line)
-            return
-        if verb in JUNK:
-            self.junk += 1
-            if self.junk > self.config.max_junk_commands:
-                log.info("too many junk commands from %s", self.conn.who)
-                self._answer(R.TOO_MANY_JUNK.format(self.hostname))
-                return
+        verb, _, arg = text.rstrip(" \t").partition(" ")
         entry = _COMMANDS.get(verb)
+        if entry is None:  # a verb in lower or mixed case, or no verb of ours
+            verb = verb.upper()
+            entry = _COMMANDS.get(verb)
+        if self.refused and verb != "QUIT" or self.require_tls and self.state.tls is None and verb not in BEFORE_TLS:
+            self._refuse(R.REJECTED_SESSION if self.refused else R.TLS_REQUIRED, line)
+            return
         if entry is None:  # the enhanced code then follows UNKNOWN, never the client's word
-            verb, reply = "UNKNOWN", R.call_hook(self.handler, "UNKNOWN", self.conn.who, text)
+            verb, reply = "UNKNOWN", R.call_hook(self.handler, "UNKNOWN", self.conn.who, text.rstrip(" \t"))
         else:
-            method, of_transaction = entry
+            method, of_transaction, junk = entry
+            if junk and self._too_much_junk():
+                return
             reply = method(self.transaction if of_transaction else self, arg.strip(" \t"))
         self._answer(reply, verb)
+        if self.tls_next or self.forbid_pipelining:
+            self._after_reply(verb)
+
+    def _decode(self, line: bytes) -> str | None:
+        """A command line that is not plain ASCII, or holds NUL or CR, or ends in a refused bare LF.
+
+        Its text (UTF-8 for MAIL and RCPT only), or None once it is refused.
+        """
+        if self.reader.bare_lf and self.reject_bare_lf:
+            self._refuse(R.BAD_COMMAND_LF, line)
+            return None
+        if b"\0" in line or b"\r" in line:
+            self._refuse(R.BAD_CHARACTERS, line)
+            return None
+        if line.isascii():
+            return line.decode("ascii")
+        verb = line[:5].upper()
+        if verb not in (b"MAIL ", b"RCPT "):
+            self._refuse(R.BAD_CHARACTERS, line)
+            return None
+        try:
+            return line.decode("utf-8")
+        except UnicodeDecodeError:
+            self._answer(R.BAD_UTF8)
+            return None
+
+    def _too_much_junk(self) -> bool:
+        """Count a command that moves no mail; past max_junk_commands answer 421 (and say True)."""
+        self.junk += 1
+        if self.junk > self.config.max_junk_commands:
+            log.info("too many junk commands from %s", self.conn.who)
+            self._answer(R.TOO_MANY_JUNK.format(self.hostname))
+            return True
+        return False
+
+    def _after_reply(self, verb: str) -> None:
+        """Once a reply is written: STARTTLS's handshake; a pipelined group that did not end."""
         if self.tls_next:
             self.tls_next = False
             if not self.closing and self._start_tls():
                 self.state.forget_greeting()  # RFC 3207 4.2: forget everything said before TLS
                 self.transaction.reset()
-        if verb in GROUP_ENDERS and verb != "DATA" and self.config.forbid_unauth_pipelining and not self.closing \
+        if verb in GROUP_ENDERS and verb != "DATA" and self.forbid_pipelining and not self.closing \
                 and self.conn.pipelined_early(self.state.auth_user is not None):
             self._answer(R.PIPELINING_ABUSE.format(self.hostname))
 
@@ -376,7 +416,7 @@ class Session:
         lines[0] = f"{self.hostname} {lines[0]}".rstrip()
         if verb == "EHLO":
             lines = self._with_extensions(lines)
-        return R.HookReply(reply.code, lines, reply.counts)
+        return _new_reply(R.HookReply, (reply.code, lines, reply.counts))
 
     def _with_extensions(self, lines: list[str]) -> list[str]:
         """Append the engine's extension keywords the handler did not list itself.
@@ -445,15 +485,23 @@ class Session:
         if arg:
             return R.SYNTAX_NOARGS.format("RSET")
         self.transaction.reset()
-        return R.call_hook(self.handler, "RSET", self.conn.who)
+        reply = self.fixed.get("RSET")
+        if reply is None or "RSET" in self.handler.__dict__:
+            reply = R.call_hook(self.handler, "RSET", self.conn.who)
+        return reply
 
     def smtp_NOOP(self, arg: str) -> R.Answer:
-        return R.call_hook(self.handler, "NOOP", self.conn.who)
+        reply = self.fixed.get("NOOP")
+        if reply is None or "NOOP" in self.handler.__dict__:
+            reply = R.call_hook(self.handler, "NOOP", self.conn.who)
+        return reply
 
     def smtp_QUIT(self, arg: str) -> R.Answer:
         if arg:
             return R.SYNTAX_NOARGS.format("QUIT")
-        reply = R.call_hook(self.handler, "QUIT", self.conn.who)
+        reply = self.fixed.get("QUIT")
+        if reply is None or "QUIT" in self.handler.__dict__:
+            reply = R.call_hook(self.handler, "QUIT", self.conn.who)
         self.closing = self.quit = True
         return reply
 
@@ -472,12 +520,14 @@ class Session:
 _EXTENSIONS: dict[tuple[Any, ...], list[str]] = {}
 _EXTENSIONS_MAX = 64
 
-#: The dispatch table: verb -> (its method, whether a method of the session's Transaction
-#: rather than of the Session); the transaction's verbs go to it without a hop.
-_COMMANDS: dict[str, tuple[Callable[[Any, str], R.Answer], bool]] = {
-    **{name[5:]: (getattr(Session, name), False) for name in dir(Session) if name.startswith("smtp_")},
-    "MAIL": (Transaction.mail, True),
-    "RCPT": (Transaction.rcpt, True),
-    "DATA": (Transaction.data, True),
-    "BDAT": (Transaction.bdat, True),
+#: The dispatch table: verb (upper case) -> (its method, whether a method of the session's
+#: Transaction rather than of the Session, whether a junk command); the transaction's verbs go
+#: to it without a hop.
+_COMMANDS: dict[str, tuple[Callable[[Any, str], R.Answer], bool, bool]] = {
+    **{name[5:]: (getattr(Session, name), False, name[5:] in JUNK) for name in dir(Session) if name.startswith("smtp_")},
+    "MAIL": (Transaction.mail, True, False),
+    "RCPT": (Transaction.rcpt, True, False),
+    "DATA": (Transaction.data, True, False),
+    "BDAT": (Transaction.bdat, True, False),
 }
+assert JUNK <= _COMMANDS.keys()

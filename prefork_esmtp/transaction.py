@@ -25,7 +25,7 @@ from prefork_esmtp.logs import Event
 from prefork_esmtp.logs import address as peer_text
 from prefork_esmtp.limits import Limits
 from prefork_esmtp.settings import Config
-from prefork_esmtp.state import ConnectionState, Envelope, attach
+from prefork_esmtp.state import ConnectionState, Envelope
 
 log = logging.getLogger("prefork_esmtp.session")
 
@@ -42,22 +42,25 @@ def bdat_arguments(arg: str) -> tuple[int, bool] | None:
 class Transaction:
     """The envelope and the message under way for one session."""
 
+    # What a new session starts with (class-level, so each session sets only what differs).
+    intake: MessageIntake | None = None  # a BDAT message under way
+    started: float | None = None  # when MAIL was accepted; None: no transaction to log
+    number = messages_accepted = messages_refused = 0  # this session's transactions, messages
+
     def __init__(self, handler: Any, state: ConnectionState, conn: Connection, config: Config,
                  limits: Limits | None = None) -> None:
         self.handler = handler
+        #: the base handler's constant replies for the hooks this handler did not override
+        self.fixed = R.FIXED.get(type(handler)) or R.fixed_replies(type(handler))
         self.limits = limits if limits is not None else Limits(config)
         self.state = state
         self.conn = conn
         self.config = config
-        self.envelope = Envelope()
-        self.intake: MessageIntake | None = None  # a BDAT message under way
+        self.envelope = handler._esmtp_envelope = Envelope()  # state.attach's work, without the call
         #: the recipients RCPT accepted, as the engine counts them: the handler may change
         #: the list behind env_recipients, the number of replies owed must not follow it
         self.accepted: list[str] = []
-        attach(handler, envelope=self.envelope)
         self.counts = counters.current.values
-        self.started: float | None = None  # when MAIL was accepted; None: no transaction to log
-        self.number = self.messages_accepted = self.messages_refused = 0  # this session's transactions, messages
 
     @property
     def active(self) -> bool:
@@ -189,7 +192,9 @@ class Transaction:
             problem = R.BINARYMIME_NEEDS_BDAT
         if problem is not None:
             return problem
-        reply = R.call_hook(self.handler, "DATA", self.conn.who)
+        reply = self.fixed.get("DATA")
+        if reply is None or "DATA" in self.handler.__dict__:
+            reply = R.call_hook(self.handler, "DATA", self.conn.who)
         if reply.code != 354:
             return reply
         conn = self.conn
@@ -307,6 +312,9 @@ class Transaction:
 
     def _eom(self, count: int) -> R.HookReply | R.Reply | list[R.HookReply]:
         """Call EOM: one reply for the message, or a list with one per recipient."""
+        reply = self.fixed.get("EOM")
+        if reply is not None and "EOM" not in self.handler.__dict__:
+            return reply
         try:
             result = self.handler.EOM()
             if isinstance(result, list):

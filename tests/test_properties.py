@@ -298,18 +298,30 @@ command_lists = st.tuples(
 MAX_ERRORS_B = 8
 
 
-def model_batch(names: list[str], quit: bool) -> tuple[bytes, list[int], int]:
-    """(bytes to send, expected reply codes after the greeting, messages accepted)."""
+def verb_case(data: bytes, mask: int) -> bytes:
+    """The command with the letters of its first four bytes in lower case where ``mask`` has a bit.
+
+    The verb's case must not matter: a mixed-case verb takes the same path as the upper-case one.
+    """
+    head = bytes(b + 32 if mask >> i & 1 and 65 <= b <= 90 else b for i, b in enumerate(data[:4]))
+    return head + data[4:]
+
+
+def model_batch(names: list[str], quit: bool, mask: int = 0) -> tuple[bytes, list[int], int]:
+    """(bytes to send, expected reply codes after the greeting, messages accepted).
+
+    ``mask``: which letters of each verb to send in lower case (0: none; else varied from command to command).
+    """
     s = {"helo": False, "mail": False, "rcpts": 0, "messages": 0}
     sent, codes, errors, closed = [], [], 0, False
     for name in names + (["QUIT"] if quit else []):
         if name == "QUIT":
-            sent.append(b"QUIT\r\n")
+            sent.append(verb_case(b"QUIT\r\n", mask))
             if not closed:
                 codes.append(221)
             break
         data, expected = step(name, s) if not closed else (b"NOOP\r\n", [])
-        sent.append(data)
+        sent.append(verb_case(data, (mask + len(sent)) % 16 if mask else 0))
         for code in expected:
             codes.append(code)
             if code >= 400:
@@ -326,9 +338,9 @@ def test_pipelined_batches_get_modelled_replies_in_order(start_server):
     records = Records(srv)
 
     @settings(max_examples=150, **PROPERTY_SETTINGS)
-    @given(command_lists, st.booleans(), cuts)
-    def batch(names, quit, fractions):
-        stream, expected, messages = model_batch(names, quit)
+    @given(command_lists, st.booleans(), cuts, st.integers(0, 15))
+    def batch(names, quit, fractions, mask):
+        stream, expected, messages = model_batch(names, quit, mask)
         event(f"messages accepted: {min(messages, 2)}{'+' if messages > 2 else ''}")
         event("ends with 421" if 421 in expected else "no 421")
         data, reset, port = exchange(srv, split(stream, fractions))

@@ -96,3 +96,44 @@ def test_a_two_tuple_hook_result_is_what_normalize_makes_of_it():
 def test_format_reply_without_codes_frames_every_line(code, lines):
     expected = [f"{code}-{line}" for line in lines[:-1]] + [f"{code} {lines[-1] if lines else ''}"]
     assert R.format_reply(code, lines, None) == "".join(f"{x}\r\n" for x in expected).encode()
+
+
+# -- the base handler's fixed replies -------------------------------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from prefork_esmtp.handler import ESMTPHandler  # noqa: E402
+from prefork_esmtp.state import ConnectionState, Envelope, attach  # noqa: E402
+
+
+@settings(max_examples=200, deadline=None)
+@given(hook=st.sampled_from(sorted(R._FIXED_HOOKS)), arg=st.text(max_size=20),
+       client=st.none() | st.text(max_size=20), sender=st.none() | st.text(max_size=20),
+       verb=st.sampled_from(["", "CONNECT", "HELO", "DATA", "EOM", "NOOP", "RSET", "QUIT", "VRFY", "EXPN",
+                             "STARTTLS"]))
+def test_a_fixed_reply_is_what_calling_the_base_hook_gives(hook, arg, client, sender, verb):
+    """Whatever the session's state and the hook's argument, the reply used without the call
+    frames to the bytes (and logs as the line) the call's reply does."""
+    handler = ESMTPHandler()
+    attach(handler, ConnectionState(client=client), Envelope(sender=sender))
+    fixed = R.fixed_replies(ESMTPHandler)[hook]
+    called = R.call_hook(handler, hook, "client", *([arg] if R._FIXED_HOOKS[hook] else []))
+    assert R.wire(fixed, verb) == R.wire(called, verb)
+    assert R.first_line(fixed, verb) == R.first_line(called, verb)
+    assert fixed.lines == called.lines and fixed.code == called.code
+    assert (fixed.counts, fixed.closes) == (called.counts, called.closes)
+
+
+def test_fixed_replies_leave_out_the_hooks_a_class_overrides():
+    class Mine(ESMTPHandler):
+        def QUIT(self):
+            return 221, "bye"
+
+    class Below(Mine):
+        pass
+
+    assert set(R.fixed_replies(ESMTPHandler)) == set(R._FIXED_HOOKS)
+    for cls in (Mine, Below):
+        fixed = R.fixed_replies(cls)
+        assert "QUIT" not in fixed and set(fixed) == set(R._FIXED_HOOKS) - {"QUIT"}

@@ -1,0 +1,23 @@
+"""Handlers whose objects carry their own hooks, for the tests of the base handler's fixed replies.
+
+The engine answers some hooks a handler takes unchanged from the base class
+without calling them; a hook set on the handler object itself (in ``__init__``,
+or by another hook during the session) must still be the one that answers.
+"""
+
+from __future__ import annotations
+
+from prefork_esmtp import ESMTPHandler
+
+
+class OwnOnInstance(ESMTPHandler):
+    """QUIT and NOOP set on the object when it is made; DATA and EOM set by MAIL."""
+
+    def __init__(self) -> None:
+        self.QUIT = lambda: (221, "instance says bye")
+        self.NOOP = lambda: (250, "instance noop")
+
+    def MAIL(self, env_sender: str):
+        self.DATA = lambda: (354, "instance: go ahead")
+        self.EOM = lambda: (250, "instance took it")
+        return super().MAIL(env_sender)

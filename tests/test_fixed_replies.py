@@ -1,0 +1,41 @@
+"""The base handler's constant replies, used without calling its hooks, on the wire.
+
+With the base handler the replies are the hooks' own; a hook the handler
+object sets on itself (when made, or mid-session) answers instead.
+"""
+
+from __future__ import annotations
+
+MESSAGE = b"Subject: x\r\n\r\nbody\r\n.\r\n"
+
+
+def converse(c) -> list[tuple[int, list[str]]]:
+    """NOOP, a transaction, QUIT: their replies."""
+    out = [c.cmd("NOOP"), c.cmd("EHLO client.example"), c.cmd("MAIL FROM:<a@b.c>"), c.cmd("RCPT TO:<x@y.z>"),
+           c.cmd("DATA")]
+    c.send(MESSAGE)
+    out += [c.reply(), c.cmd("QUIT")]
+    return out
+
+
+def test_the_base_handler_answers_with_its_hooks_replies(start_server, client_for):
+    srv = start_server()
+    c = client_for(srv)
+    noop, _, _, _, data, eom, quit = converse(c)
+    assert noop == (250, ["2.0.0 OK"])
+    assert data == (354, ['Enter mail, end with "." on a line by itself'])
+    assert eom == (250, ["2.0.0 Message accepted for delivery"])
+    assert quit == (221, ["2.0.0 Closing connection"])
+    assert c.closed()
+
+
+def test_hooks_set_on_the_handler_object_answer(start_server, client_for):
+    srv = start_server("--handler", "fixed_handlers:OwnOnInstance")
+    c = client_for(srv)
+    noop, _, mail, _, data, eom, quit = converse(c)
+    assert noop == (250, ["2.0.0 instance noop"])
+    assert mail == (250, ["2.1.0 <a@b.c>, sender ok"])
+    assert data == (354, ["instance: go ahead"])
+    assert eom == (250, ["2.0.0 instance took it"])
+    assert quit == (221, ["2.0.0 instance says bye"])
+    assert c.closed()
