@@ -29,11 +29,16 @@ PROFILE_END = "<!-- profile:end -->"
 #: The throughput targets: (workload, peer, minimum ratio prefork-esmtp / peer); in the relay
 #: workloads prefork-esmtp is its relay handler (the first server of the workload's group).
 RATIO_TARGETS = [
-    ("conn", "aiosmtpd", 2.0),
+    ("conn", "aiosmtpd", 3.0),
     ("conn", "haraka", 1.5),
-    ("persist", "haraka", 1.0),
+    ("persist", "haraka", 2.0),
     ("big", "smtp-sink", 0.8),
     ("relay", "haraka-forward", 1.5),
+]
+#: The CPU targets: (workload, peer, maximum ratio of prefork-esmtp's CPU per message to the peer's).
+CPU_TARGETS = [
+    ("conn", "smtp-sink", 2.5),
+    ("persist", "smtp-sink", 3.0),
 ]
 #: The memory target: median idle worker USS after the idle-memory sessions.
 IDLE_USS_TARGET = 2 * MIB
@@ -55,6 +60,22 @@ HAPROXY_RATE_TARGET = 0.9
 WORKLOAD_NAMES = {"conn": "connection per message", "persist": "persistent sessions",
                   "big": "1 MB messages", "relay": "relay, connection per message",
                   "relay-big": "relay, 1 MB messages"}
+
+
+def _cpu_target_row(wl: Any, wl_key: str, peer: str, most: float, ours: dict, by_key: dict,
+                    stats: dict) -> str:
+    """One CPU target's row: prefork-esmtp's CPU per message ÷ the peer's, at most ``most``."""
+    label = f"{WORKLOAD_NAMES[wl_key]}: prefork-esmtp CPU per message ≤ {most:g}× {peer}'s"
+    if wl is None:
+        return f"| {label} | workload not run (`--only`) | n/a |"
+    subject = ours[wl.group]
+    if not subject.available or not by_key[peer].available:
+        return f"| {label} | not run | n/a |"
+    a, b = stats[(subject.key, wl_key)].cpu_us, stats[(peer, wl_key)].cpu_us
+    if not a or not b:
+        return f"| {label} | no CPU figure | FAIL |"
+    ratio = a / b
+    return f"| {label} | {fmt(a)} vs {fmt(b)} µs = **{ratio:.2f}×** | {'PASS' if ratio <= most else 'FAIL'} |"
 
 
 def fmt(v: float | None, digits: int = 0) -> str:
@@ -175,6 +196,8 @@ def render(args: argparse.Namespace, workloads: list[Workload], servers: list[Se
         ratio = a / b
         w(f"| {label} | {fmt(a, 1 if wl.big else 0)} vs {fmt(b, 1 if wl.big else 0)}"
           f" = **{ratio:.2f}×** | {'PASS' if ratio >= need else 'FAIL'} |")
+    for wl_key, peer, most in CPU_TARGETS:
+        w(_cpu_target_row(wl_by_key.get(wl_key), wl_key, peer, most, ours, by_key, stats))
     idle = idle_rows[0] if idle_rows else None
     if idle and idle["after"] is not None:
         w(f"| median idle worker USS after {idle['sessions']:,} sessions ≤ {fmt_mib(IDLE_USS_TARGET)} | "

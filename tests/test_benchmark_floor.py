@@ -120,6 +120,11 @@ def test_report_adds_the_floor_sentence_after_each_2kb_table_only() -> None:
                          datetime.datetime.now().astimezone(), 60.0)
     targets = text.split("## Targets")[1].split("## Throughput and CPU")[0]
     assert "floor" not in targets.lower()
+    # the CPU targets against smtp-sink: 300/100 = 3.00x > 2.5x fails, 150/50 = 3.00x <= 3x passes
+    assert ("| connection per message: prefork-esmtp CPU per message ≤ 2.5× smtp-sink's | 300 vs 100 µs = "
+            "**3.00×** | FAIL |") in targets
+    assert ("| persistent sessions: prefork-esmtp CPU per message ≤ 3× smtp-sink's | 150 vs 50 µs = "
+            "**3.00×** | PASS |") in targets
     tables = text.split("## Throughput and CPU")[1].split("## prefork-esmtp worker memory")[0]
     conn, persist, big = tables.split("### ")[1:4]
     assert "**1.88×** the floor's (300 vs 160 µs)" in conn and "**1.60×** smtp-sink's" in conn
