@@ -233,6 +233,8 @@ class Reader:
         i = buf.find(b"\n", start, start + limit)
         if i < 0:  # not all here yet, or too long
             return self._readline_rest(limit)
+        # The same cut as _readline_rest's, written out here: a call per command line is what
+        # this path exists to save.
         self.pos = i + 1
         if i > start and buf[i - 1] == 0x0D:  # CRLF
             self.bare_lf = False
