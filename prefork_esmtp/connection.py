@@ -129,24 +129,15 @@ class Connection:
     def recv(self, size: int) -> bytes:
         """Send the queued replies, check in, then block for the client's next bytes.
 
-        The replies go out here rather than through the writer's flush: on a
-        plain socket in one non-blocking send (the full-window fallback as in
-        :meth:`sendall`), so a command's round costs one Python call for the way out and in.
+        The replies go out here, through :meth:`sendall`, rather than through
+        the writer's flush: a command's round costs one Python call fewer.
         """
         pending = self.pending
         if pending:
             data = b"".join(pending)  # one reply: the same bytes object, not a copy
             pending.clear()
             try:
-                if self.kernel_timeouts:
-                    try:
-                        sent = self.sock.send(data, _MSG_DONTWAIT)
-                    except (BlockingIOError, InterruptedError):
-                        sent = 0  # the send buffer is full right now (EAGAIN): not a client gone, wait for room
-                    if sent < len(data):
-                        self._send_rest(memoryview(data)[sent:])
-                else:
-                    self.sendall(data)
+                self.sendall(data)
             except OSError as exc:  # reset, broken pipe, send timeout, TLS error
                 raise ClientGone(str(exc)) from None
         if self.check_in is not None:
@@ -175,7 +166,7 @@ class Connection:
             self.sock.sendall(data)
             return
         try:
-            sent = self.sock.send(data, socket.MSG_DONTWAIT) if data else 0
+            sent = self.sock.send(data, _MSG_DONTWAIT) if data else 0
         except (BlockingIOError, InterruptedError):
             sent = 0  # the send buffer is full right now (EAGAIN): not a client gone, wait for room
         if sent < len(data):
