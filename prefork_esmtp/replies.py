@@ -263,12 +263,13 @@ def call_hook(handler: Any, hook: str, who: str, *args: Any) -> HookReply | Repl
 
 
 #: The base handler's hooks whose reply is a constant, with arguments for a call that shows it.
+#: (Only the hooks the engine answers from this table: the session's CONNECT, NOOP, RSET and
+#: QUIT, the transaction's DATA and EOM.)
 _FIXED_HOOKS: dict[str, tuple[Any, ...]] = {
-    "CONNECT": (), "HELO": ("client.example",), "DATA": (), "EOM": (), "NOOP": (), "RSET": (), "QUIT": (),
-    "VRFY": ("someone",), "EXPN": ("list",), "STARTTLS": (),
+    "CONNECT": (), "DATA": (), "EOM": (), "NOOP": (), "RSET": (), "QUIT": (),
 }
 #: fixed_replies by handler class (bounded: classes are few, but a test may make many).
-FIXED: dict[type, dict[str, Reply]] = {}
+_FIXED: dict[type, dict[str, Reply]] = {}
 _FIXED_MAX = 64
 
 
@@ -279,7 +280,7 @@ def fixed_replies(cls: type) -> dict[str, Reply]:
     the reply without the call (unless the handler object has its own
     attribute of that name): the same bytes on the wire, the reply framed once.
     """
-    fixed = FIXED.get(cls)
+    fixed = _FIXED.get(cls)
     if fixed is not None:
         return fixed
     from prefork_esmtp.handler import ESMTPHandler  # the handler module needs nothing of this one
@@ -293,8 +294,8 @@ def fixed_replies(cls: type) -> dict[str, Reply]:
             if len(reply.lines) == 1:
                 fixed[hook] = Reply(reply.code, "", reply.lines[0])
                 _CONSTANTS.add(fixed[hook])
-    if len(FIXED) < _FIXED_MAX:
-        FIXED[cls] = fixed
+    if len(_FIXED) < _FIXED_MAX:
+        _FIXED[cls] = fixed
     return fixed
 
 

@@ -98,8 +98,8 @@ class Session:
         handler._esmtp_state = self.state  # state.attach's work, without the call
         self.handler = handler
         #: the base handler's constant replies for the hooks this handler did not override
-        self.fixed = R.FIXED.get(handler_class) or R.fixed_replies(handler_class)
-        self.transaction = Transaction(handler, self.state, conn, config, self.limits)
+        self.fixed = R.fixed_replies(handler_class)
+        self.transaction = Transaction(handler, self.state, conn, config, self.limits, self.fixed)
         self.auth = Auth(handler, self.state, conn, config)
 
     # -- the loop -------------------------------------------------------------

@@ -48,10 +48,11 @@ class Transaction:
     number = messages_accepted = messages_refused = 0  # this session's transactions, messages
 
     def __init__(self, handler: Any, state: ConnectionState, conn: Connection, config: Config,
-                 limits: Limits | None = None) -> None:
+                 limits: Limits | None = None, fixed: dict[str, R.Reply] | None = None) -> None:
         self.handler = handler
         #: the base handler's constant replies for the hooks this handler did not override
-        self.fixed = R.FIXED.get(type(handler)) or R.fixed_replies(type(handler))
+        #: (the session's, worked out once per handler class)
+        self.fixed = fixed if fixed is not None else R.fixed_replies(type(handler))
         self.limits = limits if limits is not None else Limits(config)
         self.state = state
         self.conn = conn
