@@ -17,7 +17,9 @@ import os
 import random
 import signal
 import socket
+import sys
 from dataclasses import dataclass
+from types import CodeType
 from typing import Any, NoReturn
 
 from setproctitle import setproctitle
@@ -29,6 +31,7 @@ from prefork_esmtp.limits import Limits, RateTable
 from prefork_esmtp.reporter import ScoreboardReporter
 from prefork_esmtp.scoreboard import Scoreboard
 from prefork_esmtp.settings import Config
+from prefork_esmtp.warmup import recorder
 from prefork_esmtp.handler import ESMTPHandler
 from prefork_esmtp.worker import TICK, Worker, _Poller
 
@@ -146,33 +149,54 @@ def _boot_and_serve(plan: WorkerPlan, slot: int) -> int:
 REHEARSALS = 10
 
 
-def rehearse(plan: WorkerPlan, times: int = REHEARSALS) -> None:
+def rehearse(plan: WorkerPlan, times: int = REHEARSALS, ran: set[CodeType] | None = None) -> None:
     """In the master before the first fork: build a worker's start-up objects and drop them.
 
     Every new worker runs the same constructors once (reporter, worker,
-    limits, the epoll set) and makes its first report.  Run only there, that
-    code is cold in each worker: its bytecode specialised and the type cache
-    filled in the child, which copies the pages written.  Run here first, it
-    happens once, in memory the workers share.  Nothing is served or
-    reported: a scratch scoreboard, pipes and epoll sets closed at once; the
-    listeners only get TCP_NODELAY, which every worker sets on them anyway.
-    Its one side effect, the process title, the master sets again just after.
+    limits, the epoll set), asks for the parent-death signal, looks up a
+    handler the master has imported already, and makes its first reports.
+    Run only there, that code is cold in each worker: its bytecode specialised
+    and the type cache filled in the child, which copies the pages written.
+    Run here first, it happens once, in memory the workers share.  Nothing is
+    served or reported: a scratch scoreboard, pipes and epoll sets closed at
+    once; the listeners only get TCP_NODELAY, which every worker sets on them
+    anyway; prctl is asked a question (PR_GET_DUMPABLE), nothing is set.  Its
+    one side effect, the process title, the master sets again just after.
+    ``ran``, when given, receives the code of the Python functions the first
+    rehearsal calls (see :func:`prefork_esmtp.warmup.relocate`).
     """
+    spec = plan.config.handler
+    module = spec.partition(":")[0] if ":" in spec else spec.rpartition(".")[0]
+    # Without --preload a worker imports the handler; when the master has that module already
+    # (the base handler), the worker's import is a lookup this can rehearse.  Never a real import.
+    lookup = plan.handler_class is None and module in sys.modules
     board = Scoreboard(1)
     try:
-        for _ in range(times):
-            reporter = ScoreboardReporter(board, 0, plan.generation, plan.master_pid, idle_expect=math.inf,
-                                          busy_expect=plan.config.timeout)
-            worker = Worker(plan.listeners, plan.handler_class or ESMTPHandler, plan.config, reporter=reporter,
-                            tls_context=plan.tls_context, tls_listeners=plan.tls_fds,
-                            limits=Limits(plan.config, reporter.sessions_from, plan.rate_table))
+        for i in range(times):
+            if ran is not None and i == 0:
+                sys.setprofile(recorder(ran))
             try:
-                _Poller(worker.listeners, worker._wake_r, plan.config.accept_mode == "exclusive",
-                        worker.tls_listeners).close()
-                reporter.idle()
+                if _PRCTL is not None:
+                    _PRCTL(_PR_GET_DUMPABLE, 0, 0, 0, 0)
+                if lookup:
+                    load_handler(spec)
+                reporter = ScoreboardReporter(board, 0, plan.generation, plan.master_pid, idle_expect=math.inf,
+                                              busy_expect=plan.config.timeout)
+                worker = Worker(plan.listeners, plan.handler_class or ESMTPHandler, plan.config,
+                                reporter=reporter, tls_context=plan.tls_context, tls_listeners=plan.tls_fds,
+                                limits=Limits(plan.config, reporter.sessions_from, plan.rate_table))
+                try:
+                    _Poller(worker.listeners, worker._wake_r, plan.config.accept_mode == "exclusive",
+                            worker.tls_listeners).close()
+                    reporter.idle()
+                    reporter.busy(("127.0.0.1", 40000))
+                    reporter.served()
+                    reporter.idle()
+                finally:
+                    os.close(worker._wake_r)
+                    os.close(worker._wake_w)
             finally:
-                os.close(worker._wake_r)
-                os.close(worker._wake_w)
+                sys.setprofile(None)
     finally:
         board.close()
 
@@ -189,6 +213,7 @@ def _load_prctl() -> Any:
 
 _PRCTL = _load_prctl()
 _PR_SET_PDEATHSIG = 1
+_PR_GET_DUMPABLE = 3
 
 
 def die_with_parent(master_pid: int) -> bool:

@@ -88,7 +88,7 @@ def warm_up(config: Config, sessions: int = SESSIONS, ran: set[CodeType] | None 
                 client.sendall(data)
                 client.shutdown(socket.SHUT_WR)  # end of input after the script: the session cannot block
                 if ran is not None and not done:
-                    sys.setprofile(_recorder(ran))
+                    sys.setprofile(recorder(ran))
                 try:
                     Session(server, ("127.0.0.1", 40000), ESMTPHandler, config, lambda: False,
                             limits=limits).run()
@@ -112,7 +112,7 @@ def warm_up(config: Config, sessions: int = SESSIONS, ran: set[CodeType] | None 
     return done
 
 
-def _recorder(ran: set[CodeType]) -> Callable[[Any, str, Any], None]:
+def recorder(ran: set[CodeType]) -> Callable[[Any, str, Any], None]:
     """A ``sys.setprofile`` function that adds the code of each Python call to ``ran``."""
     def record(frame: Any, event: str, arg: Any) -> None:
         if event == "call":

@@ -42,3 +42,30 @@ def test_a_rehearsal_leaves_no_descriptor_handler_slot_or_connection_behind(list
         conn, _ = listener.accept()
         conn.close()
     board.close()
+
+
+def test_a_rehearsal_records_the_start_up_code_and_sets_no_parent_death_signal(listener):
+    import ctypes
+    import sys
+
+    board = Scoreboard(4)
+    ran: set = set()
+    boot.rehearse(_plan(listener, board), times=2, ran=ran)
+    names = {code.co_qualname for code in ran}
+    assert {"Worker.__init__", "ScoreboardReporter.idle", "ScoreboardReporter.busy", "load_handler"} <= names
+    assert sys.getprofile() is None
+    pdeathsig = ctypes.c_int(-1)
+    assert ctypes.CDLL(None).prctl(2, ctypes.byref(pdeathsig), 0, 0, 0) == 0  # PR_GET_PDEATHSIG
+    assert pdeathsig.value == 0
+    board.close()
+
+
+def test_a_rehearsal_never_imports_a_handler_the_master_has_not(listener, monkeypatch):
+    import sys
+
+    board = Scoreboard(4)
+    plan = _plan(listener, board)
+    plan = boot.WorkerPlan(**{**plan.__dict__, "config": resolve({"handler": "no_such_module_here:H"}, {})})
+    boot.rehearse(plan, times=1)
+    assert "no_such_module_here" not in sys.modules
+    board.close()
