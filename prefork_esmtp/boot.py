@@ -31,7 +31,7 @@ from prefork_esmtp.limits import Limits, RateTable
 from prefork_esmtp.reporter import ScoreboardReporter
 from prefork_esmtp.scoreboard import Scoreboard
 from prefork_esmtp.settings import Config
-from prefork_esmtp.warmup import recorder
+from prefork_esmtp.warmup import WARM_UP_OVERRIDES, recorder, script
 from prefork_esmtp.handler import ESMTPHandler
 from prefork_esmtp.worker import TICK, Worker, _Poller
 
@@ -145,6 +145,8 @@ def _boot_and_serve(plan: WorkerPlan, slot: int) -> int:
     return 0
 
 
+#: Seconds a rehearsal session waits at most for its connection and for each read of its replies.
+REHEARSAL_TIMEOUT = 1.0
 #: Rehearsals of a worker's start-up in the master: enough for the interpreter to specialise its code.
 REHEARSALS = 10
 
@@ -189,16 +191,66 @@ def rehearse(plan: WorkerPlan, times: int = REHEARSALS, ran: set[CodeType] | Non
                     _Poller(worker.listeners, worker._wake_r, plan.config.accept_mode == "exclusive",
                             worker.tls_listeners).close()
                     reporter.idle()
-                    reporter.busy(("127.0.0.1", 40000))
-                    reporter.served()
-                    reporter.idle()
                 finally:
                     os.close(worker._wake_r)
                     os.close(worker._wake_w)
+                serve_rehearsal(plan, board)
             finally:
                 sys.setprofile(None)
     finally:
         board.close()
+
+
+def serve_rehearsal(plan: WorkerPlan, board: Scoreboard) -> bool:
+    """One warm-up session taken the way a worker takes one: accept, serve, report; whether it completed.
+
+    What :func:`~prefork_esmtp.warmup.warm_up` leaves out, since it runs the
+    session alone: the wait for a connection, the accept, the worker's serve
+    and the scoreboard reports around it, the session's check-ins.  A scratch
+    worker on a scratch listener (127.0.0.1, a port of the kernel's choosing)
+    and a scratch scoreboard slot; the base handler, which takes and discards
+    the message; the warm-up's script and settings, its log lines suppressed.
+    Every wait is bounded; a failure only costs memory.
+    """
+    config = Config({**plan.config.values, **WARM_UP_OVERRIDES})
+    previous = logging.root.manager.disable
+    logging.disable(logging.CRITICAL)
+    listener = client = None
+    replies = b""
+    try:
+        listener = socket.create_server(("127.0.0.1", 0))
+        listener.setblocking(False)
+        reporter = ScoreboardReporter(board, 0, plan.generation, plan.master_pid, idle_expect=math.inf,
+                                      busy_expect=config.timeout)
+        worker = Worker([listener], ESMTPHandler, config, reporter=reporter, limits=Limits(config, lambda ip: 0))
+        poller = _Poller(worker.listeners, worker._wake_r, config.accept_mode == "exclusive")
+        try:
+            client = socket.create_connection(listener.getsockname(), timeout=REHEARSAL_TIMEOUT)
+            client.sendall(script(config))
+            client.shutdown(socket.SHUT_WR)  # end of input after the script: the session cannot block
+            reporter.idle()
+            for fd in poller.wait(REHEARSAL_TIMEOUT):
+                entry = poller.by_fd.get(fd)
+                if entry is not None:
+                    worker._accept(entry)
+            reporter.idle()  # as the serve loop does after each session
+            for _ in range(64):  # the replies are a few hundred octets: bounded, never a loop on a trickle
+                data = client.recv(65536)
+                if not data:
+                    break
+                replies += data
+        finally:
+            poller.close()
+            os.close(worker._wake_r)
+            os.close(worker._wake_w)
+    except OSError as exc:
+        log.debug("rehearsal session failed: %s", exc)
+    finally:
+        logging.disable(previous)
+        for sock in (client, listener):
+            if sock is not None:
+                sock.close()
+    return replies.endswith(b"\r\n") and replies.rsplit(b"\r\n", 2)[-2].startswith(b"221")
 
 
 def _load_prctl() -> Any:

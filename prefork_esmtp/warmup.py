@@ -62,7 +62,7 @@ SESSIONS = 10
 BUDGET = 0.5
 #: Settings the warm-up runs without: a sleep before error replies, and closing on pipelining
 #: (its client sends the whole script at once).
-_OVERRIDES = {"error_sleep": 0.0, "forbid_unauth_pipelining": False}
+WARM_UP_OVERRIDES = {"error_sleep": 0.0, "forbid_unauth_pipelining": False}
 
 
 def warm_up(config: Config, sessions: int = SESSIONS, ran: set[CodeType] | None = None) -> int:
@@ -79,7 +79,7 @@ def warm_up(config: Config, sessions: int = SESSIONS, ran: set[CodeType] | None 
     done = 0
     deadline = time.monotonic() + BUDGET
     try:
-        config = Config({**config.values, **_OVERRIDES})
+        config = Config({**config.values, **WARM_UP_OVERRIDES})
         data = script(config)
         limits = Limits(config, lambda ip: 0)  # its own: the shared per-address counts stay untouched
         for _ in range(sessions):

@@ -6,6 +6,8 @@ import os
 import signal
 import socket
 
+import pytest
+
 from setproctitle import getproctitle, setproctitle
 
 from prefork_esmtp import boot
@@ -52,7 +54,8 @@ def test_a_rehearsal_records_the_start_up_code_and_sets_no_parent_death_signal(l
     ran: set = set()
     boot.rehearse(_plan(listener, board), times=2, ran=ran)
     names = {code.co_qualname for code in ran}
-    assert {"Worker.__init__", "ScoreboardReporter.idle", "ScoreboardReporter.busy", "load_handler"} <= names
+    assert {"Worker.__init__", "ScoreboardReporter.idle", "ScoreboardReporter.busy", "load_handler",
+            "Worker._accept", "Worker.serve", "Session.run"} <= names
     assert sys.getprofile() is None
     pdeathsig = ctypes.c_int(-1)
     assert ctypes.CDLL(None).prctl(2, ctypes.byref(pdeathsig), 0, 0, 0) == 0  # PR_GET_PDEATHSIG
@@ -68,4 +71,21 @@ def test_a_rehearsal_never_imports_a_handler_the_master_has_not(listener, monkey
     plan = boot.WorkerPlan(**{**plan.__dict__, "config": resolve({"handler": "no_such_module_here:H"}, {})})
     boot.rehearse(plan, times=1)
     assert "no_such_module_here" not in sys.modules
+    board.close()
+
+
+@pytest.mark.parametrize("values", [{}, {"protocol": "lmtp"}, {"proxy_protocol": True}])
+def test_a_rehearsal_session_is_served_to_its_end_silently(listener, values, caplog):
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    board = Scoreboard(4)
+    plan = _plan(listener, board)
+    plan = boot.WorkerPlan(**{**plan.__dict__, "config": resolve(values, {})})
+    scratch = Scoreboard(1)
+    assert boot.serve_rehearsal(plan, scratch)
+    assert scratch.slot(0).sessions == 1  # reported on the scratch board, not the real one
+    assert all(board.slot(i).state == FREE for i in range(board.nslots))
+    assert not caplog.records
+    scratch.close()
     board.close()
