@@ -20,7 +20,7 @@ from prefork_esmtp import replies as R
 from prefork_esmtp.addresses import AddressError, parse_path_argument
 from prefork_esmtp.connection import Connection
 from prefork_esmtp.dotdata import DotDecoder
-from prefork_esmtp.intake import MessageIntake
+from prefork_esmtp.intake import MessageIntake, take_message
 from prefork_esmtp.logs import Event
 from prefork_esmtp.logs import address as peer_text
 from prefork_esmtp.limits import Limits
@@ -204,10 +204,17 @@ class Transaction:
             return None
         if self.config.forbid_unauth_pipelining and conn.pipelined_early(self.state.auth_user is not None):
             return R.PIPELINING_ABUSE.format(self.config.hostname)
-        intake = self._new_intake(check_newlines=True)
+        handler = self.handler
+        handler.header_raw = handler.header_section = b""  # from here on they are this message's
+        config = self.config
         reader = conn.reader
-        reader.start_rate(self.config.min_data_rate, self.config.min_data_rate_grace)
-        try:
+        data = reader.read_message(config.min_data_rate, config.min_data_rate_grace)
+        if data is not None:  # all of it at once (the common case)
+            keep = config.bare_newline == "keep"
+            return self._end(take_message(handler, data, config.max_message_size, config.max_header_size,
+                                          not keep, conn.who, config.max_header_lines, keep), len(data))
+        intake = self._new_intake(check_newlines=True)
+        try:  # the data rate is on (read_message started it)
             reader.read_data(DotDecoder(), intake.feed)
         finally:
             reader.stop_rate()
@@ -260,24 +267,28 @@ class Transaction:
             reader.stop_rate()
 
     def _end_message(self, intake: MessageIntake, complete: bool = True) -> R.Answer:
-        """The reply for a message that ended or failed: the intake's problem, or EOM's; the transaction ends.
+        """The reply for a message that ended or failed (see :meth:`_end`); the intake is finished here."""
+        return self._end(intake.finish(), intake.size, complete)
+
+    def _end(self, problem: R.Reply | None, size: int, complete: bool = True) -> R.Answer:
+        """The reply for a message of ``size`` octets that ended or failed: ``problem``, or EOM's;
+        the transaction ends.
 
         In LMTP one reply goes out per accepted recipient, in order (RFC 2033
         4.2): all but the last are written here, the last is returned.  Not
         ``complete`` (a BDAT chunk before the last failed): its one reply only.
         """
-        problem = intake.finish()
         env = self.envelope
         accepted = self.accepted
         count = len(accepted)
         lmtp = self.config.protocol == "lmtp"
         if problem is not None:
-            self._received(problem, intake.size)
+            self._received(problem, size)
             return self._per_recipient([problem] * count) if lmtp and complete else problem
         replies = self._eom(count)
         if type(replies) is not list:  # one reply for the message
             if not lmtp:
-                self._received(replies, intake.size)
+                self._received(replies, size)
                 return replies
             replies = [replies] * count
         verdict, delivered = R.one_for_all(replies)
@@ -290,7 +301,7 @@ class Transaction:
                             env.sender, ", ".join(f"<{accepted[i]}>" for i in delivered), reply.code)
         codes = [r.code for r in replies]
         mixed = lmtp and len(set(codes)) > 1
-        self._received(verdict, intake.size, ",".join(str(code) for code in codes) if mixed else None)
+        self._received(verdict, size, ",".join(str(code) for code in codes) if mixed else None)
         return reply
 
     def _received(self, verdict: R.Reply | R.HookReply, size: int, text: str | None = None) -> None:
