@@ -123,13 +123,19 @@ class Reader:
                 raise DataTooSlow()
             if left < timeout:
                 timeout = left
-        for deadline, exc in ((self._line_deadline, CommandTooSlow), (self.session_deadline, SessionTooLong)):
-            if deadline is not None:
-                left = deadline - now
-                if left <= 0:
-                    raise exc()
-                if left < timeout:
-                    timeout = left
+        # each deadline written out (not a loop over pairs): this runs for every read during DATA
+        if self._line_deadline is not None:
+            left = self._line_deadline - now
+            if left <= 0:
+                raise CommandTooSlow()
+            if left < timeout:
+                timeout = left
+        if self.session_deadline is not None:
+            left = self.session_deadline - now
+            if left <= 0:
+                raise SessionTooLong()
+            if left < timeout:
+                timeout = left
         return timeout
 
     def forget_buffered(self) -> None:
