@@ -17,7 +17,7 @@ from typing import Any
 from prefork_esmtp import counters
 from prefork_esmtp import params as P
 from prefork_esmtp import replies as R
-from prefork_esmtp.addresses import AddressError, parse_path_argument
+from prefork_esmtp.addresses import AddressError, parse_path_argument, plain_recipient, plain_sender
 from prefork_esmtp.connection import Connection
 from prefork_esmtp.dotdata import DotDecoder
 from prefork_esmtp.intake import MessageIntake
@@ -83,9 +83,8 @@ class Transaction:
     def _clear(self) -> None:
         """A fresh envelope, no message under way."""
         self.envelope = self.handler._esmtp_envelope = Envelope()  # state.attach's work, without the call
-        self.intake = None
+        self.intake = self.started = None
         self.accepted = []
-        self.started = None
 
     def _log(self, result: str, reply: str | None, size: int | None) -> None:
         """The transaction's one log line: envelope, outcome, client, duration."""
@@ -102,24 +101,24 @@ class Transaction:
 
     def mail(self, arg: str) -> R.Answer:
         """MAIL FROM:<address> [parameters]."""
-        env = self.envelope
-        if self.state.client is None:
-            return R.NEED_HELO
-        if self.config.require_auth and self.state.auth_user is None:
-            return R.AUTH_REQUIRED
-        if env.sender is not None:
-            return R.NESTED_MAIL
-        try:
-            address, params = parse_path_argument(arg, "FROM")
-        except AddressError as exc:
-            return R.Reply(exc.code, exc.enhanced, exc.text)
-        problem = P.check_mail(params, self.config.max_message_size, bdat_offered=True) if params else None
-        if problem is None and not arg.isascii() and "SMTPUTF8" not in params:
-            problem = R.NON_ASCII_ADDRESS
-        if problem is not None:
-            return problem
-        if self.config.max_messages_per_ip and self.state.peer and self.limits.message(self.state.peer[0]):
-            log.info("too many messages from %s", self.state.peer[0])
+        env, state, config = self.envelope, self.state, self.config
+        if state.client is None or config.require_auth and state.auth_user is None or env.sender is not None:
+            return self._mail_refused()
+        m = plain_sender(arg)
+        if m is not None:  # the commonest argument: a plain address, no parameters, nothing more to check
+            address, params = m.group(1), {}
+        else:
+            try:
+                address, params = parse_path_argument(arg, "FROM")
+            except AddressError as exc:
+                return R.Reply(exc.code, exc.enhanced, exc.text)
+            problem = P.check_mail(params, config.max_message_size, bdat_offered=True) if params else None
+            if problem is None and not arg.isascii() and "SMTPUTF8" not in params:
+                problem = R.NON_ASCII_ADDRESS
+            if problem is not None:
+                return problem
+        if config.max_messages_per_ip and state.peer and self.limits.message(state.peer[0]):
+            log.info("too many messages from %s", state.peer[0])
             return R.RATE_MESSAGES
         env.sender, env.mail_params = address, params
         reply = R.call_hook(self.handler, "MAIL", self.conn.who, address)
@@ -131,33 +130,45 @@ class Transaction:
         self.counts[counters.TRANSACTIONS] += 1
         return reply
 
-    def rcpt(self, arg: str) -> R.Answer:
-        """RCPT TO:<address> [parameters]."""
-        env = self.envelope
+    def _mail_refused(self) -> R.Reply:
+        """Why MAIL cannot start a transaction now: no HELO/EHLO, no AUTH when it is required, or one is open."""
         if self.state.client is None:
             return R.NEED_HELO
-        if env.sender is None:
-            return R.NEED_MAIL
-        try:
-            address, params = parse_path_argument(arg, "TO")
-        except AddressError as exc:
-            return R.Reply(exc.code, exc.enhanced, exc.text)
-        problem = P.check_rcpt(params) if params else None
-        if problem is None and not arg.isascii() and "SMTPUTF8" not in env.mail_params:
-            problem = R.NON_ASCII_ADDRESS
-        if problem is not None:
-            return problem
-        if len(self.accepted) >= self.config.max_recipients:
+        if self.config.require_auth and self.state.auth_user is None:
+            return R.AUTH_REQUIRED
+        return R.NESTED_MAIL
+
+    def rcpt(self, arg: str) -> R.Answer:
+        """RCPT TO:<address> [parameters]."""
+        env, state = self.envelope, self.state
+        if state.client is None or env.sender is None:
+            return R.NEED_HELO if state.client is None else R.NEED_MAIL
+        m = plain_recipient(arg)
+        if m is not None:  # the commonest argument: a plain address, no parameters, nothing more to check
+            address, params = m.group(1), {}
+        else:
+            try:
+                address, params = parse_path_argument(arg, "TO")
+            except AddressError as exc:
+                return R.Reply(exc.code, exc.enhanced, exc.text)
+            problem = P.check_rcpt(params) if params else None
+            if problem is None and not arg.isascii() and "SMTPUTF8" not in env.mail_params:
+                problem = R.NON_ASCII_ADDRESS
+            if problem is not None:
+                return problem
+        config = self.config
+        if len(self.accepted) >= config.max_recipients:
             return R.TOO_MANY_RECIPIENTS
-        if self.config.max_recipients_per_ip and self.state.peer and self.limits.recipient(self.state.peer[0]):
-            log.info("too many recipients from %s", self.state.peer[0])
+        if config.max_recipients_per_ip and state.peer and self.limits.recipient(state.peer[0]):
+            log.info("too many recipients from %s", state.peer[0])
             return R.RATE_RECIPIENTS
         env.rcpt_params = params
         reply = R.call_hook(self.handler, "RCPT", self.conn.who, address)
-        if 200 <= reply.code < 300:
-            env.recipients.append(address)
-            env.recipients_params.append(params)
-            self.accepted.append(address)
+        if not 200 <= reply.code < 300:
+            return reply
+        env.recipients.append(address)
+        env.recipients_params.append(params)
+        self.accepted.append(address)
         return reply
 
     def _problem(self) -> R.Reply | None:
