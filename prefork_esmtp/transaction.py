@@ -20,6 +20,7 @@ from prefork_esmtp import replies as R
 from prefork_esmtp.addresses import AddressError, parse_path_argument, plain_recipient, plain_sender
 from prefork_esmtp.connection import Connection
 from prefork_esmtp.dotdata import DotDecoder
+from prefork_esmtp.handler import RECIPIENT_OK, SENDER_OK, ESMTPHandler
 from prefork_esmtp.intake import MessageIntake
 from prefork_esmtp.logs import Event
 from prefork_esmtp.logs import address as peer_text
@@ -28,6 +29,11 @@ from prefork_esmtp.settings import Config
 from prefork_esmtp.state import ConnectionState, Envelope
 
 log = logging.getLogger("prefork_esmtp.session")
+
+_new_reply = tuple.__new__  # a HookReply without the Python-level __new__ of a NamedTuple
+#: The base handler's MAIL and RCPT hooks: a handler that keeps them gets their reply without the call.
+_BASE_MAIL = ESMTPHandler.MAIL
+_BASE_RCPT = ESMTPHandler.RCPT
 
 
 def bdat_arguments(arg: str) -> tuple[int, bool] | None:
@@ -121,10 +127,14 @@ class Transaction:
             log.info("too many messages from %s", state.peer[0])
             return R.RATE_MESSAGES
         env.sender, env.mail_params = address, params
-        reply = R.call_hook(self.handler, "MAIL", self.conn.who, address)
-        if not 200 <= reply.code < 300:
-            self._clear()
-            return reply
+        handler = self.handler
+        if type(handler).MAIL is _BASE_MAIL and "MAIL" not in handler.__dict__ and address.isprintable():
+            reply = _new_reply(R.HookReply, (250, [SENDER_OK % (address,)], True))  # the base hook's reply
+        else:
+            reply = R.call_hook(handler, "MAIL", self.conn.who, address)
+            if not 200 <= reply.code < 300:
+                self._clear()
+                return reply
         self.started = time.monotonic()
         self.number += 1
         self.counts[counters.TRANSACTIONS] += 1
@@ -163,9 +173,13 @@ class Transaction:
             log.info("too many recipients from %s", state.peer[0])
             return R.RATE_RECIPIENTS
         env.rcpt_params = params
-        reply = R.call_hook(self.handler, "RCPT", self.conn.who, address)
-        if not 200 <= reply.code < 300:
-            return reply
+        handler = self.handler
+        if type(handler).RCPT is _BASE_RCPT and "RCPT" not in handler.__dict__ and address.isprintable():
+            reply = _new_reply(R.HookReply, (250, [RECIPIENT_OK % (address,)], True))  # the base hook's reply
+        else:
+            reply = R.call_hook(handler, "RCPT", self.conn.who, address)
+            if not 200 <= reply.code < 300:
+                return reply
         env.recipients.append(address)
         env.recipients_params.append(params)
         self.accepted.append(address)
