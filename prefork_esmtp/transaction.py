@@ -17,7 +17,7 @@ from typing import Any
 from prefork_esmtp import counters
 from prefork_esmtp import params as P
 from prefork_esmtp import replies as R
-from prefork_esmtp.addresses import AddressError, parse_path_argument, plain_recipient, plain_sender
+from prefork_esmtp.addresses import AddressError, parse_path_argument, plain_recipient, plain_sender, sized_sender
 from prefork_esmtp.connection import Connection
 from prefork_esmtp.dotdata import DotDecoder
 from prefork_esmtp.handler import RECIPIENT_OK, SENDER_OK, ESMTPHandler
@@ -113,6 +113,10 @@ class Transaction:
         m = plain_sender(arg)
         if m is not None:  # the commonest argument: a plain address, no parameters, nothing more to check
             address, params = m.group(1), {}
+        elif (m := sized_sender(arg)) is not None and int(m.group("size")) <= config.max_message_size:
+            # the common ESMTP client's: a plain address, SIZE within the limit, maybe a valid BODY
+            address, size, body = m.group(1, "size", "body")
+            params = {"SIZE": size} if body is None else {"SIZE": size, "BODY": body}
         else:
             try:
                 address, params = parse_path_argument(arg, "FROM")

@@ -546,10 +546,11 @@ def test_plain_path_examples_agree_with_the_full_grammar(argument):
 
 # --- the whole-argument match the engine tries first ------------------------------------------
 
-from prefork_esmtp.addresses import plain_recipient, plain_sender  # noqa: E402
+from prefork_esmtp.addresses import plain_recipient, plain_sender, sized_sender  # noqa: E402
 
 _WHOLE = {"FROM": plain_sender, "TO": plain_recipient}
-_WHOLE_TOKENS = _PATH_TOKENS + ["l" * 64, "l" * 63, "d" * 63 + ".", "d" * 60, "\t", "\x00", "\u2028", ">x"]
+_WHOLE_TOKENS = _PATH_TOKENS + ["l" * 64, "l" * 63, "d" * 63 + ".", "d" * 60, "\t", "\x00", "\u2028", ">x",
+                                 " SIZE=", "0", "9" * 10, " BODY=7BIT", " BODY=BINARYMIME", " size=1", " BODY=8bitmime"]
 
 
 def _whole_agrees(argument: str, keyword: str) -> None:
@@ -558,6 +559,12 @@ def _whole_agrees(argument: str, keyword: str) -> None:
     if m is not None:
         assert _outcome(parse_path_argument, argument, keyword) == (m.group(1), {})
         assert _outcome(_parse_general, argument, keyword) == (m.group(1), {})
+    m = sized_sender(argument) if keyword == "FROM" else None
+    if m is not None:
+        size, body = m.group("size", "body")
+        params = {"SIZE": size} if body is None else {"SIZE": size, "BODY": body}
+        assert _outcome(parse_path_argument, argument, keyword) == (m.group(1), params)
+        assert _outcome(_parse_general, argument, keyword) == (m.group(1), params)
 
 
 @settings(max_examples=1500, deadline=None)
@@ -603,6 +610,20 @@ def test_whole_plain_match_takes_every_plain_address_within_the_limits(local, do
     if fits:
         assert m.group(1) == f"{local}@{domain}"
     _whole_agrees(argument, keyword.upper())
+
+
+@settings(max_examples=300, deadline=None)
+@given(_LOCALS, _DOMAINS, st.from_regex(r"[0-9]{1,22}", fullmatch=True),
+       st.sampled_from(["", " BODY=8BITMIME", " BODY=7BIT", " BODY=BINARYMIME", " BODY=8bitmime", " BODY=X"]))
+def test_sized_match_takes_the_common_esmtp_mail_within_the_limits(local, domain, size, body):
+    argument = f"FROM:<{local}@{domain}> SIZE={size}{body}"
+    fits = len(local) <= 64 and len(local) + len(domain) + 3 <= 256 and len(size) <= 20 \
+        and body in ("", " BODY=8BITMIME", " BODY=7BIT", " BODY=BINARYMIME")
+    m = sized_sender(argument)
+    assert (m is not None) == fits
+    if fits:
+        assert m.group(1, "size", "body") == (f"{local}@{domain}", size, body[6:] or None)
+    _whole_agrees(argument, "FROM")
 
 
 def test_whole_plain_match_examples():

@@ -59,13 +59,14 @@ def run(handler_class: type, commands: list[tuple[str, str]], config=CONFIG, cli
         reply = (t.mail if verb == "MAIL" else t.rcpt)(arg)
         out.append((R.wire(reply, verb), reply.counts, reply.closes))
     env = t.envelope
-    return out, (env.sender, env.mail_params, env.recipients, env.rcpt_params, env.recipients_params,
+    items = list(env.mail_params.items()), list(env.rcpt_params.items())  # the order too: a handler may see it
+    return out, (env.sender, env.mail_params, env.recipients, env.rcpt_params, env.recipients_params, items,
                  t.accepted, t.number, t.started is not None, handler.env_sender, handler.env_recipients)
 
 
 def run_general(handler_class: type, commands: list[tuple[str, str]], **kwargs):
     """:func:`run` with both shortcuts off: the full parser for every argument, every hook called."""
-    with mock.patch.object(T, "plain_sender", lambda arg: None), \
+    with mock.patch.object(T, "plain_sender", lambda arg: None), mock.patch.object(T, "sized_sender", lambda arg: None), \
             mock.patch.object(T, "plain_recipient", lambda arg: None), \
             mock.patch.object(T, "_BASE_MAIL", None), mock.patch.object(T, "_BASE_RCPT", None):
         return run(handler_class, commands, **kwargs)
@@ -80,7 +81,8 @@ def agree(commands: list[tuple[str, str]], **kwargs) -> None:
 
 _TOKENS = ["<", ">", "@", ".", "a", "x", "Z9", "-", "+", "é", "\u2028", "\"", "[127.0.0.1]", ":", " ", "\t",
            "postmaster", "<>", " SIZE=10", " SMTPUTF8", " NOTIFY=NEVER", " BODY=8BITMIME", "=", "l" * 64,
-           "d" * 63 + ".", "\u212a"]
+           "d" * 63 + ".", "\u212a", " SIZE=", "0", "9" * 9, " SIZE=1024", " BODY=7BIT", " BODY=BINARYMIME",
+           " BODY=8BIT", " BODY=", "BODY"]
 _ARG = st.one_of(st.lists(st.sampled_from(_TOKENS), max_size=12).map("".join), st.text(max_size=40))
 _PREFIXED = st.tuples(st.sampled_from(["", "FROM:", "from: ", "TO:", "to:"]), _ARG).map("".join)
 
@@ -93,6 +95,11 @@ def test_mail_and_rcpt_answer_as_the_general_path_does(mail, rcpts):
 
 
 @pytest.mark.parametrize("commands", [
+    [("MAIL", "FROM:<a@b.example> SIZE=1024 BODY=8BITMIME"), ("RCPT", "TO:<c@d.example>")],
+    [("MAIL", "FROM:<a@b.example> SIZE=1024 BODY=8BIT"), ("MAIL", "FROM:<a@b.example> SIZE=1 BODY=")],
+    [("MAIL", "FROM:<a@b.example> SIZE=99999999999"), ("MAIL", "FROM:<a@b.example> SIZE=10 BODY=7BIT")],
+    [("MAIL", "FROM:<a@b.example> SIZE=" + "9" * 21), ("MAIL", "FROM:<a@b.example> SIZE=0 BODY=BINARYMIME")],
+    [("MAIL", "FROM:<a@b.example> SIZE=1 BODY=8BITMIME SMTPUTF8"), ("RCPT", "TO:<jürgen@d.example>")],
     [("MAIL", "FROM:<a@b.example>"), ("RCPT", "TO:<c@d.example>"), ("RCPT", "to: <e.f+g@H-i.example>")],
     [("MAIL", "FROM:<xa@b.example>"), ("MAIL", "FROM:<a@b.example>"), ("RCPT", "TO:<xc@d.example>"),
      ("RCPT", "TO:<c@d.example>")],
@@ -103,6 +110,16 @@ def test_mail_and_rcpt_answer_as_the_general_path_does(mail, rcpts):
 ])
 def test_examples_answer_as_the_general_path_does(commands):
     agree(commands)
+
+
+def test_the_size_limit_answers_as_the_general_path_does():
+    config = resolve({}, {"hostname": "mx.test.example", "max_message_size": 1000}, source="test")
+    commands = [("MAIL", "FROM:<a@b.example> SIZE=1001"), ("MAIL", "FROM:<a@b.example> SIZE=1000 BODY=8BITMIME")]
+    replies, envelope = run(ESMTPHandler, commands, config=config)
+    assert [r[0] for r in replies] == [b"552 5.3.4 Error: message size exceeds the fixed limit of 1000 octets\r\n",
+                                       b"250 2.1.0 <a@b.example>, sender ok\r\n"]
+    assert envelope[5][0] == [("SIZE", "1000"), ("BODY", "8BITMIME")]
+    agree(commands, config=config)
 
 
 def test_before_helo_and_max_recipients_answer_as_the_general_path_does():
@@ -129,7 +146,7 @@ def test_the_shortcut_replies_are_the_base_hooks_bytes():
     replies, envelope = run(ESMTPHandler, [("MAIL", "FROM:<a@b.example>"), ("RCPT", "TO:<c@d.example>")])
     assert [r[0] for r in replies] == [b"250 2.1.0 <a@b.example>, sender ok\r\n",
                                        b"250 2.1.5 <c@d.example>, recipient ok\r\n"]
-    assert envelope[:6] == ("a@b.example", {}, ["c@d.example"], {}, [{}], ["c@d.example"])
+    assert envelope[:5] == ("a@b.example", {}, ["c@d.example"], {}, [{}])
     assert envelope[1] is not envelope[3]  # each its own dict, as the parser makes them
 
 
