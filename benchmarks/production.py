@@ -270,7 +270,7 @@ def measure(args: argparse.Namespace, conn: Workload, workdir: Path) -> dict[str
     count = args.reload_messages
     result: dict[str, Any] = {"messages": count, "sessions": conn.sessions, "size": conn.size,
                               "hups": RELOAD_HUPS, "runs": {m: [] for m in MODES}, "not_run": {},
-                              "haproxy_version": ""}
+                              "haproxy_version": "", "cores": len(os.sched_getaffinity(0))}
     direct = PreforkCountingServer(args.workers, key="counting-direct")
     proxied = PreforkCountingServer(args.workers, ["--proxy-protocol"], key="counting-proxied",
                                     label="prefork-esmtp --proxy-protocol (counting handler)")
@@ -343,7 +343,8 @@ def measure(args: argparse.Namespace, conn: Workload, workdir: Path) -> dict[str
                     + f" client {r.client_cpu / r.messages * 1e6:4.0f}"
                     + (f"  HUPs {r.hups}, reloads {r.reloads} (longest "
                        f"{max(r.reload_seconds, default=0):.2f} s)" if mode == "reloads" else "")
-                    + f"  refused/cut/lost {r.refused}/{r.cut}/{'?' if r.lost is None else r.lost}"
+                    + f"  refused/cut/lost {r.refused}/{r.cut}/"
+                    + ("—" if not r.counted else "?" if r.lost is None else str(r.lost))
                     + ("" if r.ok else f"  FAILED: {'; '.join(r.errors) or 'see counts'}"))
     finally:
         for s in reversed(started):

@@ -635,9 +635,22 @@ def reference_section(ops: dict[str, Any]) -> list[str]:
     if ours:
         text += f" From this run's figures: prefork-esmtp {ours}, measured {_ratio(hap, direct)}"
         text += f"; smtp-sink {theirs}, measured {_ratio(sink_hap, sink)}." if theirs else "."
+        busy = ", ".join(f"{label} {_busy(st[mode])}" for mode, label in
+                         (("direct", "prefork-esmtp direct"), ("haproxy", "through HAProxy"),
+                          ("sink-direct", "smtp-sink direct"), ("sink-haproxy", "through HAProxy")))
+        text += (f" The bound assumes these processes alone keep all {ops.get('cores', '?')} cores busy; "
+                 f"they kept (msgs/s × CPU per message) {busy} cores busy: where that is well below the "
+                 f"machine's, other work or waiting set the rate, and the bound says little.")
     else:
         text += " No bound worked out: smtp-source's CPU was not measured."
     return ["", text]
+
+
+def _busy(st: dict[str, Any]) -> str:
+    """Cores kept busy by server, HAProxy and smtp-source in a mode: msgs/s × their CPU per message."""
+    if not st["rate"] or st["cpu_us"] is None or st["client_cpu_us"] is None:
+        return "n/a"
+    return f"{st['rate'] * (st['cpu_us'] + st['proxy_cpu_us'] + st['client_cpu_us']) / 1e6:.2f}"
 
 
 def _ratio(through: dict[str, Any], direct: dict[str, Any]) -> str:

@@ -20,7 +20,8 @@ For the reload and HAProxy figures (``production.py``): prefork-esmtp with
 a benchmark-only handler that records every message it accepts
 (``counting_handler.py``) and reports its reloads to a ``NOTIFY_SOCKET`` of
 ours, one of them with ``--proxy-protocol`` behind a real HAProxy
-(``send-proxy-v2``).
+(``send-proxy-v2``); and, as a reference beside that figure, ``smtp-sink``
+direct and behind a second HAProxy forwarding plain TCP.
 
 For the relay workloads (group ``relay``), each forwarding to one shared
 ``smtp-sink`` (the upstream, started first and not measured):

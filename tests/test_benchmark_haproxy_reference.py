@@ -42,7 +42,7 @@ def _run(mode: str, seconds: float, server_us: float, client_us: float, proxy_us
 
 def _ops(**runs: list[Run]) -> dict:
     return {"messages": N, "sessions": 20, "size": 2048, "hups": 5, "version": "0.1.0",
-            "haproxy_version": "2.6", "not_run": {"reloads": "skipped (--no-reload)"},
+            "haproxy_version": "2.6", "cores": 2, "not_run": {"reloads": "skipped (--no-reload)"},
             "runs": {m: runs.get(m.replace("-", "_"), []) for m in production.MODES}}
 
 
@@ -81,6 +81,9 @@ def test_ops_section_lists_the_reference_runs_and_both_bounds() -> None:
     # smtp-sink: (80 + 100) / (80 + 100 + 220) = 45%
     assert ("prefork-esmtp 67% ((400 + 100) ÷ (400 + 100 + 250) µs), measured 67%; smtp-sink 45% ((80 + 100) ÷ "
             "(80 + 100 + 220) µs), measured 40%.") in text
+    # msgs/s x (server + HAProxy + smtp-source) µs: 3,000 x 500, 2,000 x 810, 10,000 x 180, 4,000 x 410
+    assert ("these processes alone keep all 2 cores busy; they kept (msgs/s × CPU per message) prefork-esmtp "
+            "direct 1.50, through HAProxy 1.62, smtp-sink direct 1.80, through HAProxy 1.64 cores busy") in text
 
 
 def test_without_the_reference_runs_the_row_says_why_and_the_bound_stays() -> None:
