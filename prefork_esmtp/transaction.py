@@ -32,6 +32,8 @@ from prefork_esmtp.state import ConnectionState, Envelope
 log = logging.getLogger("prefork_esmtp.session")
 #: the bytes of a base handler's 354, by reply
 _WIRED: dict[R.Reply, bytes] = {}
+#: MAIL's BODY parameter as most clients send it (or none): nothing for DATA to check
+_TEXT_BODIES = (None, "8BITMIME", "7BIT")
 
 _new_reply = tuple.__new__  # a HookReply without the Python-level __new__ of a NamedTuple
 #: The base handler's MAIL and RCPT hooks: a handler that keeps them gets their reply without the call.
@@ -227,7 +229,7 @@ class Transaction:
         """
         env = self.envelope
         if arg or self.state.client is None or env.sender is None or not self.accepted \
-                or self.intake is not None or "BODY" in env.mail_params:
+                or self.intake is not None or env.mail_params.get("BODY") not in _TEXT_BODIES:
             problem = self._data_problem(arg)
             if problem is not None:
                 return problem
