@@ -180,16 +180,21 @@ def rehearse(plan: WorkerPlan, times: int = REHEARSALS, ran: set[CodeType] | Non
     # Without --preload a worker imports the handler; when the master has that module already
     # (the base handler), the worker's import is a lookup this can rehearse.  Never a real import.
     lookup = plan.handler_class is None and module in sys.modules
+    serving = True
     board = Scoreboard(1)
     try:
         for i in range(times):
-            if ran is not None and i == 0:
+            recording = ran is not None and i == 0 and sys.getprofile() is None  # a profiler: left alone
+            if recording:
                 sys.setprofile(recorder(ran))
             try:
                 if _PRCTL is not None:
                     _PRCTL(_PR_GET_DUMPABLE, 0, 0, 0, 0)
                 if lookup:
-                    load_handler(spec)
+                    try:
+                        load_handler(spec)
+                    except HandlerLoadError:  # the worker reports it, as a boot error
+                        lookup = False
                 reporter = ScoreboardReporter(board, 0, plan.generation, plan.master_pid, idle_expect=math.inf,
                                               busy_expect=plan.config.timeout)
                 worker = Worker(plan.listeners, plan.handler_class or ESMTPHandler, plan.config,
@@ -202,9 +207,11 @@ def rehearse(plan: WorkerPlan, times: int = REHEARSALS, ran: set[CodeType] | Non
                 finally:
                     os.close(worker._wake_r)
                     os.close(worker._wake_w)
-                serve_rehearsal(plan, board)
+                if serving:
+                    serving = serve_rehearsal(plan, board)  # once one fails, no more waits
             finally:
-                sys.setprofile(None)
+                if recording:
+                    sys.setprofile(None)
     finally:
         board.close()
 

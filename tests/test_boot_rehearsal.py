@@ -98,3 +98,38 @@ def test_a_worker_collects_its_garbage_cycles_at_its_own_threshold(start_server,
     assert code == 250 and lines[0].endswith(f"gc threshold {boot.GC_THRESHOLD}")
     assert boot.GC_THRESHOLD != 700  # not the interpreter's default: this test would pass anyway
     c.cmd("QUIT")
+
+
+def test_a_handler_the_master_cannot_look_up_is_left_to_the_worker(listener):
+    board = Scoreboard(4)
+    plan = _plan(listener, board)
+    plan = boot.WorkerPlan(**{**plan.__dict__, "config": resolve({"handler": "prefork_esmtp:NoSuchHandler"}, {})})
+    boot.rehearse(plan, times=2)  # the module is here, the class is not: no exception in the master
+    board.close()
+
+
+def test_after_a_rehearsal_session_fails_no_other_is_tried(listener, monkeypatch):
+    calls = []
+    monkeypatch.setattr(boot, "serve_rehearsal", lambda plan, board: calls.append(1) and False)
+    board = Scoreboard(4)
+    boot.rehearse(_plan(listener, board), times=4)
+    assert calls == [1]
+    board.close()
+
+
+def test_a_running_profiler_is_left_alone_and_nothing_is_recorded(listener):
+    import sys
+
+    def profiler(frame, event, arg):
+        return None
+
+    board = Scoreboard(4)
+    ran: set = set()
+    sys.setprofile(profiler)
+    try:
+        boot.rehearse(_plan(listener, board), times=1, ran=ran)
+        assert sys.getprofile() is profiler
+    finally:
+        sys.setprofile(None)
+    assert not ran
+    board.close()
