@@ -27,6 +27,7 @@ from prefork_esmtp.connection import Connection, StopSession
 from prefork_esmtp.limits import Limits
 from prefork_esmtp.logs import Event, address
 from prefork_esmtp.reader import CommandTooSlow, DataTooSlow, LineTooLong, ReadTimeout, SessionTooLong
+from prefork_esmtp.reader import RECV_SIZE
 from prefork_esmtp.reporter import NO_REPORTER, Reporter
 from prefork_esmtp.settings import Config
 from prefork_esmtp.state import ConnectionState
@@ -43,6 +44,12 @@ JUNK = frozenset({"NOOP", "RSET", "VRFY", "EXPN", "HELP"})
 BEFORE_TLS = frozenset({"EHLO", "NOOP", "STARTTLS", "QUIT"})
 #: A HookReply from all its fields, without the NamedTuple's Python-level __new__.
 _new_reply = tuple.__new__
+_monotonic = time.monotonic
+_MSG_DONTWAIT = socket.MSG_DONTWAIT
+
+
+def _no_check_in(expect: float) -> None:
+    """The check-in of a connection that reports to nobody."""
 
 
 class Session:
@@ -105,21 +112,82 @@ class Session:
     # -- the loop -------------------------------------------------------------
 
     def run(self) -> None:
-        """Serve the session until QUIT, disconnect, an error limit, a timeout or EOF."""
+        """Serve the session until QUIT, disconnect, an error limit, a timeout or EOF.
+
+        The common round is written out here rather than spread over
+        :meth:`Reader.readline <prefork_esmtp.reader.Reader.readline>`,
+        :meth:`Connection.recv <prefork_esmtp.connection.Connection.recv>` and
+        :meth:`~prefork_esmtp.connection.Connection.sendall`: when nothing is
+        buffered, no deadline is within an idle timeout and the socket is plain,
+        the queued replies go out in one non-blocking send, the worker checks
+        in, the read waits (interruptible outside a transaction), and a read
+        that is exactly one CRLF-ended line within the limit is the command.
+        Anything else (a full send window, an early wake-up, a partial,
+        pipelined, bare-LF or too long line, TLS, a deadline near) takes those
+        methods, from the same point: the same bytes and limits either way.
+        """
         conn = self.conn
         reader = conn.reader
         transaction = self.transaction
         limit = self.config.max_line_length
+        stopping = self.stopping
+        dispatch = self._dispatch
+        pending = conn.pending  # the writer's queue: the same list for the session's life
+        check_in = conn.check_in or _no_check_in
+        timeout = conn.timeout
+        sock = conn.sock  # while kernel_timeouts holds, this plain socket is the session's (TLS clears it first)
         linger = True
         try:
             if self._open():
                 self._greet()
             while not self.closing:
                 idle = transaction.envelope.sender is None
-                if idle and self.stopping():
+                if idle and stopping():
                     self.end = "stopping"
                     self._answer(R.SHUTTING_DOWN.format(self.hostname))
                     break
+                if conn.kernel_timeouts and reader.pos >= len(reader.buf) and (now := _monotonic()) < reader._plain_until:
+                    if pending:  # Connection.recv's send, its first try written out
+                        data = b"".join(pending)  # one reply: the same bytes object, not a copy
+                        pending.clear()
+                        try:
+                            sent = sock.send(data, _MSG_DONTWAIT)
+                        except OSError:  # a full window (EAGAIN) or a broken connection: the long way says which
+                            sent = 0
+                        if sent < len(data):
+                            try:
+                                conn.sendall(memoryview(data)[sent:] if sent else data)
+                            except OSError as exc:  # reset, broken pipe, send timeout
+                                raise ClientGone(str(exc)) from None
+                    check_in(timeout)
+                    try:
+                        if idle:  # a stop may end the wait for a command outside a transaction
+                            conn.waiting = True
+                            if stopping():  # signalled before ``waiting`` was set: nothing was interrupted
+                                raise StopSession()
+                        data = sock.recv(RECV_SIZE)
+                    except (TimeoutError, BlockingIOError):  # SO_RCVTIMEO woke the read early
+                        data = None
+                    except OSError as exc:
+                        raise ClientGone(str(exc)) from None
+                    finally:
+                        conn.waiting = False
+                    if data:
+                        n = len(data)
+                        reader.received += n
+                        if data.find(b"\n", 0, limit) == n - 1 and data[n - 2] == 0x0D:  # one line, its CRLF within the limit
+                            reader.buf, reader.pos, reader.bare_lf = data, n, False
+                            dispatch(data[:-2])
+                            continue
+                        reader.buf, reader.pos = data, 0  # more than one line, or not one whole line: the cut below
+                    elif data is None:  # the wait goes on the long way, its idle timeout from when it began
+                        conn.interruptible = idle
+                        try:
+                            reader._fill(now)
+                        finally:
+                            conn.interruptible = False
+                    else:
+                        raise ClientGone("connection closed by client")
                 conn.interruptible = idle  # a stop may end the wait for a command outside a transaction
                 try:
                     line = reader.readline(limit)
