@@ -368,27 +368,24 @@ class Session:
         The common line (ASCII, no NUL or CR, not refused for a bare LF) takes
         the straight path; any other goes through :meth:`_decode` first.
         """
-        if not line.isascii() or b"\0" in line or b"\r" in line or self.reader.bare_lf and self.reject_bare_lf:
+        if not line.isascii() or b"\0" in line or b"\r" in line or self.reject_bare_lf and self.reader.bare_lf:
             text = self._decode(line)
             if text is None:
                 return
         else:
             text = line.decode("ascii")
         verb, _, arg = text.rstrip(" \t").partition(" ")
-        entry = _COMMANDS.get(verb)
-        if entry is None:  # a verb in lower or mixed case, or no verb of ours
-            verb = verb.upper()
-            entry = _COMMANDS.get(verb)
+        # a verb in lower or mixed case, or no verb of ours: looked up again in upper case
+        entry = _COMMANDS.get(verb) or _COMMANDS.get(verb := verb.upper())
         if self.refused and verb != "QUIT" or self.require_tls and self.state.tls is None and verb not in BEFORE_TLS:
             self._refuse(R.REJECTED_SESSION if self.refused else R.TLS_REQUIRED, line)
             return
         if entry is None:  # the enhanced code then follows UNKNOWN, never the client's word
             verb, reply = "UNKNOWN", R.call_hook(self.handler, "UNKNOWN", self.conn.who, text.rstrip(" \t"))
+        elif entry[2] and self._too_much_junk():  # (method, of the transaction, junk): see _COMMANDS
+            return
         else:
-            method, of_transaction, junk = entry
-            if junk and self._too_much_junk():
-                return
-            reply = method(self.transaction if of_transaction else self, arg.strip(" \t"))
+            reply = entry[0](self.transaction if entry[1] else self, arg.strip(" \t"))
         self._answer(reply, verb)
         if self.tls_next or self.forbid_pipelining:
             self._after_reply(verb)
