@@ -178,14 +178,7 @@ class Reader:
                 timeout = self._read_timeout(now, timeout)  # a deadline comes first, or is past
             try:
                 if timeout < self._current_timeout or woken:
-                    if self._current_timeout == math.inf and self._wake_after is not None \
-                            and self._wake_after < timeout:
-                        timeout = self._wake_after  # the first read: see wake_after
-                    elif timeout >= 2.0:
-                        timeout = float(int(timeout))
-                    self.sock.settimeout(timeout)
-                    self._current_timeout = timeout
-                    self._replan()
+                    self._set_timeout(timeout)
                 data = self._recv(RECV_SIZE)
                 break
             except (TimeoutError, BlockingIOError):  # a Python timeout, or the kernel's (SO_RCVTIMEO)
@@ -201,6 +194,31 @@ class Reader:
         else:
             self.buf = self.buf[self.pos:] + data
         self.pos = 0
+
+    def _set_timeout(self, timeout: float) -> None:
+        """Give the socket the read timeout for a wait owed ``timeout`` seconds: the first
+        read's is ``wake_after`` when that is shorter; two seconds or more are rounded down."""
+        if self._current_timeout == math.inf and self._wake_after is not None and self._wake_after < timeout:
+            timeout = self._wake_after  # the first read: see wake_after
+        elif timeout >= 2.0:
+            timeout = float(int(timeout))
+        self.sock.settimeout(timeout)
+        self._current_timeout = timeout
+        self._replan()
+
+    def ready(self) -> None:
+        """Before the first command: set the read timeout the first read would set, when no
+        deadline is within an idle timeout, so that read too may be the session loop's
+        common round (see :meth:`Session.run <prefork_esmtp.session.Session.run>`).
+
+        Nothing to do when the timeout is set already (a PROXY header's read, TLS) or a
+        deadline is near (then the first read works it out).
+        """
+        if self._current_timeout == math.inf and _monotonic() < self._plain_base and self._rate is None:
+            try:
+                self._set_timeout(self.timeout)
+            except OSError as exc:
+                raise ClientGone(str(exc)) from None
 
     def readline(self, limit: int) -> bytes:
         """Return the next line without its line end (CRLF, or a bare LF).

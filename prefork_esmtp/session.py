@@ -140,6 +140,7 @@ class Session:
         try:
             if self._open():
                 self._greet()
+                reader.ready()  # the first read's timeout: that read too may be the common round
             while not self.closing:
                 idle = transaction.envelope.sender is None
                 if idle and stopping():

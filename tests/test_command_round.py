@@ -205,7 +205,7 @@ def test_the_line_limit_holds_on_the_common_round(length: int, reply: bytes) -> 
     slow, _, _ = serve(SLOW, script)
     assert fast == slow
     assert fast.split(b"250 BINARYMIME\r\n")[1].startswith(reply)
-    assert fast_readlines == 1 + (length > 512)  # the line within the limit is the loop's own
+    assert fast_readlines == (length > 512)  # the line within the limit is the loop's own
 
 
 def test_a_bare_lf_refused_after_the_common_round() -> None:
@@ -241,7 +241,7 @@ def test_an_early_wake_keeps_the_idle_timeout_from_when_the_wait_began(monkeypat
 
 
 def test_single_line_reads_take_the_common_round() -> None:
-    """One whole CRLF line per read: only the first read goes through readline (it sets the read timeout)."""
+    """One whole CRLF line per read: no command goes through readline, the first one included."""
     script = [b"EHLO client.example\r\n", b"MAIL FROM:<a@example.org>\r\n", b"RCPT TO:<b@example.net>\r\n",
               b"DATA\r\n", b"Subject: x\r\n\r\nbody\r\n.\r\n", b"NOOP\r\n", b"QUIT\r\n"]
     fast, _, fast_readlines = serve(FAST, script)
@@ -253,7 +253,7 @@ def test_single_line_reads_take_the_common_round() -> None:
                          b"250 2.0.0 Message accepted for delivery\r\n250 2.0.0 OK\r\n"
                          b"221 2.0.0 Closing connection\r\n")
     assert slow_readlines == 6  # every command
-    assert fast_readlines == 1  # only EHLO, the session's first read
+    assert fast_readlines == 0
 
 
 def test_pipelined_and_partial_reads_go_the_long_way() -> None:
@@ -263,7 +263,7 @@ def test_pipelined_and_partial_reads_go_the_long_way() -> None:
     slow, _, _ = serve(SLOW, script)
     assert fast == slow
     assert fast.endswith(b"250 BINARYMIME\r\n" + b"250 2.0.0 OK\r\n" * 4 + b"221 2.0.0 Closing connection\r\n")
-    assert fast_readlines == 5  # EHLO, the two pipelined NOOPs, the cut one, the bare-LF one
+    assert fast_readlines == 4  # the two pipelined NOOPs, the cut one, the bare-LF one
 
 
 def test_a_stop_before_the_wait_ends_an_idle_session() -> None:
@@ -344,3 +344,55 @@ def test_reader_keeps_its_counts_on_the_common_round() -> None:
     assert session.reader.received == sum(len(piece) for piece in script)
     assert isinstance(session.reader, Reader) and not session.reader.pending()
     assert session.reader.bare_lf is False
+
+
+def rcvtimeo(sock: socket.socket) -> bytes:
+    return sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, 16)
+
+
+@pytest.mark.parametrize("settings_", [
+    {},  # the data rate's grace (10 s) is the first read's timeout
+    {"min_data_rate": "0"},  # the idle timeout, whole seconds
+    {"min_data_rate": "0", "timeout": "1.5"},  # under 2 s: as it is
+    {"min_data_rate": "0", "timeout": "7.9"},
+], ids=["grace", "idle timeout", "short", "rounded down"])
+def test_ready_sets_the_timeout_the_first_read_would(settings_: dict[str, str]) -> None:
+    """Reader.ready before the first command: the socket's SO_RCVTIMEO is what the first read sets."""
+    from prefork_esmtp.connection import Connection
+
+    config = resolve({}, {**COMMON, **settings_})
+    results = []
+    for ready in (True, False):
+        ours, theirs = socket.socketpair()
+        conn = Connection(ours, PEER, config)
+        try:
+            before = rcvtimeo(ours)
+            if ready:
+                conn.reader.ready()
+            else:
+                theirs.sendall(b"NOOP\r\n")
+                assert conn.reader.readline(512) == b"NOOP"
+            results.append(rcvtimeo(ours))
+        finally:
+            conn.close()
+            theirs.close()
+    assert results[0] == results[1] != before
+
+
+def test_ready_leaves_the_first_read_alone_when_a_deadline_is_near() -> None:
+    """The session's end within an idle timeout, or a timeout set already: ready() sets nothing."""
+    from prefork_esmtp.connection import Connection
+
+    for settings_, set_before in (({"timeout": "300", "max_session_time": "200"}, None), ({}, 5.0)):
+        ours, theirs = socket.socketpair()
+        conn = Connection(ours, PEER, resolve({}, {**COMMON, **settings_}))
+        try:
+            if set_before is not None:  # as the PROXY header's read leaves it
+                conn.settimeout(set_before)
+                conn.reader.timeout_set(set_before)
+            before = rcvtimeo(ours)
+            conn.reader.ready()
+            assert rcvtimeo(ours) == before
+        finally:
+            conn.close()
+            theirs.close()
