@@ -224,12 +224,14 @@ class Scoreboard:
         Python call (the slot's word and the clocks are looked up once, not on
         every call), with the same three stores as :meth:`check_in`.
         """
-        word, words, wall, monotonic = (_BASE + index * _SLOT.size + _SEEN) >> 3, self._f64, time.time, time.monotonic
+        words, wall, monotonic = self._f64, time.time, time.monotonic
+        seen = (_BASE + index * _SLOT.size + _SEEN) >> 3
+        expect_at, due_at = seen + 1, seen + 2  # the words that follow seen's
 
         def check_in(expect: float) -> None:
-            words[word] = wall()
-            words[word + 1] = expect
-            words[word + 2] = monotonic() + expect
+            words[seen] = wall()
+            words[expect_at] = expect
+            words[due_at] = monotonic() + expect
 
         return check_in
 
