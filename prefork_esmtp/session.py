@@ -369,7 +369,9 @@ class Session:
         The common line (ASCII, no NUL or CR, not refused for a bare LF) takes
         the straight path; any other goes through :meth:`_decode` first.
         """
-        if not line.isascii() or b"\0" in line or b"\r" in line or self.reject_bare_lf and self.reader.bare_lf:
+        # NUL and CR looked for as octet values: a bytes pattern would first be tried as an
+        # integer, and the TypeError it raises and drops costs more than the search.
+        if not line.isascii() or 0 in line or 13 in line or self.reject_bare_lf and self.reader.bare_lf:
             text = self._decode(line)
             if text is None:
                 return
@@ -399,7 +401,7 @@ class Session:
         if self.reader.bare_lf and self.reject_bare_lf:
             self._refuse(R.BAD_COMMAND_LF, line)
             return None
-        if b"\0" in line or b"\r" in line:
+        if 0 in line or 13 in line:  # NUL, CR
             self._refuse(R.BAD_CHARACTERS, line)
             return None
         if line.isascii():
