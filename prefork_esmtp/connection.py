@@ -80,6 +80,11 @@ class Connection:
     is our address when the caller knows it (None: ``getsockname()``).
     """
 
+    #: set by the session while it waits for a command outside a transaction: a stop
+    #: may then end the session at once; ``waiting`` is true only inside such a recv().
+    interruptible = False
+    waiting = False
+
     def __init__(self, sock: socket.socket, peer: Any, config: Config,
                  check_in: Callable[[float], None] | None = None,
                  stopping: Callable[[], bool] = lambda: False, local: Any = None) -> None:
@@ -101,17 +106,12 @@ class Connection:
         self.local = local if type(local) is tuple and len(local) == 2 else _address(local)
         #: the client, as logs name it
         self.who = f"{self.peer[0]}:{self.peer[1]}" if self.peer else "client"
-        #: set by the session while it waits for a command outside a transaction: a stop
-        #: may then end the session at once; ``waiting`` is true only inside such a recv().
-        self.interruptible = False
-        self.waiting = False
         self.writer = ReplyWriter(self)
         self.pending = self.writer.pending  # the replies queued (recv sends them)
         self.timeout = config.timeout
         self.reader = Reader(self, config.timeout,  # DATA's rate needs its grace as a timeout at once
-                             config.min_data_rate_grace if config.min_data_rate > 0 else None)
-        self.reader.command_deadline = config.command_deadline
-        self.reader.limit_session(config.max_session_time)
+                             config.min_data_rate_grace if config.min_data_rate > 0 else None,
+                             config.command_deadline, config.max_session_time)
 
     def _own_address(self) -> tuple[str, int] | None:
         try:
@@ -291,7 +291,11 @@ class Connection:
         the FIN: a half-close first would change nothing on the wire.
         """
         try:
-            self.writer.flush()
+            pending = self.pending
+            if pending:  # the writer's flush, without the call: the last reply (QUIT's) is queued
+                data = b"".join(pending)
+                pending.clear()
+                self.sendall(data)
             if isinstance(self.sock, ssl.SSLSocket):
                 self._tls_close_notify()
             if not linger:
