@@ -24,6 +24,7 @@ from prefork_esmtp import counters
 from prefork_esmtp import replies as R
 from prefork_esmtp.auth import AUTH_KEYWORD, Auth
 from prefork_esmtp.connection import Connection, StopSession
+from prefork_esmtp.handler import ESMTPHandler
 from prefork_esmtp.limits import Limits
 from prefork_esmtp.logs import Event, address
 from prefork_esmtp.reader import CommandTooSlow, DataTooSlow, LineTooLong, ReadTimeout, SessionTooLong
@@ -64,6 +65,7 @@ class Session:
     closing = False
     quit = False  # close without lingering: the client said QUIT, or TLS failed
     refused = False  # CONNECT answered 554: only QUIT is served
+    auth: Auth | None = None  # made at the first AUTH command (most sessions never send one)
     tls_next = False  # STARTTLS answered 220: the handshake follows the reply
 
     def __init__(self, sock: socket.socket, peer: Any, handler_class: type, config: Config,
@@ -81,9 +83,9 @@ class Session:
         self.counts[counters.SESSIONS] += 1
         self.began = time.monotonic()
         self.conn = conn = Connection(sock, peer, config, reporter.check_in, stopping, local)
-        self.queue = conn.writer.pending.append  # the writer's queue (ReplyWriter.write, without the call)
-        self.state = ConnectionState(peer=conn.peer, local=conn.local, hostname=config.hostname,
-                                     session_id=f"{random.getrandbits(48):012X}")
+        self.queue = conn.pending.append  # the writer's queue (ReplyWriter.write, without the call)
+        self.state = state = ConnectionState(conn.peer, conn.local, config.hostname,
+                                             session_id=f"{random.getrandbits(48):012X}")
         self.lmtp = config.protocol == "lmtp"
         self.reader = conn.reader
         self.reject_bare_lf = config.command_bare_lf == "reject"
@@ -95,12 +97,11 @@ class Session:
         handler.disconnect = False
         handler.chunkmode = False
         handler._esmtp_check_in = reporter.check_in
-        handler._esmtp_state = self.state  # state.attach's work, without the call
+        handler._esmtp_state = state  # state.attach's work, without the call
         self.handler = handler
         #: the base handler's constant replies for the hooks this handler did not override
-        self.fixed = R.fixed_replies(handler_class)
-        self.transaction = Transaction(handler, self.state, conn, config, self.limits, self.fixed)
-        self.auth = Auth(handler, self.state, conn, config)
+        self.fixed = fixed = _FIXED_BY_CLASS.get(handler_class) or R.fixed_replies(handler_class)
+        self.transaction = Transaction(handler, state, conn, config, self.limits, fixed)
 
     # -- the loop -------------------------------------------------------------
 
@@ -176,7 +177,8 @@ class Session:
         counters.observe(counts, counters.SESSION_DURATION, counters.DURATION_BOUNDS, duration)
         counts[counters.RECEIVED_OCTETS] += self.conn.reader.received
         transaction = self.transaction
-        transaction.abandon()
+        if transaction.started is not None:  # a transaction under way: logged as aborted
+            transaction.abandon()
         if not log.isEnabledFor(logging.INFO):
             return
         state = self.state
@@ -385,19 +387,24 @@ class Session:
     # -- the verbs: each returns its reply --------------------------------------
 
     def smtp_HELO(self, arg: str) -> R.Answer:
-        return R.LMTP_NEEDS_LHLO if self.lmtp else self._hello("HELO", arg)
+        return R.LMTP_NEEDS_LHLO if self.lmtp else self._hello(arg, "HELO")
 
     def smtp_EHLO(self, arg: str) -> R.Answer:
-        return R.LMTP_NEEDS_LHLO if self.lmtp else self._hello("EHLO", arg)
+        return R.LMTP_NEEDS_LHLO if self.lmtp else self._hello(arg)
 
     def smtp_LHLO(self, arg: str) -> R.Answer:
         """LMTP's greeting (RFC 2033 4.1): EHLO's, with the EHLO hook; an unknown command in SMTP."""
         if not self.lmtp:
             return R.call_hook(self.handler, "UNKNOWN", self.conn.who, f"LHLO {arg}".rstrip())
-        return self._hello("EHLO", arg, "LHLO")
+        return self._hello(arg, "EHLO", "LHLO")
 
-    def _hello(self, verb: str, arg: str, said: str = "") -> R.Answer:
-        """HELO, EHLO (or LMTP's LHLO, ``said``): a new start (no transaction); the reply names this server first."""
+    def _hello(self, arg: str, verb: str = "EHLO", said: str = "") -> R.Answer:
+        """HELO, EHLO (or LMTP's LHLO, ``said``): a new start (no transaction); the reply names this server first.
+
+        EHLO's reply gets the engine's extension keywords the handler did not
+        list itself; they depend only on the handler's own keyword lines and on
+        what is offered now, so they are worked out once per combination.
+        """
         if not arg:
             if said:
                 return R.Reply(501, "5.5.4", f"Syntax: {said} hostname")
@@ -406,7 +413,8 @@ class Session:
             return R.HELO_CONTROL  # ESC, BEL, DEL...: the name ends up in Received lines and logs
         state = self.state
         previous = (state.client, state.esmtp)
-        self.transaction.reset()
+        if self.transaction.envelope.sender is not None:  # else no transaction to end (the envelope is new)
+            self.transaction.reset()
         state.client, state.esmtp = arg, verb == "EHLO"
         reply = R.call_hook(self.handler, verb, self.conn.who, arg)
         if not 200 <= reply.code < 300:
@@ -415,23 +423,19 @@ class Session:
         lines = reply.lines or [""]
         lines[0] = f"{self.hostname} {lines[0]}".rstrip()
         if verb == "EHLO":
-            lines = self._with_extensions(lines)
+            # AUTH is offered (Auth.offered) when the handler has an AUTH hook, nobody has
+            # authenticated yet, and inside TLS unless auth_plaintext.
+            key = (tuple(lines[1:]), self.config.max_message_size, bool(getattr(self.handler, "dsn", False)),
+                   self.tls_context is not None and state.tls is None,
+                   type(self.handler).AUTH is not ESMTPHandler.AUTH and state.auth_user is None
+                   and (state.tls is not None or self.config.auth_plaintext))
+            extra = _EXTENSIONS.get(key)
+            if extra is None:
+                extra = self._extensions(lines, *key[2:])
+                if len(_EXTENSIONS) < _EXTENSIONS_MAX:
+                    _EXTENSIONS[key] = extra
+            lines += extra
         return _new_reply(R.HookReply, (reply.code, lines, reply.counts))
-
-    def _with_extensions(self, lines: list[str]) -> list[str]:
-        """Append the engine's extension keywords the handler did not list itself.
-
-        What is appended depends only on the handler's own keyword lines and
-        on what is offered now, so it is worked out once per combination.
-        """
-        key = (tuple(lines[1:]), self.config.max_message_size, bool(getattr(self.handler, "dsn", False)),
-               self.tls_context is not None and self.state.tls is None, self.auth.offered())
-        extra = _EXTENSIONS.get(key)
-        if extra is None:
-            extra = self._extensions(lines, *key[2:])
-            if len(_EXTENSIONS) < _EXTENSIONS_MAX:
-                _EXTENSIONS[key] = extra
-        return lines + extra
 
     def _extensions(self, lines: list[str], dsn: bool, starttls: bool, auth: bool) -> list[str]:
         """The engine's extension keywords the handler did not list itself."""
@@ -479,7 +483,10 @@ class Session:
         return True
 
     def smtp_AUTH(self, arg: str) -> R.Answer:
-        return self.auth.command(arg, in_transaction=self.transaction.active)
+        auth = self.auth
+        if auth is None:
+            auth = self.auth = Auth(self.handler, self.state, self.conn, self.config)
+        return auth.command(arg, in_transaction=self.transaction.active)
 
     def smtp_RSET(self, arg: str) -> R.Answer:
         if arg:
@@ -514,6 +521,9 @@ class Session:
     def smtp_HELP(self, arg: str) -> R.Answer:
         return R.call_hook(self.handler, "HELP", self.conn.who, arg or None)
 
+
+#: fixed_replies' own table by handler class: a session looks its class up there without the call.
+_FIXED_BY_CLASS = R._FIXED
 
 #: EHLO's extension lines by (the handler's own keyword lines, SIZE, DSN, STARTTLS, AUTH offered);
 #: bounded, as a handler may vary its lines.
