@@ -10,6 +10,7 @@ which reports nothing.
 from __future__ import annotations
 
 import _signal
+import _socket
 import errno
 import functools
 import logging
@@ -139,22 +140,36 @@ class Worker:
         # asking the kernel for our parent after every wait would tell nothing new.
         check_parent = tick is not None
         by_fd = poller.by_fd
+        poll = poller.poll
         try:
             while self.alive:
                 self.reporter.idle()
-                ready = poller.wait(tick)
+                ready = poll(tick)
                 if self.shutting_down or (check_parent and not self.reporter.master_alive()):
                     break
                 # Told to retire (HUP, TTOU, max-spare) while the wait returned: still accept
                 # what it reported.  With EPOLLEXCLUSIVE the kernel woke only this worker for
                 # that connection; leaving without it would strand the client until the next one.
-                for fd in ready:
+                for fd, _ in ready:
                     listener = by_fd.get(fd)
                     if listener is None:  # the wake pipe
                         self._drain_wake()
                         continue
-                    if self._accept(listener):
-                        break  # back to waiting: fair to the other listeners and workers
+                    # socket.accept() without its wrapper's Python work (the family and type looked
+                    # up and converted to enums on every call): the listener's are known once.
+                    try:
+                        conn_fd, peer = listener.accept()
+                    except (BlockingIOError, InterruptedError):
+                        continue  # another worker took it
+                    except OSError as exc:
+                        if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                            log.error("accept failed: %s", exc)
+                        continue
+                    # The C socket object, without socket.socket's Python layer (its __init__
+                    # and close): the session uses only the C methods.
+                    self.serve(_socket.socket(listener.family, listener.type, listener.proto, conn_fd), peer,
+                               listener.implicit_tls, listener.local)
+                    break  # back to waiting: fair to the other listeners and workers
                 if self.max_sessions and self.served >= self.max_sessions:
                     log.info("served %d sessions; recycling", self.served)
                     break
@@ -167,21 +182,6 @@ class Worker:
                 pass
         except OSError:
             pass
-
-    def _accept(self, listener: "_Listener") -> bool:
-        # socket.accept() without its wrapper's Python work (the family and type looked up
-        # and converted to enums on every call): the listener's are known once.
-        try:
-            fd, peer = listener.sock._accept()
-        except (BlockingIOError, InterruptedError):
-            return False  # another worker took it
-        except OSError as exc:
-            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                log.error("accept failed: %s", exc)
-            return False
-        conn = socket.socket(listener.family, listener.type, listener.proto, fileno=fd)
-        self.serve(conn, peer, implicit_tls=listener.implicit_tls, local=listener.local)
-        return True
 
     def serve(self, conn: socket.socket, peer: Any, implicit_tls: bool = False, local: Any = None) -> None:
         """Run one session to its end; nothing a session does kills the worker.
@@ -227,10 +227,11 @@ class _Listener:
     own address, then); None for a wildcard listener, whose connections differ.
     """
 
-    __slots__ = ("sock", "family", "type", "proto", "implicit_tls", "local")
+    __slots__ = ("sock", "accept", "family", "type", "proto", "implicit_tls", "local")
 
     def __init__(self, sock: socket.socket, implicit_tls: bool) -> None:
         self.sock = sock
+        self.accept = sock._accept  # (fd, peer): the C accept, without socket.accept's wrapper
         self.family, self.type, self.proto = int(sock.family), int(sock.type), sock.proto
         self.implicit_tls = implicit_tls
         self.local = _bound_address(sock)
@@ -277,11 +278,17 @@ class _Poller:
             for fd in self.by_fd:
                 self.ep.register(fd, flags)
             self.ep.register(wake_fd, select.EPOLLIN)
+            #: (fd, events) pairs once one is ready (timeout None: block); epoll's own method
+            self.poll = self.ep.poll
         else:
             self.sel = selectors.DefaultSelector()
             for fd in self.by_fd:
                 self.sel.register(fd, selectors.EVENT_READ)
             self.sel.register(wake_fd, selectors.EVENT_READ)
+            self.poll = self._select
+
+    def _select(self, timeout: float | None) -> list[tuple[int, int]]:
+        return [(key.fd, events) for key, events in self.sel.select(timeout)]
 
     def wait(self, timeout: float | None) -> list[int]:
         """The ready fds; ``timeout`` None blocks until one is ready (or a signal's handler raises).
