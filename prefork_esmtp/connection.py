@@ -31,7 +31,7 @@ from collections.abc import Callable
 from typing import Any
 
 from prefork_esmtp import proxy, tls
-from prefork_esmtp.reader import Reader
+from prefork_esmtp.reader import Reader, first_read_timeout
 from prefork_esmtp.settings import Config
 from prefork_esmtp.writer import ClientGone, ReplyWriter
 
@@ -60,6 +60,15 @@ _TIMEVALS: dict[float, bytes] = {}
 _TIMEVALS_KEPT = 64
 
 
+def listener_read_timeout(config: Config) -> float:
+    """The read timeout a connection's reader gives its socket first, under ``config``.
+
+    A listener set to at most this (see :func:`prefork_esmtp.listeners.lower_read_timeout`)
+    hands it to the connections it accepts: one ``setsockopt`` fewer per session.
+    """
+    return first_read_timeout(config.timeout, config.min_data_rate_grace if config.min_data_rate > 0 else None)
+
+
 class StopSession(Exception):
     """The server is stopping and the session, idle between transactions, ends now (421)."""
 
@@ -77,7 +86,9 @@ class Connection:
     send that may block, the PROXY header, the TLS handshake) with the longest
     it may block (so the master can tell a worker waiting on a slow client from
     a stuck one); ``stopping()`` says whether the server is stopping; ``local``
-    is our address when the caller knows it (None: ``getsockname()``).
+    is our address when the caller knows it (None: ``getsockname()``);
+    ``read_timeout``: the socket's ``SO_RCVTIMEO`` is known to be at most this
+    (inherited from the listener), None when unknown.
     """
 
     #: set by the session while it waits for a command outside a transaction: a stop
@@ -87,7 +98,8 @@ class Connection:
 
     def __init__(self, sock: socket.socket, peer: Any, config: Config,
                  check_in: Callable[[float], None] | None = None,
-                 stopping: Callable[[], bool] = lambda: False, local: Any = None) -> None:
+                 stopping: Callable[[], bool] = lambda: False, local: Any = None, *,
+                 read_timeout: float | None = None) -> None:
         self.sock = sock
         self.config = config
         self.check_in = check_in
@@ -111,7 +123,7 @@ class Connection:
         self.timeout = config.timeout
         self.reader = Reader(self, config.timeout,  # DATA's rate needs its grace as a timeout at once
                              config.min_data_rate_grace if config.min_data_rate > 0 else None,
-                             config.command_deadline, config.max_session_time)
+                             config.command_deadline, config.max_session_time, read_timeout)
 
     def _own_address(self) -> tuple[str, int] | None:
         try:

@@ -53,7 +53,9 @@ class Session:
     command outside a transaction); ``reporter`` gets a check-in before each
     blocking read and counts this IP's sessions across all workers;
     ``tls_context`` enables STARTTLS (and is used at once when ``implicit_tls``);
-    ``local``: our address, when the caller knows it (else the socket is asked).
+    ``local``: our address, when the caller knows it (else the socket is asked);
+    ``read_timeout``: the socket's read timeout is known to be at most this
+    (inherited from its listener: see :class:`~prefork_esmtp.connection.Connection`).
     """
 
     # What a new session starts with (class-level, so each session sets only what differs).
@@ -71,7 +73,7 @@ class Session:
     def __init__(self, sock: socket.socket, peer: Any, handler_class: type, config: Config,
                  stopping: Callable[[], bool] = lambda: False, reporter: Reporter = NO_REPORTER, *,
                  tls_context: ssl.SSLContext | None = None, implicit_tls: bool = False,
-                 limits: Limits | None = None, local: Any = None) -> None:
+                 limits: Limits | None = None, local: Any = None, read_timeout: float | None = None) -> None:
         self.config = config
         self.hostname = config.hostname
         self.stopping = stopping
@@ -82,7 +84,8 @@ class Session:
         self.counts = counters.current.values
         self.counts[counters.SESSIONS] += 1
         self.began = time.monotonic()
-        self.conn = conn = Connection(sock, peer, config, reporter.check_in, stopping, local)
+        self.conn = conn = Connection(sock, peer, config, reporter.check_in, stopping, local,
+                                      read_timeout=read_timeout)
         self.queue = conn.pending.append  # the writer's queue (ReplyWriter.write, without the call)
         self.state = state = ConnectionState(conn.peer, conn.local, config.hostname,
                                              session_id=f"{random.getrandbits(48):012X}")

@@ -24,6 +24,7 @@ from typing import Any
 from prefork_esmtp import counters
 from prefork_esmtp.reporter import NO_REPORTER, Reporter
 from prefork_esmtp.limits import Limits
+from prefork_esmtp.listeners import read_timeout
 from prefork_esmtp.session import Session
 from prefork_esmtp.settings import Config
 
@@ -168,7 +169,7 @@ class Worker:
                     # The C socket object, without socket.socket's Python layer (its __init__
                     # and close): the session uses only the C methods.
                     self.serve(_socket.socket(listener.family, listener.type, listener.proto, conn_fd), peer,
-                               listener.implicit_tls, listener.local)
+                               listener.implicit_tls, listener.local, listener.read_timeout)
                     break  # back to waiting: fair to the other listeners and workers
                 if self.max_sessions and self.served >= self.max_sessions:
                     log.info("served %d sessions; recycling", self.served)
@@ -183,11 +184,13 @@ class Worker:
         except OSError:
             pass
 
-    def serve(self, conn: socket.socket, peer: Any, implicit_tls: bool = False, local: Any = None) -> None:
+    def serve(self, conn: socket.socket, peer: Any, implicit_tls: bool = False, local: Any = None,
+              read_timeout: float | None = None) -> None:
         """Run one session to its end; nothing a session does kills the worker.
 
         ``local``: our address on the connection when the listener already says it (bound
         to one address), so the session need not ask the kernel; None: the session asks.
+        ``read_timeout``: the connection's read timeout is at most this (the listener's).
         """
         # Behind a load balancer the socket's peer is the balancer: the session reports the
         # client once the PROXY header has named it; until then no address is counted.
@@ -198,7 +201,7 @@ class Worker:
         try:
             self.session = Session(conn, peer, self.handler_class, self.config, self._stopping,
                                    self.reporter, tls_context=self.tls_context, implicit_tls=implicit_tls,
-                                   limits=self.limits, local=local)
+                                   limits=self.limits, local=local, read_timeout=read_timeout)
         except Exception:
             counters.hook_failed("session")
             log.exception("cannot start a session for %s (handler constructor failed?)", peer)
@@ -225,9 +228,12 @@ class _Listener:
 
     ``local`` is the address of a listener bound to one address (every connection's
     own address, then); None for a wildcard listener, whose connections differ.
+    ``read_timeout``: the ``SO_RCVTIMEO`` its connections inherit, read once: only the
+    master sets it, and only ever lower (:func:`~prefork_esmtp.listeners.lower_read_timeout`),
+    so it stays an upper bound for this worker's life; None: none set.
     """
 
-    __slots__ = ("sock", "accept", "family", "type", "proto", "implicit_tls", "local")
+    __slots__ = ("sock", "accept", "family", "type", "proto", "implicit_tls", "local", "read_timeout")
 
     def __init__(self, sock: socket.socket, implicit_tls: bool) -> None:
         self.sock = sock
@@ -235,6 +241,7 @@ class _Listener:
         self.family, self.type, self.proto = int(sock.family), int(sock.type), sock.proto
         self.implicit_tls = implicit_tls
         self.local = _bound_address(sock)
+        self.read_timeout = read_timeout(sock)
 
 
 #: IP_TRANSPARENT and IPV6_TRANSPARENT (Linux): a listener that takes connections for other addresses.
