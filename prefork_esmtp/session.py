@@ -237,12 +237,20 @@ class Session:
     def _greet(self) -> None:
         """CONNECT's reply with the hostname first: 220, 554 (only QUIT served) or 421 (close)."""
         reply = self.fixed.get("CONNECT")
-        if reply is None or "CONNECT" in self.handler.__dict__:
+        if reply is not None and "CONNECT" not in self.handler.__dict__:
+            # the base handler's constant reply: its line with the hostname first, made once
+            line = _GREETINGS.get((reply, self.hostname))
+            if line is None:
+                line = f"{self.hostname} {reply.line}".rstrip()
+                if len(_GREETINGS) < _GREETINGS_MAX:
+                    _GREETINGS[(reply, self.hostname)] = line
+            code, lines = reply.code, [line]
+        else:
             reply = R.call_hook(self.handler, "CONNECT", self.conn.who)
-        code, lines = reply.code, reply.lines or [""]
-        if reply is R.HOOK_FAILED:
-            code = 421
-        lines[0] = f"{self.hostname} {lines[0]}".rstrip()
+            code, lines = reply.code, reply.lines or [""]
+            if reply is R.HOOK_FAILED:
+                code = 421
+            lines[0] = f"{self.hostname} {lines[0]}".rstrip()
         if 400 <= code < 500:
             code = 421
         elif code >= 500:
@@ -524,6 +532,10 @@ class Session:
     def smtp_HELP(self, arg: str) -> R.Answer:
         return R.call_hook(self.handler, "HELP", self.conn.who, arg or None)
 
+
+#: The greeting's line by (the base handler's constant CONNECT reply, hostname); bounded.
+_GREETINGS: dict[tuple[R.Reply, str], str] = {}
+_GREETINGS_MAX = 16
 
 #: fixed_replies' own table by handler class: a session looks its class up there without the call.
 _FIXED_BY_CLASS = R._FIXED
