@@ -12,7 +12,10 @@ A plain socket stays blocking and its read timeout lives in the kernel
 (``SO_RCVTIMEO``): a Python socket timeout would cost a ``poll()`` before every
 ``recv`` and ``send``.  A timed-out read raises ``BlockingIOError``, which the
 reader takes as a timeout; a signal still interrupts the read (EINTR runs the
-handler, which may raise).  Replies go out with one non-blocking ``send``; only
+handler, which may raise).  In a pre-forked worker the first read's timeout
+comes with the socket: the master gives each listener the one a session sets
+first, and only ever lowers it (:func:`~prefork_esmtp.listeners.lower_read_timeout`),
+so the reader need not set it.  Replies go out with one non-blocking ``send``; only
 when the client's window is full does the rest go out under a Python timeout
 (the whole send within the idle timeout, as before).  A TLS socket keeps Python
 timeouts: OpenSSL retries a read the kernel timed out, so ``SO_RCVTIMEO`` would
