@@ -10,7 +10,14 @@ Three ways of serving the same connection-per-message load, each run with
   after the previous reload is over (a HUP during a reload is ignored by
   the master), so every HUP is a whole reload;
 * ``haproxy``: a second such server with ``--proxy-protocol``, behind a real
-  HAProxy with ``send-proxy-v2``.
+  HAProxy with ``send-proxy-v2``;
+* ``sink-direct`` and ``sink-haproxy``: a reference, never a target: Postfix's
+  ``smtp-sink`` (C, the least CPU an SMTP server spends on a session) direct
+  and through a second HAProxy with the same settings but plain TCP
+  (smtp-sink cannot read a PROXY header).  On a machine whose cores HAProxy
+  shares with the server and the client, its ratio shows what the machine
+  allows: the less CPU a server spends per message, the larger HAProxy's
+  share, so the lower the ratio.
 
 The runs are interleaved (order rotating each repetition).  ``smtp-source``
 runs with ``-A`` (a 4xx/5xx reply is a warning and the run goes on; 421
@@ -23,7 +30,13 @@ is tried again), and its warnings are counted:
   connection (``smtp-source`` stops at the first lost connection, so then
   the counts are lower bounds and the run failed);
 * lost: acknowledged with 250 but not recorded by the handler
-  (``counting_handler.py`` writes its record before the 250 goes out).
+  (``counting_handler.py`` writes its record before the 250 goes out);
+  not counted for smtp-sink, which keeps no record.
+
+Each run also takes smtp-source's own CPU (the benchmark's reaped children,
+``RUSAGE_CHILDREN``, before and after: smtp-source is the only child that
+ends during a run), for the bound the report works out:
+(server + client CPU) / (server + client + HAProxy CPU) per message.
 """
 
 from __future__ import annotations
@@ -31,6 +44,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import resource
 import select
 import signal
 import subprocess
@@ -42,7 +56,7 @@ from typing import Any
 
 from measure import Workload, cpu_times, median
 from procs import HOST, end_process, log, release, spawn
-from servers import HAProxyServer, PreforkCountingServer, Server
+from servers import HAProxyServer, PreforkCountingServer, Server, SmtpSinkServer
 
 #: HUPs sent during each run of the reload figure.
 RELOAD_HUPS = 5
@@ -50,7 +64,11 @@ RELOAD_HUPS = 5
 CONNECT_TRIES = 100
 #: Seconds to wait for a reload to be over (the master's READY=1) once its HUP was sent.
 RELOAD_WAIT = 60.0
-MODES = ("direct", "reloads", "haproxy")
+MODES = ("direct", "reloads", "haproxy", "sink-direct", "sink-haproxy")
+#: The modes that are a reference (smtp-sink), never part of a target.
+REFERENCE_MODES = ("sink-direct", "sink-haproxy")
+#: The modes that run through an HAProxy (its CPU is measured apart).
+PROXIED_MODES = ("haproxy", "sink-haproxy")
 
 
 @dataclass
@@ -60,8 +78,8 @@ class Run:
     mode: str
     seconds: float
     messages: int
-    cpu: float  # prefork-esmtp's process tree
-    proxy_cpu: float = 0.0  # HAProxy's, in the haproxy mode
+    cpu: float  # the server's process tree (prefork-esmtp's; smtp-sink's in the reference modes)
+    proxy_cpu: float = 0.0  # HAProxy's, in the modes through it
     refused: int = 0
     cut: int = 0
     rejected: int = 0  # other 4xx/5xx replies (none expected from the counting handler)
@@ -75,6 +93,8 @@ class Run:
     reload_seconds: list[float] = field(default_factory=list)  # each reload, HUP to READY=1
     finished: bool = True  # smtp-source ran to its end (no fatal error, no timeout)
     errors: list[str] = field(default_factory=list)
+    client_cpu: float = 0.0  # smtp-source's own (user + system)
+    counted: bool = True  # the server records what it takes, so lost messages are counted
 
     @property
     def rate(self) -> float:
@@ -82,10 +102,10 @@ class Run:
 
     @property
     def ok(self) -> bool:
-        """Every session served: nothing refused, cut, rejected or lost; every HUP a finished reload."""
+        """Every session served: nothing refused, cut, rejected or lost (where counted); every HUP a reload."""
         return (self.finished and self.refused == 0 and self.cut == 0 and self.rejected == 0
-                and self.lost == 0 and self.hups == self.planned_hups and self.reloads == self.hups
-                and self.reload_failures == 0)
+                and (self.lost == 0 or not self.counted) and self.hups == self.planned_hups
+                and self.reloads == self.hups and self.reload_failures == 0)
 
 
 # -- smtp-source's diagnostics ---------------------------------------------------------------
@@ -141,27 +161,38 @@ def source_command(wl: Workload, count: int, port: int) -> list[str]:
     return base[:1] + ["-A", "-C", str(CONNECT_TRIES), "-c"] + base[1:] + [f"{HOST}:{port}"]
 
 
-def counted_run(mode: str, server: PreforkCountingServer, wl: Workload, count: int, timeout: float,
+def _children_cpu() -> float:
+    """User + system CPU seconds of this process's children that have ended and been waited for."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def counted_run(mode: str, server: Server, wl: Workload, count: int, timeout: float,
                 hups: int = 0, front: Server | None = None) -> Run:
     """One smtp-source run of ``count`` messages against ``server`` (through ``front`` when given).
 
     With ``hups``, the k-th HUP goes to the master once k/(hups+1) of the
     messages were sent and the previous reload is over.  The wall time is
-    smtp-source's; the CPU is the server tree's (and the front's, apart).
+    smtp-source's; the CPU is the server tree's (and the front's, apart), and
+    smtp-source's own.  Messages lost are counted for a
+    :class:`PreforkCountingServer` only (another server keeps no record; no HUPs then).
     """
-    assert server.notices is not None
+    counting = isinstance(server, PreforkCountingServer)
+    notices = server.notices if counting else None
+    assert (notices is not None) == counting and (counting or hups == 0)
     cmd = source_command(wl, count, front.port if front is not None else server.port)
     server.refresh_tree()
     c0 = cpu_times(server.procs)[0]
     if front is not None:
         front.refresh_tree()
     p0 = cpu_times(front.procs)[0] if front is not None else 0.0
-    recorded0 = server.recorded()
-    server.notices.drain()
-    reloads0, failures0 = server.notices.reloads, server.notices.failed
-    durations0 = len(server.notices.durations)
+    recorded0 = server.recorded() if notices is not None else 0
+    if notices is not None:
+        notices.drain()
+        reloads0, failures0, durations0 = notices.reloads, notices.failed, len(notices.durations)
 
     err_chunks: list[bytes] = []
+    k0 = _children_cpu()  # smtp-source is the only child that ends during the run
     t0 = time.perf_counter()
     proc = spawn(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     reader = threading.Thread(target=lambda: err_chunks.append(proc.stderr.read()), daemon=True)
@@ -169,6 +200,7 @@ def counted_run(mode: str, server: PreforkCountingServer, wl: Workload, count: i
     sent = hups_sent = 0
     thresholds = [count * k // (hups + 1) for k in range(1, hups + 1)]
     out_fd = proc.stdout.fileno()
+    waited = [out_fd] + ([notices] if notices is not None else [])
     tail = b""
     deadline = time.monotonic() + timeout
     timed_out = False
@@ -177,9 +209,9 @@ def counted_run(mode: str, server: PreforkCountingServer, wl: Workload, count: i
         if left <= 0:
             timed_out = True
             break
-        ready, _, _ = select.select([out_fd, server.notices], [], [], min(left, 0.5))
-        if server.notices in ready:
-            server.notices.drain()
+        ready, _, _ = select.select(waited, [], [], min(left, 0.5))
+        if notices is not None and notices in ready:
+            notices.drain()
         if out_fd in ready:
             chunk = os.read(out_fd, 65536)
             if not chunk:
@@ -188,8 +220,8 @@ def counted_run(mode: str, server: PreforkCountingServer, wl: Workload, count: i
             numbers = re.findall(rb"(\d+)\r", tail)
             if numbers:
                 sent = int(numbers[-1])
-        if hups_sent < hups and sent >= thresholds[hups_sent] and not server.notices.reloading:
-            server.notices.hup(server.root)
+        if notices is not None and hups_sent < hups and sent >= thresholds[hups_sent] and not notices.reloading:
+            notices.hup(server.root)
             hups_sent += 1
     if timed_out:
         end_process(proc, signal.SIGKILL, grace=1)
@@ -200,9 +232,11 @@ def counted_run(mode: str, server: PreforkCountingServer, wl: Workload, count: i
             timed_out = True
             end_process(proc, signal.SIGKILL, grace=1)
     elapsed = time.perf_counter() - t0
+    client = max(0.0, _children_cpu() - k0)
     release(proc)
     reader.join(timeout=5)
-    server.notices.wait_reloaded(RELOAD_WAIT)  # the last reload's end counts, outside the timed part
+    if notices is not None:
+        notices.wait_reloaded(RELOAD_WAIT)  # the last reload's end counts, outside the timed part
     time.sleep(0.05)  # let the server finish the last QUIT/close
     server.refresh_tree()
     c1 = cpu_times(server.procs)[0]
@@ -213,16 +247,20 @@ def counted_run(mode: str, server: PreforkCountingServer, wl: Workload, count: i
 
     found = classify(b"".join(err_chunks).decode(errors="replace"))
     finished = not timed_out and proc.returncode == 0
-    recorded = server.recorded() - recorded0
     acknowledged = count - found["failed_attempts"] if finished else None
     errors = found["errors"] + ([f"timed out after {timeout:.0f} s"] if timed_out else [])
     if not finished and not errors:
         errors.append(f"smtp-source exit {proc.returncode}")
+    if notices is None:  # nothing recorded, no reloads
+        return Run(mode, elapsed, count, max(0.0, c1 - c0), max(0.0, p1 - p0), found["refused"],
+                   found["cut"], found["rejected"], acknowledged, finished=finished, errors=errors,
+                   client_cpu=client, counted=False)
+    recorded = server.recorded() - recorded0
     return Run(mode, elapsed, count, max(0.0, c1 - c0), max(0.0, p1 - p0), found["refused"],
                found["cut"], found["rejected"], acknowledged, recorded,
                max(0, acknowledged - recorded) if acknowledged is not None else None,
-               hups, hups_sent, server.notices.reloads - reloads0, server.notices.failed - failures0,
-               server.notices.durations[durations0:], finished, errors)
+               hups, hups_sent, notices.reloads - reloads0, notices.failed - failures0,
+               notices.durations[durations0:], finished, errors, client_cpu=client)
 
 
 # -- the measurement ---------------------------------------------------------------------------
@@ -232,11 +270,13 @@ def measure(args: argparse.Namespace, conn: Workload, workdir: Path) -> dict[str
     count = args.reload_messages
     result: dict[str, Any] = {"messages": count, "sessions": conn.sessions, "size": conn.size,
                               "hups": RELOAD_HUPS, "runs": {m: [] for m in MODES}, "not_run": {},
-                              "haproxy_version": ""}
+                              "haproxy_version": "", "cores": len(os.sched_getaffinity(0))}
     direct = PreforkCountingServer(args.workers, key="counting-direct")
     proxied = PreforkCountingServer(args.workers, ["--proxy-protocol"], key="counting-proxied",
                                     label="prefork-esmtp --proxy-protocol (counting handler)")
     haproxy = HAProxyServer(proxied) if not args.no_haproxy else None
+    sink = SmtpSinkServer("production-smtp-sink", "Postfix smtp-sink (reference)")
+    sink_front = HAProxyServer(sink, key="haproxy-plain", send_proxy=False)
     modes = ["direct"] + ([] if args.no_reload else ["reloads"])
     started: list[Server] = []
     try:
@@ -258,6 +298,23 @@ def measure(args: argparse.Namespace, conn: Workload, workdir: Path) -> dict[str
             except RuntimeError as exc:
                 result["not_run"]["haproxy"] = str(exc)
                 log(f"HAProxy: not run ({exc})")
+        if "haproxy" not in modes:  # the reference is there for the HAProxy figure only
+            for mode in REFERENCE_MODES:
+                result["not_run"][mode] = f"no HAProxy figure ({result['not_run']['haproxy']})"
+        elif not sink.available:
+            for mode in REFERENCE_MODES:
+                result["not_run"][mode] = sink.reason
+        else:
+            try:
+                sink.start(workdir)
+                started.append(sink)
+                sink_front.start(workdir)
+                started.append(sink_front)
+                modes += list(REFERENCE_MODES)
+            except RuntimeError as exc:
+                for mode in REFERENCE_MODES:
+                    result["not_run"][mode] = str(exc)
+                log(f"smtp-sink reference: not run ({exc})")
         if args.no_reload:
             result["not_run"]["reloads"] = "skipped (--no-reload)"
         log(f"reload/HAProxy figures: {', '.join(modes)}; {count} messages per run, "
@@ -266,6 +323,10 @@ def measure(args: argparse.Namespace, conn: Workload, workdir: Path) -> dict[str
         def once(mode: str, n: int, hups: int = RELOAD_HUPS) -> Run:
             if mode == "haproxy":
                 return counted_run(mode, proxied, conn, n, args.run_timeout, front=haproxy)
+            if mode == "sink-direct":
+                return counted_run(mode, sink, conn, n, args.run_timeout)
+            if mode == "sink-haproxy":
+                return counted_run(mode, sink, conn, n, args.run_timeout, front=sink_front)
             return counted_run(mode, direct, conn, n, args.run_timeout,
                                hups=hups if mode == "reloads" else 0)
 
@@ -276,12 +337,14 @@ def measure(args: argparse.Namespace, conn: Workload, workdir: Path) -> dict[str
             for mode in modes[k:] + modes[:k]:
                 r = once(mode, count)
                 result["runs"][mode].append(r)
-                log(f"rep {rep + 1}/{args.reps} {mode:8s} {r.rate:8.0f} msgs/s  "
+                log(f"rep {rep + 1}/{args.reps} {mode:12s} {r.rate:8.0f} msgs/s  "
                     f"cpu {r.cpu / r.messages * 1e6:5.0f} µs/msg"
-                    + (f" + haproxy {r.proxy_cpu / r.messages * 1e6:4.0f}" if mode == "haproxy" else "")
+                    + (f" + haproxy {r.proxy_cpu / r.messages * 1e6:4.0f}" if mode in PROXIED_MODES else "")
+                    + f" client {r.client_cpu / r.messages * 1e6:4.0f}"
                     + (f"  HUPs {r.hups}, reloads {r.reloads} (longest "
                        f"{max(r.reload_seconds, default=0):.2f} s)" if mode == "reloads" else "")
-                    + f"  refused/cut/lost {r.refused}/{r.cut}/{'?' if r.lost is None else r.lost}"
+                    + f"  refused/cut/lost {r.refused}/{r.cut}/"
+                    + ("—" if not r.counted else "?" if r.lost is None else str(r.lost))
                     + ("" if r.ok else f"  FAILED: {'; '.join(r.errors) or 'see counts'}"))
     finally:
         for s in reversed(started):
@@ -297,6 +360,8 @@ def summary(runs: list[Run]) -> dict[str, Any]:
         "rate": median(rates), "lo": min(rates, default=None), "hi": max(rates, default=None),
         "cpu_us": median([r.cpu / r.messages * 1e6 for r in runs]),
         "proxy_cpu_us": median([r.proxy_cpu / r.messages * 1e6 for r in runs]),
+        "client_cpu_us": median([r.client_cpu / r.messages * 1e6 for r in runs]),
+        "counted": all(r.counted for r in runs),
         "refused": sum(r.refused for r in runs), "cut": sum(r.cut for r in runs),
         "rejected": sum(r.rejected for r in runs),
         "lost": None if unknown else sum(r.lost or 0 for r in runs),

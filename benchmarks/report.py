@@ -20,7 +20,7 @@ from typing import Any
 import psutil
 
 from measure import MIB, Workload, fmt_mib, median, summarize
-from production import MODES, summary
+from production import MODES, PROXIED_MODES, summary
 from servers import HAPROXY_TUNING, Server
 
 PROFILE_BEGIN = "<!-- profile:begin -->"
@@ -420,8 +420,10 @@ def floor_sentence(wl: Workload, group: list[Server], stats: dict[tuple[str, str
 
 
 def _counts(st: dict[str, Any]) -> str:
-    """Sessions refused / cut / messages lost, summed over runs ("?" when a run stopped early)."""
-    return f"{st['refused']} / {st['cut']} / {'?' if st['lost'] is None else st['lost']}"
+    """Sessions refused / cut / messages lost, summed over runs ("?" when a run stopped early,
+    "—" for a server that keeps no record)."""
+    lost = "—" if not st.get("counted", True) else "?" if st["lost"] is None else st["lost"]
+    return f"{st['refused']} / {st['cut']} / {lost}"
 
 
 def _seconds(st: dict[str, Any]) -> str:
@@ -467,8 +469,58 @@ def ops_targets(ops: dict[str, Any] | None) -> list[str]:
         rows.append(f"| {names['haproxy']} | not run ({ops['not_run'].get('haproxy', 'no run')}) | n/a |")
     else:
         rows.append(_rate_row(names["haproxy"], hap, direct, HAPROXY_RATE_TARGET, "direct",
-                              _cpu_note(hap, direct)))
+                              _cpu_note(hap, direct) + reference_note(st, ops["not_run"])))
     return rows
+
+
+def cpu_bound(server_us: float | None, client_us: float | None, proxy_us: float | None) -> float | None:
+    """The share of its direct msgs/s a server can keep through HAProxy when the machine is CPU-bound.
+
+    With every core busy, msgs/s is cores ÷ CPU per message: direct the
+    server's and the client's, through HAProxy also HAProxy's, so the ratio is
+    at most (server + client) ÷ (server + client + HAProxy), even with no
+    extra work for the PROXY header.  None when a figure is missing.
+    """
+    if not server_us or not client_us or proxy_us is None:
+        return None
+    return (server_us + client_us) / (server_us + client_us + proxy_us)
+
+
+def _bound_text(direct: dict[str, Any], through: dict[str, Any]) -> str:
+    """"NN% ((S + C) ÷ (S + C + H) µs)" from a direct and a through-HAProxy summary, or ""."""
+    bound = cpu_bound(direct["cpu_us"], direct["client_cpu_us"], through["proxy_cpu_us"])
+    if bound is None:
+        return ""
+    s, c, h = direct["cpu_us"], direct["client_cpu_us"], through["proxy_cpu_us"]
+    return f"{bound:.0%} (({fmt(s)} + {fmt(c)}) ÷ ({fmt(s)} + {fmt(c)} + {fmt(h)}) µs)"
+
+
+def reference_note(st: dict[str, dict[str, Any]], not_run: dict[str, str]) -> str:
+    """After the HAProxy ratio, never part of its target: what the machine allows.
+
+    smtp-sink's msgs/s through the same HAProxy (plain TCP) ÷ its direct,
+    and the bound :func:`cpu_bound` puts on prefork-esmtp's ratio from this
+    run's CPU figures (server, smtp-source and HAProxy per message).
+    """
+    hap, direct = st.get("haproxy"), st.get("direct")
+    sink, sink_hap = st.get("sink-direct"), st.get("sink-haproxy")
+    if sink is None or sink_hap is None:
+        why = not_run.get("sink-haproxy") or not_run.get("sink-direct") or "no run"
+        text = f"; reference (smtp-sink through the same HAProxy) not run: {why}"
+    elif not sink["rate"] or not sink_hap["rate"]:
+        text = "; reference (smtp-sink through the same HAProxy): no successful run"
+    else:
+        text = (f"; reference, not a target: Postfix smtp-sink through the same HAProxy (plain TCP) reaches "
+                f"**{sink_hap['rate'] / sink['rate']:.0%}** of its direct rate "
+                f"({fmt(sink_hap['rate'])} vs {fmt(sink['rate'])} msgs/s), HAProxy "
+                f"{fmt(sink_hap['proxy_cpu_us'])} µs/msg for it")
+    bound = _bound_text(direct, hap) if hap and direct else ""
+    if bound:
+        text += (f"; from this run's CPU per message, prefork-esmtp's ratio is bounded near "
+                 f"(server + smtp-source) ÷ (server + smtp-source + HAProxy) = {bound}")
+    elif hap and direct:
+        text += "; no CPU bound: smtp-source's CPU not measured"
+    return text
 
 
 def _cpu_note(hap: dict[str, Any], direct: dict[str, Any] | None) -> str:
@@ -520,22 +572,26 @@ def ops_section(ops: dict[str, Any] | None) -> list[str]:
                "connection: the counts are then lower bounds). Lost: acknowledged with 250 but not "
                "recorded by the handler (\"?\" when smtp-source stopped early).")
     out.append("")
-    out.append("| run | msgs/s (median) | min – max | prefork-esmtp CPU µs/msg | HAProxy CPU µs/msg | "
-               "HUPs sent / reloads over | HUP to READY, median / max | refused / cut / lost | runs ok/failed |")
-    out.append("|---|--:|--:|--:|--:|--:|--:|--:|--:|")
+    out.append("| run | msgs/s (median) | min – max | server CPU µs/msg | HAProxy CPU µs/msg | "
+               "smtp-source CPU µs/msg | HUPs sent / reloads over | HUP to READY, median / max | "
+               "refused / cut / lost | runs ok/failed |")
+    out.append("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
     labels = {"direct": "direct", "reloads": f"{ops['hups']} HUPs during the run",
-              "haproxy": "through HAProxy (PROXY v2)"}
+              "haproxy": "through HAProxy (PROXY v2)",
+              "sink-direct": "reference: Postfix smtp-sink direct",
+              "sink-haproxy": "reference: smtp-sink through HAProxy (plain TCP)"}
     errors = []
     for mode in MODES:
         runs = ops["runs"].get(mode) or []
         if not runs:
             why = ops["not_run"].get(mode)
             if why:
-                out.append(f"| {labels[mode]} | not run: {why} | | | | | | | |")
+                out.append(f"| {labels[mode]} | not run: {why} | | | | | | | | |")
             continue
         st = summary(runs)
         out.append(f"| {labels[mode]} | {fmt(st['rate'])} | {fmt(st['lo'])} – {fmt(st['hi'])} | "
-                   f"{fmt(st['cpu_us'])} | {fmt(st['proxy_cpu_us']) if mode == 'haproxy' else '—'} | "
+                   f"{fmt(st['cpu_us'])} | {fmt(st['proxy_cpu_us']) if mode in PROXIED_MODES else '—'} | "
+                   f"{fmt(st['client_cpu_us'])} | "
                    f"{str(st['hups']) + ' / ' + str(st['reloads']) if mode == 'reloads' else '—'} | "
                    f"{_seconds(st) if mode == 'reloads' else '—'} | "
                    f"{_counts(st)} | {st['n_ok']}/{st['n_fail']} |")
@@ -550,10 +606,56 @@ def ops_section(ops: dict[str, Any] | None) -> list[str]:
                     f"{cpu('direct')} µs: what reading the PROXY header adds, plus running beside "
                     f"HAProxy on the same cores), and HAProxy's own is {cpu('haproxy', 'proxy_cpu')} µs per "
                     f"message. The target stays the msgs/s ratio; these say where the difference goes."]
+    out += reference_section(ops)
     if errors:
         out += ["", "smtp-source said: " + "; ".join(errors[:6])]
     out.append("")
     return out
+
+
+def reference_section(ops: dict[str, Any]) -> list[str]:
+    """The paragraph on the smtp-sink reference (never a target): what it is, its ratio, both CPU bounds."""
+    st = {m: summary(runs) for m, runs in ops["runs"].items() if runs}
+    sink, sink_hap = st.get("sink-direct"), st.get("sink-haproxy")
+    head = ("**Reference, never a target**: Postfix `smtp-sink` (one C process, about the least CPU an "
+            "SMTP server spends on a session), the same load direct and through a second HAProxy with the "
+            "same settings but plain TCP (smtp-sink cannot read a PROXY header), interleaved with the runs "
+            "above. Its CPU is in the server column; lost is not counted (it keeps no record).")
+    if sink is None or sink_hap is None or not sink["rate"] or not sink_hap["rate"]:
+        why = ops["not_run"].get("sink-haproxy") or ops["not_run"].get("sink-direct") or "no successful run"
+        return ["", f"{head} Not measured in this run: {why}."]
+    text = (f"{head} Through HAProxy it keeps **{sink_hap['rate'] / sink['rate']:.0%}** of its direct "
+            f"msgs/s, with HAProxy spending {fmt(sink_hap['proxy_cpu_us'])} µs per message. When the "
+            f"server, smtp-source and HAProxy share the cores, msgs/s through HAProxy ÷ direct is bounded "
+            f"near (server + smtp-source CPU) ÷ (server + smtp-source + HAProxy CPU) per message: the less "
+            f"CPU a server needs, the more HAProxy's share weighs, so a faster server gets a lower ratio.")
+    hap, direct = st.get("haproxy"), st.get("direct")
+    ours = _bound_text(direct, hap) if hap and direct else ""
+    theirs = _bound_text(sink, sink_hap)
+    if ours:
+        text += f" From this run's figures: prefork-esmtp {ours}, measured {_ratio(hap, direct)}"
+        text += f"; smtp-sink {theirs}, measured {_ratio(sink_hap, sink)}." if theirs else "."
+        busy = ", ".join(f"{label} {_busy(st[mode])}" for mode, label in
+                         (("direct", "prefork-esmtp direct"), ("haproxy", "through HAProxy"),
+                          ("sink-direct", "smtp-sink direct"), ("sink-haproxy", "through HAProxy")))
+        text += (f" The bound assumes these processes alone keep all {ops.get('cores', '?')} cores busy; "
+                 f"they kept (msgs/s × CPU per message) {busy} cores busy: where that is well below the "
+                 f"machine's, other work or waiting set the rate, and the bound says little.")
+    else:
+        text += " No bound worked out: smtp-source's CPU was not measured."
+    return ["", text]
+
+
+def _busy(st: dict[str, Any]) -> str:
+    """Cores kept busy by server, HAProxy and smtp-source in a mode: msgs/s × their CPU per message."""
+    if not st["rate"] or st["cpu_us"] is None or st["client_cpu_us"] is None:
+        return "n/a"
+    return f"{st['rate'] * (st['cpu_us'] + st['proxy_cpu_us'] + st['client_cpu_us']) / 1e6:.2f}"
+
+
+def _ratio(through: dict[str, Any], direct: dict[str, Any]) -> str:
+    """msgs/s through HAProxy ÷ direct as a whole percentage, or n/a."""
+    return pct(through["rate"] / direct["rate"]) if through["rate"] and direct["rate"] else "n/a"
 
 
 def _haproxy_tuning() -> str:

@@ -29,7 +29,9 @@ smtp_forward, both forwarding to one shared ``smtp-sink`` upstream:
 Then, with a handler that records every message it accepts
 (``production.py``), the connection-per-message load three ways, every
 session accounted for (refused, cut, lost): direct, with 5 HUPs during the
-run, and through a real HAProxy sending the PROXY protocol v2 header.
+run, and through a real HAProxy sending the PROXY protocol v2 header; beside
+them, a reference and never a target, Postfix's smtp-sink direct and through
+a second HAProxy forwarding plain TCP (what the machine allows through it).
 
 For each run it records the wall time of ``smtp-source`` and the user+system
 CPU time of the server's whole process tree (psutil, before and after; the
@@ -125,7 +127,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reload-messages", type=int, default=30000,
                    help="messages per run of the reload and HAProxy figures (connection per message, 2 KB)")
     p.add_argument("--no-reload", action="store_true", help="skip the reload-under-load figure")
-    p.add_argument("--no-haproxy", action="store_true", help="skip the figure behind HAProxy")
+    p.add_argument("--no-haproxy", action="store_true",
+                   help="skip the figure behind HAProxy (and its smtp-sink reference)")
     p.add_argument("--run-timeout", type=float, default=300, help="seconds before a run is failed")
     p.add_argument("--output", type=Path, default=HERE / "RESULTS.md", help="markdown report")
     p.add_argument("--json", type=Path, default=None, help="also write raw samples as JSON here")

@@ -20,7 +20,8 @@ For the reload and HAProxy figures (``production.py``): prefork-esmtp with
 a benchmark-only handler that records every message it accepts
 (``counting_handler.py``) and reports its reloads to a ``NOTIFY_SOCKET`` of
 ours, one of them with ``--proxy-protocol`` behind a real HAProxy
-(``send-proxy-v2``).
+(``send-proxy-v2``); and, as a reference beside that figure, ``smtp-sink``
+direct and behind a second HAProxy forwarding plain TCP.
 
 For the relay workloads (group ``relay``), each forwarding to one shared
 ``smtp-sink`` (the upstream, started first and not measured):
@@ -350,13 +351,16 @@ class HAProxyServer(Server):
     the pid held is HAProxy's; never the system's service or config.  What
     it runs with is :data:`HAPROXY_TUNING` (see benchmarks/README.md for the
     measurements behind it); ``tuning`` replaces it for a comparison
-    (``haproxy_options.py``).
+    (``haproxy_options.py``).  ``send_proxy=False`` forwards plain TCP, for a
+    backend that cannot read the header (the smtp-sink reference).
     """
 
     def __init__(self, backend: Server, tuning: dict[str, list[str]] | None = None,
-                 key: str = "haproxy", label: str = "") -> None:
-        super().__init__(key, label or "HAProxy send-proxy-v2 → prefork-esmtp --proxy-protocol")
+                 key: str = "haproxy", label: str = "", send_proxy: bool = True) -> None:
+        super().__init__(key, label or ("HAProxy send-proxy-v2 → prefork-esmtp --proxy-protocol" if send_proxy
+                                        else f"HAProxy (plain TCP) → {backend.label}"))
         self.backend = backend
+        self.send_proxy = send_proxy
         self.tuning = HAPROXY_TUNING if tuning is None else tuning
         self.binary = shutil.which("haproxy") or "/usr/sbin/haproxy"
         self.workdir: Path | None = None
@@ -376,7 +380,7 @@ class HAProxyServer(Server):
     def command(self, port: int) -> list[str]:
         assert self.workdir is not None
         config = self.workdir / f"{self.key}.cfg"
-        config.write_text(haproxy_config(port, self.backend.port, self.tuning))
+        config.write_text(haproxy_config(port, self.backend.port, self.tuning, self.send_proxy))
         return [self.binary, "-db", "-f", str(config)]
 
 
@@ -389,11 +393,13 @@ HAPROXY_TUNING: dict[str, list[str]] = {
 }
 
 
-def haproxy_config(port: int, backend_port: int, tuning: dict[str, list[str]]) -> str:
+def haproxy_config(port: int, backend_port: int, tuning: dict[str, list[str]],
+                   send_proxy: bool = True) -> str:
     """An SMTP TCP front on ``port`` to one server sending PROXY v2, with ``tuning``'s lines added.
 
     Timeouts as an SMTP operator sets them: the client and the server may
-    each be silent for SMTP's five minutes (RFC 5321 4.5.3.2).
+    each be silent for SMTP's five minutes (RFC 5321 4.5.3.2).  Without
+    ``send_proxy`` the same front forwards plain TCP (no PROXY header).
     """
     def extra(section: str) -> list[str]:
         return [f"    {line}" for line in tuning.get(section, [])]
@@ -412,7 +418,7 @@ def haproxy_config(port: int, backend_port: int, tuning: dict[str, list[str]]) -
         "    default_backend prefork",
         *extra("frontend"),
         "backend prefork",
-        f"    server s1 {HOST}:{backend_port} send-proxy-v2",
+        f"    server s1 {HOST}:{backend_port}" + (" send-proxy-v2" if send_proxy else ""),
         *extra("backend"),
     ]) + "\n"
 

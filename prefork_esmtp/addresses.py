@@ -15,7 +15,7 @@ from __future__ import annotations
 import ipaddress
 import re
 
-__all__ = ["AddressError", "parse_path_argument", "decode_xtext"]
+__all__ = ["AddressError", "parse_path_argument", "plain_sender", "plain_recipient", "sized_sender", "decode_xtext"]
 
 
 class AddressError(ValueError):
@@ -88,6 +88,25 @@ _PLAIN = {
     "FROM": re.compile(" *FROM: *" + _PLAIN_PATH, re.IGNORECASE | re.ASCII),
     "TO": re.compile(" *TO: *" + _PLAIN_PATH, re.IGNORECASE | re.ASCII),
 }
+
+# The commonest argument whole, for the engine to take in one match: a plain path and nothing
+# after it.  The lookaheads keep it within RFC 5321's lengths: at most 64 octets before "@"
+# (a plain local part holds no "@"), at most 254 between the brackets (the path's 256 with
+# them, which also bounds the domain); anything longer goes to parse_path_argument.
+_WHOLE_PLAIN_PATH = "<(?=[^@]{1,64}@)(?=[^>]{1,254}>)" + _PLAIN_PATH[1:]
+
+# (The keyword's cases are spelled out: without IGNORECASE the match is a fifth quicker.)
+#: ``FROM:<local@domain>`` with no parameters, as :func:`parse_path_argument` would take it
+#: (``fullmatch``; group 1 is the address), or None: then parse_path_argument decides.
+plain_sender = re.compile(" *[Ff][Rr][Oo][Mm]: *" + _WHOLE_PLAIN_PATH, re.ASCII).fullmatch
+#: ``TO:<local@domain>`` with no parameters, the same way.
+plain_recipient = re.compile(" *[Tt][Oo]: *" + _WHOLE_PLAIN_PATH, re.ASCII).fullmatch
+#: ``FROM:<local@domain> SIZE=n``, optionally followed by ``BODY=8BITMIME`` (or ``7BIT``,
+#: ``BINARYMIME``), in capitals: what ESMTP clients such as Postfix send.  Group 1 is the
+#: address, ``size`` SIZE's digits (at most 20, as the SIZE check wants), ``body`` BODY's value or None.
+sized_sender = re.compile(" *[Ff][Rr][Oo][Mm]: *" + _WHOLE_PLAIN_PATH
+                          + " SIZE=(?P<size>[0-9]{1,20})(?: BODY=(?P<body>8BITMIME|7BIT|BINARYMIME))?",
+                          re.ASCII).fullmatch
 
 _MAX_LOCAL_PART = 64  # RFC 5321 4.5.3.1.1
 _MAX_DOMAIN = 255  # RFC 5321 4.5.3.1.2

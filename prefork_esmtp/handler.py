@@ -19,6 +19,11 @@ Reply = tuple[Any, ...]
 #: Largest BODY chunk in chunk mode unless a handler sets ``chunksize``.
 DEFAULT_CHUNKSIZE = 65536
 
+#: The texts of the base MAIL and RCPT hooks' 250 replies, ``%`` the address.  For a handler
+#: that keeps those hooks the engine makes the same reply itself, without the call.
+SENDER_OK = "<%s>, sender ok"
+RECIPIENT_OK = "<%s>, recipient ok"
+
 
 class HandlerConfigError(ValueError):
     """A handler option is wrong; ``configure`` raises it and its message is shown to the operator.
@@ -245,11 +250,11 @@ class ESMTPHandler:
         ``self.env_sender`` and ``self.mail_params`` are set; a non-2xx reply
         starts no transaction.
         """
-        return 250, f"<{env_sender}>, sender ok"
+        return 250, SENDER_OK % (env_sender,)
 
     def RCPT(self, env_recipient: str) -> Reply:
         """RCPT TO; only a 2xx reply adds ``env_recipient`` to ``self.env_recipients``."""
-        return 250, f"<{env_recipient}>, recipient ok"
+        return 250, RECIPIENT_OK % (env_recipient,)
 
     def DATA(self) -> Reply:
         """DATA, with at least one accepted recipient.  354 lets the message come."""

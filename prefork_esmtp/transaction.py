@@ -17,9 +17,10 @@ from typing import Any
 from prefork_esmtp import counters
 from prefork_esmtp import params as P
 from prefork_esmtp import replies as R
-from prefork_esmtp.addresses import AddressError, parse_path_argument
+from prefork_esmtp.addresses import AddressError, parse_path_argument, plain_recipient, plain_sender, sized_sender
 from prefork_esmtp.connection import Connection
 from prefork_esmtp.dotdata import DotDecoder
+from prefork_esmtp.handler import RECIPIENT_OK, SENDER_OK, ESMTPHandler
 from prefork_esmtp.intake import MessageIntake
 from prefork_esmtp.logs import Event
 from prefork_esmtp.logs import address as peer_text
@@ -28,6 +29,11 @@ from prefork_esmtp.settings import Config
 from prefork_esmtp.state import ConnectionState, Envelope
 
 log = logging.getLogger("prefork_esmtp.session")
+
+_new_reply = tuple.__new__  # a HookReply without the Python-level __new__ of a NamedTuple
+#: The base handler's MAIL and RCPT hooks: a handler that keeps them gets their reply without the call.
+_BASE_MAIL = ESMTPHandler.MAIL
+_BASE_RCPT = ESMTPHandler.RCPT
 
 
 def bdat_arguments(arg: str) -> tuple[int, bool] | None:
@@ -83,9 +89,8 @@ class Transaction:
     def _clear(self) -> None:
         """A fresh envelope, no message under way."""
         self.envelope = self.handler._esmtp_envelope = Envelope()  # state.attach's work, without the call
-        self.intake = None
+        self.intake = self.started = None
         self.accepted = []
-        self.started = None
 
     def _log(self, result: str, reply: str | None, size: int | None) -> None:
         """The transaction's one log line: envelope, outcome, client, duration."""
@@ -102,62 +107,86 @@ class Transaction:
 
     def mail(self, arg: str) -> R.Answer:
         """MAIL FROM:<address> [parameters]."""
-        env = self.envelope
-        if self.state.client is None:
-            return R.NEED_HELO
-        if self.config.require_auth and self.state.auth_user is None:
-            return R.AUTH_REQUIRED
-        if env.sender is not None:
-            return R.NESTED_MAIL
-        try:
-            address, params = parse_path_argument(arg, "FROM")
-        except AddressError as exc:
-            return R.Reply(exc.code, exc.enhanced, exc.text)
-        problem = P.check_mail(params, self.config.max_message_size, bdat_offered=True) if params else None
-        if problem is None and not arg.isascii() and "SMTPUTF8" not in params:
-            problem = R.NON_ASCII_ADDRESS
-        if problem is not None:
-            return problem
-        if self.config.max_messages_per_ip and self.state.peer and self.limits.message(self.state.peer[0]):
-            log.info("too many messages from %s", self.state.peer[0])
+        env, state, config = self.envelope, self.state, self.config
+        if state.client is None or config.require_auth and state.auth_user is None or env.sender is not None:
+            return self._mail_refused()
+        m = plain_sender(arg)
+        if m is not None:  # the commonest argument: a plain address, no parameters, nothing more to check
+            address, params = m.group(1), {}
+        elif (m := sized_sender(arg)) is not None and int(m.group("size")) <= config.max_message_size:
+            # the common ESMTP client's: a plain address, SIZE within the limit, maybe a valid BODY
+            address, size, body = m.group(1, "size", "body")
+            params = {"SIZE": size} if body is None else {"SIZE": size, "BODY": body}
+        else:
+            try:
+                address, params = parse_path_argument(arg, "FROM")
+            except AddressError as exc:
+                return R.Reply(exc.code, exc.enhanced, exc.text)
+            problem = P.check_mail(params, config.max_message_size, bdat_offered=True) if params else None
+            if problem is None and not arg.isascii() and "SMTPUTF8" not in params:
+                problem = R.NON_ASCII_ADDRESS
+            if problem is not None:
+                return problem
+        if config.max_messages_per_ip and state.peer and self.limits.message(state.peer[0]):
+            log.info("too many messages from %s", state.peer[0])
             return R.RATE_MESSAGES
         env.sender, env.mail_params = address, params
-        reply = R.call_hook(self.handler, "MAIL", self.conn.who, address)
-        if not 200 <= reply.code < 300:
-            self._clear()
-            return reply
+        handler = self.handler
+        if type(handler).MAIL is _BASE_MAIL and "MAIL" not in handler.__dict__ and address.isprintable():
+            reply = _new_reply(R.HookReply, (250, [SENDER_OK % (address,)], True))  # the base hook's reply
+        else:
+            reply = R.call_hook(handler, "MAIL", self.conn.who, address)
+            if not 200 <= reply.code < 300:
+                self._clear()
+                return reply
         self.started = time.monotonic()
         self.number += 1
         self.counts[counters.TRANSACTIONS] += 1
         return reply
 
-    def rcpt(self, arg: str) -> R.Answer:
-        """RCPT TO:<address> [parameters]."""
-        env = self.envelope
+    def _mail_refused(self) -> R.Reply:
+        """Why MAIL cannot start a transaction now: no HELO/EHLO, no AUTH when it is required, or one is open."""
         if self.state.client is None:
             return R.NEED_HELO
-        if env.sender is None:
-            return R.NEED_MAIL
-        try:
-            address, params = parse_path_argument(arg, "TO")
-        except AddressError as exc:
-            return R.Reply(exc.code, exc.enhanced, exc.text)
-        problem = P.check_rcpt(params) if params else None
-        if problem is None and not arg.isascii() and "SMTPUTF8" not in env.mail_params:
-            problem = R.NON_ASCII_ADDRESS
-        if problem is not None:
-            return problem
-        if len(self.accepted) >= self.config.max_recipients:
+        if self.config.require_auth and self.state.auth_user is None:
+            return R.AUTH_REQUIRED
+        return R.NESTED_MAIL
+
+    def rcpt(self, arg: str) -> R.Answer:
+        """RCPT TO:<address> [parameters]."""
+        env, state = self.envelope, self.state
+        if state.client is None or env.sender is None:
+            return R.NEED_HELO if state.client is None else R.NEED_MAIL
+        m = plain_recipient(arg)
+        if m is not None:  # the commonest argument: a plain address, no parameters, nothing more to check
+            address, params = m.group(1), {}
+        else:
+            try:
+                address, params = parse_path_argument(arg, "TO")
+            except AddressError as exc:
+                return R.Reply(exc.code, exc.enhanced, exc.text)
+            problem = P.check_rcpt(params) if params else None
+            if problem is None and not arg.isascii() and "SMTPUTF8" not in env.mail_params:
+                problem = R.NON_ASCII_ADDRESS
+            if problem is not None:
+                return problem
+        config = self.config
+        if len(self.accepted) >= config.max_recipients:
             return R.TOO_MANY_RECIPIENTS
-        if self.config.max_recipients_per_ip and self.state.peer and self.limits.recipient(self.state.peer[0]):
-            log.info("too many recipients from %s", self.state.peer[0])
+        if config.max_recipients_per_ip and state.peer and self.limits.recipient(state.peer[0]):
+            log.info("too many recipients from %s", state.peer[0])
             return R.RATE_RECIPIENTS
         env.rcpt_params = params
-        reply = R.call_hook(self.handler, "RCPT", self.conn.who, address)
-        if 200 <= reply.code < 300:
-            env.recipients.append(address)
-            env.recipients_params.append(params)
-            self.accepted.append(address)
+        handler = self.handler
+        if type(handler).RCPT is _BASE_RCPT and "RCPT" not in handler.__dict__ and address.isprintable():
+            reply = _new_reply(R.HookReply, (250, [RECIPIENT_OK % (address,)], True))  # the base hook's reply
+        else:
+            reply = R.call_hook(handler, "RCPT", self.conn.who, address)
+            if not 200 <= reply.code < 300:
+                return reply
+        env.recipients.append(address)
+        env.recipients_params.append(params)
+        self.accepted.append(address)
         return reply
 
     def _problem(self) -> R.Reply | None:

@@ -21,3 +21,11 @@ class OwnOnInstance(ESMTPHandler):
         self.DATA = lambda: (354, "instance: go ahead")
         self.EOM = lambda: (250, "instance took it")
         return super().MAIL(env_sender)
+
+
+class OwnMailRcptOnInstance(ESMTPHandler):
+    """MAIL and RCPT set on the object when it is made (the engine answers the class's own without a call)."""
+
+    def __init__(self) -> None:
+        self.MAIL = lambda env_sender: (250, f"instance sender {env_sender}")
+        self.RCPT = lambda env_recipient: (550, f"instance refuses {env_recipient}")

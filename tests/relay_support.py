@@ -27,7 +27,60 @@ def start_relay(start_server: Callable[..., Server], upstream: str, *options: st
     return start_server(*flags, *args, handler=handler, **kwargs)
 
 
-class ScriptedUpstream:
+class LoopbackServer:
+    """A listener on 127.0.0.1 served by a daemon thread, one connection at a time, until :meth:`close`.
+
+    Subclasses set what ``_handle(conn)`` needs before calling ``__init__``
+    (the thread starts at once); ``_handle`` runs with a 20 s socket timeout.
+    """
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.2)
+        self.port = self.listener.getsockname()[1]
+        self.address = f"127.0.0.1:{self.port}"
+        self.stopping = threading.Event()
+        self.current: socket.socket | None = None
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                continue
+            self.current = conn
+            with conn:
+                conn.settimeout(20)
+                try:
+                    self._handle(conn)
+                except (OSError, ValueError):
+                    pass
+
+    def _handle(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Stop: the connection being served is shut down, so its handling ends at once."""
+        self.stopping.set()
+        conn = self.current
+        if conn is not None:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self.thread.join(30)
+        self.listener.close()
+
+    def __enter__(self) -> "LoopbackServer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class ScriptedUpstream(LoopbackServer):
     """An SMTP server in a thread, one connection at a time, with a behaviour per test.
 
     ``behaviour``: "ok" (a plain ESMTP server), "silent" (greets, then never
@@ -42,39 +95,9 @@ class ScriptedUpstream:
         self.extensions = extensions
         self.messages: list[bytes] = []
         self.commands: list[str] = []
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.listener.settimeout(0.2)
-        self.port = self.listener.getsockname()[1]
-        self.address = f"127.0.0.1:{self.port}"
-        self.stopping = threading.Event()
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
+        super().__init__()
 
-    def close(self) -> None:
-        self.stopping.set()
-        self.thread.join(10)
-        self.listener.close()
-
-    def __enter__(self) -> "ScriptedUpstream":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _serve(self) -> None:
-        while not self.stopping.is_set():
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                continue
-            with conn:
-                conn.settimeout(20)
-                try:
-                    self._session(conn)
-                except OSError:
-                    pass
-
-    def _session(self, conn: socket.socket) -> None:
+    def _handle(self, conn: socket.socket) -> None:
         reader = conn.makefile("rb")
         if self.behaviour == "refuse":
             conn.sendall(b"554 5.7.1 upstream says no\r\n")
@@ -123,7 +146,7 @@ class ScriptedUpstream:
                 conn.sendall(b"250 2.0.0 ok\r\n")
 
 
-class RawUpstream:
+class RawUpstream(LoopbackServer):
     """A loopback server in a thread whose every connection is handled by ``script(sock, reader, state)``.
 
     For the upstream misbehaviours a scripted dialogue cannot express (a reply
@@ -135,46 +158,11 @@ class RawUpstream:
     def __init__(self, script: Callable[[socket.socket, object, dict], None]) -> None:
         self.script = script
         self.state: dict = {"connections": 0}
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.listener.settimeout(0.2)
-        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
-        self.stopping = threading.Event()
-        self.current: socket.socket | None = None
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
+        super().__init__()
 
-    def _serve(self) -> None:
-        while not self.stopping.is_set():
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                continue
-            self.state["connections"] += 1
-            self.current = conn
-            with conn:
-                conn.settimeout(20)
-                try:
-                    self.script(conn, conn.makefile("rb"), self.state)
-                except (OSError, ValueError):
-                    pass
-
-    def close(self) -> None:
-        """Stop: the connection being served is shut down, so its script ends at once."""
-        self.stopping.set()
-        conn = self.current
-        if conn is not None:
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        self.thread.join(30)
-        self.listener.close()
-
-    def __enter__(self) -> "RawUpstream":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def _handle(self, conn: socket.socket) -> None:
+        self.state["connections"] += 1
+        self.script(conn, conn.makefile("rb"), self.state)
 
 
 def read_message(reader) -> bytes | None:

@@ -542,3 +542,100 @@ def test_plain_path_match_agrees_with_the_full_grammar(argument, keyword):
 def test_plain_path_examples_agree_with_the_full_grammar(argument):
     for keyword, text in (("FROM", argument), ("TO", argument.replace("FROM:", "TO:", 1).replace("from:", "to:", 1))):
         assert _outcome(parse_path_argument, text, keyword) == _outcome(_parse_general, text, keyword)
+
+
+# --- the whole-argument match the engine tries first ------------------------------------------
+
+from prefork_esmtp.addresses import plain_recipient, plain_sender, sized_sender  # noqa: E402
+
+_WHOLE = {"FROM": plain_sender, "TO": plain_recipient}
+_WHOLE_TOKENS = _PATH_TOKENS + ["l" * 64, "l" * 63, "d" * 63 + ".", "d" * 60, "\t", "\x00", "\u2028", ">x",
+                                 " SIZE=", "0", "9" * 10, " BODY=7BIT", " BODY=BINARYMIME", " size=1", " BODY=8bitmime"]
+
+
+def _whole_agrees(argument: str, keyword: str) -> None:
+    """Where the whole-argument match takes an argument, both parsers take it the same way."""
+    m = _WHOLE[keyword](argument)
+    if m is not None:
+        assert _outcome(parse_path_argument, argument, keyword) == (m.group(1), {})
+        assert _outcome(_parse_general, argument, keyword) == (m.group(1), {})
+    m = sized_sender(argument) if keyword == "FROM" else None
+    if m is not None:
+        size, body = m.group("size", "body")
+        params = {"SIZE": size} if body is None else {"SIZE": size, "BODY": body}
+        assert _outcome(parse_path_argument, argument, keyword) == (m.group(1), params)
+        assert _outcome(_parse_general, argument, keyword) == (m.group(1), params)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.lists(st.sampled_from(_WHOLE_TOKENS), max_size=16).map("".join), st.sampled_from(["FROM", "TO"]))
+def test_whole_plain_match_agrees_with_the_parsers(argument, keyword):
+    _whole_agrees(argument, keyword)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(max_size=80), st.sampled_from(["FROM", "TO"]))
+def test_whole_plain_match_agrees_on_any_text(text, keyword):
+    for argument in (text, f"{keyword}:{text}", f"{keyword}:<{text}>"):
+        _whole_agrees(argument, keyword)
+
+
+_ATOM = st.text("abcXYZ019!#$%&'*+-/=?^_`{|}~", min_size=1, max_size=70)
+_LABEL = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", fullmatch=True)
+
+
+def _long_domain(length: int) -> str:
+    """A domain of ``length`` octets, of labels of up to 63."""
+    labels = []
+    while length > 0:
+        labels.append("d" * min(63, length))
+        length -= len(labels[-1]) + 1
+    return ".".join(labels)
+
+
+# Locals and domains about the length limits, and ordinary ones.
+_LOCALS = st.one_of(st.lists(_ATOM, min_size=1, max_size=3).map(".".join),
+                    st.integers(60, 68).map(lambda n: "l" * n))
+_DOMAINS = st.one_of(st.lists(_LABEL, min_size=1, max_size=5).map(".".join),
+                     st.integers(180, 200).map(_long_domain))
+
+
+@settings(max_examples=600, deadline=None)
+@given(_LOCALS, _DOMAINS, st.sampled_from(["FROM", "TO", "from", "To"]), st.sampled_from(["", " ", "  "]))
+def test_whole_plain_match_takes_every_plain_address_within_the_limits(local, domain, keyword, space):
+    argument = f"{keyword}:{space}<{local}@{domain}>"
+    fits = len(local) <= 64 and len(local) + len(domain) + 3 <= 256
+    m = _WHOLE[keyword.upper()](argument)
+    assert (m is not None) == fits
+    if fits:
+        assert m.group(1) == f"{local}@{domain}"
+    _whole_agrees(argument, keyword.upper())
+
+
+@settings(max_examples=300, deadline=None)
+@given(_LOCALS, _DOMAINS, st.from_regex(r"[0-9]{1,22}", fullmatch=True),
+       st.sampled_from(["", " BODY=8BITMIME", " BODY=7BIT", " BODY=BINARYMIME", " BODY=8bitmime", " BODY=X"]))
+def test_sized_match_takes_the_common_esmtp_mail_within_the_limits(local, domain, size, body):
+    argument = f"FROM:<{local}@{domain}> SIZE={size}{body}"
+    fits = len(local) <= 64 and len(local) + len(domain) + 3 <= 256 and len(size) <= 20 \
+        and body in ("", " BODY=8BITMIME", " BODY=7BIT", " BODY=BINARYMIME")
+    m = sized_sender(argument)
+    assert (m is not None) == fits
+    if fits:
+        assert m.group(1, "size", "body") == (f"{local}@{domain}", size, body[6:] or None)
+    _whole_agrees(argument, "FROM")
+
+
+def test_whole_plain_match_examples():
+    assert plain_sender("FROM:<a@b.example>").group(1) == "a@b.example"
+    assert plain_recipient("to: <A.b+c@B-c.example>").group(1) == "A.b+c@B-c.example"
+    assert plain_sender("FROM:<" + "l" * 64 + "@d.example>") is not None
+    for argument in ["FROM:<" + "l" * 65 + "@d.example>", "FROM:<a@" + ".".join(["d" * 63] * 4) + ">",
+                     "FROM:<a@b> SIZE=1", "FROM:<a@b>x", "FROM:<>", "TO:<a@b>", "FROM:<\u212aelvin@b>",
+                     "FROM:<\"q\"@b>", "FROM:<a@[127.0.0.1]>", "FROM:<@r.example:a@b>", "FROM:\t<a@b>"]:
+        assert plain_sender(argument) is None, argument
+    assert plain_recipient("TO:<postmaster>") is None
+    path = "a" * 64 + "@" + ".".join(["d" * 63, "d" * 63, "d" * 61])  # 254 octets: the path is 256
+    assert len(path) == 254
+    assert plain_recipient(f"TO:<{path}>").group(1) == path
+    assert plain_recipient(f"TO:<{path}d>") is None

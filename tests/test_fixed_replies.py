@@ -39,3 +39,25 @@ def test_hooks_set_on_the_handler_object_answer(start_server, client_for):
     assert eom == (250, ["2.0.0 instance took it"])
     assert quit == (221, ["2.0.0 instance says bye"])
     assert c.closed()
+
+
+def test_the_base_mail_and_rcpt_replies_on_the_wire(start_server, client_for):
+    srv = start_server()
+    c = client_for(srv)
+    c.cmd("EHLO client.example")
+    assert c.cmd("MAIL FROM:<a@b.c>") == (250, ["2.1.0 <a@b.c>, sender ok"])
+    assert c.cmd("RCPT TO:<x@y.z>") == (250, ["2.1.5 <x@y.z>, recipient ok"])
+    assert c.cmd("RCPT TO:<Postmaster>") == (250, ["2.1.5 <Postmaster>, recipient ok"])
+    assert c.cmd("RSET") == (250, ["2.0.0 OK"])
+    assert c.cmd("MAIL FROM:<> SIZE=100") == (250, ["2.1.0 <>, sender ok"])
+    assert c.cmd("RCPT to:<first.last+tag@sub.y-z.example> NOTIFY=NEVER") == \
+        (250, ["2.1.5 <first.last+tag@sub.y-z.example>, recipient ok"])
+
+
+def test_mail_and_rcpt_set_on_the_handler_object_answer(start_server, client_for):
+    srv = start_server("--handler", "fixed_handlers:OwnMailRcptOnInstance")
+    c = client_for(srv)
+    c.cmd("EHLO client.example")
+    assert c.cmd("MAIL FROM:<a@b.c>") == (250, ["2.1.0 instance sender a@b.c"])
+    assert c.cmd("RCPT TO:<x@y.z>") == (550, ["5.0.0 instance refuses x@y.z"])
+    assert c.cmd("DATA") == (554, ["5.5.1 Error: no valid recipients"])

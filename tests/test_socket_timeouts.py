@@ -56,27 +56,16 @@ def assert_times_out(c: Client) -> None:
     assert c.closed(5)
 
 
-def test_idle_timeout_on_a_plain_connection(quick):
-    c = Client(quick.connect())
-    try:
-        assert c.reply()[0] == 220
-        assert c.cmd("EHLO client.example")[0] == 250
-        assert_times_out(c)
-    finally:
-        c.close()
+def plain_client(pki, srv) -> Client:
+    c = Client(srv.connect())
+    assert c.reply()[0] == 220
+    return c
 
 
-def test_idle_timeout_inside_starttls(quick, pki):
-    c = starttls_client(pki, quick)
-    try:
-        assert c.cmd("EHLO client.example")[0] == 250
-        assert_times_out(c)
-    finally:
-        c.close()
-
-
-def test_idle_timeout_inside_implicit_tls(quick, pki):
-    c = implicit_client(pki, quick)
+@pytest.mark.parametrize("open_client", [plain_client, starttls_client, implicit_client],
+                         ids=["plain", "inside-starttls", "inside-implicit-tls"])
+def test_idle_timeout(quick, pki, open_client):
+    c = open_client(pki, quick)
     try:
         assert c.cmd("EHLO client.example")[0] == 250
         assert_times_out(c)
