@@ -24,7 +24,7 @@ from prefork_esmtp import counters
 from prefork_esmtp import replies as R
 from prefork_esmtp.auth import AUTH_KEYWORD, Auth
 from prefork_esmtp.connection import Connection, StopSession
-from prefork_esmtp.handler import ESMTPHandler
+from prefork_esmtp.handler import EHLO_KEYWORDS, EHLO_OK, ESMTPHandler
 from prefork_esmtp.limits import Limits
 from prefork_esmtp.logs import Event, address
 from prefork_esmtp.reader import CommandTooSlow, DataTooSlow, LineTooLong, ReadTimeout, SessionTooLong
@@ -427,18 +427,25 @@ class Session:
         if self.transaction.envelope.sender is not None:  # else no transaction to end (the envelope is new)
             self.transaction.reset()
         state.client, state.esmtp = arg, verb == "EHLO"
-        reply = R.call_hook(self.handler, verb, self.conn.who, arg)
-        if not 200 <= reply.code < 300:
-            state.client, state.esmtp = previous
-            return reply
-        lines = reply.lines or [""]
-        lines[0] = f"{self.hostname} {lines[0]}".rstrip()
+        handler = self.handler
+        cls = type(handler)
+        if verb == "EHLO" and cls.EHLO is _BASE_EHLO and "EHLO" not in handler.__dict__ \
+                and cls.client is _BASE_CLIENT:
+            # the base hook's reply (its client is arg, printable: one line), without the call
+            code, lines, counts = 250, [f"{self.hostname} {EHLO_OK % (arg,)}", *EHLO_KEYWORDS], True
+        else:
+            reply = R.call_hook(handler, verb, self.conn.who, arg)
+            if not 200 <= reply.code < 300:
+                state.client, state.esmtp = previous
+                return reply
+            code, lines, counts = reply.code, reply.lines or [""], reply.counts
+            lines[0] = f"{self.hostname} {lines[0]}".rstrip()
         if verb == "EHLO":
             # AUTH is offered (Auth.offered) when the handler has an AUTH hook, nobody has
             # authenticated yet, and inside TLS unless auth_plaintext.
-            key = (tuple(lines[1:]), self.config.max_message_size, bool(getattr(self.handler, "dsn", False)),
+            key = (tuple(lines[1:]), self.config.max_message_size, bool(getattr(handler, "dsn", False)),
                    self.tls_context is not None and state.tls is None,
-                   type(self.handler).AUTH is not ESMTPHandler.AUTH and state.auth_user is None
+                   cls.AUTH is not _BASE_AUTH and state.auth_user is None
                    and (state.tls is not None or self.config.auth_plaintext))
             extra = _EXTENSIONS.get(key)
             if extra is None:
@@ -446,7 +453,7 @@ class Session:
                 if len(_EXTENSIONS) < _EXTENSIONS_MAX:
                     _EXTENSIONS[key] = extra
             lines += extra
-        return _new_reply(R.HookReply, (reply.code, lines, reply.counts))
+        return _new_reply(R.HookReply, (code, lines, counts))
 
     def _extensions(self, lines: list[str], dsn: bool, starttls: bool, auth: bool) -> list[str]:
         """The engine's extension keywords the handler did not list itself."""
@@ -532,6 +539,9 @@ class Session:
     def smtp_HELP(self, arg: str) -> R.Answer:
         return R.call_hook(self.handler, "HELP", self.conn.who, arg or None)
 
+
+#: The base handler's EHLO and AUTH hooks and its ``client`` view, for the checks in _hello.
+_BASE_EHLO, _BASE_AUTH, _BASE_CLIENT = ESMTPHandler.EHLO, ESMTPHandler.AUTH, ESMTPHandler.client
 
 #: The greeting's line by (the base handler's constant CONNECT reply, hostname); bounded.
 _GREETINGS: dict[tuple[R.Reply, str], str] = {}
