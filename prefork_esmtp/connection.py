@@ -344,6 +344,12 @@ class Connection:
             pass  # SSLWantReadError: ours is sent, the client's has not come
 
     def close(self) -> None:
-        """Close the socket, unless :meth:`shutdown` already did (then there is nothing to do)."""
+        """Close the socket, unless :meth:`shutdown` already did; let go of the reader and the writer.
+
+        They point back at the connection: kept, the three would make a cycle
+        that only the garbage collector frees (with the last buffer read), so
+        the session's memory would not be reused at once by the next session.
+        """
         if self.sock.fileno() >= 0:
             self.sock.close()
+        self.reader = self.writer = None  # type: ignore[assignment]

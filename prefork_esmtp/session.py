@@ -178,7 +178,7 @@ class Session:
         duration = time.monotonic() - self.began
         counts = self.counts
         counters.observe(counts, counters.SESSION_DURATION, counters.DURATION_BOUNDS, duration)
-        counts[counters.RECEIVED_OCTETS] += self.conn.reader.received
+        counts[counters.RECEIVED_OCTETS] += self.reader.received
         transaction = self.transaction
         if transaction.started is not None:  # a transaction under way: logged as aborted
             transaction.abandon()
