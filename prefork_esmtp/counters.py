@@ -83,6 +83,8 @@ RECEIVED_OCTETS = _add(_family("received_octets_total", "counter",
 SIZE_BOUNDS = (1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 1048576.0, 4194304.0, 16777216.0, 67108864.0)
 MESSAGE_SIZE = _add(_family("message_size_octets", "histogram", "Sizes of messages received to their end."),
                     bounds=SIZE_BOUNDS)
+#: where MESSAGE_SIZE's sum is (after its buckets, as observe places it)
+MESSAGE_SIZE_SUM = MESSAGE_SIZE + len(SIZE_BOUNDS) + 1
 
 _RECIPIENTS = _family("recipients_total", "counter", "RCPT commands by the reply: accepted (2xx) or refused.",
                       "result")

@@ -13,7 +13,7 @@ from typing import Any
 from prefork_esmtp import counters
 from prefork_esmtp import replies as R
 from prefork_esmtp.dotdata import count_bare_newlines
-from prefork_esmtp.message import HeaderTooLong, MessageParser, TooManyHeaderLines
+from prefork_esmtp.message import HeaderTooLong, MessageParser, TooManyHeaderLines, take_whole
 
 log = logging.getLogger("prefork_esmtp.session")
 
@@ -70,11 +70,33 @@ class MessageIntake:
 
     def _failed(self, exc: Exception) -> None:
         """A parser step (which calls hooks) failed: the failure becomes the problem."""
-        if isinstance(exc, HeaderTooLong):
-            self.problem = R.HEADER_TOO_BIG
-        elif isinstance(exc, TooManyHeaderLines):
-            self.problem = R.TOO_MANY_HEADER_LINES
-        else:
-            counters.hook_failed("message")
-            log.error("message hook raised (client %s)", self.who, exc_info=exc)
-            self.problem = R.HOOK_FAILED
+        self.problem = _problem(exc, self.who)
+
+
+def _problem(exc: Exception, who: str) -> R.Reply:
+    """The reply owed for a message whose parsing (which calls hooks) raised ``exc``."""
+    if isinstance(exc, HeaderTooLong):
+        return R.HEADER_TOO_BIG
+    if isinstance(exc, TooManyHeaderLines):
+        return R.TOO_MANY_HEADER_LINES
+    counters.hook_failed("message")
+    log.error("message hook raised (client %s)", who, exc_info=exc)
+    return R.HOOK_FAILED
+
+
+def take_message(handler: Any, data: bytes, max_size: int, max_header_size: int, reject_bare: bool,
+                 who: str, max_header_lines: int | None = None, lf_ends_lines: bool = False) -> R.Reply | None:
+    """A whole message at once (DATA's, unstuffed): what a :class:`MessageIntake` made with these
+    arguments, fed ``data`` in any pieces and finished, would do and return, without the intake
+    in the common case (:func:`~prefork_esmtp.message.take_whole`)."""
+    if len(data) <= max_size and not (reject_bare and (count_bare_newlines(data, False) or data[-1:] == b"\r")):
+        try:
+            if take_whole(handler, data, max_header_size, max_header_lines):
+                handler.chunkmode = False  # as finish does
+                return None
+        except Exception as exc:
+            handler.chunkmode = False
+            return _problem(exc, who)
+    intake = MessageIntake(handler, max_size, max_header_size, reject_bare, who, max_header_lines, lf_ends_lines)
+    intake.feed(data)
+    return intake.finish()

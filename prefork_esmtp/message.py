@@ -27,11 +27,11 @@ from prefork_esmtp.handler import DEFAULT_CHUNKSIZE, ESMTPHandler
 # field-name (printable ASCII but colon), the WSP after it, and the colon if there is one:
 # a line is a header when the colon is there (obsolete syntax allows WSP before it).
 _FIELD = re.compile(rb"([!-9;-~]+)[ \t]*(:?)")
-# A header section every line of which is plainly a header or its continuation, up to and
-# including the CRLF of its last line.  Each line runs to its first LF, which must follow a CR;
-# a bare CR inside a line is not excluded here (``.`` is quicker than ``[^\r\n]``): counting
+# A header section every line of which is plainly a header or its continuation, and the empty
+# line after it (group 1: the last header).  Each line runs to its first LF, which must follow a
+# CR; a bare CR inside a line is not excluded here (``.`` is quicker than ``[^\r\n]``): counting
 # the CRs and LFs of the section tells.
-_PLAIN_SECTION = re.compile(rb"(?:[!-9;-~]+[ \t]*:.*\r\n(?:[ \t].*\r\n)*)+")
+_PLAIN_SECTION = re.compile(rb"(?:([!-9;-~]+[ \t]*:.*\r\n(?:[ \t].*\r\n)*))+\r\n")
 _BASE_HEADER = ESMTPHandler.HEADER
 
 
@@ -45,6 +45,57 @@ class TooManyHeaderLines(Exception):
 
 def _text(data: bytes) -> str:
     return data.decode("utf-8", "surrogateescape")
+
+
+def plain_section(data: bytes, max_header_size: int, max_header_lines: int | None) -> re.Match[bytes] | None:
+    """The header section at the start of ``data`` up to its empty line (``end()``; ``start(1)``:
+    its last header) when every line of it is plainly a header or its continuation, ended by CRLF,
+    within the limits; else None.
+
+    Such a section parses the same line by line, whether a bare LF ends lines or not:
+    a line with a bare CR or LF is not plain.
+    """
+    m = _PLAIN_SECTION.match(data)
+    if m is None:
+        return None
+    end = m.end()
+    lines = data.count(b"\n", 0, end)  # each LF ends a line (the empty one too): the match put a CR before each
+    if end - 2 > max_header_size or data.count(b"\r", 0, end) != lines \
+            or (max_header_lines is not None and lines > max_header_lines + 1):
+        return None  # no single header can be too long when the section is not; a bare CR inside a line
+    return m
+
+
+def take_whole(handler: Any, data: bytes, max_header_size: int, max_header_lines: int | None) -> bool:
+    """A whole message at once, when the handler does not take HEADER calls and its header section
+    is plain (:func:`plain_section`): the calls :class:`MessageParser` would make fed it in any
+    pieces and finished, EOH and BODY.  Returns False, nothing done, when it does not apply.
+    Hooks' exceptions propagate.
+    """
+    if type(handler).HEADER is not _BASE_HEADER:
+        return False
+    m = plain_section(data, max_header_size, max_header_lines)
+    if m is None:
+        return False
+    end = m.end()
+    handler.header_raw = data[m.start(1):end - 2]  # as the line-by-line parser ends the section
+    handler.header_section = data[:end]
+    handler.chunkmode = True
+    handler.EOH()
+    n = len(data) - end
+    if n:
+        if handler.chunkmode:  # the common case: one BODY call for a body within the chunk size
+            size = getattr(handler, "chunksize", DEFAULT_CHUNKSIZE)
+            if type(size) is int and n <= size:
+                handler.BODY(data[end:])
+                return True
+        parser = MessageParser.__new__(MessageParser)  # the rest as the parser does it, after EOH
+        parser.handler = handler
+        parser.in_headers = False
+        parser.partial = b""
+        parser._feed_body(data[end:])
+        parser.finish()
+    return True
 
 
 class MessageParser:
@@ -96,29 +147,17 @@ class MessageParser:
         and nothing happened.  Lines with a bare CR or LF take the line-by-line way, so
         whether a bare LF ends lines (``lf_ends_lines``) makes no difference here.
         """
-        if type(self.handler).HEADER is not _BASE_HEADER:
-            return False
-        end = data.find(b"\r\n\r\n")
-        if end < 0 or end + 2 > self.max_header_size:  # then no single header can be too long
-            return False
-        block_end = end + 2
-        if _PLAIN_SECTION.fullmatch(data, 0, block_end) is None:
-            return False
-        lines = data.count(b"\n", 0, block_end)  # each LF ends a line: the match put a CR before each
-        if data.count(b"\r", 0, block_end) != lines:
-            return False  # a bare CR inside a line
-        if self.max_header_lines is not None and lines > self.max_header_lines:
-            return False
-        last = end  # where the last header starts: after the last CRLF not followed by WSP
-        while True:
-            last = data.rfind(b"\r\n", 0, last)
-            if last < 0 or data[last + 2] not in b" \t":
-                break
         handler = self.handler
-        handler.header_raw = data[last + 2 if last >= 0 else 0:block_end]
+        if type(handler).HEADER is not _BASE_HEADER:
+            return False
+        m = plain_section(data, self.max_header_size, self.max_header_lines)
+        if m is None:
+            return False
+        end = m.end()
+        handler.header_raw = data[m.start(1):end - 2]
         self.in_headers = False
         self.section = bytearray()
-        handler.header_section = data[:block_end + 2]
+        handler.header_section = data[:end]
         handler.chunkmode = True  # as in _end_headers
         handler.EOH()
         return True

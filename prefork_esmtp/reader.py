@@ -147,13 +147,19 @@ class Reader:
                 raise DataTooSlow()
             if left < timeout:
                 timeout = left
-        for deadline, exc in ((self._line_deadline, CommandTooSlow), (self.session_deadline, SessionTooLong)):
-            if deadline is not None:
-                left = deadline - now
-                if left <= 0:
-                    raise exc()
-                if left < timeout:
-                    timeout = left
+        # each deadline written out (not a loop over pairs): this runs for every read during DATA
+        if self._line_deadline is not None:
+            left = self._line_deadline - now
+            if left <= 0:
+                raise CommandTooSlow()
+            if left < timeout:
+                timeout = left
+        if self.session_deadline is not None:
+            left = self.session_deadline - now
+            if left <= 0:
+                raise SessionTooLong()
+            if left < timeout:
+                timeout = left
         return timeout
 
     def forget_buffered(self) -> None:
@@ -303,6 +309,62 @@ class Reader:
                 return
             self.buf, self.pos = b"", 0
             self._fill()
+
+    def read_message(self, octets_per_second: int, grace: float) -> bytes | None:
+        """A DATA section at once, when its end-of-data line is in the buffer already or comes with
+        the first read: consumed, and returned dot-unstuffed without that line.
+
+        That read goes straight to the socket when no deadline can come before its timeout
+        (as :meth:`readline`'s, the data rate's grace included); otherwise, or when a read times
+        out early, it takes :meth:`_fill`'s long way.  None: the section is not all here, or its
+        first line starts with a dot; the minimum data rate is then on as :meth:`start_rate`
+        puts it (its clock started at the first read, if there was one): :meth:`read_data` goes
+        on, :meth:`stop_rate` ends it.  Left by an exception, the rate is off.
+        """
+        buf = self.buf
+        pos = self.pos
+        before = self.received
+        now = None  # the data rate's clock: started by the first read (none when all was buffered)
+        if pos >= len(buf):  # the common case: the client waited for the 354
+            now = _monotonic()
+            # No deadline before the socket's timeout: the session's (see _replan), nor the data
+            # rate's, its grace from now on (the read's own octets only push it further).
+            if not (now < self._plain_base and self._current_timeout <= self.timeout
+                    and (octets_per_second <= 0 or self._current_timeout <= grace)):
+                return self._data_fill(octets_per_second, grace, now, None)
+            try:
+                buf = self._recv(RECV_SIZE)
+            except (TimeoutError, BlockingIOError):  # woke early: the long way, from when the wait began
+                return self._data_fill(octets_per_second, grace, now, now)
+            except OSError as exc:
+                raise ClientGone(str(exc)) from None
+            if not buf:
+                raise ClientGone("connection closed by client")
+            self.received = before + len(buf)
+            self.buf = buf
+            self.pos = pos = 0
+        end = buf.find(b"\r\n.\r\n", pos)
+        if end >= 0 and buf[pos] != 0x2E:  # all here, and the first line has no dot (stuffed, or the end)
+            self.pos = end + 5
+            data = buf[pos:end + 2]
+            # before the first <CRLF>.<CRLF> every <CRLF>. is a stuffed dot (the first line's is not)
+            return data.replace(b"\r\n.", b"\r\n") if b"\r\n." in data else data
+        if octets_per_second > 0:  # as start_rate, from the read above
+            self._rate = (float(octets_per_second), now, before, grace)
+            self._plain_until = -math.inf
+        return None
+
+    def _data_fill(self, octets_per_second: int, grace: float, now: float, began: float | None) -> None:
+        """:meth:`read_message`'s first read the long way, with the data rate on from ``now``."""
+        if octets_per_second > 0:
+            self._rate = (float(octets_per_second), now, self.received, grace)
+            self._plain_until = -math.inf
+        try:
+            self._fill(began)
+        except BaseException:
+            self.stop_rate()
+            raise
+        return None
 
     def read_data(self, decoder: DotDecoder, take: Callable[[bytes], None]) -> None:
         """Pass the unstuffed pieces of a DATA section up to its ``<CRLF>.<CRLF>`` to ``take``, in order."""

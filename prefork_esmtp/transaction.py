@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from bisect import bisect_left
 from typing import Any
 
 from prefork_esmtp import counters
@@ -21,7 +22,7 @@ from prefork_esmtp.addresses import AddressError, parse_path_argument, plain_rec
 from prefork_esmtp.connection import Connection
 from prefork_esmtp.dotdata import DotDecoder
 from prefork_esmtp.handler import RECIPIENT_OK, SENDER_OK, ESMTPHandler
-from prefork_esmtp.intake import MessageIntake
+from prefork_esmtp.intake import MessageIntake, take_message
 from prefork_esmtp.logs import Event
 from prefork_esmtp.logs import address as peer_text
 from prefork_esmtp.limits import Limits
@@ -29,6 +30,10 @@ from prefork_esmtp.settings import Config
 from prefork_esmtp.state import ConnectionState, Envelope
 
 log = logging.getLogger("prefork_esmtp.session")
+#: the bytes of a base handler's 354, by reply
+_WIRED: dict[R.Reply, bytes] = {}
+#: MAIL's BODY parameter as most clients send it (or none): nothing for DATA to check
+_TEXT_BODIES = (None, "8BITMIME", "7BIT")
 
 _new_reply = tuple.__new__  # a HookReply without the Python-level __new__ of a NamedTuple
 #: The base handler's MAIL and RCPT hooks: a handler that keeps them gets their reply without the call.
@@ -51,6 +56,7 @@ class Transaction:
     # What a new session starts with (class-level, so each session sets only what differs).
     intake: MessageIntake | None = None  # a BDAT message under way
     started: float | None = None  # when MAIL was accepted; None: no transaction to log
+    limits_data: tuple[int, int, bool, str, int, bool] | None = None  # see _limits_data
     number = messages_accepted = messages_refused = 0  # this session's transactions, messages
 
     def __init__(self, handler: Any, state: ConnectionState, conn: Connection, config: Config,
@@ -202,45 +208,69 @@ class Transaction:
     # -- the message ------------------------------------------------------------
 
     def _new_intake(self, check_newlines: bool) -> MessageIntake:
+        if check_newlines:
+            return MessageIntake(self.handler, *(self.limits_data or self._limits_data()))
         config = self.config
-        return MessageIntake(self.handler, config.max_message_size, config.max_header_size,
-                             check_newlines and config.bare_newline == "reject", self.conn.who,
-                             config.max_header_lines, config.bare_newline == "keep")
+        return MessageIntake(self.handler, config.max_message_size, config.max_header_size, False,
+                             self.conn.who, config.max_header_lines, config.bare_newline == "keep")
+
+    def _limits_data(self) -> tuple[int, int, bool, str, int, bool]:
+        """A DATA message's intake arguments after the handler (the same for each of the session's
+        messages): sizes, bare-newline policy, client, header lines, whether a bare LF ends lines."""
+        config = self.config
+        self.limits_data = (config.max_message_size, config.max_header_size, config.bare_newline == "reject",
+                            self.conn.who, config.max_header_lines, config.bare_newline == "keep")
+        return self.limits_data
 
     def data(self, arg: str) -> R.Answer:
         """DATA: the DATA hook's 354 (an interim reply), the message up to <CRLF>.<CRLF>, then EOM.
 
         Returns None when the handler asked to disconnect with its 354.
         """
-        if arg:
-            return R.SYNTAX_NOARGS.format("DATA")
         env = self.envelope
-        problem = self._problem() if self.state.client is None or env.sender is None or not self.accepted else None
-        if problem is None and self.intake is not None:  # BDAT chunks already came
-            problem = R.DATA_AFTER_BDAT
-        if problem is None and (env.mail_params.get("BODY") or "").upper() == "BINARYMIME":
-            problem = R.BINARYMIME_NEEDS_BDAT
-        if problem is not None:
-            return problem
+        if arg or self.state.client is None or env.sender is None or not self.accepted \
+                or self.intake is not None or env.mail_params.get("BODY") not in _TEXT_BODIES:
+            problem = self._data_problem(arg)
+            if problem is not None:
+                return problem
+        handler = self.handler
         reply = self.fixed.get("DATA")
-        if reply is None or "DATA" in self.handler.__dict__:
-            reply = R.call_hook(self.handler, "DATA", self.conn.who)
-        if reply.code != 354:
-            return reply
+        if reply is None or "DATA" in handler.__dict__:
+            reply = R.call_hook(handler, "DATA", self.conn.who)
+            if reply.code != 354:
+                return reply
+            wire = R.wire(reply, "DATA")
+        else:  # the base handler's 354: framed once
+            wire = _WIRED.get(reply) or _WIRED.setdefault(reply, R.wire(reply, "DATA"))
         conn = self.conn
-        conn.writer.write(R.wire(reply, "DATA"))
-        if self.handler.disconnect:
+        conn.pending.append(wire)
+        config = self.config
+        if handler.disconnect:
             return None
-        if self.config.forbid_unauth_pipelining and conn.pipelined_early(self.state.auth_user is not None):
-            return R.PIPELINING_ABUSE.format(self.config.hostname)
-        intake = self._new_intake(check_newlines=True)
+        if config.forbid_unauth_pipelining and conn.pipelined_early(self.state.auth_user is not None):
+            return R.PIPELINING_ABUSE.format(config.hostname)
+        handler.header_raw = handler.header_section = b""  # from here on they are this message's
         reader = conn.reader
-        reader.start_rate(self.config.min_data_rate, self.config.min_data_rate_grace)
-        try:
+        data = reader.read_message(config.min_data_rate, config.min_data_rate_grace)
+        if data is not None:  # all of it at once (the common case)
+            return self._end(take_message(handler, data, *(self.limits_data or self._limits_data())), len(data))
+        intake = self._new_intake(check_newlines=True)
+        try:  # the data rate is on (read_message started it)
             reader.read_data(DotDecoder(), intake.feed)
         finally:
             reader.stop_rate()
         return self._end_message(intake)
+
+    def _data_problem(self, arg: str) -> R.Reply | None:
+        """Why DATA cannot start a message now, or None."""
+        if arg:
+            return R.SYNTAX_NOARGS.format("DATA")
+        problem = self._problem()
+        if problem is None and self.intake is not None:  # BDAT chunks already came
+            problem = R.DATA_AFTER_BDAT
+        if problem is None and (self.envelope.mail_params.get("BODY") or "").upper() == "BINARYMIME":
+            problem = R.BINARYMIME_NEEDS_BDAT
+        return problem
 
     def bdat(self, arg: str) -> R.Answer:
         """BDAT size [LAST]: one chunk of the message (RFC 3030); the last one ends it with EOM."""
@@ -289,26 +319,28 @@ class Transaction:
             reader.stop_rate()
 
     def _end_message(self, intake: MessageIntake, complete: bool = True) -> R.Answer:
-        """The reply for a message that ended or failed: the intake's problem, or EOM's; the transaction ends.
+        """The reply for a message that ended or failed (see :meth:`_end`); the intake is finished here."""
+        return self._end(intake.finish(), intake.size, complete)
+
+    def _end(self, problem: R.Reply | None, size: int, complete: bool = True) -> R.Answer:
+        """The reply for a message of ``size`` octets that ended or failed: ``problem``, or EOM's;
+        the transaction ends.
 
         In LMTP one reply goes out per accepted recipient, in order (RFC 2033
         4.2): all but the last are written here, the last is returned.  Not
         ``complete`` (a BDAT chunk before the last failed): its one reply only.
         """
-        problem = intake.finish()
-        env = self.envelope
-        accepted = self.accepted
-        count = len(accepted)
+        accepted = self.accepted  # _received ends the transaction: a new list then
         lmtp = self.config.protocol == "lmtp"
         if problem is not None:
-            self._received(problem, intake.size)
-            return self._per_recipient([problem] * count) if lmtp and complete else problem
-        replies = self._eom(count)
+            self._received(problem, size)
+            return self._per_recipient([problem] * len(accepted)) if lmtp and complete else problem
+        replies = self._eom()
         if type(replies) is not list:  # one reply for the message
             if not lmtp:
-                self._received(replies, intake.size)
+                self._received(replies, size)
                 return replies
-            replies = [replies] * count
+            replies = [replies] * len(accepted)
         verdict, delivered = R.one_for_all(replies)
         if lmtp:
             reply = self._per_recipient(replies)
@@ -316,10 +348,10 @@ class Transaction:
             reply = verdict
             if len(replies) > 1 and len(delivered) not in (0, len(replies)):
                 log.warning("message from=<%s>: EOM took it for %s only; answering %d so the client retries",
-                            env.sender, ", ".join(f"<{accepted[i]}>" for i in delivered), reply.code)
+                            self.envelope.sender, ", ".join(f"<{accepted[i]}>" for i in delivered), reply.code)
         codes = [r.code for r in replies]
         mixed = lmtp and len(set(codes)) > 1
-        self._received(verdict, intake.size, ",".join(str(code) for code in codes) if mixed else None)
+        self._received(verdict, size, ",".join(str(code) for code in codes) if mixed else None)
         return reply
 
     def _received(self, verdict: R.Reply | R.HookReply, size: int, text: str | None = None) -> None:
@@ -330,7 +362,8 @@ class Transaction:
         counts = self.counts
         cls = verdict.code // 100
         counts[counters.MESSAGES_BY_CLASS[cls]] += 1
-        counters.observe(counts, counters.MESSAGE_SIZE, counters.SIZE_BOUNDS, size)
+        counts[counters.MESSAGE_SIZE + bisect_left(counters.SIZE_BOUNDS, size)] += 1  # counters.observe's work
+        counts[counters.MESSAGE_SIZE_SUM] += size
         if cls == 2:
             self.messages_accepted += 1
         else:
@@ -340,15 +373,15 @@ class Transaction:
                       text if text is not None else R.first_line(verdict, "EOM"), size)
         self._clear()
 
-    def _eom(self, count: int) -> R.HookReply | R.Reply | list[R.HookReply]:
-        """Call EOM: one reply for the message, or a list with one per recipient."""
+    def _eom(self) -> R.HookReply | R.Reply | list[R.HookReply]:
+        """Call EOM: one reply for the message, or a list with one per accepted recipient."""
         reply = self.fixed.get("EOM")
         if reply is not None and "EOM" not in self.handler.__dict__:
             return reply
         try:
             result = self.handler.EOM()
             if isinstance(result, list):
-                replies = R.per_recipient(result, count)
+                replies = R.per_recipient(result, len(self.accepted))
                 if replies is not None:
                     return replies
             return R.normalize(result)

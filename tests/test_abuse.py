@@ -229,6 +229,30 @@ def test_pause_within_the_grace_is_fine(slow):
         c.close()
 
 
+def test_silence_after_354_gets_421_after_the_grace(slow):
+    """No octet at all after the 354 (the read that usually brings the whole message): 421 once
+    the grace is over, not after the idle timeout; the same after a message that came at once."""
+    c = connect(slow)
+    try:
+        assert c.cmd("EHLO client.example")[0] == 250
+        assert c.cmd("MAIL FROM:<quick@example.org>")[0] == 250
+        assert c.cmd("RCPT TO:<bob@example.net>")[0] == 250
+        assert c.cmd("DATA")[0] == 354
+        assert c.cmd(b"Subject: quick\r\n\r\nbody\r\n.")[0] == 250
+        assert c.cmd("MAIL FROM:<silent@example.org>")[0] == 250
+        assert c.cmd("RCPT TO:<bob@example.net>")[0] == 250
+        assert c.cmd("DATA")[0] == 354
+        start = time.monotonic()
+        reply = c.reply(timeout=10)
+        elapsed = time.monotonic() - start
+        assert reply == (421, [f"4.4.2 {HOSTNAME} Error: data rate too low"])
+        assert 0.9 <= elapsed < 3.0, f"cut off after {elapsed:.2f}s (1 s grace)"
+        assert c.closed()
+    finally:
+        c.close()
+    assert_serves(slow)
+
+
 def test_min_data_rate_grace_setting():
     assert resolve({}, {}).min_data_rate_grace == 10.0
     assert resolve({"min_data_rate_grace": "0"}, {}).min_data_rate_grace == 0.0
