@@ -24,6 +24,7 @@ from prefork_esmtp import counters
 from prefork_esmtp import replies as R
 from prefork_esmtp.auth import AUTH_KEYWORD, Auth
 from prefork_esmtp.connection import Connection, StopSession
+from prefork_esmtp.handler import EHLO_KEYWORDS, EHLO_OK, ESMTPHandler
 from prefork_esmtp.limits import Limits
 from prefork_esmtp.logs import Event, address
 from prefork_esmtp.reader import CommandTooSlow, DataTooSlow, LineTooLong, ReadTimeout, SessionTooLong
@@ -59,7 +60,9 @@ class Session:
     command outside a transaction); ``reporter`` gets a check-in before each
     blocking read and counts this IP's sessions across all workers;
     ``tls_context`` enables STARTTLS (and is used at once when ``implicit_tls``);
-    ``local``: our address, when the caller knows it (else the socket is asked).
+    ``local``: our address, when the caller knows it (else the socket is asked);
+    ``read_timeout``: the socket's read timeout is known to be at most this
+    (inherited from its listener: see :class:`~prefork_esmtp.connection.Connection`).
     """
 
     # What a new session starts with (class-level, so each session sets only what differs).
@@ -71,12 +74,13 @@ class Session:
     closing = False
     quit = False  # close without lingering: the client said QUIT, or TLS failed
     refused = False  # CONNECT answered 554: only QUIT is served
+    auth: Auth | None = None  # made at the first AUTH command (most sessions never send one)
     tls_next = False  # STARTTLS answered 220: the handshake follows the reply
 
     def __init__(self, sock: socket.socket, peer: Any, handler_class: type, config: Config,
                  stopping: Callable[[], bool] = lambda: False, reporter: Reporter = NO_REPORTER, *,
                  tls_context: ssl.SSLContext | None = None, implicit_tls: bool = False,
-                 limits: Limits | None = None, local: Any = None) -> None:
+                 limits: Limits | None = None, local: Any = None, read_timeout: float | None = None) -> None:
         self.config = config
         self.hostname = config.hostname
         self.stopping = stopping
@@ -87,10 +91,11 @@ class Session:
         self.counts = counters.current.values
         self.counts[counters.SESSIONS] += 1
         self.began = time.monotonic()
-        self.conn = conn = Connection(sock, peer, config, reporter.check_in, stopping, local)
-        self.queue = conn.writer.pending.append  # the writer's queue (ReplyWriter.write, without the call)
-        self.state = ConnectionState(peer=conn.peer, local=conn.local, hostname=config.hostname,
-                                     session_id=f"{random.getrandbits(48):012X}")
+        self.conn = conn = Connection(sock, peer, config, reporter.check_in, stopping, local,
+                                      read_timeout=read_timeout)
+        self.queue = conn.pending.append  # the writer's queue (ReplyWriter.write, without the call)
+        self.state = state = ConnectionState(conn.peer, conn.local, config.hostname,
+                                             session_id=f"{random.getrandbits(48):012X}")
         self.lmtp = config.protocol == "lmtp"
         self.reader = conn.reader
         self.reject_bare_lf = config.command_bare_lf == "reject"
@@ -102,12 +107,11 @@ class Session:
         handler.disconnect = False
         handler.chunkmode = False
         handler._esmtp_check_in = reporter.check_in
-        handler._esmtp_state = self.state  # state.attach's work, without the call
+        handler._esmtp_state = state  # state.attach's work, without the call
         self.handler = handler
         #: the base handler's constant replies for the hooks this handler did not override
-        self.fixed = R.fixed_replies(handler_class)
-        self.transaction = Transaction(handler, self.state, conn, config, self.limits, self.fixed)
-        self.auth = Auth(handler, self.state, conn, config)
+        self.fixed = fixed = _FIXED_BY_CLASS.get(handler_class) or R.fixed_replies(handler_class)
+        self.transaction = Transaction(handler, state, conn, config, self.limits, fixed)
 
     # -- the loop -------------------------------------------------------------
 
@@ -243,9 +247,10 @@ class Session:
         duration = time.monotonic() - self.began
         counts = self.counts
         counters.observe(counts, counters.SESSION_DURATION, counters.DURATION_BOUNDS, duration)
-        counts[counters.RECEIVED_OCTETS] += self.conn.reader.received
+        counts[counters.RECEIVED_OCTETS] += self.reader.received
         transaction = self.transaction
-        transaction.abandon()
+        if transaction.started is not None:  # a transaction under way: logged as aborted
+            transaction.abandon()
         if not log.isEnabledFor(logging.INFO):
             return
         state = self.state
@@ -301,12 +306,20 @@ class Session:
     def _greet(self) -> None:
         """CONNECT's reply with the hostname first: 220, 554 (only QUIT served) or 421 (close)."""
         reply = self.fixed.get("CONNECT")
-        if reply is None or "CONNECT" in self.handler.__dict__:
+        if reply is not None and "CONNECT" not in self.handler.__dict__:
+            # the base handler's constant reply: its line with the hostname first, made once
+            line = _GREETINGS.get((reply, self.hostname))
+            if line is None:
+                line = f"{self.hostname} {reply.line}".rstrip()
+                if len(_GREETINGS) < _GREETINGS_MAX:
+                    _GREETINGS[(reply, self.hostname)] = line
+            code, lines = reply.code, [line]
+        else:
             reply = R.call_hook(self.handler, "CONNECT", self.conn.who)
-        code, lines = reply.code, reply.lines or [""]
-        if reply is R.HOOK_FAILED:
-            code = 421
-        lines[0] = f"{self.hostname} {lines[0]}".rstrip()
+            code, lines = reply.code, reply.lines or [""]
+            if reply is R.HOOK_FAILED:
+                code = 421
+            lines[0] = f"{self.hostname} {lines[0]}".rstrip()
         if 400 <= code < 500:
             code = 421
         elif code >= 500:
@@ -453,19 +466,24 @@ class Session:
     # -- the verbs: each returns its reply --------------------------------------
 
     def smtp_HELO(self, arg: str) -> R.Answer:
-        return R.LMTP_NEEDS_LHLO if self.lmtp else self._hello("HELO", arg)
+        return R.LMTP_NEEDS_LHLO if self.lmtp else self._hello(arg, "HELO")
 
     def smtp_EHLO(self, arg: str) -> R.Answer:
-        return R.LMTP_NEEDS_LHLO if self.lmtp else self._hello("EHLO", arg)
+        return R.LMTP_NEEDS_LHLO if self.lmtp else self._hello(arg)
 
     def smtp_LHLO(self, arg: str) -> R.Answer:
         """LMTP's greeting (RFC 2033 4.1): EHLO's, with the EHLO hook; an unknown command in SMTP."""
         if not self.lmtp:
             return R.call_hook(self.handler, "UNKNOWN", self.conn.who, f"LHLO {arg}".rstrip())
-        return self._hello("EHLO", arg, "LHLO")
+        return self._hello(arg, "EHLO", "LHLO")
 
-    def _hello(self, verb: str, arg: str, said: str = "") -> R.Answer:
-        """HELO, EHLO (or LMTP's LHLO, ``said``): a new start (no transaction); the reply names this server first."""
+    def _hello(self, arg: str, verb: str = "EHLO", said: str = "") -> R.Answer:
+        """HELO, EHLO (or LMTP's LHLO, ``said``): a new start (no transaction); the reply names this server first.
+
+        EHLO's reply gets the engine's extension keywords the handler did not
+        list itself; they depend only on the handler's own keyword lines and on
+        what is offered now, so they are worked out once per combination.
+        """
         if not arg:
             if said:
                 return R.Reply(501, "5.5.4", f"Syntax: {said} hostname")
@@ -474,32 +492,36 @@ class Session:
             return R.HELO_CONTROL  # ESC, BEL, DEL...: the name ends up in Received lines and logs
         state = self.state
         previous = (state.client, state.esmtp)
-        self.transaction.reset()
+        if self.transaction.envelope.sender is not None:  # else no transaction to end (the envelope is new)
+            self.transaction.reset()
         state.client, state.esmtp = arg, verb == "EHLO"
-        reply = R.call_hook(self.handler, verb, self.conn.who, arg)
-        if not 200 <= reply.code < 300:
-            state.client, state.esmtp = previous
-            return reply
-        lines = reply.lines or [""]
-        lines[0] = f"{self.hostname} {lines[0]}".rstrip()
+        handler = self.handler
+        cls = type(handler)
+        if verb == "EHLO" and cls.EHLO is _BASE_EHLO and "EHLO" not in handler.__dict__ \
+                and cls.client is _BASE_CLIENT:
+            # the base hook's reply (its client is arg, printable: one line), without the call
+            code, lines, counts = 250, [f"{self.hostname} {EHLO_OK % (arg,)}", *EHLO_KEYWORDS], True
+        else:
+            reply = R.call_hook(handler, verb, self.conn.who, arg)
+            if not 200 <= reply.code < 300:
+                state.client, state.esmtp = previous
+                return reply
+            code, lines, counts = reply.code, reply.lines or [""], reply.counts
+            lines[0] = f"{self.hostname} {lines[0]}".rstrip()
         if verb == "EHLO":
-            lines = self._with_extensions(lines)
-        return _new_reply(R.HookReply, (reply.code, lines, reply.counts))
-
-    def _with_extensions(self, lines: list[str]) -> list[str]:
-        """Append the engine's extension keywords the handler did not list itself.
-
-        What is appended depends only on the handler's own keyword lines and
-        on what is offered now, so it is worked out once per combination.
-        """
-        key = (tuple(lines[1:]), self.config.max_message_size, bool(getattr(self.handler, "dsn", False)),
-               self.tls_context is not None and self.state.tls is None, self.auth.offered())
-        extra = _EXTENSIONS.get(key)
-        if extra is None:
-            extra = self._extensions(lines, *key[2:])
-            if len(_EXTENSIONS) < _EXTENSIONS_MAX:
-                _EXTENSIONS[key] = extra
-        return lines + extra
+            # AUTH is offered (Auth.offered) when the handler has an AUTH hook, nobody has
+            # authenticated yet, and inside TLS unless auth_plaintext.
+            key = (tuple(lines[1:]), self.config.max_message_size, bool(getattr(handler, "dsn", False)),
+                   self.tls_context is not None and state.tls is None,
+                   cls.AUTH is not _BASE_AUTH and state.auth_user is None
+                   and (state.tls is not None or self.config.auth_plaintext))
+            extra = _EXTENSIONS.get(key)
+            if extra is None:
+                extra = self._extensions(lines, *key[2:])
+                if len(_EXTENSIONS) < _EXTENSIONS_MAX:
+                    _EXTENSIONS[key] = extra
+            lines += extra
+        return _new_reply(R.HookReply, (code, lines, counts))
 
     def _extensions(self, lines: list[str], dsn: bool, starttls: bool, auth: bool) -> list[str]:
         """The engine's extension keywords the handler did not list itself."""
@@ -547,7 +569,10 @@ class Session:
         return True
 
     def smtp_AUTH(self, arg: str) -> R.Answer:
-        return self.auth.command(arg, in_transaction=self.transaction.active)
+        auth = self.auth
+        if auth is None:
+            auth = self.auth = Auth(self.handler, self.state, self.conn, self.config)
+        return auth.command(arg, in_transaction=self.transaction.active)
 
     def smtp_RSET(self, arg: str) -> R.Answer:
         if arg:
@@ -582,6 +607,16 @@ class Session:
     def smtp_HELP(self, arg: str) -> R.Answer:
         return R.call_hook(self.handler, "HELP", self.conn.who, arg or None)
 
+
+#: The base handler's EHLO and AUTH hooks and its ``client`` view, for the checks in _hello.
+_BASE_EHLO, _BASE_AUTH, _BASE_CLIENT = ESMTPHandler.EHLO, ESMTPHandler.AUTH, ESMTPHandler.client
+
+#: The greeting's line by (the base handler's constant CONNECT reply, hostname); bounded.
+_GREETINGS: dict[tuple[R.Reply, str], str] = {}
+_GREETINGS_MAX = 16
+
+#: fixed_replies' own table by handler class: a session looks its class up there without the call.
+_FIXED_BY_CLASS = R._FIXED
 
 #: EHLO's extension lines by (the handler's own keyword lines, SIZE, DSN, STARTTLS, AUTH offered);
 #: bounded, as a handler may vary its lines.
