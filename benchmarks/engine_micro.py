@@ -61,6 +61,8 @@ from typing import Callable
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from prefork_esmtp import ESMTPHandler  # noqa: E402
+from prefork_esmtp.connection import listener_read_timeout  # noqa: E402
+from prefork_esmtp.listeners import lower_read_timeout  # noqa: E402
 from prefork_esmtp.reporter import ScoreboardReporter  # noqa: E402
 from prefork_esmtp.scoreboard import Scoreboard  # noqa: E402
 from prefork_esmtp.session import Session  # noqa: E402
@@ -185,6 +187,7 @@ class Bench:
         if self.worker is None:
             listener = socket.create_server(("127.0.0.1", 0), backlog=128)
             listener.setblocking(False)
+            lower_read_timeout(listener, listener_read_timeout(self.config))  # as the master sets its listeners
             self.board = Scoreboard(4)
             reporter = ScoreboardReporter(self.board, 0, 1, os.getppid(), idle_expect=math.inf,
                                           busy_expect=self.config.timeout)

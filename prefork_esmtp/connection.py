@@ -12,7 +12,10 @@ A plain socket stays blocking and its read timeout lives in the kernel
 (``SO_RCVTIMEO``): a Python socket timeout would cost a ``poll()`` before every
 ``recv`` and ``send``.  A timed-out read raises ``BlockingIOError``, which the
 reader takes as a timeout; a signal still interrupts the read (EINTR runs the
-handler, which may raise).  Replies go out with one non-blocking ``send``; only
+handler, which may raise).  In a pre-forked worker the first read's timeout
+comes with the socket: the master gives each listener the one a session sets
+first, and only ever lowers it (:func:`~prefork_esmtp.listeners.lower_read_timeout`),
+so the reader need not set it.  Replies go out with one non-blocking ``send``; only
 when the client's window is full does the rest go out under a Python timeout
 (the whole send within the idle timeout, as before).  A TLS socket keeps Python
 timeouts: OpenSSL retries a read the kernel timed out, so ``SO_RCVTIMEO`` would
@@ -31,7 +34,7 @@ from collections.abc import Callable
 from typing import Any
 
 from prefork_esmtp import proxy, tls
-from prefork_esmtp.reader import Reader
+from prefork_esmtp.reader import Reader, first_read_timeout
 from prefork_esmtp.settings import Config
 from prefork_esmtp.writer import ClientGone, ReplyWriter
 
@@ -60,6 +63,15 @@ _TIMEVALS: dict[float, bytes] = {}
 _TIMEVALS_KEPT = 64
 
 
+def listener_read_timeout(config: Config) -> float:
+    """The read timeout a connection's reader gives its socket first, under ``config``.
+
+    A listener set to at most this (see :func:`prefork_esmtp.listeners.lower_read_timeout`)
+    hands it to the connections it accepts: one ``setsockopt`` fewer per session.
+    """
+    return first_read_timeout(config.timeout, config.min_data_rate_grace if config.min_data_rate > 0 else None)
+
+
 class StopSession(Exception):
     """The server is stopping and the session, idle between transactions, ends now (421)."""
 
@@ -77,12 +89,20 @@ class Connection:
     send that may block, the PROXY header, the TLS handshake) with the longest
     it may block (so the master can tell a worker waiting on a slow client from
     a stuck one); ``stopping()`` says whether the server is stopping; ``local``
-    is our address when the caller knows it (None: ``getsockname()``).
+    is our address when the caller knows it (None: ``getsockname()``);
+    ``read_timeout``: the socket's ``SO_RCVTIMEO`` is known to be at most this
+    (inherited from the listener), None when unknown.
     """
+
+    #: set by the session while it waits for a command outside a transaction: a stop
+    #: may then end the session at once; ``waiting`` is true only inside such a recv().
+    interruptible = False
+    waiting = False
 
     def __init__(self, sock: socket.socket, peer: Any, config: Config,
                  check_in: Callable[[float], None] | None = None,
-                 stopping: Callable[[], bool] = lambda: False, local: Any = None) -> None:
+                 stopping: Callable[[], bool] = lambda: False, local: Any = None, *,
+                 read_timeout: float | None = None) -> None:
         self.sock = sock
         self.config = config
         self.check_in = check_in
@@ -101,17 +121,12 @@ class Connection:
         self.local = local if type(local) is tuple and len(local) == 2 else _address(local)
         #: the client, as logs name it
         self.who = f"{self.peer[0]}:{self.peer[1]}" if self.peer else "client"
-        #: set by the session while it waits for a command outside a transaction: a stop
-        #: may then end the session at once; ``waiting`` is true only inside such a recv().
-        self.interruptible = False
-        self.waiting = False
         self.writer = ReplyWriter(self)
         self.pending = self.writer.pending  # the replies queued (recv sends them)
         self.timeout = config.timeout
         self.reader = Reader(self, config.timeout,  # DATA's rate needs its grace as a timeout at once
-                             config.min_data_rate_grace if config.min_data_rate > 0 else None)
-        self.reader.command_deadline = config.command_deadline
-        self.reader.limit_session(config.max_session_time)
+                             config.min_data_rate_grace if config.min_data_rate > 0 else None,
+                             config.command_deadline, config.max_session_time, read_timeout)
 
     def _own_address(self) -> tuple[str, int] | None:
         try:
@@ -129,17 +144,24 @@ class Connection:
     def recv(self, size: int) -> bytes:
         """Send the queued replies, check in, then block for the client's next bytes.
 
-        The replies go out here, through :meth:`sendall`, rather than through
-        the writer's flush: a command's round costs one Python call fewer.
+        The replies go out here rather than through the writer's flush, with
+        :meth:`sendall`'s first non-blocking send written out: when it takes
+        them all (the common case) no other Python call is made.  Whatever it
+        did not send (a full window, an error, TLS) goes through :meth:`sendall`.
         """
         pending = self.pending
         if pending:
             data = b"".join(pending)  # one reply: the same bytes object, not a copy
             pending.clear()
             try:
-                self.sendall(data)
-            except OSError as exc:  # reset, broken pipe, send timeout, TLS error
-                raise ClientGone(str(exc)) from None
+                sent = self.sock.send(data, _MSG_DONTWAIT) if self.kernel_timeouts else 0
+            except OSError:  # a full window (EAGAIN) or a broken connection: sendall says which
+                sent = 0
+            if sent < len(data):
+                try:
+                    self.sendall(memoryview(data)[sent:] if sent else data)
+                except OSError as exc:  # reset, broken pipe, send timeout, TLS error
+                    raise ClientGone(str(exc)) from None
         if self.check_in is not None:
             self.check_in(self.timeout)
         if not self.interruptible:
@@ -291,7 +313,11 @@ class Connection:
         the FIN: a half-close first would change nothing on the wire.
         """
         try:
-            self.writer.flush()
+            pending = self.pending
+            if pending:  # the writer's flush, without the call: the last reply (QUIT's) is queued
+                data = b"".join(pending)
+                pending.clear()
+                self.sendall(data)
             if isinstance(self.sock, ssl.SSLSocket):
                 self._tls_close_notify()
             if not linger:
@@ -325,6 +351,12 @@ class Connection:
             pass  # SSLWantReadError: ours is sent, the client's has not come
 
     def close(self) -> None:
-        """Close the socket, unless :meth:`shutdown` already did (then there is nothing to do)."""
+        """Close the socket, unless :meth:`shutdown` already did; let go of the reader and the writer.
+
+        They point back at the connection: kept, the three would make a cycle
+        that only the garbage collector frees (with the last buffer read), so
+        the session's memory would not be reused at once by the next session.
+        """
         if self.sock.fileno() >= 0:
             self.sock.close()
+        self.reader = self.writer = None  # type: ignore[assignment]

@@ -23,6 +23,10 @@ DEFAULT_CHUNKSIZE = 65536
 #: that keeps those hooks the engine makes the same reply itself, without the call.
 SENDER_OK = "<%s>, sender ok"
 RECIPIENT_OK = "<%s>, recipient ok"
+#: The base EHLO hook's greeting line (``%`` the client's name) and its keyword lines; the
+#: engine makes the same reply itself for a handler that keeps that hook.
+EHLO_OK = "%s, pleased to meet you"
+EHLO_KEYWORDS = ("HELP",)
 
 
 class HandlerConfigError(ValueError):
@@ -240,7 +244,7 @@ class ESMTPHandler:
 
         The engine puts its hostname first and appends the extensions it serves.
         """
-        return 250, f"{self.client}, pleased to meet you", "HELP"
+        return 250, EHLO_OK % (self.client,), *EHLO_KEYWORDS
 
     # -- transaction ----------------------------------------------------------
 

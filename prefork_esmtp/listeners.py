@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import socket
+import struct
 
 from prefork_esmtp.settings import Address
 
 #: Apache's ListenBacklog default.
 BACKLOG = 511
+
+
+_TIMEVAL = struct.Struct("@ll")  # struct timeval, for SO_RCVTIMEO
 
 
 class ListenError(Exception):
@@ -53,3 +57,31 @@ def describe(sock: socket.socket) -> str:
     """``host:port`` of a bound listener, as the log and ``status`` show it."""
     host, port = sock.getsockname()[:2]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def read_timeout(sock: socket.socket) -> float | None:
+    """The listener's ``SO_RCVTIMEO`` in seconds, which every connection it accepts inherits; None: none set."""
+    try:
+        seconds, micro = _TIMEVAL.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _TIMEVAL.size))
+    except (OSError, struct.error):
+        return None
+    return seconds + micro / 1e6 or None
+
+
+def lower_read_timeout(sock: socket.socket, seconds: float) -> None:
+    """Give the listener's connections at most ``seconds`` as their first read timeout; never raise it.
+
+    Only the master sets it (one process: no two writers race), at start and at
+    each reload, and only ever lowers it: a worker reads it once (:func:`read_timeout`)
+    and may take it as an upper bound for its whole life, whatever generation
+    comes after, so no connection waits longer than its own idle timeout.  A
+    lower value than a worker needs only wakes its reads early (they resume).
+    """
+    current = read_timeout(sock)
+    if current is not None and current <= seconds:
+        return
+    micro = max(1, int(min(seconds, 1e9) * 1e6))  # more would overflow; 0 would mean none
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _TIMEVAL.pack(micro // 1_000_000, micro % 1_000_000))
+    except OSError:
+        pass  # not a socket that takes it: its connections' readers set their own

@@ -28,7 +28,8 @@ from setproctitle import setproctitle
 from prefork_esmtp import logs, pidfile, privileges, tls
 from prefork_esmtp.boot import BOOT_ERROR, WorkerPlan, rehearse, run_worker
 from prefork_esmtp.exposition import NO_METRICS, NoMetrics
-from prefork_esmtp.listeners import describe
+from prefork_esmtp.connection import listener_read_timeout
+from prefork_esmtp.listeners import describe, lower_read_timeout
 from prefork_esmtp.loader import configure_handler, load_handler
 from prefork_esmtp.pool import adaptive_step, max_spare_default
 from prefork_esmtp.limits import RateTable
@@ -90,6 +91,7 @@ class Master:
         listeners = list(listeners) + list(tls_listeners)
         self.on_ready = on_ready
         self.listeners = listeners
+        self._lower_read_timeouts(config)
         # Described once: the sockets are closed when a stop begins, their names are still wanted.
         self.listener_text = ", ".join(describe(s) for s in listeners)
         # Respawn back-off after workers fail to boot once the server is up (a handler
@@ -187,10 +189,18 @@ class Master:
         self.reloading = (self.generation, self.config, self.handler_class, self.tls_context, self.ids)
         self.config, self.handler_class, self.tls_context, self.ids = config, handler_class, tls_context, ids
         self.generation += 1
+        self._lower_read_timeouts(config)  # before the new generation's first accept
         self.boot_failures, self.spawn_paused_until = 0, 0.0  # an operator's reload: try at once
         if not self.adaptive:
             self.target = self._capped(config.workers)
         self.spawn_missing()
+
+    def _lower_read_timeouts(self, config: Config) -> None:
+        """The listeners hand their connections ``config``'s first read timeout, or a shorter one
+        an earlier generation (still serving) needs: a worker's first read then sets none."""
+        seconds = listener_read_timeout(config)
+        for sock in self.listeners:
+            lower_read_timeout(sock, seconds)
 
     def _capped(self, workers: int) -> int:
         """At most half the scoreboard: room for the old generation while a new one boots."""

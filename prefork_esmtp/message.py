@@ -251,7 +251,7 @@ class MessageParser:
     def _ends_a_line(self, data: bytes, lf: bool) -> bool:
         """Whether ``data`` completes a line after the incomplete line held in ``partial``."""
         if lf:
-            return b"\n" in data
+            return 10 in data  # LF, as an octet value (see Session._dispatch)
         return b"\r\n" in data or (data[:1] == b"\n" and self.partial.endswith(b"\r"))
 
     def _feed_headers(self, data: bytes) -> bytes:

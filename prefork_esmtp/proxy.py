@@ -124,7 +124,7 @@ def _parse_v1(data: bytes) -> tuple[ProxyHeader, int] | None:
     if data[lf - 1] != 0x0D:
         raise ProxyError("v1 line ended by a bare LF")
     line = data[:lf - 1]
-    if b"\r" in line or not line.isascii():
+    if 13 in line or not line.isascii():  # CR
         raise ProxyError("v1 line with a bare CR or a non-ASCII octet")
     fields = line.decode("ascii").split(" ")
     if len(fields) < 2 or fields[0] != "PROXY":

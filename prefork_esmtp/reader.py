@@ -43,13 +43,33 @@ class LineTooLong(Exception):
     """A command line exceeded the limit; it has been drained up to its LF."""
 
 
+def first_read_timeout(timeout: float, wake_after: float | None = None) -> float:
+    """The read timeout a new :class:`Reader` gives the socket at its first read (no deadline nearer).
+
+    ``timeout`` and ``wake_after`` as the reader is given them: :meth:`Reader._fill`'s
+    rule (``wake_after``'s whole seconds when shorter, else the idle timeout in whole
+    seconds).  A listener set to this value hands it to every connection it accepts,
+    so that read needs no system call of its own (see ``socket_timeout``).
+    """
+    if wake_after is not None and wake_after >= 1.0:
+        wake_after = float(int(wake_after)) if wake_after >= 2.0 else wake_after
+        if wake_after < timeout:
+            return wake_after
+    return float(int(timeout)) if timeout >= 2.0 else timeout
+
+
 class Reader:
     """Reads command lines, DATA sections and exact byte counts from the connection."""
 
-    def __init__(self, sock: Any, timeout: float, wake_after: float | None = None) -> None:
+    def __init__(self, sock: Any, timeout: float, wake_after: float | None = None,
+                 command_deadline: float = 0.0, session_time: float = 0.0,
+                 socket_timeout: float | None = None) -> None:
         """``wake_after``: a shorter timeout for the first read to give the socket, when one will
         be needed anyway (the data rate's grace): a read that times out early is only a wake-up,
-        and the timeout then need not be shortened (a system call) at the first message."""
+        and the timeout then need not be shortened (a system call) at the first message.
+        ``command_deadline``: see :meth:`readline`; ``session_time``: see :meth:`limit_session`;
+        ``socket_timeout``: the socket's read timeout is known to be at most this already
+        (inherited from its listener), so a read needs no timeout set until one owed is shorter."""
         self.sock = sock  # the connection: recv() and settimeout(), as a socket has
         self._recv = sock.recv
         self.timeout = timeout
@@ -60,21 +80,25 @@ class Reader:
         self.bare_lf = False
         # the minimum data rate: (octets/s, start time, octets received at start, grace), or None
         self._rate: tuple[float, float | None, int, float] | None = None
-        #: monotonic time by which a command line must be complete once its first octet
-        #: arrived (set by readline when command_deadline is on), and the session's end
-        self.command_deadline = 0.0
-        self.session_deadline: float | None = None
+        #: seconds within which a command line must be complete once its first octet
+        #: arrived (0: no deadline); the monotonic time by which the current one must be
+        self.command_deadline = command_deadline
         self._line_deadline: float | None = None
-        #: the socket's read timeout as last set: none yet (the first read sets it, to
-        #: ``wake_after``'s whole seconds when that is shorter than the timeout owed)
-        self._current_timeout = math.inf
+        #: the socket's read timeout as last set (at most): none yet, unless inherited (the first
+        #: read sets it, to ``wake_after``'s whole seconds when that is shorter than the timeout owed)
+        self._current_timeout = socket_timeout or math.inf
         self._wake_after = None
         if wake_after is not None and wake_after >= 1.0:
             self._wake_after = float(int(wake_after)) if wake_after >= 2.0 else wake_after
-        #: monotonic time before which a read needs no deadline arithmetic (see _replan), and
-        #: the same without a data rate, a command line under way and the socket's timeout
-        self._plain_until = -math.inf
-        self._plain_base = math.inf
+        #: the session's end (monotonic; None: no limit), and before when a read needs no
+        #: deadline arithmetic (see _replan): limit_session's and _replan's work, without the calls
+        if session_time > 0:
+            self.session_deadline: float | None = time.monotonic() + session_time
+            self._plain_base = self.session_deadline - timeout
+        else:
+            self.session_deadline = None
+            self._plain_base = math.inf
+        self._plain_until = -math.inf if self._current_timeout > timeout else self._plain_base
 
     def _replan(self) -> None:
         """Until when :meth:`readline` may read at once: no data rate, no command line under way,
@@ -184,14 +208,7 @@ class Reader:
                 timeout = self._read_timeout(now, timeout)  # a deadline comes first, or is past
             try:
                 if timeout < self._current_timeout or woken:
-                    if self._current_timeout == math.inf and self._wake_after is not None \
-                            and self._wake_after < timeout:
-                        timeout = self._wake_after  # the first read: see wake_after
-                    elif timeout >= 2.0:
-                        timeout = float(int(timeout))
-                    self.sock.settimeout(timeout)
-                    self._current_timeout = timeout
-                    self._replan()
+                    self._set_timeout(timeout)
                 data = self._recv(RECV_SIZE)
                 break
             except (TimeoutError, BlockingIOError):  # a Python timeout, or the kernel's (SO_RCVTIMEO)
@@ -207,6 +224,31 @@ class Reader:
         else:
             self.buf = self.buf[self.pos:] + data
         self.pos = 0
+
+    def _set_timeout(self, timeout: float) -> None:
+        """Give the socket the read timeout for a wait owed ``timeout`` seconds: the first
+        read's is ``wake_after`` when that is shorter; two seconds or more are rounded down."""
+        if self._current_timeout == math.inf and self._wake_after is not None and self._wake_after < timeout:
+            timeout = self._wake_after  # the first read: see wake_after
+        elif timeout >= 2.0:
+            timeout = float(int(timeout))
+        self.sock.settimeout(timeout)
+        self._current_timeout = timeout
+        self._replan()
+
+    def ready(self) -> None:
+        """Before the first command: set the read timeout the first read would set, when no
+        deadline is within an idle timeout, so that read too may be the session loop's
+        common round (see :meth:`Session.run <prefork_esmtp.session.Session.run>`).
+
+        Nothing to do when the timeout is set already (a PROXY header's read, TLS) or a
+        deadline is near (then the first read works it out).
+        """
+        if self._current_timeout == math.inf and _monotonic() < self._plain_base and self._rate is None:
+            try:
+                self._set_timeout(self.timeout)
+            except OSError as exc:
+                raise ClientGone(str(exc)) from None
 
     def readline(self, limit: int) -> bytes:
         """Return the next line without its line end (CRLF, or a bare LF).

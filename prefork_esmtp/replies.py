@@ -170,26 +170,24 @@ def wire(reply: Reply | HookReply, verb: str) -> bytes:
     """A final reply to ``verb`` as it goes on the wire: :func:`format_reply` with
     :func:`default_enhanced`, the engine's constant replies framed once, a hook's one-line
     reply without the loop."""
-    code = reply.code
     if type(reply) is Reply:
-        key = (reply, verb)
-        data = _WIRE.get(key)
+        data = _WIRE.get((reply, verb))
         if data is None:
-            data = format_reply(code, [reply.line], default_enhanced(code, verb))
+            data = format_reply(reply.code, [reply.line], default_enhanced(reply.code, verb))
             if reply in _CONSTANTS:
-                _WIRE[key] = data
+                _WIRE[reply, verb] = data
         return data
-    key2 = (verb, code)
+    code, lines, _ = reply
     try:
-        enhanced = _DEFAULTS[key2]
+        enhanced = _DEFAULTS[verb, code]
     except KeyError:
-        enhanced = _DEFAULTS[key2] = default_enhanced(code, verb)
-    lines = reply.lines
+        enhanced = _DEFAULTS[verb, code] = default_enhanced(code, verb)
     if len(lines) != 1:
         return format_reply(code, lines, enhanced)
     line = lines[0]
-    if enhanced is not None and (line[1:2] != "." or _ENHANCED.match(line) is None):
-        line = f"{enhanced} {line}" if line else enhanced
+    if enhanced is not None and (line[1:2] != "." or _ENHANCED.match(line) is None):  # the default code first
+        return (f"{code} {enhanced} {line}\r\n" if line else f"{code} {enhanced}\r\n").encode(
+            "utf-8", "surrogateescape")
     return f"{code} {line}\r\n".encode("utf-8", "surrogateescape")
 
 

@@ -71,6 +71,7 @@ class ScoreboardReporter(Reporter):
         # check_in runs before every blocking read of a session: one bound function, which
         # writes the slot's check-in with no lookups on the way (it replaces the method).
         self.check_in = board.checker(slot)  # type: ignore[method-assign]
+        self._update = board.updater(slot)  # board.update for this slot, in one call
         self.sessions = 0
         self.title = f"prefork-esmtp: worker [gen {generation}] "
         self.idle_at: int | None = None  # sessions served when idle was last written; None: not idle
@@ -82,7 +83,7 @@ class ScoreboardReporter(Reporter):
                 self.check_in(self.idle_expect)  # the fallback's tick: still alive
             return
         self.idle_at = sessions
-        self.board.update(self.slot, IDLE, sessions, "", self.idle_expect)
+        self._update(IDLE, sessions, "", self.idle_expect)
         setproctitle(f"{self.title}idle, {sessions} sessions")
         if self.wake_fd is not None:
             self._booted()
@@ -94,7 +95,7 @@ class ScoreboardReporter(Reporter):
             title = f"{self.title}busy {peer_text}, {self.sessions} sessions"
         else:
             peer_text, title = "", f"{self.title}busy, {self.sessions} sessions"
-        self.board.update(self.slot, BUSY, self.sessions, peer_text, self.busy_expect)
+        self._update(BUSY, self.sessions, peer_text, self.busy_expect)
         setproctitle(title)
         if self.wake_fd is not None:
             self._booted()
@@ -103,7 +104,7 @@ class ScoreboardReporter(Reporter):
         # The slot says busy at once (the master must not take this worker for an idle one);
         # the title waits for busy() with the client: one title per session, not two.
         self.idle_at = None
-        self.board.update(self.slot, BUSY, self.sessions, "", self.busy_expect)
+        self._update(BUSY, self.sessions, "", self.busy_expect)
         if self.wake_fd is not None:
             self._booted()
 

@@ -24,9 +24,11 @@ from prefork_esmtp import counters
 from prefork_esmtp import replies as R
 from prefork_esmtp.auth import AUTH_KEYWORD, Auth
 from prefork_esmtp.connection import Connection, StopSession
+from prefork_esmtp.handler import EHLO_KEYWORDS, EHLO_OK, ESMTPHandler
 from prefork_esmtp.limits import Limits
 from prefork_esmtp.logs import Event, address
 from prefork_esmtp.reader import CommandTooSlow, DataTooSlow, LineTooLong, ReadTimeout, SessionTooLong
+from prefork_esmtp.reader import RECV_SIZE
 from prefork_esmtp.reporter import NO_REPORTER, Reporter
 from prefork_esmtp.settings import Config
 from prefork_esmtp.state import ConnectionState
@@ -43,6 +45,12 @@ JUNK = frozenset({"NOOP", "RSET", "VRFY", "EXPN", "HELP"})
 BEFORE_TLS = frozenset({"EHLO", "NOOP", "STARTTLS", "QUIT"})
 #: A HookReply from all its fields, without the NamedTuple's Python-level __new__.
 _new_reply = tuple.__new__
+_monotonic = time.monotonic
+_MSG_DONTWAIT = socket.MSG_DONTWAIT
+
+
+def _no_check_in(expect: float) -> None:
+    """The check-in of a connection that reports to nobody."""
 
 
 class Session:
@@ -52,7 +60,9 @@ class Session:
     command outside a transaction); ``reporter`` gets a check-in before each
     blocking read and counts this IP's sessions across all workers;
     ``tls_context`` enables STARTTLS (and is used at once when ``implicit_tls``);
-    ``local``: our address, when the caller knows it (else the socket is asked).
+    ``local``: our address, when the caller knows it (else the socket is asked);
+    ``read_timeout``: the socket's read timeout is known to be at most this
+    (inherited from its listener: see :class:`~prefork_esmtp.connection.Connection`).
     """
 
     # What a new session starts with (class-level, so each session sets only what differs).
@@ -64,12 +74,13 @@ class Session:
     closing = False
     quit = False  # close without lingering: the client said QUIT, or TLS failed
     refused = False  # CONNECT answered 554: only QUIT is served
+    auth: Auth | None = None  # made at the first AUTH command (most sessions never send one)
     tls_next = False  # STARTTLS answered 220: the handshake follows the reply
 
     def __init__(self, sock: socket.socket, peer: Any, handler_class: type, config: Config,
                  stopping: Callable[[], bool] = lambda: False, reporter: Reporter = NO_REPORTER, *,
                  tls_context: ssl.SSLContext | None = None, implicit_tls: bool = False,
-                 limits: Limits | None = None, local: Any = None) -> None:
+                 limits: Limits | None = None, local: Any = None, read_timeout: float | None = None) -> None:
         self.config = config
         self.hostname = config.hostname
         self.stopping = stopping
@@ -80,10 +91,11 @@ class Session:
         self.counts = counters.current.values
         self.counts[counters.SESSIONS] += 1
         self.began = time.monotonic()
-        self.conn = conn = Connection(sock, peer, config, reporter.check_in, stopping, local)
-        self.queue = conn.writer.pending.append  # the writer's queue (ReplyWriter.write, without the call)
-        self.state = ConnectionState(peer=conn.peer, local=conn.local, hostname=config.hostname,
-                                     session_id=f"{random.getrandbits(48):012X}")
+        self.conn = conn = Connection(sock, peer, config, reporter.check_in, stopping, local,
+                                      read_timeout=read_timeout)
+        self.queue = conn.pending.append  # the writer's queue (ReplyWriter.write, without the call)
+        self.state = state = ConnectionState(conn.peer, conn.local, config.hostname,
+                                             session_id=f"{random.getrandbits(48):012X}")
         self.lmtp = config.protocol == "lmtp"
         self.reader = conn.reader
         self.reject_bare_lf = config.command_bare_lf == "reject"
@@ -95,31 +107,92 @@ class Session:
         handler.disconnect = False
         handler.chunkmode = False
         handler._esmtp_check_in = reporter.check_in
-        handler._esmtp_state = self.state  # state.attach's work, without the call
+        handler._esmtp_state = state  # state.attach's work, without the call
         self.handler = handler
         #: the base handler's constant replies for the hooks this handler did not override
-        self.fixed = R.fixed_replies(handler_class)
-        self.transaction = Transaction(handler, self.state, conn, config, self.limits, self.fixed)
-        self.auth = Auth(handler, self.state, conn, config)
+        self.fixed = fixed = _FIXED_BY_CLASS.get(handler_class) or R.fixed_replies(handler_class)
+        self.transaction = Transaction(handler, state, conn, config, self.limits, fixed)
 
     # -- the loop -------------------------------------------------------------
 
     def run(self) -> None:
-        """Serve the session until QUIT, disconnect, an error limit, a timeout or EOF."""
+        """Serve the session until QUIT, disconnect, an error limit, a timeout or EOF.
+
+        The common round is written out here rather than spread over
+        :meth:`Reader.readline <prefork_esmtp.reader.Reader.readline>`,
+        :meth:`Connection.recv <prefork_esmtp.connection.Connection.recv>` and
+        :meth:`~prefork_esmtp.connection.Connection.sendall`: when nothing is
+        buffered, no deadline is within an idle timeout and the socket is plain,
+        the queued replies go out in one non-blocking send, the worker checks
+        in, the read waits (interruptible outside a transaction), and a read
+        that is exactly one CRLF-ended line within the limit is the command.
+        Anything else (a full send window, an early wake-up, a partial,
+        pipelined, bare-LF or too long line, TLS, a deadline near) takes those
+        methods, from the same point: the same bytes and limits either way.
+        """
         conn = self.conn
         reader = conn.reader
         transaction = self.transaction
         limit = self.config.max_line_length
+        stopping = self.stopping
+        dispatch = self._dispatch
+        pending = conn.pending  # the writer's queue: the same list for the session's life
+        check_in = conn.check_in or _no_check_in
+        timeout = conn.timeout
+        sock = conn.sock  # while kernel_timeouts holds, this plain socket is the session's (TLS clears it first)
         linger = True
         try:
             if self._open():
                 self._greet()
+                reader.ready()  # the first read's timeout: that read too may be the common round
             while not self.closing:
                 idle = transaction.envelope.sender is None
-                if idle and self.stopping():
+                if idle and stopping():
                     self.end = "stopping"
                     self._answer(R.SHUTTING_DOWN.format(self.hostname))
                     break
+                if conn.kernel_timeouts and reader.pos >= len(reader.buf) and (now := _monotonic()) < reader._plain_until:
+                    if pending:  # Connection.recv's send, its first try written out
+                        data = b"".join(pending)  # one reply: the same bytes object, not a copy
+                        pending.clear()
+                        try:
+                            sent = sock.send(data, _MSG_DONTWAIT)
+                        except OSError:  # a full window (EAGAIN) or a broken connection: the long way says which
+                            sent = 0
+                        if sent < len(data):
+                            try:
+                                conn.sendall(memoryview(data)[sent:] if sent else data)
+                            except OSError as exc:  # reset, broken pipe, send timeout
+                                raise ClientGone(str(exc)) from None
+                    check_in(timeout)
+                    try:
+                        if idle:  # a stop may end the wait for a command outside a transaction
+                            conn.waiting = True
+                            if stopping():  # signalled before ``waiting`` was set: nothing was interrupted
+                                raise StopSession()
+                        data = sock.recv(RECV_SIZE)
+                    except (TimeoutError, BlockingIOError):  # SO_RCVTIMEO woke the read early
+                        data = None
+                    except OSError as exc:
+                        raise ClientGone(str(exc)) from None
+                    finally:
+                        conn.waiting = False
+                    if data:
+                        n = len(data)
+                        reader.received += n
+                        if data.find(b"\n", 0, limit) == n - 1 and data[n - 2] == 0x0D:  # one line, its CRLF within the limit
+                            reader.buf, reader.pos, reader.bare_lf = data, n, False
+                            dispatch(data[:-2])
+                            continue
+                        reader.buf, reader.pos = data, 0  # more than one line, or not one whole line: the cut below
+                    elif data is None:  # the wait goes on the long way, its idle timeout from when it began
+                        conn.interruptible = idle
+                        try:
+                            reader._fill(now)
+                        finally:
+                            conn.interruptible = False
+                    else:
+                        raise ClientGone("connection closed by client")
                 conn.interruptible = idle  # a stop may end the wait for a command outside a transaction
                 try:
                     line = reader.readline(limit)
@@ -174,9 +247,10 @@ class Session:
         duration = time.monotonic() - self.began
         counts = self.counts
         counters.observe(counts, counters.SESSION_DURATION, counters.DURATION_BOUNDS, duration)
-        counts[counters.RECEIVED_OCTETS] += self.conn.reader.received
+        counts[counters.RECEIVED_OCTETS] += self.reader.received
         transaction = self.transaction
-        transaction.abandon()
+        if transaction.started is not None:  # a transaction under way: logged as aborted
+            transaction.abandon()
         if not log.isEnabledFor(logging.INFO):
             return
         state = self.state
@@ -232,12 +306,20 @@ class Session:
     def _greet(self) -> None:
         """CONNECT's reply with the hostname first: 220, 554 (only QUIT served) or 421 (close)."""
         reply = self.fixed.get("CONNECT")
-        if reply is None or "CONNECT" in self.handler.__dict__:
+        if reply is not None and "CONNECT" not in self.handler.__dict__:
+            # the base handler's constant reply: its line with the hostname first, made once
+            line = _GREETINGS.get((reply, self.hostname))
+            if line is None:
+                line = f"{self.hostname} {reply.line}".rstrip()
+                if len(_GREETINGS) < _GREETINGS_MAX:
+                    _GREETINGS[(reply, self.hostname)] = line
+            code, lines = reply.code, [line]
+        else:
             reply = R.call_hook(self.handler, "CONNECT", self.conn.who)
-        code, lines = reply.code, reply.lines or [""]
-        if reply is R.HOOK_FAILED:
-            code = 421
-        lines[0] = f"{self.hostname} {lines[0]}".rstrip()
+            code, lines = reply.code, reply.lines or [""]
+            if reply is R.HOOK_FAILED:
+                code = 421
+            lines[0] = f"{self.hostname} {lines[0]}".rstrip()
         if 400 <= code < 500:
             code = 421
         elif code >= 500:
@@ -300,27 +382,26 @@ class Session:
         The common line (ASCII, no NUL or CR, not refused for a bare LF) takes
         the straight path; any other goes through :meth:`_decode` first.
         """
-        if not line.isascii() or b"\0" in line or b"\r" in line or self.reader.bare_lf and self.reject_bare_lf:
+        # NUL and CR looked for as octet values: a bytes pattern would first be tried as an
+        # integer, and the TypeError it raises and drops costs more than the search.
+        if not line.isascii() or 0 in line or 13 in line or self.reject_bare_lf and self.reader.bare_lf:
             text = self._decode(line)
             if text is None:
                 return
         else:
             text = line.decode("ascii")
         verb, _, arg = text.rstrip(" \t").partition(" ")
-        entry = _COMMANDS.get(verb)
-        if entry is None:  # a verb in lower or mixed case, or no verb of ours
-            verb = verb.upper()
-            entry = _COMMANDS.get(verb)
+        # a verb in lower or mixed case, or no verb of ours: looked up again in upper case
+        entry = _COMMANDS.get(verb) or _COMMANDS.get(verb := verb.upper())
         if self.refused and verb != "QUIT" or self.require_tls and self.state.tls is None and verb not in BEFORE_TLS:
             self._refuse(R.REJECTED_SESSION if self.refused else R.TLS_REQUIRED, line)
             return
         if entry is None:  # the enhanced code then follows UNKNOWN, never the client's word
             verb, reply = "UNKNOWN", R.call_hook(self.handler, "UNKNOWN", self.conn.who, text.rstrip(" \t"))
+        elif entry[2] and self._too_much_junk():  # (method, of the transaction, junk): see _COMMANDS
+            return
         else:
-            method, of_transaction, junk = entry
-            if junk and self._too_much_junk():
-                return
-            reply = method(self.transaction if of_transaction else self, arg.strip(" \t"))
+            reply = entry[0](self.transaction if entry[1] else self, arg.strip(" \t"))
         self._answer(reply, verb)
         if self.tls_next or self.forbid_pipelining:
             self._after_reply(verb)
@@ -333,7 +414,7 @@ class Session:
         if self.reader.bare_lf and self.reject_bare_lf:
             self._refuse(R.BAD_COMMAND_LF, line)
             return None
-        if b"\0" in line or b"\r" in line:
+        if 0 in line or 13 in line:  # NUL, CR
             self._refuse(R.BAD_CHARACTERS, line)
             return None
         if line.isascii():
@@ -385,19 +466,24 @@ class Session:
     # -- the verbs: each returns its reply --------------------------------------
 
     def smtp_HELO(self, arg: str) -> R.Answer:
-        return R.LMTP_NEEDS_LHLO if self.lmtp else self._hello("HELO", arg)
+        return R.LMTP_NEEDS_LHLO if self.lmtp else self._hello(arg, "HELO")
 
     def smtp_EHLO(self, arg: str) -> R.Answer:
-        return R.LMTP_NEEDS_LHLO if self.lmtp else self._hello("EHLO", arg)
+        return R.LMTP_NEEDS_LHLO if self.lmtp else self._hello(arg)
 
     def smtp_LHLO(self, arg: str) -> R.Answer:
         """LMTP's greeting (RFC 2033 4.1): EHLO's, with the EHLO hook; an unknown command in SMTP."""
         if not self.lmtp:
             return R.call_hook(self.handler, "UNKNOWN", self.conn.who, f"LHLO {arg}".rstrip())
-        return self._hello("EHLO", arg, "LHLO")
+        return self._hello(arg, "EHLO", "LHLO")
 
-    def _hello(self, verb: str, arg: str, said: str = "") -> R.Answer:
-        """HELO, EHLO (or LMTP's LHLO, ``said``): a new start (no transaction); the reply names this server first."""
+    def _hello(self, arg: str, verb: str = "EHLO", said: str = "") -> R.Answer:
+        """HELO, EHLO (or LMTP's LHLO, ``said``): a new start (no transaction); the reply names this server first.
+
+        EHLO's reply gets the engine's extension keywords the handler did not
+        list itself; they depend only on the handler's own keyword lines and on
+        what is offered now, so they are worked out once per combination.
+        """
         if not arg:
             if said:
                 return R.Reply(501, "5.5.4", f"Syntax: {said} hostname")
@@ -406,32 +492,36 @@ class Session:
             return R.HELO_CONTROL  # ESC, BEL, DEL...: the name ends up in Received lines and logs
         state = self.state
         previous = (state.client, state.esmtp)
-        self.transaction.reset()
+        if self.transaction.envelope.sender is not None:  # else no transaction to end (the envelope is new)
+            self.transaction.reset()
         state.client, state.esmtp = arg, verb == "EHLO"
-        reply = R.call_hook(self.handler, verb, self.conn.who, arg)
-        if not 200 <= reply.code < 300:
-            state.client, state.esmtp = previous
-            return reply
-        lines = reply.lines or [""]
-        lines[0] = f"{self.hostname} {lines[0]}".rstrip()
+        handler = self.handler
+        cls = type(handler)
+        if verb == "EHLO" and cls.EHLO is _BASE_EHLO and "EHLO" not in handler.__dict__ \
+                and cls.client is _BASE_CLIENT:
+            # the base hook's reply (its client is arg, printable: one line), without the call
+            code, lines, counts = 250, [f"{self.hostname} {EHLO_OK % (arg,)}", *EHLO_KEYWORDS], True
+        else:
+            reply = R.call_hook(handler, verb, self.conn.who, arg)
+            if not 200 <= reply.code < 300:
+                state.client, state.esmtp = previous
+                return reply
+            code, lines, counts = reply.code, reply.lines or [""], reply.counts
+            lines[0] = f"{self.hostname} {lines[0]}".rstrip()
         if verb == "EHLO":
-            lines = self._with_extensions(lines)
-        return _new_reply(R.HookReply, (reply.code, lines, reply.counts))
-
-    def _with_extensions(self, lines: list[str]) -> list[str]:
-        """Append the engine's extension keywords the handler did not list itself.
-
-        What is appended depends only on the handler's own keyword lines and
-        on what is offered now, so it is worked out once per combination.
-        """
-        key = (tuple(lines[1:]), self.config.max_message_size, bool(getattr(self.handler, "dsn", False)),
-               self.tls_context is not None and self.state.tls is None, self.auth.offered())
-        extra = _EXTENSIONS.get(key)
-        if extra is None:
-            extra = self._extensions(lines, *key[2:])
-            if len(_EXTENSIONS) < _EXTENSIONS_MAX:
-                _EXTENSIONS[key] = extra
-        return lines + extra
+            # AUTH is offered (Auth.offered) when the handler has an AUTH hook, nobody has
+            # authenticated yet, and inside TLS unless auth_plaintext.
+            key = (tuple(lines[1:]), self.config.max_message_size, bool(getattr(handler, "dsn", False)),
+                   self.tls_context is not None and state.tls is None,
+                   cls.AUTH is not _BASE_AUTH and state.auth_user is None
+                   and (state.tls is not None or self.config.auth_plaintext))
+            extra = _EXTENSIONS.get(key)
+            if extra is None:
+                extra = self._extensions(lines, *key[2:])
+                if len(_EXTENSIONS) < _EXTENSIONS_MAX:
+                    _EXTENSIONS[key] = extra
+            lines += extra
+        return _new_reply(R.HookReply, (code, lines, counts))
 
     def _extensions(self, lines: list[str], dsn: bool, starttls: bool, auth: bool) -> list[str]:
         """The engine's extension keywords the handler did not list itself."""
@@ -479,7 +569,10 @@ class Session:
         return True
 
     def smtp_AUTH(self, arg: str) -> R.Answer:
-        return self.auth.command(arg, in_transaction=self.transaction.active)
+        auth = self.auth
+        if auth is None:
+            auth = self.auth = Auth(self.handler, self.state, self.conn, self.config)
+        return auth.command(arg, in_transaction=self.transaction.active)
 
     def smtp_RSET(self, arg: str) -> R.Answer:
         if arg:
@@ -514,6 +607,16 @@ class Session:
     def smtp_HELP(self, arg: str) -> R.Answer:
         return R.call_hook(self.handler, "HELP", self.conn.who, arg or None)
 
+
+#: The base handler's EHLO and AUTH hooks and its ``client`` view, for the checks in _hello.
+_BASE_EHLO, _BASE_AUTH, _BASE_CLIENT = ESMTPHandler.EHLO, ESMTPHandler.AUTH, ESMTPHandler.client
+
+#: The greeting's line by (the base handler's constant CONNECT reply, hostname); bounded.
+_GREETINGS: dict[tuple[R.Reply, str], str] = {}
+_GREETINGS_MAX = 16
+
+#: fixed_replies' own table by handler class: a session looks its class up there without the call.
+_FIXED_BY_CLASS = R._FIXED
 
 #: EHLO's extension lines by (the handler's own keyword lines, SIZE, DSN, STARTTLS, AUTH offered);
 #: bounded, as a handler may vary its lines.

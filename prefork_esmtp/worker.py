@@ -10,6 +10,7 @@ which reports nothing.
 from __future__ import annotations
 
 import _signal
+import _socket
 import errno
 import functools
 import logging
@@ -23,6 +24,7 @@ from typing import Any
 from prefork_esmtp import counters
 from prefork_esmtp.reporter import NO_REPORTER, Reporter
 from prefork_esmtp.limits import Limits
+from prefork_esmtp.listeners import read_timeout
 from prefork_esmtp.session import Session
 from prefork_esmtp.settings import Config
 
@@ -139,22 +141,36 @@ class Worker:
         # asking the kernel for our parent after every wait would tell nothing new.
         check_parent = tick is not None
         by_fd = poller.by_fd
+        poll = poller.poll
         try:
             while self.alive:
                 self.reporter.idle()
-                ready = poller.wait(tick)
+                ready = poll(tick)
                 if self.shutting_down or (check_parent and not self.reporter.master_alive()):
                     break
                 # Told to retire (HUP, TTOU, max-spare) while the wait returned: still accept
                 # what it reported.  With EPOLLEXCLUSIVE the kernel woke only this worker for
                 # that connection; leaving without it would strand the client until the next one.
-                for fd in ready:
+                for fd, _ in ready:
                     listener = by_fd.get(fd)
                     if listener is None:  # the wake pipe
                         self._drain_wake()
                         continue
-                    if self._accept(listener):
-                        break  # back to waiting: fair to the other listeners and workers
+                    # socket.accept() without its wrapper's Python work (the family and type looked
+                    # up and converted to enums on every call): the listener's are known once.
+                    try:
+                        conn_fd, peer = listener.accept()
+                    except (BlockingIOError, InterruptedError):
+                        continue  # another worker took it
+                    except OSError as exc:
+                        if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                            log.error("accept failed: %s", exc)
+                        continue
+                    # The C socket object, without socket.socket's Python layer (its __init__
+                    # and close): the session uses only the C methods.
+                    self.serve(_socket.socket(listener.family, listener.type, listener.proto, conn_fd), peer,
+                               listener.implicit_tls, listener.local, listener.read_timeout)
+                    break  # back to waiting: fair to the other listeners and workers
                 if self.max_sessions and self.served >= self.max_sessions:
                     log.info("served %d sessions; recycling", self.served)
                     break
@@ -168,26 +184,13 @@ class Worker:
         except OSError:
             pass
 
-    def _accept(self, listener: "_Listener") -> bool:
-        # socket.accept() without its wrapper's Python work (the family and type looked up
-        # and converted to enums on every call): the listener's are known once.
-        try:
-            fd, peer = listener.sock._accept()
-        except (BlockingIOError, InterruptedError):
-            return False  # another worker took it
-        except OSError as exc:
-            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                log.error("accept failed: %s", exc)
-            return False
-        conn = socket.socket(listener.family, listener.type, listener.proto, fileno=fd)
-        self.serve(conn, peer, implicit_tls=listener.implicit_tls, local=listener.local)
-        return True
-
-    def serve(self, conn: socket.socket, peer: Any, implicit_tls: bool = False, local: Any = None) -> None:
+    def serve(self, conn: socket.socket, peer: Any, implicit_tls: bool = False, local: Any = None,
+              read_timeout: float | None = None) -> None:
         """Run one session to its end; nothing a session does kills the worker.
 
         ``local``: our address on the connection when the listener already says it (bound
         to one address), so the session need not ask the kernel; None: the session asks.
+        ``read_timeout``: the connection's read timeout is at most this (the listener's).
         """
         # Behind a load balancer the socket's peer is the balancer: the session reports the
         # client once the PROXY header has named it; until then no address is counted.
@@ -198,7 +201,7 @@ class Worker:
         try:
             self.session = Session(conn, peer, self.handler_class, self.config, self._stopping,
                                    self.reporter, tls_context=self.tls_context, implicit_tls=implicit_tls,
-                                   limits=self.limits, local=local)
+                                   limits=self.limits, local=local, read_timeout=read_timeout)
         except Exception:
             counters.hook_failed("session")
             log.exception("cannot start a session for %s (handler constructor failed?)", peer)
@@ -225,15 +228,20 @@ class _Listener:
 
     ``local`` is the address of a listener bound to one address (every connection's
     own address, then); None for a wildcard listener, whose connections differ.
+    ``read_timeout``: the ``SO_RCVTIMEO`` its connections inherit, read once: only the
+    master sets it, and only ever lower (:func:`~prefork_esmtp.listeners.lower_read_timeout`),
+    so it stays an upper bound for this worker's life; None: none set.
     """
 
-    __slots__ = ("sock", "family", "type", "proto", "implicit_tls", "local")
+    __slots__ = ("sock", "accept", "family", "type", "proto", "implicit_tls", "local", "read_timeout")
 
     def __init__(self, sock: socket.socket, implicit_tls: bool) -> None:
         self.sock = sock
+        self.accept = sock._accept  # (fd, peer): the C accept, without socket.accept's wrapper
         self.family, self.type, self.proto = int(sock.family), int(sock.type), sock.proto
         self.implicit_tls = implicit_tls
         self.local = _bound_address(sock)
+        self.read_timeout = read_timeout(sock)
 
 
 #: IP_TRANSPARENT and IPV6_TRANSPARENT (Linux): a listener that takes connections for other addresses.
@@ -277,11 +285,17 @@ class _Poller:
             for fd in self.by_fd:
                 self.ep.register(fd, flags)
             self.ep.register(wake_fd, select.EPOLLIN)
+            #: (fd, events) pairs once one is ready (timeout None: block); epoll's own method
+            self.poll = self.ep.poll
         else:
             self.sel = selectors.DefaultSelector()
             for fd in self.by_fd:
                 self.sel.register(fd, selectors.EVENT_READ)
             self.sel.register(wake_fd, selectors.EVENT_READ)
+            self.poll = self._select
+
+    def _select(self, timeout: float | None) -> list[tuple[int, int]]:
+        return [(key.fd, events) for key, events in self.sel.select(timeout)]
 
     def wait(self, timeout: float | None) -> list[int]:
         """The ready fds; ``timeout`` None blocks until one is ready (or a signal's handler raises).

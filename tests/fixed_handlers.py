@@ -29,3 +29,17 @@ class OwnMailRcptOnInstance(ESMTPHandler):
     def __init__(self) -> None:
         self.MAIL = lambda env_sender: (250, f"instance sender {env_sender}")
         self.RCPT = lambda env_recipient: (550, f"instance refuses {env_recipient}")
+
+
+class EhloBySuper(ESMTPHandler):
+    """EHLO of its own that calls the base hook: the engine must call it, with the same reply."""
+
+    def EHLO(self, domain: str):
+        return super().EHLO(domain)
+
+
+class OwnEhloOnInstance(ESMTPHandler):
+    """EHLO set on the object when it is made (the engine answers the class's own without a call)."""
+
+    def __init__(self) -> None:
+        self.EHLO = lambda domain: (250, f"instance hello {domain}", "X-OWN")

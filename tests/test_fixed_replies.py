@@ -61,3 +61,22 @@ def test_mail_and_rcpt_set_on_the_handler_object_answer(start_server, client_for
     assert c.cmd("MAIL FROM:<a@b.c>") == (250, ["2.1.0 instance sender a@b.c"])
     assert c.cmd("RCPT TO:<x@y.z>") == (550, ["5.0.0 instance refuses x@y.z"])
     assert c.cmd("DATA") == (554, ["5.5.1 Error: no valid recipients"])
+
+
+def test_the_base_ehlo_reply_is_the_hook_s_own(start_server, client_for):
+    """Made by the engine for the base handler, by the hook for one calling super: the same lines."""
+    replies = []
+    for args in ((), ("--handler", "fixed_handlers:EhloBySuper")):
+        c = client_for(start_server(*args))
+        replies.append([c.cmd("EHLO client.example"), c.cmd("HELO other.example"), c.cmd("EHLO x.example")])
+        c.cmd("QUIT")
+    assert replies[0] == replies[1]
+    ehlo = replies[0][0]
+    assert ehlo[0] == 250 and ehlo[1][0] == "mx.test.example client.example, pleased to meet you"
+    assert ehlo[1][1] == "HELP" and "PIPELINING" in ehlo[1]  # the hook's keyword line, then the engine's
+
+
+def test_ehlo_set_on_the_handler_object_answers(start_server, client_for):
+    c = client_for(start_server("--handler", "fixed_handlers:OwnEhloOnInstance"))
+    code, lines = c.cmd("EHLO client.example")
+    assert code == 250 and lines[:2] == ["mx.test.example instance hello client.example", "X-OWN"]

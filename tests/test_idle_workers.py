@@ -95,13 +95,19 @@ def test_without_a_parent_death_signal_an_idle_worker_checks_its_master_each_tic
 
 def test_with_the_signal_an_idle_worker_waits_without_a_timeout(listener, monkeypatch):
     timeouts = []
-    real_wait = worker_module._Poller.wait
 
-    def recording_wait(self, timeout):
-        timeouts.append(timeout)
-        return real_wait(self, timeout)
+    class RecordingPoller(worker_module._Poller):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            real_poll = self.poll  # what the serve loop waits with
 
-    monkeypatch.setattr(worker_module._Poller, "wait", recording_wait)
+            def recording_poll(timeout):
+                timeouts.append(timeout)
+                return real_poll(timeout)
+
+            self.poll = recording_poll
+
+    monkeypatch.setattr(worker_module, "_Poller", RecordingPoller)
     worker = Worker([listener], ESMTPHandler, resolve({}, {}))
     thread = threading.Thread(target=worker.run, daemon=True)
     thread.start()

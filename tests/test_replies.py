@@ -137,3 +137,16 @@ def test_fixed_replies_leave_out_the_hooks_a_class_overrides():
     for cls in (Mine, Below):
         fixed = R.fixed_replies(cls)
         assert "QUIT" not in fixed and set(fixed) == set(R._FIXED_HOOKS) - {"QUIT"}
+
+
+@settings(max_examples=500, deadline=None)
+@given(code=st.integers(200, 599),
+       line=st.one_of(st.text(max_size=12), st.sampled_from(["", "2.1.0", "2.1.0 x", "5.5.2x", "4.7.0 ", "x.y", "2."]),
+                      st.tuples(st.sampled_from(["2.0.0", "5.1.1", "4.4.2"]), st.text(max_size=6)).map(" ".join)),
+       verb=st.sampled_from(["", "CONNECT", "HELO", "EHLO", "MAIL", "RCPT", "DATA", "EOM", "VRFY", "UNKNOWN"]))
+def test_wire_of_any_one_line_hook_reply_is_format_reply(code, line, verb):
+    """wire's one-line path (and its table of default codes) frames as format_reply does."""
+    reply = R.HookReply(code, [line])
+    expected = R.format_reply(code, [line], R.default_enhanced(code, verb))
+    assert R.wire(reply, verb) == expected
+    assert R.wire(reply, verb) == expected

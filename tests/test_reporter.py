@@ -139,3 +139,23 @@ def test_a_connection_behind_a_proxy_is_busy_at_once_and_titled_once_with_the_cl
     reporter.idle()
     assert getproctitle() == "prefork-esmtp: worker [gen 7] idle, 1 sessions"
     NO_REPORTER.accepted()
+
+
+@pytest.mark.parametrize("peer", ["192.0.2.7:4000", "[2001:db8::7]:4000", "", "x" * 100])
+def test_the_bound_updater_writes_what_update_writes(peer):
+    """Scoreboard.updater (what the reporter writes with) and Scoreboard.update: the same slot."""
+    board = Scoreboard(4)
+    try:
+        before = time.monotonic()
+        board.update(1, BUSY, 7, peer, 300.0)
+        board.updater(2)(BUSY, 7, peer, 300.0)
+        after = time.monotonic()
+        one, two = board.slot(1), board.slot(2)
+        assert (two.state, two.sessions, two.peer, two.expect) == (one.state, one.sessions, one.peer, one.expect)
+        assert two.peer == peer[:63]
+        assert before + 300.0 <= two.due <= after + 300.0 and abs(two.seen - one.seen) < 5
+        board.updater(2)(IDLE, 8, "", 1.5)
+        assert (board.slot(2).state, board.slot(2).sessions, board.slot(2).peer) == (IDLE, 8, "")
+        assert (board.slot(1).state, board.slot(1).sessions, board.slot(3).sessions) == (BUSY, 7, 0)  # neighbours
+    finally:
+        board.close()

@@ -221,3 +221,27 @@ def test_the_killer_spares_a_worker_whatever_mix_of_two_check_ins_it_reads(monke
         mixes += 1
     assert mixes == 2 ** len(changed)
     _assert_alive(victim, caplog)
+
+
+def test_the_bound_check_in_writes_what_check_in_writes():
+    """Scoreboard.checker(i) (the worker's per-read check-in) stores seen, expect and due in slot i only."""
+    board = Scoreboard(4)
+    try:
+        for index in range(4):
+            board.claim(index, 1000 + index, 1)
+        check_in = board.checker(SLOT)
+        before = [board.slot(i) for i in range(4)]
+        wall, mono = time.time(), time.monotonic()
+        check_in(42.5)
+        slot = board.slot(SLOT)
+        assert slot.expect == 42.5
+        assert wall <= slot.seen <= time.time()
+        assert mono + 42.5 <= slot.due <= time.monotonic() + 42.5
+        assert replace(slot, seen=0.0, expect=0.0, due=0.0) == replace(before[SLOT], seen=0.0, expect=0.0, due=0.0)
+        assert [board.slot(i) for i in range(4) if i != SLOT] == [before[i] for i in range(4) if i != SLOT]
+        board.check_in(SLOT, 7.0)  # the method writes the same words
+        assert board.slot(SLOT).expect == 7.0
+        check_in(9.0)
+        assert board.slot(SLOT).expect == 9.0
+    finally:
+        board.close()

@@ -26,14 +26,20 @@ def _config():
 def test_retire_right_after_the_wait_still_serves_the_connection(listener, monkeypatch):
     worker = Worker([listener], ESMTPHandler, _config())
     client = socket.create_connection(listener.getsockname(), timeout=5)  # waiting in the backlog
-    real_wait = worker_module._Poller.wait
 
-    def wait_then_retire(self, timeout):
-        ready = real_wait(self, timeout)
-        worker.stop()  # the retire signal's handler runs just after the wait returned
-        return ready
+    class RetiringPoller(worker_module._Poller):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            real_poll = self.poll  # what the serve loop waits with
 
-    monkeypatch.setattr(worker_module._Poller, "wait", wait_then_retire)
+            def poll_then_retire(timeout):
+                ready = real_poll(timeout)
+                worker.stop()  # the retire signal's handler runs just after the wait returned
+                return ready
+
+            self.poll = poll_then_retire
+
+    monkeypatch.setattr(worker_module, "_Poller", RetiringPoller)
     thread = threading.Thread(target=worker.run, daemon=True)
     thread.start()
     try:
