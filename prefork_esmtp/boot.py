@@ -19,6 +19,7 @@ import random
 import signal
 import socket
 import sys
+import time
 from dataclasses import dataclass
 from types import CodeType
 from typing import Any, NoReturn
@@ -217,15 +218,18 @@ def rehearse(plan: WorkerPlan, times: int = REHEARSALS, ran: set[CodeType] | Non
 
 
 def serve_rehearsal(plan: WorkerPlan, board: Scoreboard) -> bool:
-    """One warm-up session taken the way a worker takes one: accept, serve, report; whether it completed.
+    """One warm-up session taken the way a worker takes one: its serve loop; whether it completed.
 
     What :func:`~prefork_esmtp.warmup.warm_up` leaves out, since it runs the
-    session alone: the wait for a connection, the accept, the worker's serve
-    and the scoreboard reports around it, the session's check-ins.  A scratch
-    worker on a scratch listener (127.0.0.1, a port of the kernel's choosing)
-    and a scratch scoreboard slot; the base handler, which takes and discards
-    the message; the warm-up's script and settings, its log lines suppressed.
-    Every wait is bounded; a failure only costs memory.
+    session alone: the serve loop's wait for a connection, the accept, the
+    worker's serve and the scoreboard reports around it, the session's
+    check-ins.  A scratch worker on a scratch listener (127.0.0.1, a port of
+    the kernel's choosing), whose client has connected and sent the warm-up
+    script before the loop starts; it serves that one session and leaves
+    (``max_sessions``), or leaves at :data:`REHEARSAL_TIMEOUT` whatever
+    happened.  The base handler, which takes and discards the message; a
+    scratch scoreboard slot; the warm-up's settings, its log lines suppressed.
+    A failure only costs memory.
     """
     config = Config({**plan.config.values, **WARM_UP_OVERRIDES})
     previous = logging.root.manager.disable
@@ -235,19 +239,16 @@ def serve_rehearsal(plan: WorkerPlan, board: Scoreboard) -> bool:
     try:
         listener = socket.create_server(("127.0.0.1", 0))
         listener.setblocking(False)
-        reporter = ScoreboardReporter(board, 0, plan.generation, plan.master_pid, idle_expect=math.inf,
+        reporter = _RehearsalReporter(board, 0, plan.generation, plan.master_pid, idle_expect=math.inf,
                                       busy_expect=config.timeout)
-        worker = Worker([listener], ESMTPHandler, config, reporter=reporter, limits=Limits(config, lambda ip: 0))
-        poller = _Poller(worker.listeners, worker._wake_r, config.accept_mode == "exclusive")
+        worker = Worker([listener], ESMTPHandler, config, max_sessions=1, reporter=reporter,
+                        limits=Limits(config, lambda ip: 0), idle_tick=REHEARSAL_TIMEOUT)
         try:
             client = socket.create_connection(listener.getsockname(), timeout=REHEARSAL_TIMEOUT)
             client.sendall(script(config))
             client.shutdown(socket.SHUT_WR)  # end of input after the script: the session cannot block
-            reporter.idle()
-            for fd in poller.wait(REHEARSAL_TIMEOUT):
-                entry = poller.by_fd.get(fd)
-                if entry is not None:
-                    worker._accept(entry)
+            reporter.deadline = time.monotonic() + REHEARSAL_TIMEOUT
+            worker.run()
             reporter.idle()  # as the serve loop does after each session
             for _ in range(64):  # the replies are a few hundred octets: bounded, never a loop on a trickle
                 data = client.recv(65536)
@@ -255,7 +256,6 @@ def serve_rehearsal(plan: WorkerPlan, board: Scoreboard) -> bool:
                     break
                 replies += data
         finally:
-            poller.close()
             os.close(worker._wake_r)
             os.close(worker._wake_w)
     except OSError as exc:
@@ -266,6 +266,16 @@ def serve_rehearsal(plan: WorkerPlan, board: Scoreboard) -> bool:
             if sock is not None:
                 sock.close()
     return replies.endswith(b"\r\n") and replies.rsplit(b"\r\n", 2)[-2].startswith(b"221")
+
+
+class _RehearsalReporter(ScoreboardReporter):
+    """The scratch worker's reporter: its master counts as alive until the rehearsal's deadline,
+    so the serve loop (which checks its master at every tick) leaves then at the latest."""
+
+    deadline = 0.0
+
+    def master_alive(self) -> bool:
+        return time.monotonic() < self.deadline
 
 
 def _load_prctl() -> Any:

@@ -55,7 +55,7 @@ def test_a_rehearsal_records_the_start_up_code_and_sets_no_parent_death_signal(l
     boot.rehearse(_plan(listener, board), times=2, ran=ran)
     names = {code.co_qualname for code in ran}
     assert {"Worker.__init__", "ScoreboardReporter.idle", "ScoreboardReporter.busy", "load_handler",
-            "Worker._accept", "Worker.serve", "Session.run"} <= names
+            "Worker.run", "Worker.serve", "Session.run"} <= names
     assert sys.getprofile() is None
     pdeathsig = ctypes.c_int(-1)
     assert ctypes.CDLL(None).prctl(2, ctypes.byref(pdeathsig), 0, 0, 0) == 0  # PR_GET_PDEATHSIG
@@ -132,4 +132,20 @@ def test_a_running_profiler_is_left_alone_and_nothing_is_recorded(listener):
     finally:
         sys.setprofile(None)
     assert not ran
+    board.close()
+
+
+def test_a_rehearsal_session_that_never_arrives_ends_at_its_bound(listener, monkeypatch):
+    import time
+
+    elsewhere = socket.create_server(("127.0.0.1", 0))  # the client connects here: the scratch worker waits in vain
+    connect = socket.create_connection
+    monkeypatch.setattr(boot.socket, "create_connection", lambda address, timeout: connect(elsewhere.getsockname(), timeout))
+    board = Scoreboard(4)
+    scratch = Scoreboard(1)
+    started = time.monotonic()
+    assert not boot.serve_rehearsal(_plan(listener, board), scratch)
+    assert time.monotonic() - started < 3 * boot.REHEARSAL_TIMEOUT + 1
+    elsewhere.close()
+    scratch.close()
     board.close()
