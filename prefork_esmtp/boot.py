@@ -11,7 +11,6 @@ stops (first start) or aborts the reload instead of respawning in a loop.
 from __future__ import annotations
 
 import _signal
-import gc
 import logging
 import math
 import os
@@ -41,12 +40,6 @@ log = logging.getLogger("prefork_esmtp.worker")
 
 #: A worker exits with this status when it cannot boot (handler import or options refused).
 BOOT_ERROR = 3
-#: A worker's youngest-generation collection threshold (Python's default: 700).  A session
-#: leaves its objects in reference cycles (connection, reader, writer) for the collector: with
-#: the default they piled up over some seventy sessions, spread over memory pages the worker
-#: then keeps; collected about every ten, the same pages serve again.  The collector's work per
-#: session stays the same (each collection is shorter); fewer than that would add to it.
-GC_THRESHOLD = 100
 
 
 @dataclass(frozen=True)
@@ -109,7 +102,6 @@ def _boot_and_serve(plan: WorkerPlan, slot: int) -> int:
         os.close(fd)
     told = die_with_parent(plan.master_pid)
     random.seed()
-    gc.set_threshold(GC_THRESHOLD)
     if plan.counters is not None:
         counters.use(plan.counters.row(slot))
     config = plan.config

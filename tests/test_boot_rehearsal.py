@@ -91,15 +91,6 @@ def test_a_rehearsal_session_is_served_to_its_end_silently(listener, values, cap
     board.close()
 
 
-def test_a_worker_collects_its_garbage_cycles_at_its_own_threshold(start_server, client_for):
-    srv = start_server("--handler", "gc_handlers:TellsGcThreshold", mode=("--workers", "1"))
-    c = client_for(srv)
-    code, lines = c.cmd("NOOP")
-    assert code == 250 and lines[0].endswith(f"gc threshold {boot.GC_THRESHOLD}")
-    assert boot.GC_THRESHOLD != 700  # not the interpreter's default: this test would pass anyway
-    c.cmd("QUIT")
-
-
 def test_a_handler_the_master_cannot_look_up_is_left_to_the_worker(listener):
     board = Scoreboard(4)
     plan = _plan(listener, board)
