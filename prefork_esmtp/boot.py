@@ -157,12 +157,14 @@ def rehearse(plan: WorkerPlan, times: int = REHEARSALS, ran: set[CodeType] | Non
 
     Every new worker runs the same constructors once (reporter, worker,
     limits, the epoll set), asks for the parent-death signal, looks up a
-    handler the master has imported already, and makes its first reports.
-    Run only there, that code is cold in each worker: its bytecode specialised
-    and the type cache filled in the child, which copies the pages written.
-    Run here first, it happens once, in memory the workers share.  Nothing is
-    served or reported: a scratch scoreboard, pipes and epoll sets closed at
-    once; the listeners only get TCP_NODELAY, which every worker sets on them
+    handler the master has imported already, makes its first reports, and
+    serves sessions (each round serves one through a scratch worker: see
+    :func:`serve_rehearsal`).  Run only there, that code is cold in each
+    worker: its bytecode specialised and the type cache filled in the child,
+    which copies the pages written.  Run here first, it happens once, in
+    memory the workers share.  Nothing reaches a client or the real
+    scoreboard: a scratch scoreboard, pipes and epoll sets closed at once;
+    the real listeners only get TCP_NODELAY, which every worker sets on them
     anyway; prctl is asked a question (PR_GET_DUMPABLE), nothing is set.  Its
     one side effect, the process title, the master sets again just after.
     ``ran``, when given, receives the code of the Python functions the first
