@@ -69,7 +69,7 @@ def warm_up(config: Config, sessions: int = SESSIONS, ran: set[CodeType] | None 
     """Run ``sessions`` sessions of the base handler in this process; return how many completed.
 
     ``ran``, when given, receives the code of every Python function the first
-    session calls (see :func:`relocate`).  A failure is logged at debug level
+    session calls (see :func:`relocate`), unless a profiler is running (it is left alone).  A failure is logged at debug level
     and ends the warm-up: it only costs memory, never the start.
     """
     from prefork_esmtp.session import Session
@@ -87,13 +87,16 @@ def warm_up(config: Config, sessions: int = SESSIONS, ran: set[CodeType] | None 
             try:
                 client.sendall(data)
                 client.shutdown(socket.SHUT_WR)  # end of input after the script: the session cannot block
-                if ran is not None and not done:
+                # A running profiler (the master run under cProfile) is left alone: nothing recorded.
+                recording = ran is not None and not done and sys.getprofile() is None
+                if recording:
                     sys.setprofile(recorder(ran))
                 try:
                     Session(server, ("127.0.0.1", 40000), ESMTPHandler, config, lambda: False,
                             limits=limits).run()
                 finally:
-                    sys.setprofile(None)
+                    if recording:
+                        sys.setprofile(None)
                 replies = client.recv(65536)
             finally:
                 server.close()

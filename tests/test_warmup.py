@@ -168,3 +168,24 @@ def test_a_relocated_constant_is_an_equal_new_object(value):
 @pytest.mark.parametrize("value", [None, True, 0, 256, -5, "a", "", b"", "x." * 41, "data_rate", 0.0, -0.0, Ellipsis])
 def test_a_constant_with_nothing_to_gain_is_kept(value):
     assert warmup._fresh(value, set(), lambda code: code) is value
+
+
+def test_a_running_profiler_is_left_alone_by_the_warm_up_and_nothing_is_recorded():
+    """A master run under a profiler (``python -m cProfile``) keeps it through the warm-up."""
+    import sys
+
+    calls: list[str] = []
+
+    def profiler(frame, event, arg):
+        if event == "call":
+            calls.append(frame.f_code.co_name)
+
+    ran: set = set()
+    sys.setprofile(profiler)
+    try:
+        assert warmup.warm_up(resolve({"hostname": "mx.test.example"}, {}), sessions=1, ran=ran) == 1
+        assert sys.getprofile() is profiler
+    finally:
+        sys.setprofile(None)
+    assert "run" in calls  # the profiler saw the session
+    assert not ran  # nothing recorded, so nothing is relocated under the profiler's feet
