@@ -186,10 +186,13 @@ def rehearse(plan: WorkerPlan, times: int = REHEARSALS, ran: set[CodeType] | Non
                 if _PRCTL is not None:
                     _PRCTL(_PR_GET_DUMPABLE, 0, 0, 0, 0)
                 if lookup:
+                    path = sys.path[:]  # load_handler puts the working directory first: the worker's, not ours
                     try:
                         load_handler(spec)
                     except HandlerLoadError:  # the worker reports it, as a boot error
                         lookup = False
+                    finally:
+                        sys.path[:] = path
                 reporter = ScoreboardReporter(board, 0, plan.generation, plan.master_pid, idle_expect=math.inf,
                                               busy_expect=plan.config.timeout)
                 worker = Worker(plan.listeners, plan.handler_class or ESMTPHandler, plan.config,

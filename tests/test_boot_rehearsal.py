@@ -140,3 +140,16 @@ def test_a_rehearsal_session_that_never_arrives_ends_at_its_bound(listener, monk
     elsewhere.close()
     scratch.close()
     board.close()
+
+
+def test_a_rehearsal_leaves_the_master_s_import_path_as_it_was(listener, monkeypatch):
+    """The handler lookup it rehearses must not put the working directory first on the master's
+    path: a later import there (the metrics client's) would then find a file of that name in it."""
+    import sys
+
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".")])
+    before = list(sys.path)
+    board = Scoreboard(4)
+    boot.rehearse(_plan(listener, board), times=2)  # the default handler: its module is here, looked up
+    board.close()
+    assert sys.path == before
