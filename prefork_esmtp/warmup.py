@@ -227,9 +227,14 @@ def _free_blocks() -> dict[int, int]:
     memfd_create = getattr(os, "memfd_create", None)
     if memfd_create is None:
         return {}
-    sys.stderr.flush()
+    if sys.stderr is not None:  # None when the process started with fd 2 closed (``2>&-``)
+        sys.stderr.flush()
     out = memfd_create("prefork-esmtp-mallocstats")
-    saved = os.dup(2)
+    try:
+        saved = os.dup(2)
+    except OSError:  # nothing at fd 2 to put back
+        os.close(out)
+        return {}
     try:
         os.dup2(out, 2)
         try:

@@ -189,3 +189,34 @@ def test_a_running_profiler_is_left_alone_by_the_warm_up_and_nothing_is_recorded
         sys.setprofile(None)
     assert "run" in calls  # the profiler saw the session
     assert not ran  # nothing recorded, so nothing is relocated under the profiler's feet
+
+
+def test_a_master_started_with_standard_error_closed_starts_and_serves(tmp_path, strays):
+    """Some daemon launchers start services with fd 2 closed (``2>&-``): Python then has no
+    sys.stderr, and reading the allocator's statistics must not end the master's start."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import server_env, wait_for
+
+    log = tmp_path / "server.log"
+    proc = subprocess.Popen([sys.executable, "-m", "prefork_esmtp", "start", "--workers", "1",
+                             "--listen", "127.0.0.1:0", "--log-file", str(log), "--hostname", "mx.test.example"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, env=server_env(), cwd=str(tmp_path),
+                            preexec_fn=lambda: os.close(2))
+    strays.add_tree(proc.pid)
+    try:
+        text = lambda: log.read_text() if log.exists() else ""  # noqa: E731
+        wait_for(lambda: "ready: generation 1 serving" in text() or proc.poll() is not None, 15,
+                 message="the master to be ready (or gone)")
+        assert proc.poll() is None, text()
+        port = int(re.search(r"listening on 127\.0\.0\.1:(\d+)", text()).group(1))
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
+            assert smtp.noop()[0] == 250
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        proc.wait(15)
