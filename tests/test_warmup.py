@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import logging
+import os
+import re
+import signal
 import smtplib
+import subprocess
+import sys
 import time
 
 import pytest
 
+from conftest import server_env, wait_for
 from master_support import pool_mode, strays, wait_pool  # noqa: F401
 from metrics_support import metrics_port, scrape, value
 from prefork_esmtp import warmup
@@ -172,8 +178,6 @@ def test_a_constant_with_nothing_to_gain_is_kept(value):
 
 def test_a_running_profiler_is_left_alone_by_the_warm_up_and_nothing_is_recorded():
     """A master run under a profiler (``python -m cProfile``) keeps it through the warm-up."""
-    import sys
-
     calls: list[str] = []
 
     def profiler(frame, event, arg):
@@ -194,14 +198,6 @@ def test_a_running_profiler_is_left_alone_by_the_warm_up_and_nothing_is_recorded
 def test_a_master_started_with_standard_error_closed_starts_and_serves(tmp_path, strays):
     """Some daemon launchers start services with fd 2 closed (``2>&-``): Python then has no
     sys.stderr, and reading the allocator's statistics must not end the master's start."""
-    import os
-    import re
-    import signal
-    import subprocess
-    import sys
-
-    from conftest import server_env, wait_for
-
     log = tmp_path / "server.log"
     proc = subprocess.Popen([sys.executable, "-m", "prefork_esmtp", "start", "--workers", "1",
                              "--listen", "127.0.0.1:0", "--log-file", str(log), "--hostname", "mx.test.example"],
