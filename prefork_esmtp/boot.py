@@ -17,7 +17,10 @@ import os
 import random
 import signal
 import socket
+import sys
+import time
 from dataclasses import dataclass
+from types import CodeType
 from typing import Any, NoReturn
 
 from setproctitle import setproctitle
@@ -29,6 +32,7 @@ from prefork_esmtp.limits import Limits, RateTable
 from prefork_esmtp.reporter import ScoreboardReporter
 from prefork_esmtp.scoreboard import Scoreboard
 from prefork_esmtp.settings import Config
+from prefork_esmtp.warmup import WARM_UP_OVERRIDES, recorder, script
 from prefork_esmtp.handler import ESMTPHandler
 from prefork_esmtp.worker import TICK, Worker, _Poller
 
@@ -142,39 +146,130 @@ def _boot_and_serve(plan: WorkerPlan, slot: int) -> int:
     return 0
 
 
+#: Seconds a rehearsal session waits at most for its connection and for each read of its replies.
+REHEARSAL_TIMEOUT = 1.0
 #: Rehearsals of a worker's start-up in the master: enough for the interpreter to specialise its code.
 REHEARSALS = 10
 
 
-def rehearse(plan: WorkerPlan, times: int = REHEARSALS) -> None:
+def rehearse(plan: WorkerPlan, times: int = REHEARSALS, ran: set[CodeType] | None = None) -> None:
     """In the master before the first fork: build a worker's start-up objects and drop them.
 
     Every new worker runs the same constructors once (reporter, worker,
-    limits, the epoll set) and makes its first report.  Run only there, that
-    code is cold in each worker: its bytecode specialised and the type cache
-    filled in the child, which copies the pages written.  Run here first, it
-    happens once, in memory the workers share.  Nothing is served or
-    reported: a scratch scoreboard, pipes and epoll sets closed at once; the
-    listeners only get TCP_NODELAY, which every worker sets on them anyway.
-    Its one side effect, the process title, the master sets again just after.
+    limits, the epoll set), asks for the parent-death signal, looks up a
+    handler the master has imported already, makes its first reports, and
+    serves sessions (each round serves one through a scratch worker: see
+    :func:`serve_rehearsal`).  Run only there, that code is cold in each
+    worker: its bytecode specialised and the type cache filled in the child,
+    which copies the pages written.  Run here first, it happens once, in
+    memory the workers share.  Nothing reaches a client or the real
+    scoreboard: a scratch scoreboard, pipes and epoll sets closed at once;
+    the real listeners only get TCP_NODELAY, which every worker sets on them
+    anyway; prctl is asked a question (PR_GET_DUMPABLE), nothing is set.  Its
+    one side effect, the process title, the master sets again just after.
+    ``ran``, when given, receives the code of the Python functions the first
+    rehearsal calls (see :func:`prefork_esmtp.warmup.relocate`).
     """
+    spec = plan.config.handler
+    module = spec.partition(":")[0] if ":" in spec else spec.rpartition(".")[0]
+    # Without --preload a worker imports the handler; when the master has that module already
+    # (the base handler), the worker's import is a lookup this can rehearse.  Never a real import.
+    lookup = plan.handler_class is None and module in sys.modules
+    serving = True
     board = Scoreboard(1)
     try:
-        for _ in range(times):
-            reporter = ScoreboardReporter(board, 0, plan.generation, plan.master_pid, idle_expect=math.inf,
-                                          busy_expect=plan.config.timeout)
-            worker = Worker(plan.listeners, plan.handler_class or ESMTPHandler, plan.config, reporter=reporter,
-                            tls_context=plan.tls_context, tls_listeners=plan.tls_fds,
-                            limits=Limits(plan.config, reporter.sessions_from, plan.rate_table))
+        for i in range(times):
+            recording = ran is not None and i == 0 and sys.getprofile() is None  # a profiler: left alone
+            if recording:
+                sys.setprofile(recorder(ran))
             try:
-                _Poller(worker.listeners, worker._wake_r, plan.config.accept_mode == "exclusive",
-                        worker.tls_listeners).close()
-                reporter.idle()
+                if _PRCTL is not None:
+                    _PRCTL(_PR_GET_DUMPABLE, 0, 0, 0, 0)
+                if lookup:
+                    try:
+                        load_handler(spec)
+                    except HandlerLoadError:  # the worker reports it, as a boot error
+                        lookup = False
+                reporter = ScoreboardReporter(board, 0, plan.generation, plan.master_pid, idle_expect=math.inf,
+                                              busy_expect=plan.config.timeout)
+                worker = Worker(plan.listeners, plan.handler_class or ESMTPHandler, plan.config,
+                                reporter=reporter, tls_context=plan.tls_context, tls_listeners=plan.tls_fds,
+                                limits=Limits(plan.config, reporter.sessions_from, plan.rate_table))
+                try:
+                    _Poller(worker.listeners, worker._wake_r, plan.config.accept_mode == "exclusive",
+                            worker.tls_listeners).close()
+                    reporter.idle()
+                finally:
+                    os.close(worker._wake_r)
+                    os.close(worker._wake_w)
+                if serving:
+                    serving = serve_rehearsal(plan, board)  # once one fails, no more waits
             finally:
-                os.close(worker._wake_r)
-                os.close(worker._wake_w)
+                if recording:
+                    sys.setprofile(None)
     finally:
         board.close()
+
+
+def serve_rehearsal(plan: WorkerPlan, board: Scoreboard) -> bool:
+    """One warm-up session taken the way a worker takes one: its serve loop; whether it completed.
+
+    What :func:`~prefork_esmtp.warmup.warm_up` leaves out, since it runs the
+    session alone: the serve loop's wait for a connection, the accept, the
+    worker's serve and the scoreboard reports around it, the session's
+    check-ins.  A scratch worker on a scratch listener (127.0.0.1, a port of
+    the kernel's choosing), whose client has connected and sent the warm-up
+    script before the loop starts; it serves that one session and leaves
+    (``max_sessions``), or leaves at :data:`REHEARSAL_TIMEOUT` whatever
+    happened.  The base handler, which takes and discards the message; a
+    scratch scoreboard slot; the warm-up's settings, its log lines suppressed.
+    A failure only costs memory.
+    """
+    config = Config({**plan.config.values, **WARM_UP_OVERRIDES})
+    previous = logging.root.manager.disable
+    logging.disable(logging.CRITICAL)
+    listener = client = None
+    replies = b""
+    try:
+        listener = socket.create_server(("127.0.0.1", 0))
+        listener.setblocking(False)
+        reporter = _RehearsalReporter(board, 0, plan.generation, plan.master_pid, idle_expect=math.inf,
+                                      busy_expect=config.timeout)
+        worker = Worker([listener], ESMTPHandler, config, max_sessions=1, reporter=reporter,
+                        limits=Limits(config, lambda ip: 0), idle_tick=REHEARSAL_TIMEOUT)
+        try:
+            client = socket.create_connection(listener.getsockname(), timeout=REHEARSAL_TIMEOUT)
+            client.sendall(script(config))
+            client.shutdown(socket.SHUT_WR)  # end of input after the script: the session cannot block
+            reporter.deadline = time.monotonic() + REHEARSAL_TIMEOUT
+            worker.run()
+            reporter.idle()  # as the serve loop does after each session
+            for _ in range(64):  # the replies are a few hundred octets: bounded, never a loop on a trickle
+                data = client.recv(65536)
+                if not data:
+                    break
+                replies += data
+        finally:
+            os.close(worker._wake_r)
+            os.close(worker._wake_w)
+    except OSError as exc:
+        log.debug("rehearsal session failed: %s", exc)
+    finally:
+        logging.disable(previous)
+        for sock in (client, listener):
+            if sock is not None:
+                sock.close()
+    return replies.endswith(b"\r\n") and replies.rsplit(b"\r\n", 2)[-2].startswith(b"221")
+
+
+class _RehearsalReporter(ScoreboardReporter):
+    """The scratch worker's reporter: its master counts as alive until the rehearsal's deadline,
+    so the serve loop (which checks its master at every tick) leaves then at the latest."""
+
+    deadline = 0.0
+
+    def master_alive(self) -> bool:
+        return time.monotonic() < self.deadline
 
 
 def _load_prctl() -> Any:
@@ -189,6 +284,7 @@ def _load_prctl() -> Any:
 
 _PRCTL = _load_prctl()
 _PR_SET_PDEATHSIG = 1
+_PR_GET_DUMPABLE = 3
 
 
 def die_with_parent(master_pid: int) -> bool:

@@ -20,6 +20,7 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import CodeType
 from typing import Any
 
 from setproctitle import setproctitle
@@ -34,7 +35,7 @@ from prefork_esmtp.pool import adaptive_step, max_spare_default
 from prefork_esmtp.limits import RateTable
 from prefork_esmtp.scoreboard import BUSY, IDLE, STARTING, Scoreboard
 from prefork_esmtp.sdnotify import Notifier
-from prefork_esmtp.warmup import fill_pools, warm_fork_callbacks, warm_up
+from prefork_esmtp.warmup import fill_pools, relocate, warm_fork_callbacks, warm_up
 from prefork_esmtp.settings import Config
 
 log = logging.getLogger("prefork_esmtp.master")
@@ -255,8 +256,17 @@ class Master:
         # OpenSSL sets up its global tables on the first context: do it here, once, so workers
         # that make a TLS client context (the relay's STARTTLS upstream) share them.
         ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        # What a worker runs at start-up and in a session, recorded once, is given packed copies;
+        # then it runs in earnest here (specialising those copies) before the first fork.
+        plan = self._plan()
+        ran: set[CodeType] = set()
+        warm_up(self.config, sessions=1, ran=ran)
+        rehearse(plan, times=1, ran=ran)
+        gc.collect()
+        fill_pools()  # so that the copies land on pages of their own, not in holes among others
+        relocate(ran)
         warm_up(self.config)
-        rehearse(self._plan())
+        rehearse(plan)
         warm_fork_callbacks()  # before any thread of the master's own (metrics) starts
         gc.collect()
         # After the collection (it frees objects, leaving holes) and before the first fork.

@@ -21,6 +21,7 @@ rather than on pages it shares with the master (each such page it would copy).
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import random
@@ -29,6 +30,10 @@ import socket
 import sys
 import threading
 import time
+from types import CodeType, FunctionType
+
+from collections.abc import Callable
+from typing import Any
 
 from prefork_esmtp.handler import ESMTPHandler
 from prefork_esmtp.limits import Limits
@@ -57,14 +62,15 @@ SESSIONS = 10
 BUDGET = 0.5
 #: Settings the warm-up runs without: a sleep before error replies, and closing on pipelining
 #: (its client sends the whole script at once).
-_OVERRIDES = {"error_sleep": 0.0, "forbid_unauth_pipelining": False}
+WARM_UP_OVERRIDES = {"error_sleep": 0.0, "forbid_unauth_pipelining": False}
 
 
-def warm_up(config: Config, sessions: int = SESSIONS) -> int:
+def warm_up(config: Config, sessions: int = SESSIONS, ran: set[CodeType] | None = None) -> int:
     """Run ``sessions`` sessions of the base handler in this process; return how many completed.
 
-    A failure is logged at debug level and ends the warm-up: it only costs
-    memory, never the start.
+    ``ran``, when given, receives the code of every Python function the first
+    session calls (see :func:`relocate`).  A failure is logged at debug level
+    and ends the warm-up: it only costs memory, never the start.
     """
     from prefork_esmtp.session import Session
 
@@ -73,7 +79,7 @@ def warm_up(config: Config, sessions: int = SESSIONS) -> int:
     done = 0
     deadline = time.monotonic() + BUDGET
     try:
-        config = Config({**config.values, **_OVERRIDES})
+        config = Config({**config.values, **WARM_UP_OVERRIDES})
         data = script(config)
         limits = Limits(config, lambda ip: 0)  # its own: the shared per-address counts stay untouched
         for _ in range(sessions):
@@ -81,8 +87,13 @@ def warm_up(config: Config, sessions: int = SESSIONS) -> int:
             try:
                 client.sendall(data)
                 client.shutdown(socket.SHUT_WR)  # end of input after the script: the session cannot block
-                Session(server, ("127.0.0.1", 40000), ESMTPHandler, config, lambda: False,
-                        limits=limits).run()
+                if ran is not None and not done:
+                    sys.setprofile(recorder(ran))
+                try:
+                    Session(server, ("127.0.0.1", 40000), ESMTPHandler, config, lambda: False,
+                            limits=limits).run()
+                finally:
+                    sys.setprofile(None)
                 replies = client.recv(65536)
             finally:
                 server.close()
@@ -99,6 +110,71 @@ def warm_up(config: Config, sessions: int = SESSIONS) -> int:
     finally:
         logging.disable(previous)
     return done
+
+
+def recorder(ran: set[CodeType]) -> Callable[[Any, str, Any], None]:
+    """A ``sys.setprofile`` function that adds the code of each Python call to ``ran``."""
+    def record(frame: Any, event: str, arg: Any) -> None:
+        if event == "call":
+            ran.add(frame.f_code)
+    return record
+
+
+def relocate(ran: set[CodeType]) -> int:
+    """Give the functions whose code is in ``ran`` fresh copies of it, made one after another;
+    return how many functions now run a copy.
+
+    Every session writes to the code it runs (a call counts a reference to it)
+    and to the constants that code loads, and each write makes the worker copy
+    the whole page holding the object.  Where the modules were compiled, the
+    code a session runs lies scattered among code it never runs, on a hundred
+    pages or so; copied here in one go, before the first fork, it lies packed
+    on a few.  Constants (strings, bytes, numbers, tuples of them) are copied
+    with their code, and so is the code of the functions made inside it
+    (comprehensions, closures).  The copies behave as the originals: same
+    bytecode, names and constants by value.  Run before the warm-up sessions
+    that specialise the bytecode, which a copy starts without.
+    """
+    made: dict[int, CodeType] = {}
+
+    def copy(code: CodeType) -> CodeType:
+        new = made.get(id(code))
+        if new is None:
+            new = code.replace(co_consts=tuple(_fresh(k, ran, copy) for k in code.co_consts))
+            made[id(code)] = new
+        return new
+
+    done = 0
+    for obj in gc.get_objects():
+        if type(obj) is FunctionType and obj.__code__ in ran:
+            obj.__code__ = copy(obj.__code__)
+            done += 1
+    return done
+
+
+def _fresh(value: Any, ran: set[CodeType], copy: Callable[[CodeType], CodeType]) -> Any:
+    """A new object equal to the constant ``value`` (``value`` itself where none can be made or
+    none is worth making: None, booleans, the interpreter's cached small ints and characters)."""
+    kind = type(value)
+    if kind is CodeType:
+        return copy(value) if value in ran else value
+    if kind is str:
+        # A long one is a docstring or a message for a rare error: no use moving it.  One made of
+        # name characters only the code constructor interns, which hands back the original.
+        if len(value) < 2 or len(value) > 80 or (value.isascii() and value.replace("_", "a").isalnum()):
+            return value
+        return value[:1] + value[1:]
+    if kind is bytes:
+        return value if len(value) < 2 else value[:1] + value[1:]
+    if kind is int:
+        return value if -5 <= value <= 256 else int.__add__(value, 1) - 1
+    if kind is float:
+        return float.__add__(value, 0.0) if value == value and value != 0.0 else value
+    if kind is tuple:
+        return tuple([_fresh(k, ran, copy) for k in value])
+    if kind is frozenset:
+        return frozenset([_fresh(k, ran, copy) for k in value])
+    return value
 
 
 #: Calls of each after-fork function: enough for the interpreter to specialise its bytecode.

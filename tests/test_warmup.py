@@ -138,3 +138,33 @@ def test_with_another_thread_the_fork_callbacks_are_left_alone():
     finally:
         stop.set()
         t.join(5)
+
+
+def test_relocate_gives_what_a_session_runs_fresh_copies_that_serve_the_same():
+    from prefork_esmtp.session import Session
+
+    config = resolve({"hostname": "mx.test.example"}, {})
+    ran: set = set()
+    assert warmup.warm_up(config, sessions=1, ran=ran) == 1
+    original = Session.run.__code__
+    assert original in ran and warmup.script.__code__ not in ran  # what the session ran, only that
+    assert warmup.relocate(ran) >= 20
+    copy = Session.run.__code__
+    assert copy is not original and copy == original
+    strings = [(a, b) for a, b in zip(original.co_consts, copy.co_consts)
+               if type(a) is str and 2 <= len(a) <= 80 and not a.isidentifier()]
+    assert strings and all(a == b and a is not b for a, b in strings)
+    assert warmup.script.__code__ is not copy  # untouched: not run by a session
+    assert warmup.warm_up(config) == warmup.SESSIONS  # the copies serve whole sessions
+
+
+@pytest.mark.parametrize("value", ["a b", "a." * 40, b"xy", 10**20, 257, -6, 2.5, float("inf"),
+                                   ("ab", 1000, (b"cd",)), frozenset({"ab", "cd"})])
+def test_a_relocated_constant_is_an_equal_new_object(value):
+    fresh = warmup._fresh(value, set(), lambda code: code)
+    assert fresh == value and type(fresh) is type(value) and fresh is not value
+
+
+@pytest.mark.parametrize("value", [None, True, 0, 256, -5, "a", "", b"", "x." * 41, "data_rate", 0.0, -0.0, Ellipsis])
+def test_a_constant_with_nothing_to_gain_is_kept(value):
+    assert warmup._fresh(value, set(), lambda code: code) is value
