@@ -264,35 +264,43 @@ WORKLOADS = {"conn": 1, "persistent": MESSAGES_PER_SESSION, "worker": 1}
 
 
 class ScriptedSocket:
-    """A socket stand-in that hands out one client write per ``recv`` and keeps what is sent.
+    """A socket stand-in that hands out one scripted piece per ``recv`` (then EOF) and keeps what is sent.
 
-    The client's writes are those of :func:`client` (which waits for each
-    reply, so each write comes in a read of its own); with it a session does
-    all of its Python work and no system call, and its CPU time is the
-    engine's alone, without the kernel's noise.
+    Here the pieces are the client's writes of :func:`client` (which waits for
+    each reply, so each write comes in a read of its own); with it a session
+    does all of its Python work and no system call, and its CPU time is the
+    engine's alone, without the kernel's noise.  The tests build on it
+    (``_take`` and ``_keep`` are theirs to extend).
     """
 
-    def __init__(self, writes: list[bytes]) -> None:
-        self.writes = writes[::-1]
+    def __init__(self, pieces: list[bytes]) -> None:
+        self.pieces = list(reversed(pieces))
         self.sent: list[bytes] = []
 
+    def _take(self) -> bytes:
+        """The next scripted piece (there is one)."""
+        return self.pieces.pop()
+
+    def _keep(self, data: bytes) -> None:
+        self.sent.append(bytes(data))  # the same object for bytes; a copy of a memoryview
+
     def recv(self, size: int, flags: int = 0) -> bytes:
-        if not self.writes:
+        if not self.pieces:
             return b""
         if flags & socket.MSG_PEEK:
-            return self.writes[-1][:size]
-        data = self.writes.pop()
+            return self.pieces[-1][:size]
+        data = self._take()
         if len(data) > size:  # the rest comes with the next read
             data, rest = data[:size], data[size:]
-            self.writes.append(rest)
+            self.pieces.append(rest)
         return data
 
     def send(self, data: bytes, flags: int = 0) -> int:
-        self.sent.append(data)
+        self._keep(data)
         return len(data)
 
     def sendall(self, data: bytes) -> None:
-        self.sent.append(data)
+        self._keep(data)
 
     def gettimeout(self) -> None:
         return None

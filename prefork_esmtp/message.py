@@ -72,7 +72,7 @@ def take_whole(handler: Any, data: bytes, max_header_size: int, max_header_lines
     pieces and finished, EOH and BODY.  Returns False, nothing done, when it does not apply.
     Hooks' exceptions propagate.
     """
-    if type(handler).HEADER is not _BASE_HEADER:
+    if type(handler).HEADER is not _BASE_HEADER or "HEADER" in handler.__dict__:  # a HEADER of its own
         return False
     m = plain_section(data, max_header_size, max_header_lines)
     if m is None:
@@ -148,7 +148,7 @@ class MessageParser:
         whether a bare LF ends lines (``lf_ends_lines``) makes no difference here.
         """
         handler = self.handler
-        if type(handler).HEADER is not _BASE_HEADER:
+        if type(handler).HEADER is not _BASE_HEADER or "HEADER" in handler.__dict__:  # a HEADER of its own
             return False
         m = plain_section(data, self.max_header_size, self.max_header_lines)
         if m is None:

@@ -150,6 +150,20 @@ def parse_proxy_timeout(value: Any) -> float:
     return seconds
 
 
+def parse_data_rate_grace(value: Any) -> float:
+    """Seconds, at least DATA_RATE_GRACE_MIN: with less, a client's first octets after the 354
+    (a round trip away) would already be late and nearly every message refused as too slow."""
+    seconds = parse_nonnegative_seconds(value)
+    if seconds < DATA_RATE_GRACE_MIN:
+        raise SettingError(f"must be at least {DATA_RATE_GRACE_MIN:g} second (the client's first octets "
+                           f"need a round trip), got {value!r}")
+    return seconds
+
+
+#: The shortest grace before min_data_rate applies to a DATA/BDAT transfer.
+DATA_RATE_GRACE_MIN = 1.0
+
+
 #: The shortest wait for a PROXY header: proxy-protocol.txt asks for at least 3 s, to cover a TCP retransmit.
 PROXY_TIMEOUT_MIN = 3.0
 
@@ -302,7 +316,7 @@ SETTINGS: list[Setting] = [
     Setting("command_deadline", parse_nonnegative_seconds, 30.0, "Seconds a client may take to send one command line once its first octet arrived (Postfix's smtpd_per_record_deadline idea), else 421; 0 turns it off.", "abuse", metavar="SECONDS"),
     Setting("max_session_time", parse_nonnegative_seconds, 3600.0, "Seconds a whole session may last; then 421 at the next read, a message under way is not accepted; 0 turns it off.", "abuse", metavar="SECONDS"),
     Setting("min_data_rate", _int(0), 500, "During DATA/BDAT the client must average at least this many octets per second (after min_data_rate_grace), else 421; 0 turns it off.", "abuse", metavar="OCTETS"),
-    Setting("min_data_rate_grace", parse_nonnegative_seconds, 10.0, "Seconds at the start of each DATA/BDAT transfer before min_data_rate applies.", "abuse", metavar="SECONDS"),
+    Setting("min_data_rate_grace", parse_data_rate_grace, 10.0, "Seconds at the start of each DATA/BDAT transfer before min_data_rate applies (at least 1: the first octets need a round trip).", "abuse", metavar="SECONDS"),
     Setting("max_junk_commands", _int(1), 100, "NOOP, RSET, VRFY, EXPN and HELP commands per session before 421 and close.", "abuse", metavar="N"),
     Setting("max_sessions_per_ip", _int(0), 0, "Concurrent sessions from one client IP across all workers (and hosts with limits_backend); more get 421 4.7.0 (0: no limit).", "abuse", metavar="N"),
     Setting("max_messages_per_ip", _int(0), 0, "MAIL commands from one client address per limits_window, across workers (and hosts with limits_backend); more get 450 4.7.1 (0: no limit).", "abuse", metavar="N"),

@@ -43,3 +43,15 @@ class OwnEhloOnInstance(ESMTPHandler):
 
     def __init__(self) -> None:
         self.EHLO = lambda domain: (250, f"instance hello {domain}", "X-OWN")
+
+
+class OwnHeaderOnInstance(ESMTPHandler):
+    """HEADER set on the object when it is made (the class keeps the base's); EOM names the headers it got."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+        self.HEADER = lambda name, value: self.names.append(name)
+
+    def EOM(self):
+        names, self.names = ",".join(self.names) or "none", []
+        return 250, f"headers {names}"

@@ -255,7 +255,10 @@ def test_silence_after_354_gets_421_after_the_grace(slow):
 
 def test_min_data_rate_grace_setting():
     assert resolve({}, {}).min_data_rate_grace == 10.0
-    assert resolve({"min_data_rate_grace": "0"}, {}).min_data_rate_grace == 0.0
+    assert resolve({"min_data_rate_grace": "1"}, {}).min_data_rate_grace == 1.0
+    for too_short in ("0", "0.5"):  # every message not already buffered at the 354 would be "too slow"
+        with pytest.raises(SettingError, match="--min-data-rate-grace.*at least 1 second"):
+            resolve({"min_data_rate_grace": too_short}, {})
     assert resolve({}, {"min_data_rate_grace": 2.5}).min_data_rate_grace == 2.5
     with pytest.raises(SettingError, match="--min-data-rate-grace"):
         resolve({"min_data_rate_grace": "-1"}, {})

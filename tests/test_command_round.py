@@ -17,7 +17,9 @@ that the common round really is taken, and what it does on the wire.
 from __future__ import annotations
 
 import socket
+import sys
 import threading
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -29,6 +31,9 @@ from prefork_esmtp.reader import Reader
 from prefork_esmtp.reporter import Reporter
 from prefork_esmtp.session import Session
 from prefork_esmtp.settings import resolve
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import engine_micro  # noqa: E402
 
 PEER = ("192.0.2.1", 4321)
 #: ``recv`` raises BlockingIOError here, as a read whose SO_RCVTIMEO ran out early does.
@@ -50,67 +55,45 @@ class Wake:
         self.clock, self.seconds = clock, seconds
 
 
-class ScriptedSocket:
-    """A socket whose reads return the scripted pieces in order (then EOF) and whose sends are recorded.
+class ScriptedSocket(engine_micro.ScriptedSocket):
+    """The engine microbenchmark's scripted socket, logging what the session does and waking early on cue.
 
     ``send_mode``: "all" (a send takes everything), "partial" (a non-blocking
     send takes 3 octets), "eagain" (a non-blocking send finds the window full).
     """
 
     def __init__(self, pieces: list[Any], send_mode: str = "all") -> None:
-        self.pieces = list(reversed(pieces))
+        super().__init__(pieces)
         self.send_mode = send_mode
-        self.sent: list[bytes] = []
         #: what the session did, in order: ("recv",), ("sent", octets), ("check_in", seconds), ("stopping",)
         self.log: list[tuple[Any, ...]] = []
 
-    def _note_sent(self, data: Any) -> None:
-        self.sent.append(bytes(data))
+    def _keep(self, data: Any) -> None:
+        super()._keep(data)
         if self.log and self.log[-1][0] == "sent":  # one send or several: the same octets in order
             self.log[-1] = ("sent", self.log[-1][1] + bytes(data))
         else:
             self.log.append(("sent", bytes(data)))
 
-    def recv(self, size: int, flags: int = 0) -> bytes:
-        self.log.append(("recv",))
-        if not self.pieces:
-            return b""
-        piece = self.pieces.pop()
+    def _take(self) -> bytes:
+        piece = super()._take()
         if piece is WAKE:
             raise BlockingIOError(11, "Resource temporarily unavailable")
         if isinstance(piece, Wake):
             piece.clock[0] += piece.seconds
             raise BlockingIOError(11, "Resource temporarily unavailable")
-        if len(piece) > size:
-            piece, rest = piece[:size], piece[size:]
-            self.pieces.append(rest)
         return piece
+
+    def recv(self, size: int, flags: int = 0) -> bytes:
+        self.log.append(("recv",))
+        return super().recv(size, flags)
 
     def send(self, data: Any, flags: int = 0) -> int:
         if flags & socket.MSG_DONTWAIT and self.send_mode == "eagain":
             raise BlockingIOError(11, "Resource temporarily unavailable")
         if flags & socket.MSG_DONTWAIT and self.send_mode == "partial":
             data = data[:3]
-        self._note_sent(data)
-        return len(data)
-
-    def sendall(self, data: Any) -> None:
-        self._note_sent(data)
-
-    def gettimeout(self) -> None:
-        return None
-
-    def getsockname(self) -> tuple[str, int]:
-        return ("192.0.2.25", 25)
-
-    def setblocking(self, flag: bool) -> None: ...
-    def settimeout(self, seconds: float | None) -> None: ...
-    def setsockopt(self, *args: object) -> None: ...
-    def shutdown(self, how: int) -> None: ...
-    def close(self) -> None: ...
-
-    def fileno(self) -> int:
-        return -1
+        return super().send(data, flags)
 
 
 def serve(config: Any, pieces: list[Any], send_mode: str = "all",

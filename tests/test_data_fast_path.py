@@ -13,7 +13,8 @@ bytes.
 
 from __future__ import annotations
 
-import socket
+import sys
+from pathlib import Path
 
 import pytest
 from hypothesis import example, given, settings
@@ -25,48 +26,10 @@ from prefork_esmtp.reader import Reader
 from prefork_esmtp.session import Session
 from prefork_esmtp.settings import resolve
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from engine_micro import ScriptedSocket  # noqa: E402
+
 PEER = ("192.0.2.1", 40000)
-
-
-class ScriptedSocket:
-    """Hands out one client write per ``recv``; keeps what is sent."""
-
-    def __init__(self, writes: list[bytes]) -> None:
-        self.writes = writes[::-1]
-        self.sent: list[bytes] = []
-
-    def recv(self, size: int, flags: int = 0) -> bytes:
-        if not self.writes:
-            return b""
-        if flags & socket.MSG_PEEK:
-            return self.writes[-1][:size]
-        data = self.writes.pop()
-        if len(data) > size:
-            data, rest = data[:size], data[size:]
-            self.writes.append(rest)
-        return data
-
-    def send(self, data: bytes, flags: int = 0) -> int:
-        self.sent.append(bytes(data))
-        return len(data)
-
-    def sendall(self, data: bytes) -> None:
-        self.sent.append(bytes(data))
-
-    def gettimeout(self) -> None:
-        return None
-
-    def getsockname(self) -> tuple[str, int]:
-        return ("192.0.2.25", 25)
-
-    def setblocking(self, flag: bool) -> None: ...
-    def settimeout(self, seconds: float | None) -> None: ...
-    def setsockopt(self, *args: object) -> None: ...
-    def shutdown(self, how: int) -> None: ...
-    def close(self) -> None: ...
-
-    def fileno(self) -> int:
-        return -1
 
 
 class Recorder(ESMTPHandler):

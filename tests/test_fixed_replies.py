@@ -80,3 +80,22 @@ def test_ehlo_set_on_the_handler_object_answers(start_server, client_for):
     c = client_for(start_server("--handler", "fixed_handlers:OwnEhloOnInstance"))
     code, lines = c.cmd("EHLO client.example")
     assert code == 250 and lines[:2] == ["mx.test.example instance hello client.example", "X-OWN"]
+
+
+def test_header_set_on_the_handler_object_gets_every_header(start_server, client_for):
+    """The whole message in one write (taken at once), in pieces, in one BDAT chunk: HEADER is called for each header."""
+    c = client_for(start_server("--handler", "fixed_handlers:OwnHeaderOnInstance"))
+    c.cmd("EHLO client.example")
+    message = b"Subject: x\r\nX-A: b\r\n\tc\r\n\r\nbody\r\n.\r\n"
+    for pieces in ([message], [message[:5], message[5:]]):
+        assert c.cmd("MAIL FROM:<a@b.c>")[0] == 250
+        assert c.cmd("RCPT TO:<x@y.z>")[0] == 250
+        assert c.cmd("DATA")[0] == 354
+        for piece in pieces:
+            c.send(piece)
+        assert c.reply() == (250, ["2.0.0 headers Subject,X-A"]), pieces
+    chunk = message[:-3]  # BDAT: the message in one chunk, no end-of-data line
+    assert c.cmd("MAIL FROM:<a@b.c>")[0] == 250
+    assert c.cmd("RCPT TO:<x@y.z>")[0] == 250
+    c.send(b"BDAT %d LAST\r\n" % len(chunk) + chunk)
+    assert c.reply() == (250, ["2.0.0 headers Subject,X-A"])
