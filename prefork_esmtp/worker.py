@@ -19,6 +19,7 @@ import select
 import selectors
 import signal
 import socket
+import time
 from typing import Any
 
 from prefork_esmtp import counters
@@ -35,6 +36,11 @@ log = logging.getLogger("prefork_esmtp.worker")
 TICK = 1.0
 #: After TERM a worker exits by itself this long past graceful_timeout (its master may be gone).
 ORPHAN_GRACE = 2.0
+#: Out of descriptors or memory at accept(): the connection stays queued and the listener
+#: ready, so the worker pauses this long between tries instead of spinning on the poll.
+ACCEPT_PAUSE = 0.1
+#: The errors of accept() that name a shortage of this process or the system, not of the client.
+_SHORTAGES = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
 
 class Worker:
     """Serves sessions from shared listeners until told to stop or ``max_sessions`` is reached."""
@@ -163,8 +169,8 @@ class Worker:
                     except (BlockingIOError, InterruptedError):
                         continue  # another worker took it
                     except OSError as exc:
-                        if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                            log.error("accept failed: %s", exc)
+                        if exc.errno in _SHORTAGES:
+                            self._short_of_resources(exc)
                         continue
                     # The C socket object, without socket.socket's Python layer (its __init__
                     # and close): the session uses only the C methods.
@@ -176,6 +182,21 @@ class Worker:
                     break
         finally:
             poller.close()
+
+    #: when the next "accept failed" may be logged (once a second while the shortage lasts)
+    _next_shortage_log = 0.0
+
+    def _short_of_resources(self, exc: OSError) -> None:
+        """accept() found no descriptor or memory: log it (at most once a second) and pause.
+
+        The client stays in the listen queue and the listener stays ready, so
+        going straight back to the poll would spin a core and flood the log.
+        """
+        now = time.monotonic()
+        if now >= self._next_shortage_log:
+            log.error("accept failed: %s (pausing %.1fs between tries)", exc, ACCEPT_PAUSE)
+            self._next_shortage_log = now + 1.0
+        time.sleep(ACCEPT_PAUSE)
 
     def _drain_wake(self) -> None:
         try:
