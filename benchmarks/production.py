@@ -288,16 +288,13 @@ def measure(args: argparse.Namespace, conn: Workload, workdir: Path) -> dict[str
         elif not haproxy.available:
             result["not_run"]["haproxy"] = haproxy.reason
         else:
-            try:
-                proxied.start(workdir)
-                started.append(proxied)
-                haproxy.start(workdir)
-                started.append(haproxy)
+            failed = _start_all([proxied, haproxy], started, workdir)
+            if failed is None:
                 modes.append("haproxy")
                 result["haproxy_version"] = haproxy.version
-            except RuntimeError as exc:
-                result["not_run"]["haproxy"] = str(exc)
-                log(f"HAProxy: not run ({exc})")
+            else:
+                result["not_run"]["haproxy"] = failed
+                log(f"HAProxy: not run ({failed})")
         if "haproxy" not in modes:  # the reference is there for the HAProxy figure only
             for mode in REFERENCE_MODES:
                 result["not_run"][mode] = f"no HAProxy figure ({result['not_run']['haproxy']})"
@@ -305,16 +302,13 @@ def measure(args: argparse.Namespace, conn: Workload, workdir: Path) -> dict[str
             for mode in REFERENCE_MODES:
                 result["not_run"][mode] = sink.reason
         else:
-            try:
-                sink.start(workdir)
-                started.append(sink)
-                sink_front.start(workdir)
-                started.append(sink_front)
+            failed = _start_all([sink, sink_front], started, workdir)
+            if failed is None:
                 modes += list(REFERENCE_MODES)
-            except RuntimeError as exc:
+            else:
                 for mode in REFERENCE_MODES:
-                    result["not_run"][mode] = str(exc)
-                log(f"smtp-sink reference: not run ({exc})")
+                    result["not_run"][mode] = failed
+                log(f"smtp-sink reference: not run ({failed})")
         if args.no_reload:
             result["not_run"]["reloads"] = "skipped (--no-reload)"
         log(f"reload/HAProxy figures: {', '.join(modes)}; {count} messages per run, "
@@ -350,6 +344,17 @@ def measure(args: argparse.Namespace, conn: Workload, workdir: Path) -> dict[str
         for s in reversed(started):
             s.stop()
     return result
+
+
+def _start_all(servers: list[Server], started: list[Server], workdir: Path) -> str | None:
+    """Start ``servers`` in order, each added to ``started`` (stopped at the end); why not, or None."""
+    try:
+        for server in servers:
+            server.start(workdir)
+            started.append(server)
+    except RuntimeError as exc:
+        return str(exc)
+    return None
 
 
 def summary(runs: list[Run]) -> dict[str, Any]:
