@@ -75,11 +75,11 @@ class DotDecoder:
             # Dot lines to unstuff, or no line end at all: the general way.
             end = buf.find(b"\r\n.\r\n", pos)
             if end >= 0:
-                out.append(_unstuff(buf[pos:end + 2]))
+                out.append(unstuff(buf[pos:end + 2]))
                 return out, end + 5, True
             end = buf.rfind(b"\r\n", pos)
             if end >= 0:
-                out.append(_unstuff(buf[pos:end + 2]))
+                out.append(unstuff(buf[pos:end + 2]))
                 pos = end + 2
                 self.bol = True  # the next line's first byte may be a dot: decided above
                 continue
@@ -91,7 +91,7 @@ class DotDecoder:
         return out, pos, False
 
 
-def _unstuff(lines: bytes) -> bytes:
+def unstuff(lines: bytes) -> bytes:
     """Drop the stuffed dot of each line that starts after a CRLF in ``lines`` (which ends with CRLF
     and holds no end-of-data line)."""
     return lines.replace(b"\r\n.", b"\r\n") if b"\r\n." in lines else lines

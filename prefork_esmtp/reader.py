@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prefork_esmtp.dotdata import DotDecoder
+from prefork_esmtp.dotdata import DotDecoder, unstuff
 from prefork_esmtp.writer import ClientGone
 
 RECV_SIZE = 65536
@@ -109,18 +109,21 @@ class Reader:
         else:
             self._plain_until = self._plain_base
 
-    def start_rate(self, octets_per_second: int, grace: float) -> None:
-        """From now until :meth:`stop_rate`, require this average rate (after ``grace`` seconds)."""
+    def start_rate(self, octets_per_second: int, grace: float, start: float | None = None,
+                   received: int | None = None) -> None:
+        """From now until :meth:`stop_rate`, require this average rate (after ``grace`` seconds).
+
+        ``start``: when the transfer's clock started; None: at its first read (_read_timeout
+        sets it), so the start costs no clock reading, nor does a transfer buffered already.
+        ``received``: the octets received before the transfer (default: all so far).
+        """
         if octets_per_second > 0:
-            # the clock starts at the transfer's first read (None: _read_timeout sets it), so the
-            # start costs no clock reading, nor does a transfer that was buffered already
-            self._rate = (float(octets_per_second), None, self.received, grace)
+            self._rate = (float(octets_per_second), start, self.received if received is None else received, grace)
             self._plain_until = -math.inf
 
     def stop_rate(self) -> None:
         self._rate = None
-        # no command line is under way between DATA and the next command: see _replan
-        self._plain_until = self._plain_base if self._current_timeout <= self.timeout else -math.inf
+        self._replan()
 
     def limit_session(self, seconds: float) -> None:
         """End the session (SessionTooLong at the next read) ``seconds`` from now; 0: no limit."""
@@ -366,17 +369,13 @@ class Reader:
             self.pos = end + 5
             data = buf[pos:end + 2]
             # before the first <CRLF>.<CRLF> every <CRLF>. is a stuffed dot (the first line's is not)
-            return data.replace(b"\r\n.", b"\r\n") if b"\r\n." in data else data
-        if octets_per_second > 0:  # as start_rate, from the read above
-            self._rate = (float(octets_per_second), now, before, grace)
-            self._plain_until = -math.inf
+            return unstuff(data)
+        self.start_rate(octets_per_second, grace, now, before)  # from the read above, if there was one
         return None
 
     def _data_fill(self, octets_per_second: int, grace: float, now: float, began: float | None) -> None:
         """:meth:`read_message`'s first read the long way, with the data rate on from ``now``."""
-        if octets_per_second > 0:
-            self._rate = (float(octets_per_second), now, self.received, grace)
-            self._plain_until = -math.inf
+        self.start_rate(octets_per_second, grace, now)
         try:
             self._fill(began)
         except BaseException:
