@@ -144,24 +144,10 @@ class Connection:
     def recv(self, size: int) -> bytes:
         """Send the queued replies, check in, then block for the client's next bytes.
 
-        The replies go out here rather than through the writer's flush, with
-        :meth:`sendall`'s first non-blocking send written out: when it takes
-        them all (the common case) no other Python call is made.  Whatever it
-        did not send (a full window, an error, TLS) goes through :meth:`sendall`.
+        The replies go out here (:meth:`send_pending`) rather than through the writer's flush.
         """
-        pending = self.pending
-        if pending:
-            data = b"".join(pending)  # one reply: the same bytes object, not a copy
-            pending.clear()
-            try:
-                sent = self.sock.send(data, _MSG_DONTWAIT) if self.kernel_timeouts else 0
-            except OSError:  # a full window (EAGAIN) or a broken connection: sendall says which
-                sent = 0
-            if sent < len(data):
-                try:
-                    self.sendall(memoryview(data)[sent:] if sent else data)
-                except OSError as exc:  # reset, broken pipe, send timeout, TLS error
-                    raise ClientGone(str(exc)) from None
+        if self.pending:
+            self.send_pending()
         if self.check_in is not None:
             self.check_in(self.timeout)
         if not self.interruptible:
@@ -174,6 +160,23 @@ class Connection:
             return self.sock.recv(size)
         finally:
             self.waiting = False
+
+    def send_pending(self) -> None:
+        """Send the queued replies (ClientGone if the client is gone): one non-blocking send, which
+        takes them all in the common case; what it did not send (a full window, an error, TLS)
+        goes through :meth:`sendall`, which checks in before it may block."""
+        pending = self.pending
+        data = b"".join(pending)  # one reply: the same bytes object, not a copy
+        pending.clear()
+        try:
+            sent = self.sock.send(data, _MSG_DONTWAIT) if self.kernel_timeouts else 0
+        except OSError:  # a full window (EAGAIN) or a broken connection: sendall says which
+            sent = 0
+        if sent < len(data):
+            try:
+                self.sendall(memoryview(data)[sent:] if sent else data)
+            except OSError as exc:  # reset, broken pipe, send timeout, TLS error
+                raise ClientGone(str(exc)) from None
 
     def sendall(self, data: bytes) -> None:
         """Send all of ``data`` within the idle timeout (OSError if not).
@@ -313,11 +316,8 @@ class Connection:
         the FIN: a half-close first would change nothing on the wire.
         """
         try:
-            pending = self.pending
-            if pending:  # the writer's flush, without the call: the last reply (QUIT's) is queued
-                data = b"".join(pending)
-                pending.clear()
-                self.sendall(data)
+            if self.pending:  # the last reply (QUIT's) is queued
+                self.send_pending()
             if isinstance(self.sock, ssl.SSLSocket):
                 self._tls_close_notify()
             if not linger:
