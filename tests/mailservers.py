@@ -271,9 +271,15 @@ class _Processes:
         """SIGKILL the master and every process of the instance at once: the abrupt end of a server."""
         if self.proc is None:
             return
+        killed = [self.proc.pid, *self.processes()]
         self._signal([self.proc.pid], signal.SIGKILL)
-        self._signal(self.processes(), signal.SIGKILL)
+        self._signal(killed[1:], signal.SIGKILL)
         self._reap(5.0)
+        # A dying process drops out of processes() (its executable link goes with its memory)
+        # a moment before it is gone: wait for every process killed to be dead, not only unlisted.
+        if not _deadline_loop(lambda: not any(alive(pid) for pid in killed), 5.0):
+            raise MailServerError(f"{self.name} processes still alive after SIGKILL: "
+                                  f"{[pid for pid in killed if alive(pid)]}")
 
     def _reap(self, timeout: float) -> None:
         assert self.proc is not None
