@@ -46,7 +46,6 @@ BEFORE_TLS = frozenset({"EHLO", "NOOP", "STARTTLS", "QUIT"})
 #: A HookReply from all its fields, without the NamedTuple's Python-level __new__.
 _new_reply = tuple.__new__
 _monotonic = time.monotonic
-_MSG_DONTWAIT = socket.MSG_DONTWAIT
 
 
 def _no_check_in(expect: float) -> None:
@@ -137,6 +136,7 @@ class Session:
         stopping = self.stopping
         dispatch = self._dispatch
         pending = conn.pending  # the writer's queue: the same list for the session's life
+        send_pending = conn.send_pending
         check_in = conn.check_in or _no_check_in
         timeout = conn.timeout
         sock = conn.sock  # while kernel_timeouts holds, this plain socket is the session's (TLS clears it first)
@@ -152,18 +152,8 @@ class Session:
                     self._answer(R.SHUTTING_DOWN.format(self.hostname))
                     break
                 if conn.kernel_timeouts and reader.pos >= len(reader.buf) and (now := _monotonic()) < reader._plain_until:
-                    if pending:  # Connection.send_pending's work on this plain socket, without the call
-                        data = b"".join(pending)  # one reply: the same bytes object, not a copy
-                        pending.clear()
-                        try:
-                            sent = sock.send(data, _MSG_DONTWAIT)
-                        except OSError:  # a full window (EAGAIN) or a broken connection: sendall says which
-                            sent = 0
-                        if sent < len(data):
-                            try:
-                                conn.sendall(memoryview(data)[sent:] if sent else data)
-                            except OSError as exc:  # reset, broken pipe, send timeout
-                                raise ClientGone(str(exc)) from None
+                    if pending:
+                        send_pending()
                     check_in(timeout)
                     try:
                         if idle:  # a stop may end the wait for a command outside a transaction
