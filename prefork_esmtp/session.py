@@ -337,7 +337,7 @@ class Session:
             if type(reply) is _Reply:  # the engine's constant replies: framed once
                 data = _WIRED.get((reply, verb)) or R.wire(reply, verb)
             elif len(lines := reply[1]) == 1 and (line := lines[0]) and line[1:2] != "." and (head := _HEADS.get((verb, code))):
-                data = (head + line + "\r\n").encode("utf-8", "surrogateescape")  # wire's one-line hook reply
+                data = f"{head}{line}\r\n".encode("utf-8", "surrogateescape")  # wire's one-line hook reply
             else:
                 data = R.wire(reply, verb)
             self.queue(data)
