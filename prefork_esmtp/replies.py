@@ -236,6 +236,7 @@ def normalize(result: Any) -> HookReply:
         code = int(code)
     if not isinstance(code, int) or isinstance(code, bool) or not 200 <= code <= 599:
         raise BadHookResult(f"reply code must be an int from 200 to 599, got {code!r}")
+    code = int(code)  # an int subclass (an enum of codes) as its number: f"{code}" is what goes on the wire
     lines: list[str] = []
     for message in messages:
         if isinstance(message, bytes):
