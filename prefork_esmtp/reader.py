@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prefork_esmtp.dotdata import DotDecoder, unstuff
+from prefork_esmtp.dotdata import DotDecoder, line_dot, unstuff
 from prefork_esmtp.writer import ClientGone
 
 RECV_SIZE = 65536
@@ -364,12 +364,19 @@ class Reader:
             self.received = before + len(buf)
             self.buf = buf
             self.pos = pos = 0
-        end = buf.find(b"\r\n.\r\n", pos)
-        if end >= 0 and buf[pos] != 0x2E:  # all here, and the first line has no dot (stuffed, or the end)
-            self.pos = end + 5
-            data = buf[pos:end + 2]
-            # before the first <CRLF>.<CRLF> every <CRLF>. is a stuffed dot (the first line's is not)
-            return unstuff(data)
+        # The first line that starts with a dot, in one search: the common message has none
+        # before its end-of-data line, and then has nothing to unstuff either.
+        m = line_dot(buf, pos)
+        if m is not None and buf[pos] != 0x2E:  # the first line has no dot (stuffed, or the end)
+            end = m.start()
+            if buf.startswith(b"\r\n", end + 3):  # the end-of-data line: no stuffed dot before it
+                self.pos = end + 5
+                return buf[pos:end + 2]
+            end = buf.find(b"\r\n.\r\n", end)
+            if end >= 0:
+                self.pos = end + 5
+                # before the first <CRLF>.<CRLF> every <CRLF>. is a stuffed dot (the first line's is not)
+                return unstuff(buf[pos:end + 2])
         self.start_rate(octets_per_second, grace, now, before)  # from the read above, if there was one
         return None
 
