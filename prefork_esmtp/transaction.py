@@ -41,9 +41,6 @@ _BASE_RCPT = ESMTPHandler.RCPT
 _BASE_354 = R.wire(R.fixed_replies(ESMTPHandler)["DATA"], "DATA")
 _monotonic = time.monotonic
 _TRANSACTIONS = counters.TRANSACTIONS
-#: Counter indexes of a message taken (2xx) and of its size
-_ACCEPTED = counters.MESSAGES_BY_CLASS[2]
-_MESSAGE_SIZE, _MESSAGE_SIZE_SUM, _SIZE_BOUNDS = counters.MESSAGE_SIZE, counters.MESSAGE_SIZE_SUM, counters.SIZE_BOUNDS
 
 
 def bdat_arguments(arg: str) -> tuple[int, bool] | None:
@@ -337,22 +334,6 @@ class Transaction:
         4.2): all but the last are written here, the last is returned.  Not
         ``complete`` (a BDAT chunk before the last failed): its one reply only.
         """
-        handler = self.handler
-        if problem is None and (reply := self.fixed.get("EOM")) is not None and "EOM" not in handler.__dict__ \
-                and self.config.protocol != "lmtp":
-            # The base handler's EOM, one reply for the message (the common case): _received's work
-            # (its reply is the base EOM's 250) and _clear's, written out.
-            counts = self.counts
-            counts[_ACCEPTED] += 1
-            counts[_MESSAGE_SIZE + bisect_left(_SIZE_BOUNDS, size)] += 1  # counters.observe's work
-            counts[_MESSAGE_SIZE_SUM] += size
-            self.messages_accepted += 1
-            if log.isEnabledFor(logging.INFO):
-                self._log("accepted", R.first_line(reply, "EOM"), size)
-            self.envelope = handler._esmtp_envelope = Envelope()  # state.attach's work, without the call
-            self.intake = self.started = None
-            self.accepted = []
-            return reply
         accepted = self.accepted  # _received ends the transaction: a new list then
         lmtp = self.config.protocol == "lmtp"
         if problem is not None:
