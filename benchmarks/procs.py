@@ -5,10 +5,18 @@ at the terminal reaches only the benchmark) and is registered, so that
 ``end_all`` can stop whatever is left when the run ends, by pid: SIGTERM or
 SIGINT first, then SIGKILL of the process and every descendant still alive.
 Only 127.0.0.1 is used.
+
+Servers get the environment a production server has: no
+``PYTHONDONTWRITEBYTECODE`` (with it, each worker that imports its handler
+would compile the module from source at every boot), and the benchmark's own
+modules (the handlers its servers load) and the package are byte-compiled
+before the first process starts.
 """
 
 from __future__ import annotations
 
+import compileall
+import os
 import signal
 import socket
 import subprocess
@@ -18,6 +26,8 @@ from typing import Any
 import psutil
 
 HOST = "127.0.0.1"
+#: Variables a production server does not run with: left out of every started process's environment.
+NOT_IN_PRODUCTION = ("PYTHONDONTWRITEBYTECODE",)
 
 
 def log(msg: str) -> None:
@@ -35,9 +45,34 @@ def run_cmd(cmd: list[str], timeout: float = 30, **kw: Any) -> subprocess.Comple
 STARTED: list[subprocess.Popen] = []
 
 
+_compiled: list[bool] = []
+
+
+def byte_compile() -> None:
+    """Write the .pyc files of benchmarks/ (the handlers the servers import) and of the package, once.
+
+    A production handler has its .pyc; without one, every worker boot (and
+    every reload's new generation) compiles the handler module from source.
+    """
+    if _compiled:
+        return
+    _compiled.append(True)
+    import prefork_esmtp
+
+    for directory in (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(prefork_esmtp.__file__)):
+        compileall.compile_dir(directory, quiet=1)
+
+
 def spawn(cmd: list[str], **kw: Any) -> subprocess.Popen:
-    """Start a process in its own session (so Ctrl-C reaches only us) and register it."""
+    """Start a process in its own session (so Ctrl-C reaches only us) and register it.
+
+    Its environment (``env``, else ours) leaves out :data:`NOT_IN_PRODUCTION`;
+    the .pyc files are written before the first start (:func:`byte_compile`).
+    """
     kw.setdefault("stdin", subprocess.DEVNULL)
+    env = kw.get("env")
+    kw["env"] = {k: v for k, v in (os.environ if env is None else env).items() if k not in NOT_IN_PRODUCTION}
+    byte_compile()
     proc = subprocess.Popen(cmd, start_new_session=True, **kw)
     STARTED.append(proc)
     return proc

@@ -26,6 +26,9 @@ from typing import Any
 from setproctitle import setproctitle
 
 from prefork_esmtp import logs, pidfile, privileges, tls
+# Not a handler: the option readers handlers use in configure().  Loaded here once, every new
+# worker (and every reload's generation) finds them loaded instead of importing them itself.
+import prefork_esmtp.handlers.options  # noqa: F401
 from prefork_esmtp.boot import BOOT_ERROR, WorkerPlan, rehearse, run_worker
 from prefork_esmtp.exposition import NO_METRICS, NoMetrics
 from prefork_esmtp.connection import listener_read_timeout
