@@ -297,13 +297,18 @@ class Session:
         """CONNECT's reply with the hostname first: 220, 554 (only QUIT served) or 421 (close)."""
         reply = self.fixed.get("CONNECT")
         if reply is not None and "CONNECT" not in self.handler.__dict__:
-            # the base handler's constant reply: its line with the hostname first, made once
-            line = _GREETINGS.get((reply, self.hostname))
-            if line is None:
-                line = f"{self.hostname} {reply.line}".rstrip()
+            # the base handler's constant reply with the hostname first: one of the engine's
+            # constant replies, made and framed once (replies.wire keeps its bytes)
+            greeting = _GREETINGS.get((reply, self.hostname))
+            if greeting is None:
+                greeting = R.Reply(reply.code, "", f"{self.hostname} {reply.line}".rstrip(), counts=False)
                 if len(_GREETINGS) < _GREETINGS_MAX:
-                    _GREETINGS[(reply, self.hostname)] = line
-            code, lines = reply.code, [line]
+                    _GREETINGS[(reply, self.hostname)] = greeting
+                    R._CONSTANTS.add(greeting)
+            if greeting.code < 400 and not self.forbid_pipelining:  # 2xx, nothing more to check
+                self._answer(greeting, "CONNECT")
+                return
+            code, lines = greeting.code, [greeting.text]
         else:
             reply = R.call_hook(self.handler, "CONNECT", self.conn.who)
             code, lines = reply.code, reply.lines or [""]
@@ -601,8 +606,8 @@ class Session:
 #: The base handler's EHLO and AUTH hooks and its ``client`` view, for the checks in _hello.
 _BASE_EHLO, _BASE_AUTH, _BASE_CLIENT = ESMTPHandler.EHLO, ESMTPHandler.AUTH, ESMTPHandler.client
 
-#: The greeting's line by (the base handler's constant CONNECT reply, hostname); bounded.
-_GREETINGS: dict[tuple[R.Reply, str], str] = {}
+#: The greeting (a constant reply, framed once) by (the base handler's constant CONNECT reply, hostname); bounded.
+_GREETINGS: dict[tuple[R.Reply, str], R.Reply] = {}
 _GREETINGS_MAX = 16
 
 #: fixed_replies' own table by handler class: a session looks its class up there without the call.
