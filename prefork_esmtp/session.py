@@ -486,41 +486,43 @@ class Session:
         if not arg.isprintable():
             return R.HELO_CONTROL  # ESC, BEL, DEL...: the name ends up in Received lines and logs
         state = self.state
-        previous = (state.client, state.esmtp)
         if self.transaction.envelope.sender is not None:  # else no transaction to end (the envelope is new)
             self.transaction.reset()
-        state.client, state.esmtp = arg, verb == "EHLO"
         handler = self.handler
         cls = type(handler)
-        if verb == "EHLO" and cls.EHLO is _BASE_EHLO and "EHLO" not in handler.__dict__ \
-                and cls.client is _BASE_CLIENT:
+        if verb == "EHLO" and cls.EHLO is _BASE_EHLO and cls.client is _BASE_CLIENT \
+                and "EHLO" not in handler.__dict__:
             # the base hook's reply (its client is arg, printable: one line), without the call
-            code, lines, counts = 250, [f"{self.hostname} {EHLO_OK % (arg,)}", *EHLO_KEYWORDS], True
+            state.client, state.esmtp = arg, True
+            code, counts, first, own = 250, True, f"{self.hostname} {EHLO_OK % (arg,)}", EHLO_KEYWORDS
         else:
+            previous = (state.client, state.esmtp)
+            state.client, state.esmtp = arg, verb == "EHLO"
             reply = R.call_hook(handler, verb, self.conn.who, arg)
             if not 200 <= reply.code < 300:
                 state.client, state.esmtp = previous
                 return reply
             code, lines, counts = reply.code, reply.lines or [""], reply.counts
             lines[0] = f"{self.hostname} {lines[0]}".rstrip()
-        if verb == "EHLO":
-            # AUTH is offered (Auth.offered) when the handler has an AUTH hook, nobody has
-            # authenticated yet, and inside TLS unless auth_plaintext.
-            key = (tuple(lines[1:]), self.config.max_message_size, bool(getattr(handler, "dsn", False)),
-                   self.tls_context is not None and state.tls is None,
-                   cls.AUTH is not _BASE_AUTH and state.auth_user is None
-                   and (state.tls is not None or self.config.auth_plaintext))
-            extra = _EXTENSIONS.get(key)
-            if extra is None:
-                extra = self._extensions(lines, *key[2:])
-                if len(_EXTENSIONS) < _EXTENSIONS_MAX:
-                    _EXTENSIONS[key] = extra
-            lines += extra
-        return _new_reply(R.HookReply, (code, lines, counts))
+            if verb != "EHLO":
+                return _new_reply(R.HookReply, (code, lines, counts))
+            first, own = lines[0], tuple(lines[1:])
+        # AUTH is offered (Auth.offered) when the handler has an AUTH hook, nobody has
+        # authenticated yet, and inside TLS unless auth_plaintext.
+        key = (own, self.config.max_message_size, bool(getattr(handler, "dsn", False)),
+               self.tls_context is not None and state.tls is None,
+               cls.AUTH is not _BASE_AUTH and state.auth_user is None
+               and (state.tls is not None or self.config.auth_plaintext))
+        extra = _EXTENSIONS.get(key)
+        if extra is None:
+            extra = self._extensions(own, *key[2:])
+            if len(_EXTENSIONS) < _EXTENSIONS_MAX:
+                _EXTENSIONS[key] = extra
+        return _new_reply(R.HookReply, (code, [first, *own, *extra], counts))
 
-    def _extensions(self, lines: list[str], dsn: bool, starttls: bool, auth: bool) -> list[str]:
-        """The engine's extension keywords the handler did not list itself."""
-        have = {line.split(" ", 1)[0].upper() for line in lines[1:]}
+    def _extensions(self, own: tuple[str, ...], dsn: bool, starttls: bool, auth: bool) -> tuple[str, ...]:
+        """The engine's extension keywords the handler did not list itself (``own``: its keyword lines)."""
+        have = {line.split(" ", 1)[0].upper() for line in own}
         extensions = [
             "PIPELINING",
             f"SIZE {self.config.max_message_size}",
@@ -537,7 +539,7 @@ class Session:
         if auth:
             extensions.append(AUTH_KEYWORD)
         extensions.append("HELP")
-        return [e for e in extensions if e.split(" ", 1)[0] not in have]
+        return tuple([e for e in extensions if e.split(" ", 1)[0] not in have])
 
     def smtp_STARTTLS(self, arg: str) -> R.Answer:
         """STARTTLS: the hook's 220, then (in _dispatch, once it is written) the handshake."""
@@ -615,7 +617,7 @@ _FIXED_BY_CLASS = R._FIXED
 
 #: EHLO's extension lines by (the handler's own keyword lines, SIZE, DSN, STARTTLS, AUTH offered);
 #: bounded, as a handler may vary its lines.
-_EXTENSIONS: dict[tuple[Any, ...], list[str]] = {}
+_EXTENSIONS: dict[tuple[Any, ...], tuple[str, ...]] = {}
 _EXTENSIONS_MAX = 64
 
 #: The dispatch table: verb (upper case) -> (its method, whether a method of the session's
