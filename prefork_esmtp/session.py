@@ -75,6 +75,9 @@ class Session:
     refused = False  # CONNECT answered 554: only QUIT is served
     auth: Auth | None = None  # made at the first AUTH command (most sessions never send one)
     tls_next = False  # STARTTLS answered 220: the handshake follows the reply
+    tls_context: ssl.SSLContext | None = None  # STARTTLS offered (and implicit_tls: TLS at once) with it
+    implicit_tls = False
+    lmtp = False  # protocol = "lmtp"
 
     def __init__(self, sock: socket.socket, peer: Any, handler_class: type, config: Config,
                  stopping: Callable[[], bool] = lambda: False, reporter: Reporter = NO_REPORTER, *,
@@ -83,19 +86,22 @@ class Session:
         self.config = config
         self.hostname = config.hostname
         self.stopping = stopping
-        self.tls_context = tls_context
-        self.implicit_tls = implicit_tls
+        if tls_context is not None:  # else the class's None
+            self.tls_context = tls_context
+        if implicit_tls:
+            self.implicit_tls = True
         self.limits = limits if limits is not None else Limits(config, reporter.sessions_from)
         self.reporter = reporter
-        self.counts = counters.current.values
-        self.counts[counters.SESSIONS] += 1
+        self.counts = counts = counters.current.values
+        counts[counters.SESSIONS] += 1
         self.began = time.monotonic()
-        self.conn = conn = Connection(sock, peer, config, reporter.check_in, stopping, local,
-                                      read_timeout=read_timeout)
+        check_in = reporter.check_in  # one bound method for the connection and the handler
+        self.conn = conn = Connection(sock, peer, config, check_in, stopping, local, read_timeout=read_timeout)
         self.queue = conn.pending.append  # the writer's queue (ReplyWriter.write, without the call)
         self.state = state = ConnectionState(conn.peer, conn.local, config.hostname,
                                              session_id=f"{random.getrandbits(48):012X}")
-        self.lmtp = config.protocol == "lmtp"
+        if config.protocol == "lmtp":
+            self.lmtp = True
         self.reader = conn.reader
         self.reject_bare_lf = config.command_bare_lf == "reject"
         self.require_tls = config.require_tls
@@ -105,7 +111,7 @@ class Session:
         handler.output_handle = conn.writer
         handler.disconnect = False
         handler.chunkmode = False
-        handler._esmtp_check_in = reporter.check_in
+        handler._esmtp_check_in = check_in
         handler._esmtp_state = state  # state.attach's work, without the call
         self.handler = handler
         #: the base handler's constant replies for the hooks this handler did not override
