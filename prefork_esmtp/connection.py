@@ -165,9 +165,8 @@ class Connection:
         """Send the queued replies (ClientGone if the client is gone): one non-blocking send, which
         takes them all in the common case; what it did not send (a full window, an error, TLS)
         goes through :meth:`sendall`, which checks in before it may block."""
-        pending = self.pending
-        data = b"".join(pending)  # one reply: the same bytes object, not a copy
-        pending.clear()
+        data = b"".join(self.pending)  # one reply: the same bytes object, not a copy
+        self.pending.clear()
         try:
             sent = self.sock.send(data, _MSG_DONTWAIT) if self.kernel_timeouts else 0
         except OSError:  # a full window (EAGAIN) or a broken connection: sendall says which

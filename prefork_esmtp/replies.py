@@ -163,7 +163,11 @@ def default_enhanced(code: int, verb: str) -> str | None:
 _DEFAULTS: dict[tuple[str, int], str | None] = {}
 #: The bytes of the engine's constant replies (this module's) by (reply, verb).  A reply made
 #: with arguments (which may carry a client's word) is framed each time, so the table stays small.
-_WIRE: dict[tuple[Reply, str], bytes] = {}
+WIRED: dict[tuple[Reply, str], bytes] = {}
+#: What goes before a one-line reply's text that has no enhanced code of its own, by (verb, code):
+#: the code and the default enhanced code (``"250 2.1.0 "``), or the code alone (``"250 "``).
+#: Filled by wire() as (verb, code) pairs come up: as small as _DEFAULTS.
+HEADS: dict[tuple[str, int], str] = {}
 
 
 def wire(reply: Reply | HookReply, verb: str) -> bytes:
@@ -171,18 +175,22 @@ def wire(reply: Reply | HookReply, verb: str) -> bytes:
     :func:`default_enhanced`, the engine's constant replies framed once, a hook's one-line
     reply without the loop."""
     if type(reply) is Reply:
-        data = _WIRE.get((reply, verb))
+        data = WIRED.get((reply, verb))
         if data is None:
             data = format_reply(reply.code, [reply.line], default_enhanced(reply.code, verb))
             if reply in _CONSTANTS:
-                _WIRE[reply, verb] = data
+                WIRED[reply, verb] = data
         return data
     code, lines, _ = reply
     try:
         enhanced = _DEFAULTS[verb, code]
     except KeyError:
         enhanced = _DEFAULTS[verb, code] = default_enhanced(code, verb)
+        HEADS[verb, code] = f"{code} {enhanced} " if enhanced is not None else f"{code} "
     if len(lines) != 1:
+        if enhanced is None and lines:  # EHLO's reply: format_reply's one join, without the call
+            return (f"{code}-" + f"\r\n{code}-".join(lines[:-1]) + f"\r\n{code} {lines[-1]}\r\n").encode(
+                "utf-8", "surrogateescape")
         return format_reply(code, lines, enhanced)
     line = lines[0]
     if enhanced is not None and (line[1:2] != "." or _ENHANCED.match(line) is None):  # the default code first
@@ -228,6 +236,7 @@ def normalize(result: Any) -> HookReply:
         code = int(code)
     if not isinstance(code, int) or isinstance(code, bool) or not 200 <= code <= 599:
         raise BadHookResult(f"reply code must be an int from 200 to 599, got {code!r}")
+    code = int(code)  # an int subclass (an enum of codes) as its number: f"{code}" is what goes on the wire
     lines: list[str] = []
     for message in messages:
         if isinstance(message, bytes):

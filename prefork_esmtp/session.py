@@ -344,12 +344,20 @@ class Session:
         interim one, only ``disconnect`` applies.
         """
         if reply is not None:
-            self.queue(R.wire(reply, verb))
+            code = reply[0]
+            if type(reply) is _Reply:  # the engine's constant replies: framed once
+                data = _WIRED.get((reply, verb)) or R.wire(reply, verb)
+            elif len(lines := reply[1]) == 1 and (line := lines[0]) and line[1:2] != "." and (head := _HEADS.get((verb, code))):
+                data = f"{head}{line}\r\n".encode("utf-8", "surrogateescape")  # wire's one-line hook reply
+            else:
+                data = R.wire(reply, verb)
+            self.queue(data)
             self.last_reply = (reply, verb)
-            if verb in counters.BY_VERB:  # RCPT and AUTH outcomes
-                self.counts[counters.BY_VERB[verb][reply.code // 100]] += 1
-            if reply.code >= 400 or reply.closes:  # else nothing to count or act on
-                self._weigh(reply)
+            if code >= 400 or reply.closes or verb in _BY_VERB:  # else nothing to count or act on
+                if verb in _BY_VERB:  # RCPT and AUTH outcomes
+                    self.counts[_BY_VERB[verb][code // 100]] += 1
+                if code >= 400 or reply.closes:
+                    self._weigh(reply)
         if self.handler.disconnect:
             self.closing = True
 
@@ -637,3 +645,7 @@ _COMMANDS: dict[str, tuple[Callable[[Any, str], R.Answer], bool, bool]] = {
     "BDAT": (Transaction.bdat, True, False),
 }
 assert JUNK <= _COMMANDS.keys()
+
+#: What _answer reads on every reply, from replies and counters, without the module lookups:
+#: the engine's framed constant replies, the heads of one-line replies, the counted verbs.
+_Reply, _WIRED, _HEADS, _BY_VERB = R.Reply, R.WIRED, R.HEADS, counters.BY_VERB

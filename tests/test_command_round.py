@@ -27,6 +27,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from prefork_esmtp import ESMTPHandler
+from prefork_esmtp import replies as R
 from prefork_esmtp.reader import Reader
 from prefork_esmtp.reporter import Reporter
 from prefork_esmtp.session import Session
@@ -379,3 +380,22 @@ def test_ready_leaves_the_first_read_alone_when_a_deadline_is_near() -> None:
         finally:
             conn.close()
             theirs.close()
+
+
+@settings(max_examples=300, deadline=None)
+@given(reply=st.one_of(
+    st.builds(lambda code, line: R.HookReply(code, [line]), st.integers(200, 599), st.one_of(
+        st.text(max_size=12), st.sampled_from(["", "2.1.0", "2.1.0 x", "5.5.2x", "x.y", "2.", "<a@b>, sender ok"]),
+        st.tuples(st.sampled_from(["2.0.0", "5.1.1"]), st.text(max_size=6)).map(" ".join))),
+    st.builds(lambda code, lines: R.HookReply(code, lines), st.integers(200, 599), st.lists(st.text(max_size=6))),
+    st.sampled_from(sorted(R._CONSTANTS, key=repr)),
+    st.builds(lambda code, text: R.Reply(code, "", text), st.integers(200, 599), st.text(max_size=8))),
+    verb=st.sampled_from(["", "CONNECT", "HELO", "EHLO", "MAIL", "RCPT", "DATA", "EOM", "VRFY", "AUTH", "UNKNOWN"]))
+def test_answer_queues_the_bytes_wire_frames(reply: Any, verb: str) -> None:
+    """_answer frames the commonest replies from wire's tables: the same bytes as wire, first time and after."""
+    session = Session(ScriptedSocket([]), PEER, ESMTPHandler, FAST)  # type: ignore[arg-type]
+    for _ in range(2):
+        session.conn.pending.clear()
+        session._answer(reply, verb)
+        assert session.conn.pending == [R.wire(reply, verb)]
+        assert session.last_reply == (reply, verb)
