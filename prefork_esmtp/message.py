@@ -33,6 +33,9 @@ _FIELD = re.compile(rb"([!-9;-~]+)[ \t]*(:?)")
 # the CRs and LFs of the section tells.
 _PLAIN_SECTION = re.compile(rb"(?:([!-9;-~]+[ \t]*:.*\r\n(?:[ \t].*\r\n)*))+\r\n")
 _BASE_HEADER = ESMTPHandler.HEADER
+#: ``match_section(data)``: the match of a plain header section at the start of ``data`` (see
+#: :func:`plain_section`, which checks its limits), or None.
+match_section = _PLAIN_SECTION.match
 
 
 class HeaderTooLong(Exception):
@@ -66,36 +69,15 @@ def plain_section(data: bytes, max_header_size: int, max_header_lines: int | Non
     return m
 
 
-def take_whole(handler: Any, data: bytes, max_header_size: int, max_header_lines: int | None) -> bool:
-    """A whole message at once, when the handler does not take HEADER calls and its header section
-    is plain (:func:`plain_section`): the calls :class:`MessageParser` would make fed it in any
-    pieces and finished, EOH and BODY.  Returns False, nothing done, when it does not apply.
-    Hooks' exceptions propagate.
-    """
-    if type(handler).HEADER is not _BASE_HEADER or "HEADER" in handler.__dict__:  # a HEADER of its own
-        return False
-    m = plain_section(data, max_header_size, max_header_lines)
-    if m is None:
-        return False
-    end = m.end()
-    handler.header_raw = data[m.start(1):end - 2]  # as the line-by-line parser ends the section
-    handler.header_section = data[:end]
-    handler.chunkmode = True
-    handler.EOH()
-    n = len(data) - end
-    if n:
-        if handler.chunkmode:  # the common case: one BODY call for a body within the chunk size
-            size = getattr(handler, "chunksize", DEFAULT_CHUNKSIZE)
-            if type(size) is int and n <= size:
-                handler.BODY(data[end:])
-                return True
-        parser = MessageParser.__new__(MessageParser)  # the rest as the parser does it, after EOH
-        parser.handler = handler
-        parser.in_headers = False
-        parser.partial = b""
-        parser._feed_body(data[end:])
-        parser.finish()
-    return True
+def feed_body(handler: Any, data: bytes) -> None:
+    """The whole body of a message whose header section is over (EOH called), as :class:`MessageParser`
+    feeds it (chunks or lines, by ``chunkmode`` and ``chunksize``) and finishes.  Hooks' exceptions propagate."""
+    parser = MessageParser.__new__(MessageParser)  # the parser's state after EOH
+    parser.handler = handler
+    parser.in_headers = False
+    parser.partial = b""
+    parser._feed_body(data)
+    parser.finish()
 
 
 class MessageParser:

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prefork_esmtp.dotdata import DotDecoder, unstuff
+from prefork_esmtp.dotdata import DotDecoder, line_dot, unstuff
 from prefork_esmtp.writer import ClientGone
 
 RECV_SIZE = 65536
@@ -346,10 +346,8 @@ class Reader:
         """
         buf = self.buf
         pos = self.pos
-        before = self.received
-        now = None  # the data rate's clock: started by the first read (none when all was buffered)
         if pos >= len(buf):  # the common case: the client waited for the 354
-            now = _monotonic()
+            now = _monotonic()  # the data rate's clock: started by this read
             # No deadline before the socket's timeout: the session's (see _replan), nor the data
             # rate's, its grace from now on (the read's own octets only push it further).
             if not (now < self._plain_base and self._current_timeout <= self.timeout
@@ -363,16 +361,26 @@ class Reader:
                 raise ClientGone(str(exc)) from None
             if not buf:
                 raise ClientGone("connection closed by client")
-            self.received = before + len(buf)
+            self.received += len(buf)
             self.buf = buf
             self.pos = pos = 0
-        end = buf.find(b"\r\n.\r\n", pos)
-        if end >= 0 and buf[pos] != 0x2E:  # all here, and the first line has no dot (stuffed, or the end)
-            self.pos = end + 5
-            data = buf[pos:end + 2]
-            # before the first <CRLF>.<CRLF> every <CRLF>. is a stuffed dot (the first line's is not)
-            return unstuff(data)
-        self.start_rate(octets_per_second, grace, now, before)  # from the read above, if there was one
+        else:
+            now = None  # all was buffered: no clock reading
+        # The first line that starts with a dot, in one search: the common message has none
+        # before its end-of-data line, and then has nothing to unstuff either.
+        m = line_dot(buf, pos)
+        if m is not None and buf[pos] != 0x2E:  # the first line has no dot (stuffed, or the end)
+            end = m.start()
+            if buf.startswith(b"\r\n", end + 3):  # the end-of-data line: no stuffed dot before it
+                self.pos = end + 5
+                return buf[pos:end + 2]
+            end = buf.find(b"\r\n.\r\n", end)
+            if end >= 0:
+                self.pos = end + 5
+                # before the first <CRLF>.<CRLF> every <CRLF>. is a stuffed dot (the first line's is not)
+                return unstuff(buf[pos:end + 2])
+        # the rate from the read above, if there was one (the octets before it as received before)
+        self.start_rate(octets_per_second, grace, now, self.received - (len(buf) if now is not None else 0))
         return None
 
     def _data_fill(self, octets_per_second: int, grace: float, now: float, began: float | None) -> None:

@@ -44,6 +44,17 @@ class Envelope:
     rcpt_params: dict[str, str | None] = field(default_factory=dict)  #: of the RCPT being handled
     recipients_params: list[dict[str, str | None]] = field(default_factory=list)  #: one per recipient
 
+    def __init__(self, sender: str | None = None, recipients: list[str] | None = None,
+                 mail_params: dict[str, str | None] | None = None, rcpt_params: dict[str, str | None] | None = None,
+                 recipients_params: list[dict[str, str | None]] | None = None) -> None:
+        """The fields as the dataclass takes them (None: a new empty list or dict), written out: the
+        engine makes one per transaction, and literals cost less than the generated default factories."""
+        self.sender = sender
+        self.recipients = [] if recipients is None else recipients
+        self.mail_params = {} if mail_params is None else mail_params
+        self.rcpt_params = {} if rcpt_params is None else rcpt_params
+        self.recipients_params = [] if recipients_params is None else recipients_params
+
 
 def attach(handler: Any, state: ConnectionState | None = None, envelope: Envelope | None = None) -> None:
     """Let the handler's read-only views (``client``, ``env_sender``, ...) show these objects.

@@ -30,8 +30,6 @@ from prefork_esmtp.settings import Config
 from prefork_esmtp.state import ConnectionState, Envelope
 
 log = logging.getLogger("prefork_esmtp.session")
-#: the bytes of a base handler's 354, by reply
-_WIRED: dict[R.Reply, bytes] = {}
 #: MAIL's BODY parameter as most clients send it (or none): nothing for DATA to check
 _TEXT_BODIES = (None, "8BITMIME", "7BIT")
 
@@ -39,6 +37,10 @@ _new_reply = tuple.__new__  # a HookReply without the Python-level __new__ of a 
 #: The base handler's MAIL and RCPT hooks: a handler that keeps them gets their reply without the call.
 _BASE_MAIL = ESMTPHandler.MAIL
 _BASE_RCPT = ESMTPHandler.RCPT
+#: The base handler's 354 as it goes on the wire (the same for every class that keeps the base DATA).
+_BASE_354 = R.wire(R.fixed_replies(ESMTPHandler)["DATA"], "DATA")
+_monotonic = time.monotonic
+_TRANSACTIONS = counters.TRANSACTIONS
 
 
 def bdat_arguments(arg: str) -> tuple[int, bool] | None:
@@ -145,9 +147,9 @@ class Transaction:
             if not 200 <= reply.code < 300:
                 self._clear()
                 return reply
-        self.started = time.monotonic()
+        self.started = _monotonic()
         self.number += 1
-        self.counts[counters.TRANSACTIONS] += 1
+        self.counts[_TRANSACTIONS] += 1
         return reply
 
     def _mail_refused(self) -> R.Reply:
@@ -234,14 +236,13 @@ class Transaction:
             if problem is not None:
                 return problem
         handler = self.handler
-        reply = self.fixed.get("DATA")
-        if reply is None or "DATA" in handler.__dict__:
+        if "DATA" in self.fixed and "DATA" not in handler.__dict__:
+            wire = _BASE_354  # the base handler's: framed once
+        else:
             reply = R.call_hook(handler, "DATA", self.conn.who)
             if reply.code != 354:
                 return reply
             wire = R.wire(reply, "DATA")
-        else:  # the base handler's 354: framed once
-            wire = _WIRED.get(reply) or _WIRED.setdefault(reply, R.wire(reply, "DATA"))
         conn = self.conn
         conn.pending.append(wire)
         config = self.config
@@ -249,9 +250,12 @@ class Transaction:
             return None
         if config.forbid_unauth_pipelining and conn.pipelined_early(self.state.auth_user is not None):
             return R.PIPELINING_ABUSE.format(config.hostname)
-        handler.header_raw = handler.header_section = b""  # from here on they are this message's
         reader = conn.reader
-        data = reader.read_message(config.min_data_rate, config.min_data_rate_grace)
+        try:
+            data = reader.read_message(config.min_data_rate, config.min_data_rate_grace)
+        except BaseException:  # no earlier message's header bytes from here on (once read, take_message
+            handler.header_raw = handler.header_section = b""  # or MessageParser sets them before any hook)
+            raise
         if data is not None:  # all of it at once (the common case)
             return self._end(take_message(handler, data, *(self.limits_data or self._limits_data())), len(data))
         intake = self._new_intake(check_newlines=True)
