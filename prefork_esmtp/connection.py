@@ -108,7 +108,7 @@ class Connection:
         self.check_in = check_in
         self.stopping = stopping
         # (host, port) of an address tuple (an IPv6 one has four fields), else None
-        self.peer = (peer[0], peer[1]) if type(peer) is tuple and len(peer) >= 2 else _address(peer)
+        self.peer = peer if type(peer) is tuple and len(peer) == 2 else _address(peer)
         #: the socket is blocking and its read timeout is the kernel's (False once TLS is on)
         self.kernel_timeouts = True
         if sock.gettimeout() is not None:

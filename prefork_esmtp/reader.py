@@ -61,6 +61,16 @@ def first_read_timeout(timeout: float, wake_after: float | None = None) -> float
 class Reader:
     """Reads command lines, DATA sections and exact byte counts from the connection."""
 
+    # What a new reader starts with (class-level, so each session sets only what differs).
+    #: whether the last command line ended with a bare LF instead of CRLF
+    bare_lf = False
+    # the minimum data rate: (octets/s, start time, octets received at start, grace), or None
+    _rate: tuple[float, float | None, int, float] | None = None
+    #: seconds within which a command line must be complete once its first octet arrived
+    #: (``command_deadline``, 0: no deadline); the monotonic time by which the current one must be
+    _line_deadline: float | None = None
+    _wake_after: float | None = None  # see __init__'s wake_after
+
     def __init__(self, sock: Any, timeout: float, wake_after: float | None = None,
                  command_deadline: float = 0.0, session_time: float = 0.0,
                  socket_timeout: float | None = None) -> None:
@@ -76,19 +86,11 @@ class Reader:
         self.buf = b""
         self.pos = 0
         self.received = 0
-        #: whether the last command line ended with a bare LF instead of CRLF
-        self.bare_lf = False
-        # the minimum data rate: (octets/s, start time, octets received at start, grace), or None
-        self._rate: tuple[float, float | None, int, float] | None = None
-        #: seconds within which a command line must be complete once its first octet
-        #: arrived (0: no deadline); the monotonic time by which the current one must be
         self.command_deadline = command_deadline
-        self._line_deadline: float | None = None
         #: the socket's read timeout as last set (at most): none yet, unless inherited (the first
         #: read sets it, to ``wake_after``'s whole seconds when that is shorter than the timeout owed)
         self._current_timeout = socket_timeout or math.inf
-        self._wake_after = None
-        if wake_after is not None and wake_after >= 1.0:
+        if wake_after is not None and wake_after >= 1.0:  # else the class's None
             self._wake_after = float(int(wake_after)) if wake_after >= 2.0 else wake_after
         #: the session's end (monotonic; None: no limit), and before when a read needs no
         #: deadline arithmetic (see _replan): limit_session's and _replan's work, without the calls

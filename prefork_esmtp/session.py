@@ -75,6 +75,9 @@ class Session:
     refused = False  # CONNECT answered 554: only QUIT is served
     auth: Auth | None = None  # made at the first AUTH command (most sessions never send one)
     tls_next = False  # STARTTLS answered 220: the handshake follows the reply
+    tls_context: ssl.SSLContext | None = None  # STARTTLS offered (and implicit_tls: TLS at once) with it
+    implicit_tls = False
+    lmtp = False  # protocol = "lmtp"
 
     def __init__(self, sock: socket.socket, peer: Any, handler_class: type, config: Config,
                  stopping: Callable[[], bool] = lambda: False, reporter: Reporter = NO_REPORTER, *,
@@ -83,19 +86,22 @@ class Session:
         self.config = config
         self.hostname = config.hostname
         self.stopping = stopping
-        self.tls_context = tls_context
-        self.implicit_tls = implicit_tls
+        if tls_context is not None:  # else the class's None
+            self.tls_context = tls_context
+        if implicit_tls:
+            self.implicit_tls = True
         self.limits = limits if limits is not None else Limits(config, reporter.sessions_from)
         self.reporter = reporter
-        self.counts = counters.current.values
-        self.counts[counters.SESSIONS] += 1
+        self.counts = counts = counters.current.values
+        counts[counters.SESSIONS] += 1
         self.began = time.monotonic()
-        self.conn = conn = Connection(sock, peer, config, reporter.check_in, stopping, local,
-                                      read_timeout=read_timeout)
+        check_in = reporter.check_in  # one bound method for the connection and the handler
+        self.conn = conn = Connection(sock, peer, config, check_in, stopping, local, read_timeout=read_timeout)
         self.queue = conn.pending.append  # the writer's queue (ReplyWriter.write, without the call)
         self.state = state = ConnectionState(conn.peer, conn.local, config.hostname,
                                              session_id=f"{random.getrandbits(48):012X}")
-        self.lmtp = config.protocol == "lmtp"
+        if config.protocol == "lmtp":
+            self.lmtp = True
         self.reader = conn.reader
         self.reject_bare_lf = config.command_bare_lf == "reject"
         self.require_tls = config.require_tls
@@ -105,7 +111,7 @@ class Session:
         handler.output_handle = conn.writer
         handler.disconnect = False
         handler.chunkmode = False
-        handler._esmtp_check_in = reporter.check_in
+        handler._esmtp_check_in = check_in
         handler._esmtp_state = state  # state.attach's work, without the call
         self.handler = handler
         #: the base handler's constant replies for the hooks this handler did not override
@@ -297,13 +303,18 @@ class Session:
         """CONNECT's reply with the hostname first: 220, 554 (only QUIT served) or 421 (close)."""
         reply = self.fixed.get("CONNECT")
         if reply is not None and "CONNECT" not in self.handler.__dict__:
-            # the base handler's constant reply: its line with the hostname first, made once
-            line = _GREETINGS.get((reply, self.hostname))
-            if line is None:
-                line = f"{self.hostname} {reply.line}".rstrip()
+            # the base handler's constant reply with the hostname first: one of the engine's
+            # constant replies, made and framed once (replies.wire keeps its bytes)
+            greeting = _GREETINGS.get((reply, self.hostname))
+            if greeting is None:
+                greeting = R.Reply(reply.code, "", f"{self.hostname} {reply.line}".rstrip(), counts=False)
                 if len(_GREETINGS) < _GREETINGS_MAX:
-                    _GREETINGS[(reply, self.hostname)] = line
-            code, lines = reply.code, [line]
+                    _GREETINGS[(reply, self.hostname)] = greeting
+                    R._CONSTANTS.add(greeting)
+            if greeting.code < 400 and not self.forbid_pipelining:  # 2xx, nothing more to check
+                self._answer(greeting, "CONNECT")
+                return
+            code, lines = greeting.code, [greeting.text]
         else:
             reply = R.call_hook(self.handler, "CONNECT", self.conn.who)
             code, lines = reply.code, reply.lines or [""]
@@ -489,41 +500,43 @@ class Session:
         if not arg.isprintable():
             return R.HELO_CONTROL  # ESC, BEL, DEL...: the name ends up in Received lines and logs
         state = self.state
-        previous = (state.client, state.esmtp)
         if self.transaction.envelope.sender is not None:  # else no transaction to end (the envelope is new)
             self.transaction.reset()
-        state.client, state.esmtp = arg, verb == "EHLO"
         handler = self.handler
         cls = type(handler)
-        if verb == "EHLO" and cls.EHLO is _BASE_EHLO and "EHLO" not in handler.__dict__ \
-                and cls.client is _BASE_CLIENT:
+        if verb == "EHLO" and cls.EHLO is _BASE_EHLO and cls.client is _BASE_CLIENT \
+                and "EHLO" not in handler.__dict__:
             # the base hook's reply (its client is arg, printable: one line), without the call
-            code, lines, counts = 250, [f"{self.hostname} {EHLO_OK % (arg,)}", *EHLO_KEYWORDS], True
+            state.client, state.esmtp = arg, True
+            code, counts, first, own = 250, True, f"{self.hostname} {EHLO_OK % (arg,)}", EHLO_KEYWORDS
         else:
+            previous = (state.client, state.esmtp)
+            state.client, state.esmtp = arg, verb == "EHLO"
             reply = R.call_hook(handler, verb, self.conn.who, arg)
             if not 200 <= reply.code < 300:
                 state.client, state.esmtp = previous
                 return reply
             code, lines, counts = reply.code, reply.lines or [""], reply.counts
             lines[0] = f"{self.hostname} {lines[0]}".rstrip()
-        if verb == "EHLO":
-            # AUTH is offered (Auth.offered) when the handler has an AUTH hook, nobody has
-            # authenticated yet, and inside TLS unless auth_plaintext.
-            key = (tuple(lines[1:]), self.config.max_message_size, bool(getattr(handler, "dsn", False)),
-                   self.tls_context is not None and state.tls is None,
-                   cls.AUTH is not _BASE_AUTH and state.auth_user is None
-                   and (state.tls is not None or self.config.auth_plaintext))
-            extra = _EXTENSIONS.get(key)
-            if extra is None:
-                extra = self._extensions(lines, *key[2:])
-                if len(_EXTENSIONS) < _EXTENSIONS_MAX:
-                    _EXTENSIONS[key] = extra
-            lines += extra
-        return _new_reply(R.HookReply, (code, lines, counts))
+            if verb != "EHLO":
+                return _new_reply(R.HookReply, (code, lines, counts))
+            first, own = lines[0], tuple(lines[1:])
+        # AUTH is offered (Auth.offered) when the handler has an AUTH hook, nobody has
+        # authenticated yet, and inside TLS unless auth_plaintext.
+        key = (own, self.config.max_message_size, bool(getattr(handler, "dsn", False)),
+               self.tls_context is not None and state.tls is None,
+               cls.AUTH is not _BASE_AUTH and state.auth_user is None
+               and (state.tls is not None or self.config.auth_plaintext))
+        extra = _EXTENSIONS.get(key)
+        if extra is None:
+            extra = self._extensions(own, *key[2:])
+            if len(_EXTENSIONS) < _EXTENSIONS_MAX:
+                _EXTENSIONS[key] = extra
+        return _new_reply(R.HookReply, (code, [first, *own, *extra], counts))
 
-    def _extensions(self, lines: list[str], dsn: bool, starttls: bool, auth: bool) -> list[str]:
-        """The engine's extension keywords the handler did not list itself."""
-        have = {line.split(" ", 1)[0].upper() for line in lines[1:]}
+    def _extensions(self, own: tuple[str, ...], dsn: bool, starttls: bool, auth: bool) -> tuple[str, ...]:
+        """The engine's extension keywords the handler did not list itself (``own``: its keyword lines)."""
+        have = {line.split(" ", 1)[0].upper() for line in own}
         extensions = [
             "PIPELINING",
             f"SIZE {self.config.max_message_size}",
@@ -540,7 +553,7 @@ class Session:
         if auth:
             extensions.append(AUTH_KEYWORD)
         extensions.append("HELP")
-        return [e for e in extensions if e.split(" ", 1)[0] not in have]
+        return tuple([e for e in extensions if e.split(" ", 1)[0] not in have])
 
     def smtp_STARTTLS(self, arg: str) -> R.Answer:
         """STARTTLS: the hook's 220, then (in _dispatch, once it is written) the handshake."""
@@ -609,8 +622,8 @@ class Session:
 #: The base handler's EHLO and AUTH hooks and its ``client`` view, for the checks in _hello.
 _BASE_EHLO, _BASE_AUTH, _BASE_CLIENT = ESMTPHandler.EHLO, ESMTPHandler.AUTH, ESMTPHandler.client
 
-#: The greeting's line by (the base handler's constant CONNECT reply, hostname); bounded.
-_GREETINGS: dict[tuple[R.Reply, str], str] = {}
+#: The greeting (a constant reply, framed once) by (the base handler's constant CONNECT reply, hostname); bounded.
+_GREETINGS: dict[tuple[R.Reply, str], R.Reply] = {}
 _GREETINGS_MAX = 16
 
 #: fixed_replies' own table by handler class: a session looks its class up there without the call.
@@ -618,7 +631,7 @@ _FIXED_BY_CLASS = R._FIXED
 
 #: EHLO's extension lines by (the handler's own keyword lines, SIZE, DSN, STARTTLS, AUTH offered);
 #: bounded, as a handler may vary its lines.
-_EXTENSIONS: dict[tuple[Any, ...], list[str]] = {}
+_EXTENSIONS: dict[tuple[Any, ...], tuple[str, ...]] = {}
 _EXTENSIONS_MAX = 64
 
 #: The dispatch table: verb (upper case) -> (its method, whether a method of the session's
