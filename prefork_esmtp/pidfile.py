@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import os
 
-# psutil is imported where a pid is looked at (start, stop, reload, status), not at the top:
-# the master imports this module, and psutil would add ~0.9 MB to what each fork of it copies
-# the page tables of and each worker's exit unmaps.
+import psutil
 
 
 class PidfileError(Exception):
@@ -27,8 +25,6 @@ def alive(pid: int) -> bool:
     """Whether a process with this pid exists (and is not a zombie we could reap)."""
     if pid <= 0:
         return False  # 0 and -1 name process groups, never one master
-    import psutil
-
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
@@ -43,8 +39,6 @@ def is_master(pid: int) -> bool:
     A pidfile left by a crash may name a pid the kernel has since given to an
     unrelated process: that one must never be signalled, nor block a start.
     """
-    import psutil
-
     try:
         words = psutil.Process(pid).cmdline()
     except psutil.AccessDenied:
