@@ -188,9 +188,6 @@ def wire(reply: Reply | HookReply, verb: str) -> bytes:
         enhanced = _DEFAULTS[verb, code] = default_enhanced(code, verb)
         HEADS[verb, code] = f"{code} {enhanced} " if enhanced is not None else f"{code} "
     if len(lines) != 1:
-        if enhanced is None and lines:  # EHLO's reply: format_reply's one join, without the call
-            return (f"{code}-" + f"\r\n{code}-".join(lines[:-1]) + f"\r\n{code} {lines[-1]}\r\n").encode(
-                "utf-8", "surrogateescape")
         return format_reply(code, lines, enhanced)
     line = lines[0]
     if enhanced is not None and (line[1:2] != "." or _ENHANCED.match(line) is None):  # the default code first
