@@ -14,7 +14,7 @@ from prefork_esmtp import counters
 from prefork_esmtp import replies as R
 from prefork_esmtp.dotdata import count_bare_newlines
 from prefork_esmtp.handler import DEFAULT_CHUNKSIZE, ESMTPHandler
-from prefork_esmtp.message import HeaderTooLong, MessageParser, TooManyHeaderLines, feed_body, match_section
+from prefork_esmtp.message import HeaderTooLong, MessageParser, TooManyHeaderLines, feed_body, plain_section
 
 log = logging.getLogger("prefork_esmtp.session")
 _BASE_HEADER = ESMTPHandler.HEADER
@@ -97,28 +97,25 @@ def take_message(handler: Any, data: bytes, max_size: int, max_header_size: int,
     """
     if len(data) <= max_size and not (reject_bare and (count_bare_newlines(data, False) or data[-1:] == b"\r")) \
             and type(handler).HEADER is _BASE_HEADER and "HEADER" not in handler.__dict__ \
-            and (m := match_section(data)) is not None:
+            and (m := plain_section(data, max_header_size, max_header_lines)) is not None:
         end = m.end()
-        lines = data.count(b"\n", 0, end)  # plain_section's limits, without the call
-        if end - 2 <= max_header_size and data.count(b"\r", 0, end) == lines \
-                and (max_header_lines is None or lines <= max_header_lines + 1):
-            try:  # as MessageParser ends the section, then its body
-                handler.header_raw = data[m.start(1):end - 2]
-                handler.header_section = data[:end]
-                handler.chunkmode = True
-                handler.EOH()
-                n = len(data) - end
-                if n:  # the common case: one BODY call for a body within the chunk size
-                    if handler.chunkmode and type(size := getattr(handler, "chunksize", DEFAULT_CHUNKSIZE)) is int \
-                            and n <= size:
-                        handler.BODY(data[end:])
-                    else:
-                        feed_body(handler, data[end:])
-            except Exception as exc:
-                handler.chunkmode = False
-                return _problem(exc, who)
-            handler.chunkmode = False  # as finish does
-            return None
+        try:  # as MessageParser ends the section, then its body
+            handler.header_raw = data[m.start(1):end - 2]
+            handler.header_section = data[:end]
+            handler.chunkmode = True
+            handler.EOH()
+            n = len(data) - end
+            if n:  # the common case: one BODY call for a body within the chunk size
+                if handler.chunkmode and type(size := getattr(handler, "chunksize", DEFAULT_CHUNKSIZE)) is int \
+                        and n <= size:
+                    handler.BODY(data[end:])
+                else:
+                    feed_body(handler, data[end:])
+        except Exception as exc:
+            handler.chunkmode = False
+            return _problem(exc, who)
+        handler.chunkmode = False  # as finish does
+        return None
     intake = MessageIntake(handler, max_size, max_header_size, reject_bare, who, max_header_lines, lf_ends_lines)
     intake.feed(data)
     return intake.finish()

@@ -33,9 +33,6 @@ _FIELD = re.compile(rb"([!-9;-~]+)[ \t]*(:?)")
 # the CRs and LFs of the section tells.
 _PLAIN_SECTION = re.compile(rb"(?:([!-9;-~]+[ \t]*:.*\r\n(?:[ \t].*\r\n)*))+\r\n")
 _BASE_HEADER = ESMTPHandler.HEADER
-#: ``match_section(data)``: the match of a plain header section at the start of ``data`` (see
-#: :func:`plain_section`, which checks its limits), or None.
-match_section = _PLAIN_SECTION.match
 
 
 class HeaderTooLong(Exception):
