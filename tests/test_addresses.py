@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import re
 
 import pytest
 
@@ -639,3 +640,46 @@ def test_whole_plain_match_examples():
     assert len(path) == 254
     assert plain_recipient(f"TO:<{path}>").group(1) == path
     assert plain_recipient(f"TO:<{path}d>") is None
+
+
+# The whole-argument matchers as they were written with backtracking quantifiers: the possessive
+# ones must take exactly the arguments these take, with the same groups.
+_BACKTRACKING_PATH = (
+    "<(?=[^@]{1,64}@)(?=[^>]{1,254}>)(([A-Za-z0-9!#$%&'*+\\-/=?^_`{|}~]+(?:\\.[A-Za-z0-9!#$%&'*+\\-/=?^_`{|}~]+)*)"
+    "@([A-Za-z0-9](?:[A-Za-z0-9\\-]*[A-Za-z0-9])?(?:\\.[A-Za-z0-9](?:[A-Za-z0-9\\-]*[A-Za-z0-9])?)*))>"
+)
+_BACKTRACKING = {
+    "FROM": re.compile(" *[Ff][Rr][Oo][Mm]: *" + _BACKTRACKING_PATH, re.ASCII).fullmatch,
+    "TO": re.compile(" *[Tt][Oo]: *" + _BACKTRACKING_PATH, re.ASCII).fullmatch,
+    "SIZED": re.compile(" *[Ff][Rr][Oo][Mm]: *" + _BACKTRACKING_PATH
+                        + " SIZE=([0-9]{1,20})(?: BODY=(8BITMIME|7BIT|BINARYMIME))?", re.ASCII).fullmatch,
+}
+_LABEL_TOKENS = ["a", "Z9", "-", "--", ".", "..", "@", "<", ">", " ", "FROM:", "TO:", "from: ", "x" * 63, "l" * 64,
+                 "d" * 63 + ".", "+", "=", "_", "\u212a", "\u0131", "\x7f", "\t", " SIZE=", "0", "9" * 20,
+                 " BODY=8BITMIME", " BODY=7BIT", " BODY=BINARYMIME", "SIZE", "BODY"]
+
+
+def _same_match(argument: str) -> None:
+    for keyword, new in (("FROM", plain_sender), ("TO", plain_recipient), ("SIZED", sized_sender)):
+        old_m, new_m = _BACKTRACKING[keyword](argument), new(argument)
+        assert (old_m is None) == (new_m is None), (keyword, argument)
+        if old_m is not None:
+            assert new_m.group(1) == old_m.group(1)
+            if keyword == "SIZED":
+                assert new_m.group("size", "body") == old_m.group(4, 5)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.lists(st.sampled_from(_LABEL_TOKENS), max_size=18).map("".join))
+def test_possessive_matchers_take_what_the_backtracking_ones_took(argument):
+    _same_match(argument)
+    for prefix in ("FROM:<", "TO:<"):
+        _same_match(prefix + argument)
+        _same_match(prefix + argument + ">")
+
+
+@settings(max_examples=1000, deadline=None)
+@given(_LOCALS, _DOMAINS, st.sampled_from(["", ">", "> SIZE=1", "> SIZE=10 BODY=7BIT", "-", ".", "x>"]))
+def test_possessive_matchers_agree_about_the_length_limits(local, domain, tail):
+    for argument in (f"FROM:<{local}@{domain}{tail}", f"TO:<{local}@{domain}{tail}"):
+        _same_match(argument)
