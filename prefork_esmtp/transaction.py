@@ -34,6 +34,7 @@ log = logging.getLogger("prefork_esmtp.session")
 _TEXT_BODIES = (None, "8BITMIME", "7BIT")
 
 _new_reply = tuple.__new__  # a HookReply without the Python-level __new__ of a NamedTuple
+_HookReply = R.HookReply
 #: The base handler's MAIL and RCPT hooks: a handler that keeps them gets their reply without the call.
 _BASE_MAIL = ESMTPHandler.MAIL
 _BASE_RCPT = ESMTPHandler.RCPT
@@ -120,12 +121,13 @@ class Transaction:
             return self._mail_refused()
         m = plain_sender(arg)
         if m is not None:  # the commonest argument: a plain address, no parameters, nothing more to check
-            address, params = m.group(1), {}
-        elif (m := sized_sender(arg)) is not None and int(m.group("size")) <= config.max_message_size:
+            address, params = m[1], {}
+        elif (m := sized_sender(arg)) is not None and int(m[2]) <= config.max_message_size:
             # the common ESMTP client's: a plain address, SIZE within the limit, maybe a valid BODY
-            address, size, body = m.group(1, "size", "body")
+            address, size, body = m.group(1, 2, 3)
             params = {"SIZE": size} if body is None else {"SIZE": size, "BODY": body}
         else:
+            m = None  # an address the full parser took: the base hook's reply below checks it is printable
             try:
                 address, params = parse_path_argument(arg, "FROM")
             except AddressError as exc:
@@ -140,8 +142,10 @@ class Transaction:
             return R.RATE_MESSAGES
         env.sender, env.mail_params = address, params
         handler = self.handler
-        if type(handler).MAIL is _BASE_MAIL and "MAIL" not in handler.__dict__ and address.isprintable():
-            reply = _new_reply(R.HookReply, (250, [SENDER_OK % (address,)], True))  # the base hook's reply
+        # The base hook's reply, when it would print the address as it is: always for an address a
+        # plain match took (m, a Match, is true: printable ASCII), else when the address is printable.
+        if type(handler).MAIL is _BASE_MAIL and "MAIL" not in handler.__dict__ and (m or address.isprintable()):
+            reply = _new_reply(_HookReply, (250, [SENDER_OK % address], True))
         else:
             reply = R.call_hook(handler, "MAIL", self.conn.who, address)
             if not 200 <= reply.code < 300:
@@ -167,7 +171,7 @@ class Transaction:
             return R.NEED_HELO if state.client is None else R.NEED_MAIL
         m = plain_recipient(arg)
         if m is not None:  # the commonest argument: a plain address, no parameters, nothing more to check
-            address, params = m.group(1), {}
+            address, params = m[1], {}
         else:
             try:
                 address, params = parse_path_argument(arg, "TO")
@@ -186,8 +190,9 @@ class Transaction:
             return R.RATE_RECIPIENTS
         env.rcpt_params = params
         handler = self.handler
-        if type(handler).RCPT is _BASE_RCPT and "RCPT" not in handler.__dict__ and address.isprintable():
-            reply = _new_reply(R.HookReply, (250, [RECIPIENT_OK % (address,)], True))  # the base hook's reply
+        # The base hook's reply, when it would print the address as it is (see mail).
+        if type(handler).RCPT is _BASE_RCPT and "RCPT" not in handler.__dict__ and (m or address.isprintable()):
+            reply = _new_reply(_HookReply, (250, [RECIPIENT_OK % address], True))
         else:
             reply = R.call_hook(handler, "RCPT", self.conn.who, address)
             if not 200 <= reply.code < 300:

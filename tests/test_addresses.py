@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 import re
+import string
 
 import pytest
 
@@ -683,3 +684,21 @@ def test_possessive_matchers_take_what_the_backtracking_ones_took(argument):
 def test_possessive_matchers_agree_about_the_length_limits(local, domain, tail):
     for argument in (f"FROM:<{local}@{domain}{tail}", f"TO:<{local}@{domain}{tail}"):
         _same_match(argument)
+
+
+def test_every_address_a_whole_argument_matcher_takes_is_printable():
+    """The engine answers with the base MAIL/RCPT hook's reply without asking isprintable() of an
+    address these matchers took: every code point at each kind of place in the path is tried."""
+    templates = ["<{}@d>", "<a{}b@d>", "<a@{}>", "<a@b{}c>"]
+    matchers = [(plain_sender, "FROM:", ""), (plain_recipient, "TO:", ""), (sized_sender, "FROM:", " SIZE=1")]
+    taken = set()
+    for code in range(0x110000):
+        c = chr(code)
+        for template in templates:
+            path = template.format(c)
+            for match, keyword, tail in matchers:
+                m = match(keyword + path + tail)
+                if m is not None:
+                    assert m.group(1).isprintable() and m.group(1).isascii(), (hex(code), template)
+                    taken.add(c)
+    assert taken == set(string.ascii_letters + string.digits + "!#$%&'*+-/=?^_`{|}~.")
