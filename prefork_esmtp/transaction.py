@@ -18,7 +18,7 @@ from typing import Any
 from prefork_esmtp import counters
 from prefork_esmtp import params as P
 from prefork_esmtp import replies as R
-from prefork_esmtp.addresses import AddressError, parse_path_argument, plain_recipient, plain_sender, sized_sender
+from prefork_esmtp.addresses import AddressError, common_sender, parse_path_argument, plain_recipient
 from prefork_esmtp.connection import Connection
 from prefork_esmtp.dotdata import DotDecoder
 from prefork_esmtp.handler import RECIPIENT_OK, SENDER_OK, ESMTPHandler
@@ -119,12 +119,12 @@ class Transaction:
         env, state, config = self.envelope, self.state, self.config
         if state.client is None or config.require_auth and state.auth_user is None or env.sender is not None:
             return self._mail_refused()
-        m = plain_sender(arg)
-        if m is not None:  # the commonest argument: a plain address, no parameters, nothing more to check
+        m = common_sender(arg)
+        if m is not None and (size := m[2]) is None:  # the commonest argument: a plain address, no parameters
             address, params = m[1], {}
-        elif (m := sized_sender(arg)) is not None and int(m[2]) <= config.max_message_size:
+        elif m is not None and int(size) <= config.max_message_size:
             # the common ESMTP client's: a plain address, SIZE within the limit, maybe a valid BODY
-            address, size, body = m.group(1, 2, 3)
+            address, body = m[1], m[3]
             params = {"SIZE": size} if body is None else {"SIZE": size, "BODY": body}
         else:
             m = None  # an address the full parser took: the base hook's reply below checks it is printable

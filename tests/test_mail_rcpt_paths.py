@@ -66,8 +66,7 @@ def run(handler_class: type, commands: list[tuple[str, str]], config=CONFIG, cli
 
 def run_general(handler_class: type, commands: list[tuple[str, str]], **kwargs):
     """:func:`run` with both shortcuts off: the full parser for every argument, every hook called."""
-    with mock.patch.object(T, "plain_sender", lambda arg: None), mock.patch.object(T, "sized_sender", lambda arg: None), \
-            mock.patch.object(T, "plain_recipient", lambda arg: None), \
+    with mock.patch.object(T, "common_sender", lambda arg: None), mock.patch.object(T, "plain_recipient", lambda arg: None), \
             mock.patch.object(T, "_BASE_MAIL", None), mock.patch.object(T, "_BASE_RCPT", None):
         return run(handler_class, commands, **kwargs)
 
