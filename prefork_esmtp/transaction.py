@@ -35,6 +35,7 @@ _TEXT_BODIES = (None, "8BITMIME", "7BIT")
 
 _new_reply = tuple.__new__  # a HookReply without the Python-level __new__ of a NamedTuple
 _HookReply = R.HookReply
+_new_envelope = Envelope.__new__  # an Envelope with no field set yet: see Transaction._clear
 #: The base handler's MAIL and RCPT hooks: a handler that keeps them gets their reply without the call.
 _BASE_MAIL = ESMTPHandler.MAIL
 _BASE_RCPT = ESMTPHandler.RCPT
@@ -97,7 +98,14 @@ class Transaction:
 
     def _clear(self) -> None:
         """A fresh envelope, no message under way."""
-        self.envelope = self.handler._esmtp_envelope = Envelope()  # state.attach's work, without the call
+        # Envelope() written out, without the call to its __init__ (each of its fields as a blank one has
+        # it: a test holds the two together), and state.attach's work, without the call
+        env = self.envelope = self.handler._esmtp_envelope = _new_envelope(Envelope)
+        env.sender = None
+        env.recipients = []
+        env.mail_params = {}
+        env.rcpt_params = {}
+        env.recipients_params = []
         self.intake = self.started = None
         self.accepted = []
 
