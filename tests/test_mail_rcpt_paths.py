@@ -182,3 +182,15 @@ def test_a_reset_makes_an_envelope_as_envelope_makes_a_blank_one():
     assert len({id(env.recipients), id(env.mail_params), id(env.rcpt_params), id(env.recipients_params)}) == 4
     assert old.recipients == ["c@d.example"] and old.sender == "a@b.example"  # the last envelope is left as it was
     assert t.accepted == [] and t.started is None and t.intake is None
+
+
+def test_an_address_with_percent_signs_is_printed_as_it_is():
+    """The base hooks' replies put the address in with %: a "%s" in the address stays as it is."""
+    commands = [("MAIL", "FROM:<a%s%%b@b.example>"), ("RCPT", "TO:<c%s@d.example>"),
+                ("RCPT", "TO:<100%@d.example> NOTIFY=NEVER")]
+    replies, envelope = run(ESMTPHandler, commands)
+    assert [r[0] for r in replies] == [b"250 2.1.0 <a%s%%b@b.example>, sender ok\r\n",
+                                       b"250 2.1.5 <c%s@d.example>, recipient ok\r\n",
+                                       b"250 2.1.5 <100%@d.example>, recipient ok\r\n"]
+    assert envelope[2] == ["c%s@d.example", "100%@d.example"]
+    agree(commands)
