@@ -39,6 +39,10 @@ _new_envelope = Envelope.__new__  # an Envelope with no field set yet: see Trans
 #: The base handler's MAIL and RCPT hooks: a handler that keeps them gets their reply without the call.
 _BASE_MAIL = ESMTPHandler.MAIL
 _BASE_RCPT = ESMTPHandler.RCPT
+#: Their texts before and after the address: f"{head}{address}{tail}" is SENDER_OK % address (RECIPIENT_OK's
+#: for RCPT), built without parsing the format each time.
+_MAIL_HEAD, _MAIL_TAIL = (SENDER_OK % "\0").split("\0")
+_RCPT_HEAD, _RCPT_TAIL = (RECIPIENT_OK % "\0").split("\0")
 #: The base handler's 354 as it goes on the wire (the same for every class that keeps the base DATA).
 _BASE_354 = R.wire(R.fixed_replies(ESMTPHandler)["DATA"], "DATA")
 _monotonic = time.monotonic
@@ -153,7 +157,7 @@ class Transaction:
         # The base hook's reply, when it would print the address as it is: always for an address a
         # plain match took (m, a Match, is true: printable ASCII), else when the address is printable.
         if type(handler).MAIL is _BASE_MAIL and "MAIL" not in handler.__dict__ and (m or address.isprintable()):
-            reply = _new_reply(_HookReply, (250, [SENDER_OK % address], True))
+            reply = _new_reply(_HookReply, (250, [f"{_MAIL_HEAD}{address}{_MAIL_TAIL}"], True))
         else:
             reply = R.call_hook(handler, "MAIL", self.conn.who, address)
             if not 200 <= reply.code < 300:
@@ -200,7 +204,7 @@ class Transaction:
         handler = self.handler
         # The base hook's reply, when it would print the address as it is (see mail).
         if type(handler).RCPT is _BASE_RCPT and "RCPT" not in handler.__dict__ and (m or address.isprintable()):
-            reply = _new_reply(_HookReply, (250, [RECIPIENT_OK % address], True))
+            reply = _new_reply(_HookReply, (250, [f"{_RCPT_HEAD}{address}{_RCPT_TAIL}"], True))
         else:
             reply = R.call_hook(handler, "RCPT", self.conn.who, address)
             if not 200 <= reply.code < 300:
