@@ -130,7 +130,9 @@ class Session:
         buffered, no deadline is within an idle timeout and the socket is plain,
         the queued replies go out in one non-blocking send, the worker checks
         in, the read waits (interruptible outside a transaction), and a read
-        that is exactly one CRLF-ended line within the limit is the command.
+        that is exactly one CRLF-ended line within the limit is the command:
+        a plain verb (see ``_PLAIN_COMMANDS``) is called and answered here,
+        any other line goes through :meth:`_dispatch`.
         Anything else (a full send window, an early wake-up, a partial,
         pipelined, bare-LF or too long line, TLS, a deadline near) takes those
         methods, from the same point: the same bytes and limits either way.
@@ -141,6 +143,7 @@ class Session:
         limit = self.config.max_line_length
         stopping = self.stopping
         dispatch = self._dispatch
+        answer = self._answer
         pending = conn.pending  # the writer's queue: the same list for the session's life
         send_pending = conn.send_pending
         check_in = conn.check_in or _no_check_in
@@ -151,6 +154,9 @@ class Session:
             if self._open():
                 self._greet()
                 reader.ready()  # the first read's timeout: that read too may be the common round
+            # whether the round may call a plain verb itself: a refused session, require_tls and
+            # forbid_unauth_pipelining check every command in _dispatch (the greeting set ``refused``)
+            plain = not (self.refused or self.require_tls or self.forbid_pipelining)
             while not self.closing:
                 idle = transaction.envelope.sender is None
                 if idle and stopping():
@@ -178,7 +184,13 @@ class Session:
                         reader.received += n
                         if data.find(b"\n", 0, limit) == n - 1 and data[n - 2] == 0x0D:  # one line, its CRLF within the limit
                             reader.buf, reader.pos, reader.bare_lf = data, n, False
-                            dispatch(data[:-2])
+                            verb, _, arg = data[:-2].partition(b" ")
+                            # _dispatch's common case: a verb of the plain table in upper case, its
+                            # argument ASCII without NUL or CR, nothing to check first (see _PLAIN_COMMANDS)
+                            if plain and (entry := _PLAIN_COMMANDS.get(verb)) and arg.isascii() and 0 not in arg and 13 not in arg:
+                                answer(entry[0](transaction if entry[1] else self, arg.decode("ascii").strip(" \t")), entry[2])
+                            else:
+                                dispatch(data[:-2])
                             continue
                         reader.buf, reader.pos = data, 0  # more than one line, or not one whole line: the cut below
                     elif data is None:  # the wait goes on the long way, its idle timeout from when it began
@@ -645,6 +657,14 @@ _COMMANDS: dict[str, tuple[Callable[[Any, str], R.Answer], bool, bool]] = {
     "BDAT": (Transaction.bdat, True, False),
 }
 assert JUNK <= _COMMANDS.keys()
+#: The verbs the command round calls itself, without _dispatch, by their octets as sent (upper
+#: case): (method, of the transaction, verb).  Not the junk commands (_dispatch counts them), nor
+#: STARTTLS (its handshake follows the reply, in _after_reply); a verb sent in lower or mixed
+#: case, or an unknown one, goes through _dispatch.
+_PLAIN_COMMANDS: dict[bytes, tuple[Callable[[Any, str], R.Answer], bool, str]] = {
+    verb.encode("ascii"): (method, of_transaction, verb)
+    for verb, (method, of_transaction, junk) in _COMMANDS.items() if not junk and verb != "STARTTLS"
+}
 
 #: What _answer reads on every reply, from replies and counters, without the module lookups:
 #: the engine's framed constant replies, the heads of one-line replies, the counted verbs.
