@@ -355,21 +355,22 @@ class Session:
         handler set ``disconnect``.  None: the verb's last reply was an
         interim one, only ``disconnect`` applies.
         """
-        if reply is not None:
-            code = reply[0]
-            if type(reply) is _Reply:  # the engine's constant replies: framed once
-                data = _WIRED.get((reply, verb)) or R.wire(reply, verb)
-            elif len(lines := reply[1]) == 1 and (line := lines[0]) and line[1:2] != "." and (head := _HEADS.get((verb, code))):
-                data = f"{head}{line}\r\n".encode("utf-8", "surrogateescape")  # wire's one-line hook reply
-            else:
-                data = R.wire(reply, verb)
-            self.queue(data)
-            self.last_reply = (reply, verb)
-            if code >= 400 or reply.closes or verb in _BY_VERB:  # else nothing to count or act on
-                if verb in _BY_VERB:  # RCPT and AUTH outcomes
-                    self.counts[_BY_VERB[verb][code // 100]] += 1
-                if code >= 400 or reply.closes:
-                    self._weigh(reply)
+        if type(reply) is _Reply:  # the engine's constant replies: framed once
+            self.queue(_WIRED.get((reply, verb)) or R.wire(reply, verb))
+        elif reply is not None and len(lines := reply[1]) == 1 and (line := lines[0]) and line[1:2] != "." and (head := _HEADS.get((verb, reply[0]))):
+            self.queue(f"{head}{line}\r\n".encode("utf-8", "surrogateescape"))  # wire's one-line hook reply
+        elif reply is not None:
+            self.queue(R.wire(reply, verb))
+        else:  # the verb's last reply was an interim one
+            if self.handler.disconnect:
+                self.closing = True
+            return
+        self.last_reply = (reply, verb)
+        if reply[0] >= 400 or reply.closes or verb in _BY_VERB:  # else nothing to count or act on
+            if verb in _BY_VERB:  # RCPT and AUTH outcomes
+                self.counts[_BY_VERB[verb][reply[0] // 100]] += 1
+            if reply[0] >= 400 or reply.closes:
+                self._weigh(reply)
         if self.handler.disconnect:
             self.closing = True
 
