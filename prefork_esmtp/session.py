@@ -159,10 +159,6 @@ class Session:
             plain = not (self.refused or self.require_tls or self.forbid_pipelining)
             while not self.closing:
                 idle = transaction.envelope.sender is None
-                if idle and stopping():
-                    self.end = "stopping"
-                    self._answer(R.SHUTTING_DOWN.format(self.hostname))
-                    break
                 if conn.kernel_timeouts and reader.pos >= len(reader.buf) and (now := _monotonic()) < reader._plain_until:
                     if pending:
                         send_pending()
@@ -170,15 +166,18 @@ class Session:
                     try:
                         if idle:  # a stop may end the wait for a command outside a transaction
                             conn.waiting = True
-                            if stopping():  # signalled before ``waiting`` was set: nothing was interrupted
-                                raise StopSession()
-                        data = sock.recv(RECV_SIZE)
+                            try:
+                                if stopping():  # signalled before ``waiting`` was set: nothing was interrupted
+                                    raise StopSession()
+                                data = sock.recv(RECV_SIZE)
+                            finally:
+                                conn.waiting = False
+                        else:
+                            data = sock.recv(RECV_SIZE)
                     except (TimeoutError, BlockingIOError):  # SO_RCVTIMEO woke the read early
                         data = None
                     except OSError as exc:
                         raise ClientGone(str(exc)) from None
-                    finally:
-                        conn.waiting = False
                     if data:
                         n = len(data)
                         reader.received += n
@@ -201,6 +200,12 @@ class Session:
                             conn.interruptible = False
                     else:
                         raise ClientGone("connection closed by client")
+                elif idle and reader.pos < len(reader.buf) and stopping():
+                    # a command buffered already: no wait looks at a stop before it (every wait
+                    # for a command outside a transaction does: the round's, Connection.recv's)
+                    self.end = "stopping"
+                    self._answer(R.SHUTTING_DOWN.format(self.hostname))
+                    break
                 conn.interruptible = idle  # a stop may end the wait for a command outside a transaction
                 try:
                     line = reader.readline(limit)

@@ -251,13 +251,26 @@ def test_pipelined_and_partial_reads_go_the_long_way() -> None:
 
 
 def test_a_stop_before_the_wait_ends_an_idle_session() -> None:
-    """stopping() turns true between the loop's check and the read: 421, not a wait for the client."""
+    """stopping() turns true just before the read (the signal came before the wait): 421, not a wait for the client."""
     script = [b"EHLO client.example\r\n", b"NOOP\r\n", b"NOOP\r\n"]
-    out, state, _ = serve(FAST, script, stop_at=4)  # 1, 2: before and in EHLO's read; 3: NOOP's turn; 4: its read
+    out, state, _ = serve(FAST, script, stop_at=2)  # 1: before EHLO's read; 2: before the NOOP's
     assert state["end"] == "stopping"
     # EHLO's reply, then 421: the NOOP was never read
     assert out.endswith(b"250 BINARYMIME\r\n421 4.3.2 mx.test.example Service shutting down, closing connection\r\n")
     assert state["received"] == len(script[0])
+
+
+@pytest.mark.parametrize("config", [FAST, SLOW], ids=["common round", "long way"])
+def test_a_stop_ends_an_idle_session_before_a_buffered_command(config: Any) -> None:
+    """A command read with the one before (pipelined) waits for no read: the stop is looked at before it."""
+    script = [b"EHLO client.example\r\n", b"NOOP\r\nNOOP\r\n", b"NOOP\r\n"]
+    # 1: before EHLO's read; 2: before the two NOOPs' read; 3: before the second NOOP, buffered
+    out, state, _ = serve(config, script, stop_at=3)
+    assert state["end"] == "stopping"
+    assert state["stopping calls"] == 3
+    assert out.endswith(b"250 BINARYMIME\r\n250 2.0.0 OK\r\n"
+                       b"421 4.3.2 mx.test.example Service shutting down, closing connection\r\n")
+    assert state["received"] == len(script[0]) + len(script[1])
 
 
 def test_the_common_round_over_a_real_socket() -> None:
