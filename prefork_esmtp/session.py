@@ -142,7 +142,6 @@ class Session:
         transaction = self.transaction
         limit = self.config.max_line_length
         stopping = self.stopping
-        dispatch = self._dispatch
         answer = self._answer
         pending = conn.pending  # the writer's queue: the same list for the session's life
         send_pending = conn.send_pending
@@ -189,7 +188,7 @@ class Session:
                             if plain and (entry := _PLAIN_COMMANDS.get(verb)) and arg.isascii() and 0 not in arg and 13 not in arg:
                                 answer(entry[0](transaction if entry[1] else self, arg.decode("ascii").strip(" \t")), entry[2])
                             else:
-                                dispatch(data[:-2])
+                                self._dispatch(data[:-2])
                             continue
                         reader.buf, reader.pos = data, 0  # more than one line, or not one whole line: the cut below
                     elif data is None:  # the wait goes on the long way, its idle timeout from when it began
@@ -407,7 +406,8 @@ class Session:
         """Check a command line, run its verb, write the verb's reply.
 
         The common line (ASCII, no NUL or CR, not refused for a bare LF) takes
-        the straight path; any other goes through :meth:`_decode` first.
+        the straight path; any other goes through :meth:`_decode` first.  (A
+        plain verb read by the command round is called by :meth:`run` itself.)
         """
         # NUL and CR looked for as octet values: a bytes pattern would first be tried as an
         # integer, and the TypeError it raises and drops costs more than the search.
