@@ -140,6 +140,9 @@ LINES = st.sampled_from([
     b"DATA", b"DATA x", b"RSET", b"NOOP", b"noop", b"VRFY b", b"EXPN", b"HELP", b"STARTTLS", b"AUTH PLAIN",
     b"QUIT x", b"FOO bar", b"", b"  ", b"MAIL FROM:<\xc3\xa9@example.org> SMTPUTF8", b"NOOP\x00",
     b"NOOP\rx", b"\xff\xfe", b"X" * 600, b"BDAT 4 LAST", *MESSAGE,
+    # spaces and tabs around a verb the loop may call itself, and what must not reach it
+    b"DATA \t", b"DATA\t", b"QUIT ", b"MAIL\tFROM:<a@example.org>", b"RCPT TO:<b@example.net> \t",
+    b"RCPT  TO:<b@example.net>", b"MAIL FROM:<a\x00@example.org>", b"RCPT TO:<b\r@example.net>", b"Mail FROM:<>",
 ])
 ENDINGS = st.sampled_from([b"\r\n"] * 6 + [b"\n", b"\r", b"\r\r\n"])
 #: One read's worth: one or more lines (each with its ending), a BDAT chunk, a whole message.
@@ -238,6 +241,36 @@ def test_single_line_reads_take_the_common_round() -> None:
                          b"221 2.0.0 Closing connection\r\n")
     assert slow_readlines == 6  # every command
     assert fast_readlines == 0
+
+
+_ROUND_COMMANDS = [b"EHLO client.example", b"MAIL FROM:<a@example.org>", b"RCPT TO:<b@example.net>", b"DATA",
+                   b"NOOP", b"rset", b"STARTTLS", b"FOO", b"QUIT"]
+
+
+@pytest.mark.parametrize("settings_, dispatched", [
+    ({}, [b"NOOP", b"rset", b"STARTTLS", b"FOO"]),  # junk, lower case, STARTTLS, unknown
+    # every command checked first (MAIL refused before TLS: the message's lines are commands too)
+    ({"require_tls": "true"}, _ROUND_COMMANDS[:4] + [b"Subject: x", b"", b"body", b"."] + _ROUND_COMMANDS[4:]),
+    ({"forbid_unauth_pipelining": "true"}, _ROUND_COMMANDS),
+], ids=["plain", "require_tls", "forbid_unauth_pipelining"])
+def test_the_round_calls_plain_verbs_itself(settings_: dict[str, str], dispatched: list[bytes]) -> None:
+    """A plain verb read by the common round is called by the loop; every other line goes through _dispatch."""
+    script = [b"EHLO client.example\r\n", b"MAIL FROM:<a@example.org>\r\n", b"RCPT TO:<b@example.net>\r\n",
+              b"DATA\r\n", b"Subject: x\r\n\r\nbody\r\n.\r\n", b"NOOP\r\n", b"rset\r\n", b"STARTTLS\r\n",
+              b"FOO\r\n", b"QUIT\r\n"]
+    session = Session(ScriptedSocket(script), PEER, ESMTPHandler,  # type: ignore[arg-type]
+                      resolve({}, {**COMMON, **settings_}))
+    lines: list[bytes] = []
+    dispatch = session._dispatch
+
+    def counted(line: bytes) -> None:
+        lines.append(line)
+        dispatch(line)
+
+    session._dispatch = counted  # type: ignore[method-assign]
+    session.run()
+    assert lines == dispatched
+    assert session.quit and session.transaction.messages_accepted == (0 if "require_tls" in settings_ else 1)
 
 
 def test_pipelined_and_partial_reads_go_the_long_way() -> None:
