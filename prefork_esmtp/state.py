@@ -48,7 +48,9 @@ class Envelope:
                  mail_params: dict[str, str | None] | None = None, rcpt_params: dict[str, str | None] | None = None,
                  recipients_params: list[dict[str, str | None]] | None = None) -> None:
         """The fields as the dataclass takes them (None: a new empty list or dict), written out: the
-        engine makes one per transaction, and literals cost less than the generated default factories."""
+        engine makes one per transaction, and literals cost less than the generated default factories.
+        (The engine's blank ones are written out field by field in Transaction._clear: a field added
+        here goes there too; a test compares the two.)"""
         self.sender = sender
         self.recipients = [] if recipients is None else recipients
         self.mail_params = {} if mail_params is None else mail_params
