@@ -334,6 +334,10 @@ class Transaction:
         4.2): all but the last are written here, the last is returned.  Not
         ``complete`` (a BDAT chunk before the last failed): its one reply only.
         """
+        if problem is None and (reply := self.fixed.get("EOM")) is not None and "EOM" not in self.handler.__dict__ \
+                and self.config.protocol != "lmtp":  # the base EOM's one reply (see _eom), without the call
+            self._received(reply, size)
+            return reply
         accepted = self.accepted  # _received ends the transaction: a new list then
         lmtp = self.config.protocol == "lmtp"
         if problem is not None:
