@@ -30,6 +30,11 @@ from prefork_esmtp.settings import Config
 from prefork_esmtp.state import ConnectionState, Envelope
 
 log = logging.getLogger("prefork_esmtp.session")
+_INFO = logging.INFO
+#: logging's own record of the levels this logger is enabled for (logging empties it whenever a level
+#: changes, logging.disable too): a level it holds as False is off, no isEnabledFor call needed;
+#: an empty dict where logging keeps no such record (then isEnabledFor is always asked)
+_log_levels: dict[int, bool] = getattr(log, "_cache", {})
 #: MAIL's BODY parameter as most clients send it (or none): nothing for DATA to check
 _TEXT_BODIES = (None, "8BITMIME", "7BIT")
 
@@ -376,7 +381,7 @@ class Transaction:
             self.messages_accepted += 1
         else:
             self.messages_refused += 1
-        if log.isEnabledFor(logging.INFO):
+        if _log_levels.get(_INFO) is not False and log.isEnabledFor(_INFO):  # INFO off: no call
             self._log("accepted" if cls == 2 else "refused",
                       text if text is not None else R.first_line(verdict, "EOM"), size)
         self._clear()
