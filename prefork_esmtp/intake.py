@@ -18,6 +18,8 @@ from prefork_esmtp.message import HeaderTooLong, MessageParser, TooManyHeaderLin
 
 log = logging.getLogger("prefork_esmtp.session")
 _BASE_HEADER = ESMTPHandler.HEADER
+_BASE_EOH = ESMTPHandler.EOH
+_BASE_BODY = ESMTPHandler.BODY
 
 
 class MessageIntake:
@@ -93,15 +95,20 @@ def take_message(handler: Any, data: bytes, max_size: int, max_header_size: int,
 
     The common case without the intake or the parser: a handler that takes no HEADER calls,
     a header section that is plain (:func:`~prefork_esmtp.message.plain_section`): the section
-    at once, EOH, and one BODY for a body within the chunk size.
+    at once, EOH, and one BODY for a body within the chunk size (neither call when the handler
+    keeps the base EOH and BODY, which do nothing).
     """
     if len(data) <= max_size and not (reject_bare and (count_bare_newlines(data, False) or data[-1:] == b"\r")) \
-            and type(handler).HEADER is _BASE_HEADER and "HEADER" not in handler.__dict__ \
+            and (cls := type(handler)).HEADER is _BASE_HEADER and "HEADER" not in handler.__dict__ \
             and (m := plain_section(data, max_header_size, max_header_lines)) is not None:
         end = m.end()
         try:  # as MessageParser ends the section, then its body
             handler.header_raw = data[m.start(1):end - 2]
             handler.header_section = data[:end]
+            if cls.EOH is _BASE_EOH and cls.BODY is _BASE_BODY and "EOH" not in handler.__dict__ \
+                    and "BODY" not in handler.__dict__:  # the base EOH and BODY do nothing: no calls
+                handler.chunkmode = False
+                return None
             handler.chunkmode = True
             handler.EOH()
             n = len(data) - end

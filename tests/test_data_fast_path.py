@@ -54,6 +54,20 @@ class Recorder(ESMTPHandler):
         return super().EOM()
 
 
+class QuietRecorder(ESMTPHandler):
+    """Keeps the base EOH and BODY (which do nothing); records what the handler sees at EOM."""
+
+    calls: list[tuple] = []  # set per run
+
+    def DATA(self):  # noqa: ANN201
+        self.chunkmode = True  # the message's end leaves line mode whatever came before
+        return super().DATA()
+
+    def EOM(self):  # noqa: ANN201
+        self.calls.append(("EOM", self.header_raw, self.header_section, self.chunkmode))
+        return super().EOM()
+
+
 class HeaderRecorder(Recorder):
     """Takes HEADER calls too (so the message never goes the whole-message way)."""
 
@@ -135,15 +149,18 @@ def _case(stream: bytes) -> tuple[bytes, list[bytes]]:
 @example(_case(b"H: b\rc\r\n\r\nbody\r\n.\r\n"), "defaults", "chunks")
 @example(_case(b"H: b\r\n\r\nbo\rdy\r\n.\r\n"), "reject", "chunks")
 @example(_case(b"H: b\r\n\r\nbody\r\n..\r\n.\r\n"), "defaults", "lines")
+@example(_case(b"H: b\r\n\r\nbody\r\n.\r\n"), "defaults", "quiet")
 @settings(max_examples=400, deadline=None)
-@given(streams(), st.sampled_from(sorted(CONFIGS)), st.sampled_from(["chunks", "lines", "small", "fail", "header"]))
+@given(streams(), st.sampled_from(sorted(CONFIGS)),
+       st.sampled_from(["chunks", "lines", "small", "fail", "header", "quiet"]))
 def test_whole_message_way_makes_the_same_calls(case, config_name, mode):
     stream, pieces = case
     config = _resolved[config_name]
     attrs = {"line_mode": mode == "lines", "fail_eoh": mode == "fail"}
     if mode == "small":
         attrs["chunksize"] = 7
-    handler_class = type("H", (HeaderRecorder if mode == "header" else Recorder,), attrs)
+    base = {"header": HeaderRecorder, "quiet": QuietRecorder}.get(mode, Recorder)
+    handler_class = type("H", (base,), {} if mode == "quiet" else attrs)
     fast = run(pieces, handler_class, config, False)
     general = run(pieces, handler_class, config, True)
     assert fast == general
