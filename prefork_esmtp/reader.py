@@ -348,10 +348,10 @@ class Reader:
         pos = self.pos
         if pos >= len(buf):  # the common case: the client waited for the 354
             now = _monotonic()  # the data rate's clock: started by this read
-            # No deadline before the socket's timeout: the session's (see _replan), nor the data
-            # rate's, its grace from now on (the read's own octets only push it further).
-            if not (now < self._plain_base and self._current_timeout <= self.timeout
-                    and (octets_per_second <= 0 or self._current_timeout <= grace)):
+            # No deadline before the socket's timeout: the session's (nor is the timeout longer than
+            # the idle one: see _replan; no data rate or command line is under way here), nor the
+            # data rate's, its grace from now on (the read's own octets only push it further).
+            if not (now < self._plain_until and (octets_per_second <= 0 or self._current_timeout <= grace)):
                 return self._data_fill(octets_per_second, grace, now, None)
             try:
                 buf = self._recv(RECV_SIZE)
