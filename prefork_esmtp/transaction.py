@@ -255,15 +255,15 @@ class Transaction:
             return None
         if config.forbid_unauth_pipelining and conn.pipelined_early(self.state.auth_user is not None):
             return R.PIPELINING_ABUSE.format(config.hostname)
-        reader = conn.reader
         try:
-            data = reader.read_message(config.min_data_rate, config.min_data_rate_grace)
+            data = conn.reader.read_message(config.min_data_rate, config.min_data_rate_grace)
         except BaseException:  # no earlier message's header bytes from here on (once read, take_message
             handler.header_raw = handler.header_section = b""  # or MessageParser sets them before any hook)
             raise
         if data is not None:  # all of it at once (the common case)
             return self._end(take_message(handler, data, *(self.limits_data or self._limits_data())), len(data))
         intake = self._new_intake(check_newlines=True)
+        reader = conn.reader
         try:  # the data rate is on (read_message started it)
             reader.read_data(DotDecoder(), intake.feed)
         finally:
