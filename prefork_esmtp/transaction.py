@@ -64,6 +64,9 @@ class Transaction:
     intake: MessageIntake | None = None  # a BDAT message under way
     started: float | None = None  # when MAIL was accepted; None: no transaction to log
     limits_data: tuple[int, int, bool, str, int, bool] | None = None  # see _limits_data
+    #: the base EOM's reply when the handler class keeps the base EOM, outside LMTP: what _end
+    #: answers for a message without the call (see _eom); set with limits_data, so at DATA
+    base_eom: R.Reply | None = None
     number = messages_accepted = messages_refused = 0  # this session's transactions, messages
 
     def __init__(self, handler: Any, state: ConnectionState, conn: Connection, config: Config,
@@ -223,8 +226,10 @@ class Transaction:
 
     def _limits_data(self) -> tuple[int, int, bool, str, int, bool]:
         """A DATA message's intake arguments after the handler (the same for each of the session's
-        messages): sizes, bare-newline policy, client, header lines, whether a bare LF ends lines."""
+        messages): sizes, bare-newline policy, client, header lines, whether a bare LF ends lines.
+        ``base_eom`` is worked out with them."""
         config = self.config
+        self.base_eom = self.fixed.get("EOM") if config.protocol != "lmtp" else None
         self.limits_data = (config.max_message_size, config.max_header_size, config.bare_newline == "reject",
                             self.conn.who, config.max_header_lines, config.bare_newline == "keep")
         return self.limits_data
@@ -339,9 +344,8 @@ class Transaction:
         4.2): all but the last are written here, the last is returned.  Not
         ``complete`` (a BDAT chunk before the last failed): its one reply only.
         """
-        if problem is None and (reply := self.fixed.get("EOM")) is not None and "EOM" not in self.handler.__dict__ \
-                and self.config.protocol != "lmtp":  # the base EOM's one reply (see _eom), without the call
-            self._received(reply, size)
+        if problem is None and (reply := self.base_eom) is not None and "EOM" not in self.handler.__dict__:
+            self._received(reply, size)  # the base EOM's one reply (see _eom), without the call
             return reply
         accepted = self.accepted  # _received ends the transaction: a new list then
         lmtp = self.config.protocol == "lmtp"
