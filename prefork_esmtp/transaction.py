@@ -46,6 +46,9 @@ _BASE_RCPT = ESMTPHandler.RCPT
 _BASE_354 = R.wire(R.fixed_replies(ESMTPHandler)["DATA"], "DATA")
 _monotonic = time.monotonic
 _TRANSACTIONS = counters.TRANSACTIONS
+# the message counters' places (constants of the counters module), for _received
+_MESSAGES_BY_CLASS = counters.MESSAGES_BY_CLASS
+_MESSAGE_SIZE, _SIZE_BOUNDS, _MESSAGE_SIZE_SUM = counters.MESSAGE_SIZE, counters.SIZE_BOUNDS, counters.MESSAGE_SIZE_SUM
 
 
 def bdat_arguments(arg: str) -> tuple[int, bool] | None:
@@ -378,9 +381,9 @@ class Transaction:
         """
         counts = self.counts
         cls = verdict.code // 100
-        counts[counters.MESSAGES_BY_CLASS[cls]] += 1
-        counts[counters.MESSAGE_SIZE + bisect_left(counters.SIZE_BOUNDS, size)] += 1  # counters.observe's work
-        counts[counters.MESSAGE_SIZE_SUM] += size
+        counts[_MESSAGES_BY_CLASS[cls]] += 1
+        counts[_MESSAGE_SIZE + bisect_left(_SIZE_BOUNDS, size)] += 1  # counters.observe's work
+        counts[_MESSAGE_SIZE_SUM] += size
         if cls == 2:
             self.messages_accepted += 1
         else:
