@@ -366,8 +366,13 @@ class Reader:
             self.pos = pos = 0
         else:
             now = None  # all was buffered: no clock reading
-        # The first line that starts with a dot, in one search: the common message has none
-        # before its end-of-data line, and then has nothing to unstuff either.
+        # The common buffer: the message, then its end-of-data line and nothing after it, and no
+        # line before that starts with a dot (one search up to it): nothing to unstuff either.
+        end = len(buf) - 3
+        if buf.endswith(b"\r\n.\r\n") and buf[pos] != 0x2E and line_dot(buf, pos, end) is None:
+            self.pos = end + 3
+            return buf[pos:end]
+        # Else the first line that starts with a dot, in one search (pos is a line's start).
         m = line_dot(buf, pos)
         if m is not None and buf[pos] != 0x2E:  # the first line has no dot (stuffed, or the end)
             end = m.start()

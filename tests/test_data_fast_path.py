@@ -21,6 +21,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from prefork_esmtp import ESMTPHandler
+from prefork_esmtp.dotdata import DotDecoder
 from prefork_esmtp.message import MessageParser
 from prefork_esmtp.reader import Reader
 from prefork_esmtp.session import Session
@@ -184,3 +185,33 @@ def test_the_common_message_goes_the_whole_message_way(monkeypatch):
                          ("BODY", b".dot\r\nbody\r\n", True),
                          ("EOM", b"X: y\r\n\tz\r\n", b"Subject: hi\r\nX: y\r\n\tz\r\n\r\n", False)]
     assert sent.count(b"\r\n250 2.0.0 Message accepted") == 2
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from([b"a", b"\r\n", b".", b"\r", b"\n", b"\r\n.", b"\r\n.\r\n", b"x: y"]), max_size=12),
+       st.sampled_from(["read", "after command", "buffered"]))
+@example([b"\r\n"], "read")
+@example([b"\r\n"], "after command")
+@example([b"\r\n.", b"\r\n.\r\n"], "after command")
+def test_read_message_takes_what_the_decoder_takes(parts, where):
+    """A DATA section read at once, buffered after a command line or alone: read_message returns what
+    DotDecoder decodes up to the first end-of-data line and leaves the rest (or takes nothing, rate on)."""
+    stream = b"".join(parts) + b"\r\n.\r\n"
+    buf = (b"DATA\r\n" if where == "after command" else b"") + stream
+    reader = Reader(ScriptedSocket([buf]), 60.0)
+    if where == "after command":
+        assert reader.readline(512) == b"DATA"
+    elif where == "buffered":
+        reader.buf, reader.pos = buf, 0
+    else:  # no deadline before the socket's timeout (within the data rate's grace): read at once
+        reader.timeout_set(5.0)
+    start = reader.pos
+    data = reader.read_message(500, 10.0)
+    pieces, pos, ended = DotDecoder().decode(buf, start)
+    assert ended
+    if data is None:
+        assert reader._rate is not None and reader.pos == start
+        assert buf[start] == 0x2E  # only a first line that starts with a dot goes the long way
+    else:
+        assert (data, reader.pos) == (b"".join(pieces), pos)
+        assert reader._rate is None
