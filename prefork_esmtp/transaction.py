@@ -269,7 +269,7 @@ class Transaction:
             handler.header_raw = handler.header_section = b""  # or MessageParser sets them before any hook)
             raise
         if data is not None:  # all of it at once (the common case)
-            return self._end(take_message(handler, data, *(self.limits_data or self._limits_data())), len(data))
+            return self._end(take_message(handler, data, self.limits_data or self._limits_data()), len(data))
         intake = self._new_intake(check_newlines=True)
         reader = conn.reader
         try:  # the data rate is on (read_message started it)
