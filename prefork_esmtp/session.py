@@ -45,6 +45,7 @@ JUNK = frozenset({"NOOP", "RSET", "VRFY", "EXPN", "HELP"})
 BEFORE_TLS = frozenset({"EHLO", "NOOP", "STARTTLS", "QUIT"})
 #: A HookReply from all its fields, without the NamedTuple's Python-level __new__.
 _new_reply = tuple.__new__
+_new_object = object.__new__
 _monotonic = time.monotonic
 
 
@@ -98,8 +99,11 @@ class Session:
         check_in = reporter.check_in  # one bound method for the connection and the handler
         self.conn = conn = Connection(sock, peer, config, check_in, stopping, local, read_timeout=read_timeout)
         self.queue = conn.pending.append  # the writer's queue (ReplyWriter.write, without the call)
-        self.state = state = ConnectionState(conn.peer, conn.local, config.hostname,
-                                             session_id=f"{random.getrandbits(48):012X}")
+        # ConnectionState(conn.peer, conn.local, config.hostname, session_id=...) without the generated
+        # ten-field __init__: the fields not set here read as their class-level defaults
+        self.state = state = _new_object(ConnectionState)
+        state.peer, state.local, state.hostname, state.session_id = \
+            conn.peer, conn.local, config.hostname, f"{random.getrandbits(48):012X}"
         if config.protocol == "lmtp":
             self.lmtp = True
         self.reader = conn.reader
