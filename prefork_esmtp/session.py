@@ -479,10 +479,7 @@ class Session:
     # -- the verbs: each returns its reply --------------------------------------
 
     def smtp_HELO(self, arg: str) -> R.Answer:
-        return R.LMTP_NEEDS_LHLO if self.lmtp else self._hello(arg, "HELO")
-
-    def smtp_EHLO(self, arg: str) -> R.Answer:
-        return R.LMTP_NEEDS_LHLO if self.lmtp else self._hello(arg)
+        return self._hello(arg, "HELO")
 
     def smtp_LHLO(self, arg: str) -> R.Answer:
         """LMTP's greeting (RFC 2033 4.1): EHLO's, with the EHLO hook; an unknown command in SMTP."""
@@ -496,7 +493,11 @@ class Session:
         EHLO's reply gets the engine's extension keywords the handler did not
         list itself; they depend only on the handler's own keyword lines and on
         what is offered now, so they are worked out once per combination.
+        Called as it is for EHLO (``smtp_EHLO``); an LMTP server answers HELO and EHLO
+        with LMTP_NEEDS_LHLO.
         """
+        if self.lmtp and not said:
+            return R.LMTP_NEEDS_LHLO
         if not arg:
             if said:
                 return R.Reply(501, "5.5.4", f"Syntax: {said} hostname")
@@ -537,6 +538,8 @@ class Session:
             if len(_EXTENSIONS) < _EXTENSIONS_MAX:
                 _EXTENSIONS[key] = extra
         return _new_reply(R.HookReply, (code, [first, *own, *extra], counts))
+
+    smtp_EHLO = _hello  # EHLO: _hello with its defaults, without a method of its own to call first
 
     def _extensions(self, own: tuple[str, ...], dsn: bool, starttls: bool, auth: bool) -> tuple[str, ...]:
         """The engine's extension keywords the handler did not list itself (``own``: its keyword lines)."""
