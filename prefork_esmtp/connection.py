@@ -99,8 +99,6 @@ class Connection:
     #: may then end the session at once; ``waiting`` is true only inside such a recv().
     interruptible = False
     waiting = False
-    #: the socket is blocking and its read timeout is the kernel's (False once TLS is on)
-    kernel_timeouts = True
 
     def __init__(self, sock: socket.socket, peer: Any, config: Config,
                  check_in: Callable[[float], None] | None = None,
@@ -112,6 +110,9 @@ class Connection:
         self.stopping = stopping
         # (host, port) of an address tuple (an IPv6 one has four fields), else None
         self.peer = peer if type(peer) is tuple and len(peer) == 2 else _address(peer)
+        #: the socket is blocking and its read timeout is the kernel's (False once TLS is on); an
+        #: instance attribute, not a class default: the command round reads it every time
+        self.kernel_timeouts = True
         if sock.gettimeout() is not None:
             sock.setblocking(True)
         # Ours: the listener's when it is bound to one address, else the socket's; behind a PROXY
