@@ -140,7 +140,9 @@ class Session:
         buffered, no deadline is within an idle timeout and the socket is plain,
         the queued replies go out in one non-blocking send, the worker checks
         in, the read waits (interruptible outside a transaction), and a read
-        that is exactly one CRLF-ended line within the limit is the command.
+        that is exactly one CRLF-ended line within the limit is the command:
+        a plain verb (see ``_PLAIN_COMMANDS``) is called and answered here,
+        any other line goes through :meth:`_dispatch`.
         Anything else (a full send window, an early wake-up, a partial,
         pipelined, bare-LF or too long line, TLS, a deadline near) takes those
         methods, from the same point: the same bytes and limits either way.
@@ -150,7 +152,7 @@ class Session:
         transaction = self.transaction
         limit = self.config.max_line_length
         stopping = self.stopping
-        dispatch = self._dispatch
+        answer = self._answer
         pending = conn.pending  # the writer's queue: the same list for the session's life
         send_pending = conn.send_pending
         check_in = conn.check_in or _no_check_in
@@ -161,12 +163,11 @@ class Session:
             if self._open():
                 self._greet()
                 reader.ready()  # the first read's timeout: that read too may be the common round
+            # whether the round may call a plain verb itself: a refused session, require_tls and
+            # forbid_unauth_pipelining check every command in _dispatch (the greeting set ``refused``)
+            plain = not (self.refused or self.require_tls or self.forbid_pipelining)
             while not self.closing:
                 idle = transaction.envelope.sender is None
-                if idle and stopping():
-                    self.end = "stopping"
-                    self._answer(R.SHUTTING_DOWN.format(self.hostname))
-                    break
                 if conn.kernel_timeouts and reader.pos >= len(reader.buf) and (now := _monotonic()) < reader._plain_until:
                     if pending:
                         send_pending()
@@ -174,21 +175,30 @@ class Session:
                     try:
                         if idle:  # a stop may end the wait for a command outside a transaction
                             conn.waiting = True
-                            if stopping():  # signalled before ``waiting`` was set: nothing was interrupted
-                                raise StopSession()
-                        data = sock.recv(RECV_SIZE)
+                            try:
+                                if stopping():  # signalled before ``waiting`` was set: nothing was interrupted
+                                    raise StopSession()
+                                data = sock.recv(RECV_SIZE)
+                            finally:
+                                conn.waiting = False
+                        else:
+                            data = sock.recv(RECV_SIZE)
                     except (TimeoutError, BlockingIOError):  # SO_RCVTIMEO woke the read early
                         data = None
                     except OSError as exc:
                         raise ClientGone(str(exc)) from None
-                    finally:
-                        conn.waiting = False
                     if data:
                         n = len(data)
                         reader.received += n
                         if data.find(b"\n", 0, limit) == n - 1 and data[n - 2] == 0x0D:  # one line, its CRLF within the limit
                             reader.buf, reader.pos, reader.bare_lf = data, n, False
-                            dispatch(data[:-2])
+                            verb, _, arg = data[:-2].partition(b" ")
+                            # _dispatch's common case: a verb of the plain table in upper case, its
+                            # argument ASCII without NUL or CR, nothing to check first (see _PLAIN_COMMANDS)
+                            if plain and (entry := _PLAIN_COMMANDS.get(verb)) and arg.isascii() and 0 not in arg and 13 not in arg:
+                                answer(entry[0](transaction if entry[1] else self, arg.decode("ascii").strip(" \t")), entry[2])
+                            else:
+                                self._dispatch(data[:-2])
                             continue
                         reader.buf, reader.pos = data, 0  # more than one line, or not one whole line: the cut below
                     elif data is None:  # the wait goes on the long way, its idle timeout from when it began
@@ -199,6 +209,12 @@ class Session:
                             conn.interruptible = False
                     else:
                         raise ClientGone("connection closed by client")
+                elif idle and reader.pos < len(reader.buf) and stopping():
+                    # a command buffered already: no wait looks at a stop before it (every wait
+                    # for a command outside a transaction does: the round's, Connection.recv's)
+                    self.end = "stopping"
+                    self._answer(R.SHUTTING_DOWN.format(self.hostname))
+                    break
                 conn.interruptible = idle  # a stop may end the wait for a command outside a transaction
                 try:
                     line = reader.readline(limit)
@@ -355,21 +371,22 @@ class Session:
         handler set ``disconnect``.  None: the verb's last reply was an
         interim one, only ``disconnect`` applies.
         """
-        if reply is not None:
-            code = reply[0]
-            if type(reply) is _Reply:  # the engine's constant replies: framed once
-                data = _WIRED.get((reply, verb)) or R.wire(reply, verb)
-            elif len(lines := reply[1]) == 1 and (line := lines[0]) and line[1:2] != "." and (head := _HEADS.get((verb, code))):
-                data = f"{head}{line}\r\n".encode("utf-8", "surrogateescape")  # wire's one-line hook reply
-            else:
-                data = R.wire(reply, verb)
-            self.queue(data)
-            self.last_reply = (reply, verb)
-            if code >= 400 or reply.closes or verb in _BY_VERB:  # else nothing to count or act on
-                if verb in _BY_VERB:  # RCPT and AUTH outcomes
-                    self.counts[_BY_VERB[verb][code // 100]] += 1
-                if code >= 400 or reply.closes:
-                    self._weigh(reply)
+        if type(reply) is _Reply:  # the engine's constant replies: framed once
+            self.queue(_WIRED.get((reply, verb)) or R.wire(reply, verb))
+        elif reply is not None and len(lines := reply[1]) == 1 and (line := lines[0]) and line[1:2] != "." and (head := _HEADS.get((verb, reply[0]))):
+            self.queue(f"{head}{line}\r\n".encode("utf-8", "surrogateescape"))  # wire's one-line hook reply
+        elif reply is not None:
+            self.queue(R.wire(reply, verb))
+        else:  # the verb's last reply was an interim one
+            if self.handler.disconnect:
+                self.closing = True
+            return
+        self.last_reply = (reply, verb)
+        if reply[0] >= 400 or reply.closes or verb in _BY_VERB:  # else nothing to count or act on
+            if verb in _BY_VERB:  # RCPT and AUTH outcomes
+                self.counts[_BY_VERB[verb][reply[0] // 100]] += 1
+            if reply[0] >= 400 or reply.closes:
+                self._weigh(reply)
         if self.handler.disconnect:
             self.closing = True
 
@@ -401,7 +418,8 @@ class Session:
         """Check a command line, run its verb, write the verb's reply.
 
         The common line (ASCII, no NUL or CR, not refused for a bare LF) takes
-        the straight path; any other goes through :meth:`_decode` first.
+        the straight path; any other goes through :meth:`_decode` first.  (A
+        plain verb read by the command round is called by :meth:`run` itself.)
         """
         # NUL and CR looked for as octet values: a bytes pattern would first be tried as an
         # integer, and the TypeError it raises and drops costs more than the search.
@@ -660,6 +678,14 @@ _COMMANDS: dict[str, tuple[Callable[[Any, str], R.Answer], bool, bool]] = {
     "BDAT": (Transaction.bdat, True, False),
 }
 assert JUNK <= _COMMANDS.keys()
+#: The verbs the command round calls itself, without _dispatch, by their octets as sent (upper
+#: case): (method, of the transaction, verb).  Not the junk commands (_dispatch counts them), nor
+#: STARTTLS (its handshake follows the reply, in _after_reply); a verb sent in lower or mixed
+#: case, or an unknown one, goes through _dispatch.
+_PLAIN_COMMANDS: dict[bytes, tuple[Callable[[Any, str], R.Answer], bool, str]] = {
+    verb.encode("ascii"): (method, of_transaction, verb)
+    for verb, (method, of_transaction, junk) in _COMMANDS.items() if not junk and verb != "STARTTLS"
+}
 
 #: What _answer reads on every reply, from replies and counters, without the module lookups:
 #: the engine's framed constant replies, the heads of one-line replies, the counted verbs.

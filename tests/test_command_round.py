@@ -140,6 +140,9 @@ LINES = st.sampled_from([
     b"DATA", b"DATA x", b"RSET", b"NOOP", b"noop", b"VRFY b", b"EXPN", b"HELP", b"STARTTLS", b"AUTH PLAIN",
     b"QUIT x", b"FOO bar", b"", b"  ", b"MAIL FROM:<\xc3\xa9@example.org> SMTPUTF8", b"NOOP\x00",
     b"NOOP\rx", b"\xff\xfe", b"X" * 600, b"BDAT 4 LAST", *MESSAGE,
+    # spaces and tabs around a verb the loop may call itself, and what must not reach it
+    b"DATA \t", b"DATA\t", b"QUIT ", b"MAIL\tFROM:<a@example.org>", b"RCPT TO:<b@example.net> \t",
+    b"RCPT  TO:<b@example.net>", b"MAIL FROM:<a\x00@example.org>", b"RCPT TO:<b\r@example.net>", b"Mail FROM:<>",
 ])
 ENDINGS = st.sampled_from([b"\r\n"] * 6 + [b"\n", b"\r", b"\r\r\n"])
 #: One read's worth: one or more lines (each with its ending), a BDAT chunk, a whole message.
@@ -240,6 +243,36 @@ def test_single_line_reads_take_the_common_round() -> None:
     assert fast_readlines == 0
 
 
+_ROUND_COMMANDS = [b"EHLO client.example", b"MAIL FROM:<a@example.org>", b"RCPT TO:<b@example.net>", b"DATA",
+                   b"NOOP", b"rset", b"STARTTLS", b"FOO", b"QUIT"]
+
+
+@pytest.mark.parametrize("settings_, dispatched", [
+    ({}, [b"NOOP", b"rset", b"STARTTLS", b"FOO"]),  # junk, lower case, STARTTLS, unknown
+    # every command checked first (MAIL refused before TLS: the message's lines are commands too)
+    ({"require_tls": "true"}, _ROUND_COMMANDS[:4] + [b"Subject: x", b"", b"body", b"."] + _ROUND_COMMANDS[4:]),
+    ({"forbid_unauth_pipelining": "true"}, _ROUND_COMMANDS),
+], ids=["plain", "require_tls", "forbid_unauth_pipelining"])
+def test_the_round_calls_plain_verbs_itself(settings_: dict[str, str], dispatched: list[bytes]) -> None:
+    """A plain verb read by the common round is called by the loop; every other line goes through _dispatch."""
+    script = [b"EHLO client.example\r\n", b"MAIL FROM:<a@example.org>\r\n", b"RCPT TO:<b@example.net>\r\n",
+              b"DATA\r\n", b"Subject: x\r\n\r\nbody\r\n.\r\n", b"NOOP\r\n", b"rset\r\n", b"STARTTLS\r\n",
+              b"FOO\r\n", b"QUIT\r\n"]
+    session = Session(ScriptedSocket(script), PEER, ESMTPHandler,  # type: ignore[arg-type]
+                      resolve({}, {**COMMON, **settings_}))
+    lines: list[bytes] = []
+    dispatch = session._dispatch
+
+    def counted(line: bytes) -> None:
+        lines.append(line)
+        dispatch(line)
+
+    session._dispatch = counted  # type: ignore[method-assign]
+    session.run()
+    assert lines == dispatched
+    assert session.quit and session.transaction.messages_accepted == (0 if "require_tls" in settings_ else 1)
+
+
 def test_pipelined_and_partial_reads_go_the_long_way() -> None:
     """Two lines in one read, half a line, a bare LF: the cut is readline's, from the same buffer."""
     script = [b"EHLO client.example\r\n", b"NOOP\r\nNOOP\r\n", b"NO", b"OP\r\n", b"NOOP\n", b"QUIT\r\n"]
@@ -251,13 +284,26 @@ def test_pipelined_and_partial_reads_go_the_long_way() -> None:
 
 
 def test_a_stop_before_the_wait_ends_an_idle_session() -> None:
-    """stopping() turns true between the loop's check and the read: 421, not a wait for the client."""
+    """stopping() turns true just before the read (the signal came before the wait): 421, not a wait for the client."""
     script = [b"EHLO client.example\r\n", b"NOOP\r\n", b"NOOP\r\n"]
-    out, state, _ = serve(FAST, script, stop_at=4)  # 1, 2: before and in EHLO's read; 3: NOOP's turn; 4: its read
+    out, state, _ = serve(FAST, script, stop_at=2)  # 1: before EHLO's read; 2: before the NOOP's
     assert state["end"] == "stopping"
     # EHLO's reply, then 421: the NOOP was never read
     assert out.endswith(b"250 BINARYMIME\r\n421 4.3.2 mx.test.example Service shutting down, closing connection\r\n")
     assert state["received"] == len(script[0])
+
+
+@pytest.mark.parametrize("config", [FAST, SLOW], ids=["common round", "long way"])
+def test_a_stop_ends_an_idle_session_before_a_buffered_command(config: Any) -> None:
+    """A command read with the one before (pipelined) waits for no read: the stop is looked at before it."""
+    script = [b"EHLO client.example\r\n", b"NOOP\r\nNOOP\r\n", b"NOOP\r\n"]
+    # 1: before EHLO's read; 2: before the two NOOPs' read; 3: before the second NOOP, buffered
+    out, state, _ = serve(config, script, stop_at=3)
+    assert state["end"] == "stopping"
+    assert state["stopping calls"] == 3
+    assert out.endswith(b"250 BINARYMIME\r\n250 2.0.0 OK\r\n"
+                       b"421 4.3.2 mx.test.example Service shutting down, closing connection\r\n")
+    assert state["received"] == len(script[0]) + len(script[1])
 
 
 def test_the_common_round_over_a_real_socket() -> None:
