@@ -15,7 +15,8 @@ from __future__ import annotations
 import ipaddress
 import re
 
-__all__ = ["AddressError", "parse_path_argument", "plain_sender", "plain_recipient", "sized_sender", "decode_xtext"]
+__all__ = ["AddressError", "parse_path_argument", "plain_sender", "plain_recipient", "sized_sender", "common_sender",
+           "decode_xtext"]
 
 
 class AddressError(ValueError):
@@ -93,20 +94,37 @@ _PLAIN = {
 # after it.  The lookaheads keep it within RFC 5321's lengths: at most 64 octets before "@"
 # (a plain local part holds no "@"), at most 254 between the brackets (the path's 256 with
 # them, which also bounds the domain); anything longer goes to parse_path_argument.
-_WHOLE_PLAIN_PATH = "<(?=[^@]{1,64}@)(?=[^>]{1,254}>)" + _PLAIN_PATH[1:]
+# The same language as _PLAIN_PATH (its one group: the address), with possessive quantifiers:
+# each run takes all it can and never gives any back, since no shorter run could let the rest
+# match (a run of atext is followed by "." or "@", a label's letters and digits by "-", "." or
+# ">"), so a near miss such as "<a@b> SIZE=1" fails at once instead of backtracking through
+# every run.  A label is runs of letters and digits joined by runs of hyphens, which is
+# _ASCII_SUB_DOMAIN's language (starts and ends with a letter or digit) without its backtrack.
+_POSSESSIVE_SUB_DOMAIN = "[A-Za-z0-9]++(?:-++[A-Za-z0-9]++)*+"
+_WHOLE_PLAIN_PATH = (
+    "<(?=[^@]{1,64}+@)(?=[^>]{1,254}+>)"
+    "([" + _ASCII_ATEXT + "]++(?:\\.[" + _ASCII_ATEXT + "]++)*+"
+    "@" + _POSSESSIVE_SUB_DOMAIN + "(?:\\." + _POSSESSIVE_SUB_DOMAIN + ")*+)>"
+)
 
 # (The keyword's cases are spelled out: without IGNORECASE the match is a fifth quicker.)
 #: ``FROM:<local@domain>`` with no parameters, as :func:`parse_path_argument` would take it
 #: (``fullmatch``; group 1 is the address), or None: then parse_path_argument decides.
-plain_sender = re.compile(" *[Ff][Rr][Oo][Mm]: *" + _WHOLE_PLAIN_PATH, re.ASCII).fullmatch
-#: ``TO:<local@domain>`` with no parameters, the same way.
-plain_recipient = re.compile(" *[Tt][Oo]: *" + _WHOLE_PLAIN_PATH, re.ASCII).fullmatch
+plain_sender = re.compile(" *+[Ff][Rr][Oo][Mm]: *+" + _WHOLE_PLAIN_PATH, re.ASCII).fullmatch
+#: ``TO:<local@domain>`` with no parameters, the same way (its addresses are printable ASCII).
+plain_recipient = re.compile(" *+[Tt][Oo]: *+" + _WHOLE_PLAIN_PATH, re.ASCII).fullmatch
 #: ``FROM:<local@domain> SIZE=n``, optionally followed by ``BODY=8BITMIME`` (or ``7BIT``,
 #: ``BINARYMIME``), in capitals: what ESMTP clients such as Postfix send.  Group 1 is the
 #: address, ``size`` SIZE's digits (at most 20, as the SIZE check wants), ``body`` BODY's value or None.
-sized_sender = re.compile(" *[Ff][Rr][Oo][Mm]: *" + _WHOLE_PLAIN_PATH
-                          + " SIZE=(?P<size>[0-9]{1,20})(?: BODY=(?P<body>8BITMIME|7BIT|BINARYMIME))?",
+sized_sender = re.compile(" *+[Ff][Rr][Oo][Mm]: *+" + _WHOLE_PLAIN_PATH
+                          + " SIZE=(?P<size>[0-9]{1,20}+)(?: BODY=(?P<body>8BITMIME|7BIT|BINARYMIME))?",
                           re.ASCII).fullmatch
+#: Both in one match, for the engine: ``FROM:<local@domain>`` with no parameters, or with
+#: ``SIZE=n`` and maybe ``BODY=...`` as :data:`sized_sender` takes them.  Group 1 is the
+#: address, 2 SIZE's digits, 3 BODY's value (2 and 3 None when there are no parameters).
+#: Every address it takes is printable ASCII (atext, letters, digits, "-", "." and "@").
+common_sender = re.compile(" *+[Ff][Rr][Oo][Mm]: *+" + _WHOLE_PLAIN_PATH
+                           + "(?: SIZE=([0-9]{1,20}+)(?: BODY=(8BITMIME|7BIT|BINARYMIME))?)?", re.ASCII).fullmatch
 
 _MAX_LOCAL_PART = 64  # RFC 5321 4.5.3.1.1
 _MAX_DOMAIN = 255  # RFC 5321 4.5.3.1.2

@@ -70,6 +70,10 @@ class Reader:
     #: (``command_deadline``, 0: no deadline); the monotonic time by which the current one must be
     _line_deadline: float | None = None
     _wake_after: float | None = None  # see __init__'s wake_after
+    #: what has been read and not yet taken (``buf[pos:]``), and the octets received in all
+    buf = b""
+    pos = 0
+    received = 0
 
     def __init__(self, sock: Any, timeout: float, wake_after: float | None = None,
                  command_deadline: float = 0.0, session_time: float = 0.0,
@@ -83,9 +87,6 @@ class Reader:
         self.sock = sock  # the connection: recv() and settimeout(), as a socket has
         self._recv = sock.recv
         self.timeout = timeout
-        self.buf = b""
-        self.pos = 0
-        self.received = 0
         self.command_deadline = command_deadline
         #: the socket's read timeout as last set (at most): none yet, unless inherited (the first
         #: read sets it, to ``wake_after``'s whole seconds when that is shorter than the timeout owed)

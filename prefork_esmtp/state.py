@@ -9,13 +9,19 @@ handler may keep a reference to the last one's recipients).  The handler's
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 
-@dataclass(slots=True)
+@dataclass
 class ConnectionState:
-    """What the engine knows about the client and the connection."""
+    """What the engine knows about the client and the connection.
+
+    Every field's default is an immutable class attribute (no slots): a session makes
+    its one with ``object.__new__`` and sets only what it knows at once (peer, local,
+    hostname, session_id), the rest read as those defaults, rather than running the
+    generated ten-field ``__init__``.
+    """
 
     peer: tuple[str, int] | None = None  #: the client's (host, port): the real client after a PROXY header
     local: tuple[str, int] | None = None  #: our (host, port)
@@ -34,6 +40,10 @@ class ConnectionState:
         self.auth_user = self.auth_mechanism = None
 
 
+#: A session makes its ConnectionState without __init__ (see the class): no field may need a factory.
+assert all(f.default is not MISSING for f in fields(ConnectionState))
+
+
 @dataclass(slots=True)
 class Envelope:
     """One mail transaction's envelope; ``sender`` None means no transaction is open."""
@@ -48,7 +58,9 @@ class Envelope:
                  mail_params: dict[str, str | None] | None = None, rcpt_params: dict[str, str | None] | None = None,
                  recipients_params: list[dict[str, str | None]] | None = None) -> None:
         """The fields as the dataclass takes them (None: a new empty list or dict), written out: the
-        engine makes one per transaction, and literals cost less than the generated default factories."""
+        engine makes one per transaction, and literals cost less than the generated default factories.
+        (The engine's blank ones are written out field by field in Transaction._clear: a field added
+        here goes there too; a test compares the two.)"""
         self.sender = sender
         self.recipients = [] if recipients is None else recipients
         self.mail_params = {} if mail_params is None else mail_params

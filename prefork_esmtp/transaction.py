@@ -18,7 +18,7 @@ from typing import Any
 from prefork_esmtp import counters
 from prefork_esmtp import params as P
 from prefork_esmtp import replies as R
-from prefork_esmtp.addresses import AddressError, parse_path_argument, plain_recipient, plain_sender, sized_sender
+from prefork_esmtp.addresses import AddressError, common_sender, parse_path_argument, plain_recipient
 from prefork_esmtp.connection import Connection
 from prefork_esmtp.dotdata import DotDecoder
 from prefork_esmtp.handler import RECIPIENT_OK, SENDER_OK, ESMTPHandler
@@ -39,9 +39,15 @@ _log_levels: dict[int, bool] = getattr(log, "_cache", {})
 _TEXT_BODIES = (None, "8BITMIME", "7BIT")
 
 _new_reply = tuple.__new__  # a HookReply without the Python-level __new__ of a NamedTuple
+_HookReply = R.HookReply
+_new_envelope = Envelope.__new__  # an Envelope with no field set yet: see Transaction._clear
 #: The base handler's MAIL and RCPT hooks: a handler that keeps them gets their reply without the call.
 _BASE_MAIL = ESMTPHandler.MAIL
 _BASE_RCPT = ESMTPHandler.RCPT
+#: Their texts before and after the address: f"{head}{address}{tail}" is SENDER_OK % address (RECIPIENT_OK's
+#: for RCPT), built without parsing the format each time.
+_MAIL_HEAD, _MAIL_TAIL = (SENDER_OK % "\0").split("\0")
+_RCPT_HEAD, _RCPT_TAIL = (RECIPIENT_OK % "\0").split("\0")
 #: The base handler's 354 as it goes on the wire (the same for every class that keeps the base DATA).
 _BASE_354 = R.wire(R.fixed_replies(ESMTPHandler)["DATA"], "DATA")
 _monotonic = time.monotonic
@@ -107,7 +113,14 @@ class Transaction:
 
     def _clear(self) -> None:
         """A fresh envelope, no message under way."""
-        self.envelope = self.handler._esmtp_envelope = Envelope()  # state.attach's work, without the call
+        # Envelope() written out, without the call to its __init__ (each of its fields as a blank one has
+        # it: a test holds the two together), and state.attach's work, without the call
+        env = self.envelope = self.handler._esmtp_envelope = _new_envelope(Envelope)
+        env.sender = None
+        env.recipients = []
+        env.mail_params = {}
+        env.rcpt_params = {}
+        env.recipients_params = []
         self.intake = self.started = None
         self.accepted = []
 
@@ -129,14 +142,15 @@ class Transaction:
         env, state, config = self.envelope, self.state, self.config
         if state.client is None or config.require_auth and state.auth_user is None or env.sender is not None:
             return self._mail_refused()
-        m = plain_sender(arg)
-        if m is not None:  # the commonest argument: a plain address, no parameters, nothing more to check
-            address, params = m.group(1), {}
-        elif (m := sized_sender(arg)) is not None and int(m.group("size")) <= config.max_message_size:
+        m = common_sender(arg)
+        if m is not None and (size := m[2]) is None:  # the commonest argument: a plain address, no parameters
+            address, params = m[1], {}
+        elif m is not None and int(size) <= config.max_message_size:
             # the common ESMTP client's: a plain address, SIZE within the limit, maybe a valid BODY
-            address, size, body = m.group(1, "size", "body")
+            address, body = m[1], m[3]
             params = {"SIZE": size} if body is None else {"SIZE": size, "BODY": body}
         else:
+            m = None  # an address the full parser took: the base hook's reply below checks it is printable
             try:
                 address, params = parse_path_argument(arg, "FROM")
             except AddressError as exc:
@@ -151,8 +165,10 @@ class Transaction:
             return R.RATE_MESSAGES
         env.sender, env.mail_params = address, params
         handler = self.handler
-        if type(handler).MAIL is _BASE_MAIL and "MAIL" not in handler.__dict__ and address.isprintable():
-            reply = _new_reply(R.HookReply, (250, [SENDER_OK % (address,)], True))  # the base hook's reply
+        # The base hook's reply, when it would print the address as it is: always for an address a
+        # plain match took (m, a Match, is true: printable ASCII), else when the address is printable.
+        if type(handler).MAIL is _BASE_MAIL and "MAIL" not in handler.__dict__ and (m or address.isprintable()):
+            reply = _new_reply(_HookReply, (250, [f"{_MAIL_HEAD}{address}{_MAIL_TAIL}"], True))
         else:
             reply = R.call_hook(handler, "MAIL", self.conn.who, address)
             if not 200 <= reply.code < 300:
@@ -178,7 +194,7 @@ class Transaction:
             return R.NEED_HELO if state.client is None else R.NEED_MAIL
         m = plain_recipient(arg)
         if m is not None:  # the commonest argument: a plain address, no parameters, nothing more to check
-            address, params = m.group(1), {}
+            address, params = m[1], {}
         else:
             try:
                 address, params = parse_path_argument(arg, "TO")
@@ -197,8 +213,9 @@ class Transaction:
             return R.RATE_RECIPIENTS
         env.rcpt_params = params
         handler = self.handler
-        if type(handler).RCPT is _BASE_RCPT and "RCPT" not in handler.__dict__ and address.isprintable():
-            reply = _new_reply(R.HookReply, (250, [RECIPIENT_OK % (address,)], True))  # the base hook's reply
+        # The base hook's reply, when it would print the address as it is (see mail).
+        if type(handler).RCPT is _BASE_RCPT and "RCPT" not in handler.__dict__ and (m or address.isprintable()):
+            reply = _new_reply(_HookReply, (250, [f"{_RCPT_HEAD}{address}{_RCPT_TAIL}"], True))
         else:
             reply = R.call_hook(handler, "RCPT", self.conn.who, address)
             if not 200 <= reply.code < 300:

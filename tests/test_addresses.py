@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pickle
+import re
+import string
 
 import pytest
 
@@ -546,7 +548,7 @@ def test_plain_path_examples_agree_with_the_full_grammar(argument):
 
 # --- the whole-argument match the engine tries first ------------------------------------------
 
-from prefork_esmtp.addresses import plain_recipient, plain_sender, sized_sender  # noqa: E402
+from prefork_esmtp.addresses import common_sender, plain_recipient, plain_sender, sized_sender  # noqa: E402
 
 _WHOLE = {"FROM": plain_sender, "TO": plain_recipient}
 _WHOLE_TOKENS = _PATH_TOKENS + ["l" * 64, "l" * 63, "d" * 63 + ".", "d" * 60, "\t", "\x00", "\u2028", ">x",
@@ -565,6 +567,13 @@ def _whole_agrees(argument: str, keyword: str) -> None:
         params = {"SIZE": size} if body is None else {"SIZE": size, "BODY": body}
         assert _outcome(parse_path_argument, argument, keyword) == (m.group(1), params)
         assert _outcome(_parse_general, argument, keyword) == (m.group(1), params)
+    if keyword == "FROM":  # the engine's one match takes what the two take, with the same groups
+        both, plain, sized = common_sender(argument), plain_sender(argument), sized_sender(argument)
+        assert (both is not None) == (plain is not None or sized is not None)
+        if plain is not None:
+            assert both.group(1, 2, 3) == (plain.group(1), None, None)
+        if sized is not None:
+            assert both.group(1, 2, 3) == sized.group(1, "size", "body")
 
 
 @settings(max_examples=1500, deadline=None)
@@ -639,3 +648,64 @@ def test_whole_plain_match_examples():
     assert len(path) == 254
     assert plain_recipient(f"TO:<{path}>").group(1) == path
     assert plain_recipient(f"TO:<{path}d>") is None
+
+
+# The whole-argument matchers as they were written with backtracking quantifiers: the possessive
+# ones must take exactly the arguments these take, with the same groups.
+_BACKTRACKING_PATH = (
+    "<(?=[^@]{1,64}@)(?=[^>]{1,254}>)(([A-Za-z0-9!#$%&'*+\\-/=?^_`{|}~]+(?:\\.[A-Za-z0-9!#$%&'*+\\-/=?^_`{|}~]+)*)"
+    "@([A-Za-z0-9](?:[A-Za-z0-9\\-]*[A-Za-z0-9])?(?:\\.[A-Za-z0-9](?:[A-Za-z0-9\\-]*[A-Za-z0-9])?)*))>"
+)
+_BACKTRACKING = {
+    "FROM": re.compile(" *[Ff][Rr][Oo][Mm]: *" + _BACKTRACKING_PATH, re.ASCII).fullmatch,
+    "TO": re.compile(" *[Tt][Oo]: *" + _BACKTRACKING_PATH, re.ASCII).fullmatch,
+    "SIZED": re.compile(" *[Ff][Rr][Oo][Mm]: *" + _BACKTRACKING_PATH
+                        + " SIZE=([0-9]{1,20})(?: BODY=(8BITMIME|7BIT|BINARYMIME))?", re.ASCII).fullmatch,
+}
+_LABEL_TOKENS = ["a", "Z9", "-", "--", ".", "..", "@", "<", ">", " ", "FROM:", "TO:", "from: ", "x" * 63, "l" * 64,
+                 "d" * 63 + ".", "+", "=", "_", "\u212a", "\u0131", "\x7f", "\t", " SIZE=", "0", "9" * 20,
+                 " BODY=8BITMIME", " BODY=7BIT", " BODY=BINARYMIME", "SIZE", "BODY"]
+
+
+def _same_match(argument: str) -> None:
+    for keyword, new in (("FROM", plain_sender), ("TO", plain_recipient), ("SIZED", sized_sender)):
+        old_m, new_m = _BACKTRACKING[keyword](argument), new(argument)
+        assert (old_m is None) == (new_m is None), (keyword, argument)
+        if old_m is not None:
+            assert new_m.group(1) == old_m.group(1)
+            if keyword == "SIZED":
+                assert new_m.group("size", "body") == old_m.group(4, 5)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.lists(st.sampled_from(_LABEL_TOKENS), max_size=18).map("".join))
+def test_possessive_matchers_take_what_the_backtracking_ones_took(argument):
+    _same_match(argument)
+    for prefix in ("FROM:<", "TO:<"):
+        _same_match(prefix + argument)
+        _same_match(prefix + argument + ">")
+
+
+@settings(max_examples=1000, deadline=None)
+@given(_LOCALS, _DOMAINS, st.sampled_from(["", ">", "> SIZE=1", "> SIZE=10 BODY=7BIT", "-", ".", "x>"]))
+def test_possessive_matchers_agree_about_the_length_limits(local, domain, tail):
+    for argument in (f"FROM:<{local}@{domain}{tail}", f"TO:<{local}@{domain}{tail}"):
+        _same_match(argument)
+
+
+def test_every_address_a_whole_argument_matcher_takes_is_printable():
+    """The engine answers with the base MAIL/RCPT hook's reply without asking isprintable() of an
+    address these matchers took: every code point at each kind of place in the path is tried."""
+    templates = ["<{}@d>", "<a{}b@d>", "<a@{}>", "<a@b{}c>"]
+    matchers = [(common_sender, "FROM:", ""), (plain_recipient, "TO:", ""), (common_sender, "FROM:", " SIZE=1")]
+    taken = set()
+    for code in range(0x110000):
+        c = chr(code)
+        for template in templates:
+            path = template.format(c)
+            for match, keyword, tail in matchers:
+                m = match(keyword + path + tail)
+                if m is not None:
+                    assert m.group(1).isprintable() and m.group(1).isascii(), (hex(code), template)
+                    taken.add(c)
+    assert taken == set(string.ascii_letters + string.digits + "!#$%&'*+-/=?^_`{|}~.")

@@ -9,6 +9,7 @@ parser, the hook called): the reply bytes and the envelope must not differ.
 
 from __future__ import annotations
 
+from dataclasses import fields
 from unittest import mock
 
 import pytest
@@ -19,7 +20,7 @@ from prefork_esmtp import ESMTPHandler
 from prefork_esmtp import replies as R
 from prefork_esmtp import transaction as T
 from prefork_esmtp.settings import resolve
-from prefork_esmtp.state import ConnectionState, attach
+from prefork_esmtp.state import ConnectionState, Envelope, attach
 
 CONFIG = resolve({}, {"hostname": "mx.test.example"}, source="test")
 
@@ -66,8 +67,7 @@ def run(handler_class: type, commands: list[tuple[str, str]], config=CONFIG, cli
 
 def run_general(handler_class: type, commands: list[tuple[str, str]], **kwargs):
     """:func:`run` with both shortcuts off: the full parser for every argument, every hook called."""
-    with mock.patch.object(T, "plain_sender", lambda arg: None), mock.patch.object(T, "sized_sender", lambda arg: None), \
-            mock.patch.object(T, "plain_recipient", lambda arg: None), \
+    with mock.patch.object(T, "common_sender", lambda arg: None), mock.patch.object(T, "plain_recipient", lambda arg: None), \
             mock.patch.object(T, "_BASE_MAIL", None), mock.patch.object(T, "_BASE_RCPT", None):
         return run(handler_class, commands, **kwargs)
 
@@ -159,3 +159,38 @@ def test_a_hook_set_on_the_handler_object_answers():
     replies, envelope = run(OwnHooks, [("MAIL", "FROM:<a@b.example>"), ("RCPT", "TO:<c@d.example>")])
     assert [r[0] for r in replies] == [b"250 2.1.0 mail hook a@b.example\r\n", b"550 5.0.0 rcpt hook says no\r\n"]
     assert envelope[2] == []
+
+
+def test_a_reset_makes_an_envelope_as_envelope_makes_a_blank_one():
+    """The transaction writes a blank Envelope out field by field: every field set, as Envelope() sets
+    it, in new objects of its own (a handler may keep the last envelope's lists)."""
+    handler = ESMTPHandler()
+    state = ConnectionState(peer=("192.0.2.1", 1025), client="c.example", esmtp=True)
+    attach(handler, state)
+    t = T.Transaction(handler, state, Conn(), CONFIG)
+    t.mail("FROM:<a@b.example>")
+    t.rcpt("TO:<c@d.example>")
+    old = t.envelope
+    t._clear()
+    env, blank = t.envelope, Envelope()
+    assert type(env) is Envelope and handler._esmtp_envelope is env and env is not old
+    assert [getattr(env, f.name) for f in fields(Envelope)] == [getattr(blank, f.name) for f in fields(Envelope)]
+    assert env == blank
+    for f in fields(Envelope):
+        value = getattr(env, f.name)
+        assert value is None or all(value is not getattr(e, f.name) for e in (old, blank)), f.name
+    assert len({id(env.recipients), id(env.mail_params), id(env.rcpt_params), id(env.recipients_params)}) == 4
+    assert old.recipients == ["c@d.example"] and old.sender == "a@b.example"  # the last envelope is left as it was
+    assert t.accepted == [] and t.started is None and t.intake is None
+
+
+def test_an_address_with_percent_signs_is_printed_as_it_is():
+    """The base hooks' replies put the address in with %: a "%s" in the address stays as it is."""
+    commands = [("MAIL", "FROM:<a%s%%b@b.example>"), ("RCPT", "TO:<c%s@d.example>"),
+                ("RCPT", "TO:<100%@d.example> NOTIFY=NEVER")]
+    replies, envelope = run(ESMTPHandler, commands)
+    assert [r[0] for r in replies] == [b"250 2.1.0 <a%s%%b@b.example>, sender ok\r\n",
+                                       b"250 2.1.5 <c%s@d.example>, recipient ok\r\n",
+                                       b"250 2.1.5 <100%@d.example>, recipient ok\r\n"]
+    assert envelope[2] == ["c%s@d.example", "100%@d.example"]
+    agree(commands)
