@@ -49,6 +49,7 @@ LINGER_OCTETS = 1 << 20
 _TIMEVAL = struct.Struct("@ll")  # struct timeval, for SO_RCVTIMEO
 _MAX_KERNEL_TIMEOUT = 1e9  # seconds: more would overflow; nobody waits 30 years
 _MSG_DONTWAIT = socket.MSG_DONTWAIT
+_new_object = object.__new__
 
 
 def _timeval(seconds: float) -> bytes:
@@ -109,7 +110,8 @@ class Connection:
         self.stopping = stopping
         # (host, port) of an address tuple (an IPv6 one has four fields), else None
         self.peer = peer if type(peer) is tuple and len(peer) == 2 else _address(peer)
-        #: the socket is blocking and its read timeout is the kernel's (False once TLS is on)
+        #: the socket is blocking and its read timeout is the kernel's (False once TLS is on); an
+        #: instance attribute, not a class default: the command round reads it every time
         self.kernel_timeouts = True
         if sock.gettimeout() is not None:
             sock.setblocking(True)
@@ -121,8 +123,10 @@ class Connection:
         self.local = local if type(local) is tuple and len(local) == 2 else _address(local)
         #: the client, as logs name it
         self.who = f"{self.peer[0]}:{self.peer[1]}" if self.peer else "client"
-        self.writer = ReplyWriter(self)
-        self.pending = self.writer.pending  # the replies queued (recv sends them)
+        # ReplyWriter(self) without its __init__'s call: the writer's two slots set here
+        self.writer = writer = _new_object(ReplyWriter)
+        writer.sock, writer.pending = self, []
+        self.pending = writer.pending  # the replies queued (recv sends them)
         self.timeout = config.timeout
         self.reader = Reader(self, config.timeout,  # DATA's rate needs its grace as a timeout at once
                              config.min_data_rate_grace if config.min_data_rate > 0 else None,

@@ -18,6 +18,8 @@ from prefork_esmtp.message import HeaderTooLong, MessageParser, TooManyHeaderLin
 
 log = logging.getLogger("prefork_esmtp.session")
 _BASE_HEADER = ESMTPHandler.HEADER
+_BASE_EOH = ESMTPHandler.EOH
+_BASE_BODY = ESMTPHandler.BODY
 
 
 class MessageIntake:
@@ -86,22 +88,28 @@ def _problem(exc: Exception, who: str) -> R.Reply:
     return R.HOOK_FAILED
 
 
-def take_message(handler: Any, data: bytes, max_size: int, max_header_size: int, reject_bare: bool,
-                 who: str, max_header_lines: int | None = None, lf_ends_lines: bool = False) -> R.Reply | None:
-    """A whole message at once (DATA's, unstuffed): what a :class:`MessageIntake` made with these
-    arguments, fed ``data`` in any pieces and finished, would do and return.
+def take_message(handler: Any, data: bytes, limits: tuple[int, int, bool, str, int | None, bool]) -> R.Reply | None:
+    """A whole message at once (DATA's, unstuffed): what a :class:`MessageIntake` made with ``limits``
+    (its arguments after the handler, as one tuple: the session's, passed without a new one per
+    message), fed ``data`` in any pieces and finished, would do and return.
 
     The common case without the intake or the parser: a handler that takes no HEADER calls,
     a header section that is plain (:func:`~prefork_esmtp.message.plain_section`): the section
-    at once, EOH, and one BODY for a body within the chunk size.
+    at once, EOH, and one BODY for a body within the chunk size (neither call when the handler
+    keeps the base EOH and BODY, which do nothing).
     """
+    max_size, max_header_size, reject_bare, who, max_header_lines, _ = limits
     if len(data) <= max_size and not (reject_bare and (count_bare_newlines(data, False) or data[-1:] == b"\r")) \
-            and type(handler).HEADER is _BASE_HEADER and "HEADER" not in handler.__dict__ \
+            and (cls := type(handler)).HEADER is _BASE_HEADER and "HEADER" not in handler.__dict__ \
             and (m := plain_section(data, max_header_size, max_header_lines)) is not None:
         end = m.end()
         try:  # as MessageParser ends the section, then its body
             handler.header_raw = data[m.start(1):end - 2]
             handler.header_section = data[:end]
+            if cls.EOH is _BASE_EOH and cls.BODY is _BASE_BODY and "EOH" not in handler.__dict__ \
+                    and "BODY" not in handler.__dict__:  # the base EOH and BODY do nothing: no calls
+                handler.chunkmode = False
+                return None
             handler.chunkmode = True
             handler.EOH()
             n = len(data) - end
@@ -116,6 +124,6 @@ def take_message(handler: Any, data: bytes, max_size: int, max_header_size: int,
             return _problem(exc, who)
         handler.chunkmode = False  # as finish does
         return None
-    intake = MessageIntake(handler, max_size, max_header_size, reject_bare, who, max_header_lines, lf_ends_lines)
+    intake = MessageIntake(handler, *limits)
     intake.feed(data)
     return intake.finish()

@@ -70,6 +70,10 @@ class Reader:
     #: (``command_deadline``, 0: no deadline); the monotonic time by which the current one must be
     _line_deadline: float | None = None
     _wake_after: float | None = None  # see __init__'s wake_after
+    #: what has been read and not yet taken (``buf[pos:]``), and the octets received in all
+    buf = b""
+    pos = 0
+    received = 0
 
     def __init__(self, sock: Any, timeout: float, wake_after: float | None = None,
                  command_deadline: float = 0.0, session_time: float = 0.0,
@@ -83,9 +87,6 @@ class Reader:
         self.sock = sock  # the connection: recv() and settimeout(), as a socket has
         self._recv = sock.recv
         self.timeout = timeout
-        self.buf = b""
-        self.pos = 0
-        self.received = 0
         self.command_deadline = command_deadline
         #: the socket's read timeout as last set (at most): none yet, unless inherited (the first
         #: read sets it, to ``wake_after``'s whole seconds when that is shorter than the timeout owed)
@@ -348,10 +349,10 @@ class Reader:
         pos = self.pos
         if pos >= len(buf):  # the common case: the client waited for the 354
             now = _monotonic()  # the data rate's clock: started by this read
-            # No deadline before the socket's timeout: the session's (see _replan), nor the data
-            # rate's, its grace from now on (the read's own octets only push it further).
-            if not (now < self._plain_base and self._current_timeout <= self.timeout
-                    and (octets_per_second <= 0 or self._current_timeout <= grace)):
+            # No deadline before the socket's timeout: the session's (nor is the timeout longer than
+            # the idle one: see _replan; no data rate or command line is under way here), nor the
+            # data rate's, its grace from now on (the read's own octets only push it further).
+            if not (now < self._plain_until and (octets_per_second <= 0 or self._current_timeout <= grace)):
                 return self._data_fill(octets_per_second, grace, now, None)
             try:
                 buf = self._recv(RECV_SIZE)
@@ -366,8 +367,13 @@ class Reader:
             self.pos = pos = 0
         else:
             now = None  # all was buffered: no clock reading
-        # The first line that starts with a dot, in one search: the common message has none
-        # before its end-of-data line, and then has nothing to unstuff either.
+        # The common buffer: the message, then its end-of-data line and nothing after it, and no
+        # line before that starts with a dot (one search up to it): nothing to unstuff either.
+        end = len(buf) - 3
+        if buf.endswith(b"\r\n.\r\n") and buf[pos] != 0x2E and line_dot(buf, pos, end) is None:
+            self.pos = end + 3
+            return buf[pos:end]
+        # Else the first line that starts with a dot, in one search (pos is a line's start).
         m = line_dot(buf, pos)
         if m is not None and buf[pos] != 0x2E:  # the first line has no dot (stuffed, or the end)
             end = m.start()

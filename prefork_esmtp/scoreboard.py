@@ -239,15 +239,17 @@ class Scoreboard:
         """Worker: :meth:`update` for slot ``index`` as one function with everything bound.
 
         The same stores in the same order as :meth:`update` (its check-in
-        included, the state last), in one Python call instead of two.
+        included, the state last), in one Python call instead of two; no peer
+        (idle) is written as the zeros its encoding would make, made once.
         """
         mem, u64, f64, wall, monotonic = self.mem, self._u64, self._f64, time.time, time.monotonic
         off = _BASE + index * _SLOT.size
         peer_at, peer_end, sessions_at, word, state_at = \
             off + _PEER, off + _PEER + _PEER_SIZE, (off + _SESSIONS) >> 3, (off + _SEEN) >> 3, off + _STATE
+        no_peer = bytes(_PEER_SIZE)  # "".encode()[:_PEER_SIZE - 1].ljust(_PEER_SIZE, b"\0")
 
         def update(state: int, sessions: int, peer: str, expect: float) -> None:
-            mem[peer_at:peer_end] = peer.encode()[:_PEER_SIZE - 1].ljust(_PEER_SIZE, b"\0")
+            mem[peer_at:peer_end] = peer.encode()[:_PEER_SIZE - 1].ljust(_PEER_SIZE, b"\0") if peer else no_peer
             u64[sessions_at] = sessions
             f64[word] = wall()
             f64[word + 1] = expect

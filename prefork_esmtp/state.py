@@ -9,13 +9,19 @@ handler may keep a reference to the last one's recipients).  The handler's
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 
-@dataclass(slots=True)
+@dataclass
 class ConnectionState:
-    """What the engine knows about the client and the connection."""
+    """What the engine knows about the client and the connection.
+
+    Every field's default is an immutable class attribute (no slots): a session makes
+    its one with ``object.__new__`` and sets only what it knows at once (peer, local,
+    hostname, session_id), the rest read as those defaults, rather than running the
+    generated ten-field ``__init__``.
+    """
 
     peer: tuple[str, int] | None = None  #: the client's (host, port): the real client after a PROXY header
     local: tuple[str, int] | None = None  #: our (host, port)
@@ -32,6 +38,10 @@ class ConnectionState:
         """After STARTTLS (RFC 3207 4.2): the client must say EHLO again; AUTH is forgotten."""
         self.client, self.esmtp = None, False
         self.auth_user = self.auth_mechanism = None
+
+
+#: A session makes its ConnectionState without __init__ (see the class): no field may need a factory.
+assert all(f.default is not MISSING for f in fields(ConnectionState))
 
 
 @dataclass(slots=True)

@@ -30,6 +30,11 @@ from prefork_esmtp.settings import Config
 from prefork_esmtp.state import ConnectionState, Envelope
 
 log = logging.getLogger("prefork_esmtp.session")
+_INFO = logging.INFO
+#: logging's own record of the levels this logger is enabled for (logging empties it whenever a level
+#: changes, logging.disable too): a level it holds as False is off, no isEnabledFor call needed;
+#: an empty dict where logging keeps no such record (then isEnabledFor is always asked)
+_log_levels: dict[int, bool] = getattr(log, "_cache", {})
 #: MAIL's BODY parameter as most clients send it (or none): nothing for DATA to check
 _TEXT_BODIES = (None, "8BITMIME", "7BIT")
 
@@ -51,6 +56,9 @@ _FramedReply = R.FramedReply
 _BASE_354 = R.wire(R.fixed_replies(ESMTPHandler)["DATA"], "DATA")
 _monotonic = time.monotonic
 _TRANSACTIONS = counters.TRANSACTIONS
+# the message counters' places (constants of the counters module), for _received
+_MESSAGES_BY_CLASS = counters.MESSAGES_BY_CLASS
+_MESSAGE_SIZE, _SIZE_BOUNDS, _MESSAGE_SIZE_SUM = counters.MESSAGE_SIZE, counters.SIZE_BOUNDS, counters.MESSAGE_SIZE_SUM
 
 
 def bdat_arguments(arg: str) -> tuple[int, bool] | None:
@@ -69,6 +77,9 @@ class Transaction:
     intake: MessageIntake | None = None  # a BDAT message under way
     started: float | None = None  # when MAIL was accepted; None: no transaction to log
     limits_data: tuple[int, int, bool, str, int, bool] | None = None  # see _limits_data
+    #: the base EOM's reply when the handler class keeps the base EOM, outside LMTP: what _end
+    #: answers for a message without the call (see _eom); set with limits_data, so at DATA
+    base_eom: R.Reply | None = None
     number = messages_accepted = messages_refused = 0  # this session's transactions, messages
 
     def __init__(self, handler: Any, state: ConnectionState, conn: Connection, config: Config,
@@ -240,8 +251,10 @@ class Transaction:
 
     def _limits_data(self) -> tuple[int, int, bool, str, int, bool]:
         """A DATA message's intake arguments after the handler (the same for each of the session's
-        messages): sizes, bare-newline policy, client, header lines, whether a bare LF ends lines."""
+        messages): sizes, bare-newline policy, client, header lines, whether a bare LF ends lines.
+        ``base_eom`` is worked out with them."""
         config = self.config
+        self.base_eom = self.fixed.get("EOM") if config.protocol != "lmtp" else None
         self.limits_data = (config.max_message_size, config.max_header_size, config.bare_newline == "reject",
                             self.conn.who, config.max_header_lines, config.bare_newline == "keep")
         return self.limits_data
@@ -272,15 +285,15 @@ class Transaction:
             return None
         if config.forbid_unauth_pipelining and conn.pipelined_early(self.state.auth_user is not None):
             return R.PIPELINING_ABUSE.format(config.hostname)
-        reader = conn.reader
         try:
-            data = reader.read_message(config.min_data_rate, config.min_data_rate_grace)
+            data = conn.reader.read_message(config.min_data_rate, config.min_data_rate_grace)
         except BaseException:  # no earlier message's header bytes from here on (once read, take_message
             handler.header_raw = handler.header_section = b""  # or MessageParser sets them before any hook)
             raise
         if data is not None:  # all of it at once (the common case)
-            return self._end(take_message(handler, data, *(self.limits_data or self._limits_data())), len(data))
+            return self._end(take_message(handler, data, self.limits_data or self._limits_data()), len(data))
         intake = self._new_intake(check_newlines=True)
+        reader = conn.reader
         try:  # the data rate is on (read_message started it)
             reader.read_data(DotDecoder(), intake.feed)
         finally:
@@ -356,6 +369,9 @@ class Transaction:
         4.2): all but the last are written here, the last is returned.  Not
         ``complete`` (a BDAT chunk before the last failed): its one reply only.
         """
+        if problem is None and (reply := self.base_eom) is not None and "EOM" not in self.handler.__dict__:
+            self._received(reply, size)  # the base EOM's one reply (see _eom), without the call
+            return reply
         accepted = self.accepted  # _received ends the transaction: a new list then
         lmtp = self.config.protocol == "lmtp"
         if problem is not None:
@@ -387,14 +403,14 @@ class Transaction:
         """
         counts = self.counts
         cls = verdict.code // 100
-        counts[counters.MESSAGES_BY_CLASS[cls]] += 1
-        counts[counters.MESSAGE_SIZE + bisect_left(counters.SIZE_BOUNDS, size)] += 1  # counters.observe's work
-        counts[counters.MESSAGE_SIZE_SUM] += size
+        counts[_MESSAGES_BY_CLASS[cls]] += 1
+        counts[_MESSAGE_SIZE + bisect_left(_SIZE_BOUNDS, size)] += 1  # counters.observe's work
+        counts[_MESSAGE_SIZE_SUM] += size
         if cls == 2:
             self.messages_accepted += 1
         else:
             self.messages_refused += 1
-        if log.isEnabledFor(logging.INFO):
+        if _log_levels.get(_INFO) is not False and log.isEnabledFor(_INFO):  # INFO off: no call
             self._log("accepted" if cls == 2 else "refused",
                       text if text is not None else R.first_line(verdict, "EOM"), size)
         self._clear()

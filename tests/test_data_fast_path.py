@@ -21,6 +21,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from prefork_esmtp import ESMTPHandler
+from prefork_esmtp.dotdata import DotDecoder
 from prefork_esmtp.message import MessageParser
 from prefork_esmtp.reader import Reader
 from prefork_esmtp.session import Session
@@ -48,6 +49,20 @@ class Recorder(ESMTPHandler):
 
     def BODY(self, data: bytes) -> None:
         self.calls.append(("BODY", bytes(data), self.chunkmode))
+
+    def EOM(self):  # noqa: ANN201
+        self.calls.append(("EOM", self.header_raw, self.header_section, self.chunkmode))
+        return super().EOM()
+
+
+class QuietRecorder(ESMTPHandler):
+    """Keeps the base EOH and BODY (which do nothing); records what the handler sees at EOM."""
+
+    calls: list[tuple] = []  # set per run
+
+    def DATA(self):  # noqa: ANN201
+        self.chunkmode = True  # the message's end leaves line mode whatever came before
+        return super().DATA()
 
     def EOM(self):  # noqa: ANN201
         self.calls.append(("EOM", self.header_raw, self.header_section, self.chunkmode))
@@ -135,15 +150,18 @@ def _case(stream: bytes) -> tuple[bytes, list[bytes]]:
 @example(_case(b"H: b\rc\r\n\r\nbody\r\n.\r\n"), "defaults", "chunks")
 @example(_case(b"H: b\r\n\r\nbo\rdy\r\n.\r\n"), "reject", "chunks")
 @example(_case(b"H: b\r\n\r\nbody\r\n..\r\n.\r\n"), "defaults", "lines")
+@example(_case(b"H: b\r\n\r\nbody\r\n.\r\n"), "defaults", "quiet")
 @settings(max_examples=400, deadline=None)
-@given(streams(), st.sampled_from(sorted(CONFIGS)), st.sampled_from(["chunks", "lines", "small", "fail", "header"]))
+@given(streams(), st.sampled_from(sorted(CONFIGS)),
+       st.sampled_from(["chunks", "lines", "small", "fail", "header", "quiet"]))
 def test_whole_message_way_makes_the_same_calls(case, config_name, mode):
     stream, pieces = case
     config = _resolved[config_name]
     attrs = {"line_mode": mode == "lines", "fail_eoh": mode == "fail"}
     if mode == "small":
         attrs["chunksize"] = 7
-    handler_class = type("H", (HeaderRecorder if mode == "header" else Recorder,), attrs)
+    base = {"header": HeaderRecorder, "quiet": QuietRecorder}.get(mode, Recorder)
+    handler_class = type("H", (base,), {} if mode == "quiet" else attrs)
     fast = run(pieces, handler_class, config, False)
     general = run(pieces, handler_class, config, True)
     assert fast == general
@@ -167,3 +185,33 @@ def test_the_common_message_goes_the_whole_message_way(monkeypatch):
                          ("BODY", b".dot\r\nbody\r\n", True),
                          ("EOM", b"X: y\r\n\tz\r\n", b"Subject: hi\r\nX: y\r\n\tz\r\n\r\n", False)]
     assert sent.count(b"\r\n250 2.0.0 Message accepted") == 2
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from([b"a", b"\r\n", b".", b"\r", b"\n", b"\r\n.", b"\r\n.\r\n", b"x: y"]), max_size=12),
+       st.sampled_from(["read", "after command", "buffered"]))
+@example([b"\r\n"], "read")
+@example([b"\r\n"], "after command")
+@example([b"\r\n.", b"\r\n.\r\n"], "after command")
+def test_read_message_takes_what_the_decoder_takes(parts, where):
+    """A DATA section read at once, buffered after a command line or alone: read_message returns what
+    DotDecoder decodes up to the first end-of-data line and leaves the rest (or takes nothing, rate on)."""
+    stream = b"".join(parts) + b"\r\n.\r\n"
+    buf = (b"DATA\r\n" if where == "after command" else b"") + stream
+    reader = Reader(ScriptedSocket([buf]), 60.0)
+    if where == "after command":
+        assert reader.readline(512) == b"DATA"
+    elif where == "buffered":
+        reader.buf, reader.pos = buf, 0
+    else:  # no deadline before the socket's timeout (within the data rate's grace): read at once
+        reader.timeout_set(5.0)
+    start = reader.pos
+    data = reader.read_message(500, 10.0)
+    pieces, pos, ended = DotDecoder().decode(buf, start)
+    assert ended
+    if data is None:
+        assert reader._rate is not None and reader.pos == start
+        assert buf[start] == 0x2E  # only a first line that starts with a dot goes the long way
+    else:
+        assert (data, reader.pos) == (b"".join(pieces), pos)
+        assert reader._rate is None
