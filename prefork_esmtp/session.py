@@ -74,7 +74,7 @@ class Session:
     # What a new session starts with (class-level, so each session sets only what differs).
     counted_ip: str | None = None  # counted by the per-address session limit: forget at the end
     end = ""  # why the session ended, for its log line (else: quit, or closed by us)
-    last_reply: tuple[R.Reply | R.HookReply, str] | None = None  # and its verb
+    last_reply: tuple[R.Reply | R.HookReply | R.FramedReply, str] | None = None  # and its verb
     errors = 0
     junk = 0
     closing = False
