@@ -15,8 +15,7 @@ from __future__ import annotations
 import ipaddress
 import re
 
-__all__ = ["AddressError", "parse_path_argument", "plain_sender", "plain_recipient", "sized_sender", "common_sender",
-           "decode_xtext"]
+__all__ = ["AddressError", "parse_path_argument", "plain_recipient", "common_sender", "decode_xtext"]
 
 
 class AddressError(ValueError):
@@ -108,20 +107,14 @@ _WHOLE_PLAIN_PATH = (
 )
 
 # (The keyword's cases are spelled out: without IGNORECASE the match is a fifth quicker.)
-#: ``FROM:<local@domain>`` with no parameters, as :func:`parse_path_argument` would take it
+#: ``TO:<local@domain>`` with no parameters, as :func:`parse_path_argument` would take it
 #: (``fullmatch``; group 1 is the address), or None: then parse_path_argument decides.
-plain_sender = re.compile(" *+[Ff][Rr][Oo][Mm]: *+" + _WHOLE_PLAIN_PATH, re.ASCII).fullmatch
-#: ``TO:<local@domain>`` with no parameters, the same way (its addresses are printable ASCII).
+#: Its addresses are printable ASCII.
 plain_recipient = re.compile(" *+[Tt][Oo]: *+" + _WHOLE_PLAIN_PATH, re.ASCII).fullmatch
-#: ``FROM:<local@domain> SIZE=n``, optionally followed by ``BODY=8BITMIME`` (or ``7BIT``,
-#: ``BINARYMIME``), in capitals: what ESMTP clients such as Postfix send.  Group 1 is the
-#: address, ``size`` SIZE's digits (at most 20, as the SIZE check wants), ``body`` BODY's value or None.
-sized_sender = re.compile(" *+[Ff][Rr][Oo][Mm]: *+" + _WHOLE_PLAIN_PATH
-                          + " SIZE=(?P<size>[0-9]{1,20}+)(?: BODY=(?P<body>8BITMIME|7BIT|BINARYMIME))?",
-                          re.ASCII).fullmatch
-#: Both in one match, for the engine: ``FROM:<local@domain>`` with no parameters, or with
-#: ``SIZE=n`` and maybe ``BODY=...`` as :data:`sized_sender` takes them.  Group 1 is the
-#: address, 2 SIZE's digits, 3 BODY's value (2 and 3 None when there are no parameters).
+#: The sender the same way, for the engine: ``FROM:<local@domain>`` with no parameters, or with
+#: ``SIZE=n`` (at most 20 digits, as the SIZE check wants) and maybe ``BODY=8BITMIME`` (or
+#: ``7BIT``, ``BINARYMIME``), in capitals: what ESMTP clients such as Postfix send.  Group 1 is
+#: the address, 2 SIZE's digits, 3 BODY's value (2 and 3 None when there are no parameters).
 #: Every address it takes is printable ASCII (atext, letters, digits, "-", "." and "@").
 common_sender = re.compile(" *+[Ff][Rr][Oo][Mm]: *+" + _WHOLE_PLAIN_PATH
                            + "(?: SIZE=([0-9]{1,20}+)(?: BODY=(8BITMIME|7BIT|BINARYMIME))?)?", re.ASCII).fullmatch

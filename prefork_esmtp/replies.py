@@ -4,12 +4,15 @@ Handlers return ``(code, *messages)``; :func:`call_hook` turns that into a
 :class:`HookReply` (or 451 when the hook fails).  The session frames either
 kind (``code-`` / ``code ``) and, with ENHANCEDSTATUSCODES on, puts a default
 enhanced status code (RFC 3463 / RFC 2034) before any message that lacks one.
+A :class:`FramedReply` is a hook's reply the engine made already framed so
+(the base MAIL and RCPT replies): the session sends its bytes as they are.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+from operator import itemgetter
 from typing import Any, NamedTuple
 
 from prefork_esmtp import counters
@@ -56,8 +59,32 @@ class HookReply(NamedTuple):
 
 _tuple_new = tuple.__new__  # a HookReply without the Python-level __new__ of a NamedTuple
 
+
+class FramedReply(tuple):
+    """A hook's one-line reply made with its bytes as they go on the wire, for the engine to send as
+    they are: ``tuple.__new__(FramedReply, (code, data, start))``, where ``data`` is what
+    :func:`wire` frames from ``HookReply(code, [text])`` for the verb it answers and ``text``
+    starts at ``data[start]``.  The engine makes the base MAIL and RCPT hooks' replies so, once,
+    where it builds them; it reads as that HookReply (``code``, ``lines``, ``counts``, ``closes``).
+    """
+
+    __slots__ = ()
+    code = property(itemgetter(0), doc="The reply code.")
+    data = property(itemgetter(1), doc="The reply as it goes on the wire, CRLF included.")
+    counts = True  # as a HookReply's default
+    closes = False
+
+    @property
+    def lines(self) -> list[str]:
+        """The reply's text as the hook wrote it, as a list of one line (as HookReply.lines)."""
+        return [self[1][self[2]:-2].decode("utf-8", "surrogateescape")]
+
+    def __repr__(self) -> str:
+        return f"FramedReply(code={self[0]!r}, data={self[1]!r})"
+
+
 #: What a verb returns: its final reply, or None when its last reply was an interim one.
-Answer = Reply | HookReply | None
+Answer = Reply | HookReply | FramedReply | None
 
 
 # The engine's own replies.  Names say when each is used.
@@ -170,10 +197,12 @@ WIRED: dict[tuple[Reply, str], bytes] = {}
 HEADS: dict[tuple[str, int], str] = {}
 
 
-def wire(reply: Reply | HookReply, verb: str) -> bytes:
+def wire(reply: Reply | HookReply | FramedReply, verb: str) -> bytes:
     """A final reply to ``verb`` as it goes on the wire: :func:`format_reply` with
     :func:`default_enhanced`, the engine's constant replies framed once, a hook's one-line
-    reply without the loop."""
+    reply without the loop, a :class:`FramedReply`'s bytes as they are (framed for its verb)."""
+    if type(reply) is FramedReply:
+        return reply[1]
     if type(reply) is Reply:
         data = WIRED.get((reply, verb))
         if data is None:
@@ -334,7 +363,7 @@ def format_reply(code: int, lines: list[str], enhanced: str | None) -> bytes:
     return "".join(out).encode("utf-8", "surrogateescape")
 
 
-def first_line(reply: Reply | HookReply, verb: str = "", limit: int = 200) -> str:
+def first_line(reply: Reply | HookReply | FramedReply, verb: str = "", limit: int = 200) -> str:
     """The first line of a reply as the client got it (``code [enhanced] text``), clipped, for logs."""
     line = format_reply(reply.code, reply.lines[:1], default_enhanced(reply.code, verb))
     text = line.decode("utf-8", "replace").rstrip("\r\n")

@@ -74,7 +74,7 @@ class Session:
     # What a new session starts with (class-level, so each session sets only what differs).
     counted_ip: str | None = None  # counted by the per-address session limit: forget at the end
     end = ""  # why the session ended, for its log line (else: quit, or closed by us)
-    last_reply: tuple[R.Reply | R.HookReply, str] | None = None  # and its verb
+    last_reply: tuple[R.Reply | R.HookReply | R.FramedReply, str] | None = None  # and its verb
     errors = 0
     junk = 0
     closing = False
@@ -363,16 +363,19 @@ class Session:
     # -- replies --------------------------------------------------------------
 
     def _answer(self, reply: R.Answer, verb: str = "") -> None:
-        """Write a command's final reply: the one place replies are framed, counted and acted on.
+        """Write a command's final reply: the one place replies are queued, framed, counted and acted on.
 
         Adds the default enhanced status code for ``verb`` where a line has
-        none; counts errors (sleeping past the soft limit, 421 at the hard
+        none (a :class:`~prefork_esmtp.replies.FramedReply` comes framed: its
+        bytes are queued as they are); counts errors (sleeping past the soft limit, 421 at the hard
         one); ends the session after a 421, a reply that closes, or when the
         handler set ``disconnect``.  None: the verb's last reply was an
         interim one, only ``disconnect`` applies.
         """
         if type(reply) is _Reply:  # the engine's constant replies: framed once
             self.queue(_WIRED.get((reply, verb)) or R.wire(reply, verb))
+        elif type(reply) is _FramedReply:  # made with its bytes (the base MAIL and RCPT replies)
+            self.queue(reply[1])
         elif reply is not None and len(lines := reply[1]) == 1 and (line := lines[0]) and line[1:2] != "." and (head := _HEADS.get((verb, reply[0]))):
             self.queue(f"{head}{line}\r\n".encode("utf-8", "surrogateescape"))  # wire's one-line hook reply
         elif reply is not None:
@@ -689,4 +692,4 @@ _PLAIN_COMMANDS: dict[bytes, tuple[Callable[[Any, str], R.Answer], bool, str]] =
 
 #: What _answer reads on every reply, from replies and counters, without the module lookups:
 #: the engine's framed constant replies, the heads of one-line replies, the counted verbs.
-_Reply, _WIRED, _HEADS, _BY_VERB = R.Reply, R.WIRED, R.HEADS, counters.BY_VERB
+_Reply, _FramedReply, _WIRED, _HEADS, _BY_VERB = R.Reply, R.FramedReply, R.WIRED, R.HEADS, counters.BY_VERB

@@ -44,10 +44,14 @@ _new_envelope = Envelope.__new__  # an Envelope with no field set yet: see Trans
 #: The base handler's MAIL and RCPT hooks: a handler that keeps them gets their reply without the call.
 _BASE_MAIL = ESMTPHandler.MAIL
 _BASE_RCPT = ESMTPHandler.RCPT
-#: Their texts before and after the address: f"{head}{address}{tail}" is SENDER_OK % address (RECIPIENT_OK's
-#: for RCPT), built without parsing the format each time.
-_MAIL_HEAD, _MAIL_TAIL = (SENDER_OK % "\0").split("\0")
-_RCPT_HEAD, _RCPT_TAIL = (RECIPIENT_OK % "\0").split("\0")
+#: Their replies as they go on the wire, before and after the address: f"{head}{address}{tail}", encoded,
+#: is R.wire(HookReply(250, [SENDER_OK % address]), "MAIL") (RECIPIENT_OK's for RCPT), framed once here
+#: (code, default enhanced code); the hook's text starts at the offset after them.
+_MAIL_HEAD, _MAIL_TAIL = R.wire(_HookReply(250, [SENDER_OK % "\0"]), "MAIL").decode().split("\0")
+_RCPT_HEAD, _RCPT_TAIL = R.wire(_HookReply(250, [RECIPIENT_OK % "\0"]), "RCPT").decode().split("\0")
+_MAIL_TEXT = len(_MAIL_HEAD) - SENDER_OK.index("%s")
+_RCPT_TEXT = len(_RCPT_HEAD) - RECIPIENT_OK.index("%s")
+_FramedReply = R.FramedReply
 #: The base handler's 354 as it goes on the wire (the same for every class that keeps the base DATA).
 _BASE_354 = R.wire(R.fixed_replies(ESMTPHandler)["DATA"], "DATA")
 _monotonic = time.monotonic
@@ -168,7 +172,8 @@ class Transaction:
         # The base hook's reply, when it would print the address as it is: always for an address a
         # plain match took (m, a Match, is true: printable ASCII), else when the address is printable.
         if type(handler).MAIL is _BASE_MAIL and "MAIL" not in handler.__dict__ and (m or address.isprintable()):
-            reply = _new_reply(_HookReply, (250, [f"{_MAIL_HEAD}{address}{_MAIL_TAIL}"], True))
+            # (a printable address holds no surrogate: plain encode() is wire's "surrogateescape" encode)
+            reply = _new_reply(_FramedReply, (250, f"{_MAIL_HEAD}{address}{_MAIL_TAIL}".encode(), _MAIL_TEXT))
         else:
             reply = R.call_hook(handler, "MAIL", self.conn.who, address)
             if not 200 <= reply.code < 300:
@@ -215,7 +220,7 @@ class Transaction:
         handler = self.handler
         # The base hook's reply, when it would print the address as it is (see mail).
         if type(handler).RCPT is _BASE_RCPT and "RCPT" not in handler.__dict__ and (m or address.isprintable()):
-            reply = _new_reply(_HookReply, (250, [f"{_RCPT_HEAD}{address}{_RCPT_TAIL}"], True))
+            reply = _new_reply(_FramedReply, (250, f"{_RCPT_HEAD}{address}{_RCPT_TAIL}".encode(), _RCPT_TEXT))
         else:
             reply = R.call_hook(handler, "RCPT", self.conn.who, address)
             if not 200 <= reply.code < 300:

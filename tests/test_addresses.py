@@ -548,32 +548,24 @@ def test_plain_path_examples_agree_with_the_full_grammar(argument):
 
 # --- the whole-argument match the engine tries first ------------------------------------------
 
-from prefork_esmtp.addresses import common_sender, plain_recipient, plain_sender, sized_sender  # noqa: E402
+from prefork_esmtp.addresses import common_sender, plain_recipient  # noqa: E402
 
-_WHOLE = {"FROM": plain_sender, "TO": plain_recipient}
+_WHOLE = {"FROM": common_sender, "TO": plain_recipient}
 _WHOLE_TOKENS = _PATH_TOKENS + ["l" * 64, "l" * 63, "d" * 63 + ".", "d" * 60, "\t", "\x00", "\u2028", ">x",
                                  " SIZE=", "0", "9" * 10, " BODY=7BIT", " BODY=BINARYMIME", " size=1", " BODY=8bitmime"]
 
 
 def _whole_agrees(argument: str, keyword: str) -> None:
-    """Where the whole-argument match takes an argument, both parsers take it the same way."""
+    """Where the whole-argument match takes an argument, both parsers take it the same way
+    (a sender's SIZE and BODY included)."""
     m = _WHOLE[keyword](argument)
     if m is not None:
-        assert _outcome(parse_path_argument, argument, keyword) == (m.group(1), {})
-        assert _outcome(_parse_general, argument, keyword) == (m.group(1), {})
-    m = sized_sender(argument) if keyword == "FROM" else None
-    if m is not None:
-        size, body = m.group("size", "body")
-        params = {"SIZE": size} if body is None else {"SIZE": size, "BODY": body}
+        params = {}
+        if keyword == "FROM" and m.group(2) is not None:
+            size, body = m.group(2, 3)
+            params = {"SIZE": size} if body is None else {"SIZE": size, "BODY": body}
         assert _outcome(parse_path_argument, argument, keyword) == (m.group(1), params)
         assert _outcome(_parse_general, argument, keyword) == (m.group(1), params)
-    if keyword == "FROM":  # the engine's one match takes what the two take, with the same groups
-        both, plain, sized = common_sender(argument), plain_sender(argument), sized_sender(argument)
-        assert (both is not None) == (plain is not None or sized is not None)
-        if plain is not None:
-            assert both.group(1, 2, 3) == (plain.group(1), None, None)
-        if sized is not None:
-            assert both.group(1, 2, 3) == sized.group(1, "size", "body")
 
 
 @settings(max_examples=1500, deadline=None)
@@ -628,21 +620,25 @@ def test_sized_match_takes_the_common_esmtp_mail_within_the_limits(local, domain
     argument = f"FROM:<{local}@{domain}> SIZE={size}{body}"
     fits = len(local) <= 64 and len(local) + len(domain) + 3 <= 256 and len(size) <= 20 \
         and body in ("", " BODY=8BITMIME", " BODY=7BIT", " BODY=BINARYMIME")
-    m = sized_sender(argument)
+    m = common_sender(argument)
     assert (m is not None) == fits
     if fits:
-        assert m.group(1, "size", "body") == (f"{local}@{domain}", size, body[6:] or None)
+        assert m.group(1, 2, 3) == (f"{local}@{domain}", size, body[6:] or None)
     _whole_agrees(argument, "FROM")
 
 
 def test_whole_plain_match_examples():
-    assert plain_sender("FROM:<a@b.example>").group(1) == "a@b.example"
+    assert common_sender("FROM:<a@b.example>").group(1, 2, 3) == ("a@b.example", None, None)
+    assert common_sender("FROM:<a@b> SIZE=1").group(1, 2, 3) == ("a@b", "1", None)
+    assert common_sender("FROM:<a@b> SIZE=12 BODY=8BITMIME").group(1, 2, 3) == ("a@b", "12", "8BITMIME")
     assert plain_recipient("to: <A.b+c@B-c.example>").group(1) == "A.b+c@B-c.example"
-    assert plain_sender("FROM:<" + "l" * 64 + "@d.example>") is not None
+    assert common_sender("FROM:<" + "l" * 64 + "@d.example>") is not None
     for argument in ["FROM:<" + "l" * 65 + "@d.example>", "FROM:<a@" + ".".join(["d" * 63] * 4) + ">",
-                     "FROM:<a@b> SIZE=1", "FROM:<a@b>x", "FROM:<>", "TO:<a@b>", "FROM:<\u212aelvin@b>",
+                     "FROM:<a@b> SIZE=1 ", "FROM:<a@b> BODY=8BITMIME", "FROM:<a@b> SIZE=1 BODY=8bitmime",
+                     "FROM:<a@b> SIZE=" + "9" * 21, "FROM:<a@b> SIZE=1 SMTPUTF8",
+                     "FROM:<a@b>x", "FROM:<>", "TO:<a@b>", "FROM:<\u212aelvin@b>",
                      "FROM:<\"q\"@b>", "FROM:<a@[127.0.0.1]>", "FROM:<@r.example:a@b>", "FROM:\t<a@b>"]:
-        assert plain_sender(argument) is None, argument
+        assert common_sender(argument) is None, argument
     assert plain_recipient("TO:<postmaster>") is None
     path = "a" * 64 + "@" + ".".join(["d" * 63, "d" * 63, "d" * 61])  # 254 octets: the path is 256
     assert len(path) == 254
@@ -668,13 +664,17 @@ _LABEL_TOKENS = ["a", "Z9", "-", "--", ".", "..", "@", "<", ">", " ", "FROM:", "
 
 
 def _same_match(argument: str) -> None:
-    for keyword, new in (("FROM", plain_sender), ("TO", plain_recipient), ("SIZED", sized_sender)):
-        old_m, new_m = _BACKTRACKING[keyword](argument), new(argument)
-        assert (old_m is None) == (new_m is None), (keyword, argument)
-        if old_m is not None:
-            assert new_m.group(1) == old_m.group(1)
-            if keyword == "SIZED":
-                assert new_m.group("size", "body") == old_m.group(4, 5)
+    old_m, new_m = _BACKTRACKING["TO"](argument), plain_recipient(argument)
+    assert (old_m is None) == (new_m is None), ("TO", argument)
+    if old_m is not None:
+        assert new_m.group(1) == old_m.group(1)
+    # the sender's one match takes what the plain and the sized pattern took, with their groups
+    plain, sized, new_m = _BACKTRACKING["FROM"](argument), _BACKTRACKING["SIZED"](argument), common_sender(argument)
+    assert (new_m is None) == (plain is None and sized is None), ("FROM", argument)
+    if plain is not None:
+        assert new_m.group(1, 2, 3) == (plain.group(1), None, None)
+    if sized is not None:
+        assert new_m.group(1, 2, 3) == sized.group(1, 4, 5)
 
 
 @settings(max_examples=3000, deadline=None)

@@ -445,3 +445,25 @@ def test_answer_queues_the_bytes_wire_frames(reply: Any, verb: str) -> None:
         session._answer(reply, verb)
         assert session.conn.pending == [R.wire(reply, verb)]
         assert session.last_reply == (reply, verb)
+
+
+def test_answer_queues_a_framed_reply_as_it_is_and_counts_rcpt() -> None:
+    """The base MAIL and RCPT replies come made with their bytes: _answer queues those bytes, keeps the
+    reply as the last one and counts RCPT's outcome, as for the reply they stand for."""
+    from prefork_esmtp import counters
+
+    session = Session(ScriptedSocket([]), PEER, ESMTPHandler, FAST)  # type: ignore[arg-type]
+    ok, refused = counters.BY_VERB["RCPT"][2], counters.BY_VERB["RCPT"][5]
+    for verb, line in (("MAIL", "<a@b.example>, sender ok"), ("RCPT", "<c@d.example>, recipient ok")):
+        data = R.wire(R.HookReply(250, [line]), verb)
+        reply = tuple.__new__(R.FramedReply, (250, data, len(data) - len(line) - 2))
+        assert reply.lines == [line]
+        before = session.counts[ok], session.counts[refused], session.errors
+        session.conn.pending.clear()
+        session._answer(reply, verb)
+        assert session.conn.pending == [data]
+        assert session.conn.pending[0] is data  # queued as it is, not framed again
+        assert session.last_reply == (reply, verb)
+        assert (session.counts[ok], session.counts[refused], session.errors) == \
+            (before[0] + (verb == "RCPT"), before[1], before[2])
+        assert not session.closing

@@ -194,3 +194,84 @@ def test_an_address_with_percent_signs_is_printed_as_it_is():
                                        b"250 2.1.5 <100%@d.example>, recipient ok\r\n"]
     assert envelope[2] == ["c%s@d.example", "100%@d.example"]
     agree(commands)
+
+
+# --- the base replies made with their bytes ---------------------------------------------------
+
+from prefork_esmtp.handler import RECIPIENT_OK, SENDER_OK  # noqa: E402
+
+_ATEXT = "abcXYZ019!#$%&'*+-/=?^_`{|}~"
+_LABEL = st.from_regex(r"[a-zA-Z0-9]([a-zA-Z0-9-]{0,20}[a-zA-Z0-9])?", fullmatch=True)
+#: Addresses the plain matchers take (dot-strings, lengths up to the limits) and ones only the full
+#: parser takes: quoted local parts, UTF-8 (with SMTPUTF8), Postmaster, the null sender.
+_PLAIN_ADDRESS = st.tuples(
+    st.one_of(st.lists(st.text(_ATEXT, min_size=1, max_size=20), min_size=1, max_size=3).map(".".join),
+              st.integers(60, 64).map(lambda n: "l" * n)),
+    st.one_of(st.lists(_LABEL, min_size=1, max_size=4).map(".".join),
+              st.just(".".join(["d" * 63, "d" * 63, "d" * 61])))).map("@".join)
+_OTHER_ADDRESS = st.one_of(
+    st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7e, blacklist_characters='"\\'), max_size=10)
+    .map(lambda local: f'"{local}"@q.example'),
+    st.text("abcé日ü", min_size=1, max_size=8).map(lambda local: f"{local}@ü.example"))
+
+
+def _base_reply(verb: str, address: str) -> R.HookReply:
+    """The base hook's reply for ``address`` as the engine would take it from the call."""
+    hook = ESMTPHandler.MAIL if verb == "MAIL" else ESMTPHandler.RCPT
+    return R.normalize(hook(ESMTPHandler(), address))
+
+
+def _check_framed(reply, verb: str, address: str) -> None:
+    expected = _base_reply(verb, address)
+    assert type(reply) is R.FramedReply
+    assert reply.data == reply[1] == R.wire(expected, verb) == R.wire(reply, verb)
+    assert (reply.code, reply.lines, reply.counts, reply.closes) == (expected.code, expected.lines, True, False)
+    assert R.first_line(reply, verb) == R.first_line(expected, verb)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.one_of(_PLAIN_ADDRESS, _OTHER_ADDRESS, st.just("")),
+       st.one_of(_PLAIN_ADDRESS, _OTHER_ADDRESS, st.sampled_from(["Postmaster", "postmaster"])),
+       st.sampled_from(["", " SIZE=100", " SIZE=100 BODY=8BITMIME"]))
+def test_the_base_replies_carry_the_bytes_wire_frames_from_the_hooks_reply(sender, recipient, params):
+    """MAIL and RCPT answer a handler that keeps the base hooks with the hook's reply made with its bytes:
+    the bytes wire() frames from the hook's own reply (default enhanced code included), read as that reply."""
+    utf8 = " SMTPUTF8" if not (sender + recipient).isascii() else ""
+    handler = ESMTPHandler()
+    state = ConnectionState(peer=("192.0.2.1", 1025), client="c.example", esmtp=True)
+    attach(handler, state)
+    t = T.Transaction(handler, state, Conn(), CONFIG)
+    _check_framed(t.mail(f"FROM:<{sender}>{params}{utf8}"), "MAIL", sender)
+    _check_framed(t.rcpt(f"TO:<{recipient}>"), "RCPT", recipient)
+    assert (t.envelope.sender, t.envelope.recipients) == (sender, [recipient])
+
+
+def test_a_real_server_sends_the_base_replies_as_they_were(start_server, client_for):
+    """The exact octets of the base MAIL and RCPT replies from a running server (a handler that keeps
+    the base hooks), pipelined and one by one, and the session's log line when it ends after RCPT."""
+    import re
+    import smtplib
+
+    from conftest import wait_for
+
+    srv = start_server(handler="prefork_esmtp.handlers.sink:Sink")
+    c = client_for(srv)
+    assert c.cmd("EHLO client.example")[0] == 250
+    c.send(b"MAIL FROM:<a@b.example> SIZE=10 BODY=8BITMIME\r\nRCPT TO:<c@d.example>\r\nRCPT TO:<Postmaster>\r\n"
+           b"RCPT TO:<\"q r\"@d.example>\r\nRSET\r\nMAIL FROM:<> SMTPUTF8\r\n"
+           + "RCPT TO:<jürgen@bücher.example>\r\n".encode() + b"RCPT TO:<e.f+g@H-i.example>\r\n")
+    assert [c._line(10) + b"\r\n" for _ in range(8)] == [
+        b"250 2.1.0 <a@b.example>, sender ok\r\n", b"250 2.1.5 <c@d.example>, recipient ok\r\n",
+        b"250 2.1.5 <Postmaster>, recipient ok\r\n", b"250 2.1.5 <\"q r\"@d.example>, recipient ok\r\n",
+        b"250 2.0.0 OK\r\n", b"250 2.1.0 <>, sender ok\r\n",
+        "250 2.1.5 <jürgen@bücher.example>, recipient ok\r\n".encode(), b"250 2.1.5 <e.f+g@H-i.example>, recipient ok\r\n"]
+    port = c.sock.getsockname()[1]
+    c.close()  # the session ends after RCPT: its log line shows that reply
+    line = wait_for(lambda: re.search(rf"session client=127\.0\.0\.1:{port} .*", srv.log()), 10,
+                    message="the session's log line")
+    assert 'reply="250 2.1.5 <e.f+g@H-i.example>, recipient ok"' in line.group(0)
+    assert "transactions=2 accepted=0" in line.group(0)
+    with smtplib.SMTP("127.0.0.1", srv.port, timeout=10) as smtp:
+        smtp.ehlo("client.example")
+        assert smtp.mail("a@b.example") == (250, b"2.1.0 <a@b.example>, sender ok")
+        assert smtp.rcpt("c@d.example") == (250, b"2.1.5 <c@d.example>, recipient ok")
