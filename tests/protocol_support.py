@@ -9,6 +9,7 @@ recording handler logs with CONNECT as the peer address.
 from __future__ import annotations
 
 import socket
+import threading
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ from conftest import Client, Server, launch, messages_from, wait_for
 
 __all__ = [
     "launch", "module_server", "local_port", "session_records", "session_hooks", "messages_from", "session_messages",
-    "raw_reply", "nothing_arrives", "unstuff", "stuff", "rss_kib",
+    "raw_reply", "nothing_arrives", "unstuff", "stuff", "rss_kib", "session_over",
 ]
 
 
@@ -120,3 +121,19 @@ def split_maildir_trace(content: bytes) -> tuple[list[bytes], bytes]:
     while lines[n].startswith(b"\t"):
         n += 1
     return lines[:n], b"\n".join(lines[n:])
+
+
+def session_over(run, theirs: socket.socket, lines: list[bytes], timeout: float = 10.0) -> list[str]:
+    """Run a Session's ``run`` in a thread, send ``lines`` from the other end ``theirs`` of its
+    socketpair, and return every reply line once the session closed (unit tests of the engine)."""
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    theirs.settimeout(timeout)
+    theirs.sendall(b"".join(line + b"\r\n" for line in lines))
+    data = b""
+    while chunk := theirs.recv(65536):  # bounded: the session closes after QUIT, the recv times out
+        data += chunk
+    theirs.close()
+    thread.join(timeout)
+    assert not thread.is_alive()
+    return data.decode().splitlines()

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import re
 import socket
-import threading
 
 import pytest
 
@@ -23,6 +22,7 @@ from prefork_esmtp.session import Session
 from prefork_esmtp.settings import resolve
 from prefork_esmtp.state import ConnectionState
 from prefork_esmtp.writer import ReplyWriter
+from protocol_support import session_over
 
 TIMEOUT = 5.0
 PEER = ("192.0.2.7", 4321)
@@ -49,18 +49,8 @@ class Watcher(ESMTPHandler):
 
 
 def run(session: Session, theirs: socket.socket, lines: list[bytes]) -> list[str]:
-    """Run ``session`` in a thread, send ``lines`` from ``theirs``, return every reply line."""
-    thread = threading.Thread(target=session.run, daemon=True)
-    thread.start()
-    theirs.settimeout(TIMEOUT)
-    theirs.sendall(b"".join(line + b"\r\n" for line in lines))
-    data = b""
-    while chunk := theirs.recv(65536):  # bounded: the session closes after QUIT, the recv times out
-        data += chunk
-    theirs.close()
-    thread.join(TIMEOUT)
-    assert not thread.is_alive()
-    return data.decode().splitlines()
+    """Run ``session``, send ``lines`` from ``theirs``, return every reply line."""
+    return session_over(session.run, theirs, lines, TIMEOUT)
 
 
 @pytest.fixture

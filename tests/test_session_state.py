@@ -9,7 +9,6 @@ real Session run in-process over a socketpair.
 from __future__ import annotations
 
 import socket
-import threading
 
 import pytest
 
@@ -18,6 +17,7 @@ from prefork_esmtp import replies as R
 from prefork_esmtp.session import Session
 from prefork_esmtp.settings import resolve
 from prefork_esmtp.state import ConnectionState, Envelope, attach
+from protocol_support import session_over
 
 TIMEOUT = 5.0
 
@@ -118,17 +118,7 @@ def converse(lines: list[bytes], **settings) -> list[str]:
     """Run a Session with Keeper over a socketpair; send each line, collect every reply line."""
     config = resolve({}, {"hostname": "mx.test.example", **settings}, source="test")
     ours, theirs = socket.socketpair()
-    thread = threading.Thread(target=Session(ours, ("192.0.2.1", 4321), Keeper, config).run, daemon=True)
-    thread.start()
-    theirs.settimeout(TIMEOUT)
-    theirs.sendall(b"".join(line + b"\r\n" for line in lines))
-    data = b""
-    while chunk := theirs.recv(65536):  # bounded: the session closes after QUIT, the recv times out
-        data += chunk
-    theirs.close()
-    thread.join(TIMEOUT)
-    assert not thread.is_alive()
-    return data.decode().splitlines()
+    return session_over(Session(ours, ("192.0.2.1", 4321), Keeper, config).run, theirs, lines, TIMEOUT)
 
 
 def test_the_handler_sees_the_session_and_keeps_an_old_envelope_intact():
