@@ -77,9 +77,6 @@ class Transaction:
     intake: MessageIntake | None = None  # a BDAT message under way
     started: float | None = None  # when MAIL was accepted; None: no transaction to log
     limits_data: tuple[int, int, bool, str, int, bool] | None = None  # see _limits_data
-    #: the base EOM's reply when the handler class keeps the base EOM, outside LMTP: what _end
-    #: answers for a message without the call (see _eom); set with limits_data, so at DATA
-    base_eom: R.Reply | None = None
     number = messages_accepted = messages_refused = 0  # this session's transactions, messages
 
     def __init__(self, handler: Any, state: ConnectionState, conn: Connection, config: Config,
@@ -87,7 +84,10 @@ class Transaction:
         self.handler = handler
         #: the base handler's constant replies for the hooks this handler did not override
         #: (the session's, worked out once per handler class)
-        self.fixed = fixed if fixed is not None else R.fixed_replies(type(handler))
+        self.fixed = fixed = fixed if fixed is not None else R.fixed_replies(type(handler))
+        #: the base EOM's reply when the handler class keeps the base EOM, outside LMTP: what _end
+        #: answers for a message without the call (see _eom)
+        self.base_eom = fixed.get("EOM") if config.protocol != "lmtp" else None
         self.limits = limits if limits is not None else Limits(config)
         self.state = state
         self.conn = conn
@@ -251,10 +251,8 @@ class Transaction:
 
     def _limits_data(self) -> tuple[int, int, bool, str, int, bool]:
         """A DATA message's intake arguments after the handler (the same for each of the session's
-        messages): sizes, bare-newline policy, client, header lines, whether a bare LF ends lines.
-        ``base_eom`` is worked out with them."""
+        messages): sizes, bare-newline policy, client, header lines, whether a bare LF ends lines."""
         config = self.config
-        self.base_eom = self.fixed.get("EOM") if config.protocol != "lmtp" else None
         self.limits_data = (config.max_message_size, config.max_header_size, config.bare_newline == "reject",
                             self.conn.who, config.max_header_lines, config.bare_newline == "keep")
         return self.limits_data
