@@ -49,7 +49,6 @@ LINGER_OCTETS = 1 << 20
 _TIMEVAL = struct.Struct("@ll")  # struct timeval, for SO_RCVTIMEO
 _MAX_KERNEL_TIMEOUT = 1e9  # seconds: more would overflow; nobody waits 30 years
 _MSG_DONTWAIT = socket.MSG_DONTWAIT
-_new_object = object.__new__
 
 
 def _timeval(seconds: float) -> bytes:
@@ -123,10 +122,8 @@ class Connection:
         self.local = local if type(local) is tuple and len(local) == 2 else _address(local)
         #: the client, as logs name it
         self.who = f"{self.peer[0]}:{self.peer[1]}" if self.peer else "client"
-        # ReplyWriter(self) without its __init__'s call: the writer's two slots set here
-        self.writer = writer = _new_object(ReplyWriter)
-        writer.sock, writer.pending = self, []
-        self.pending = writer.pending  # the replies queued (recv sends them)
+        self.writer = ReplyWriter(self)
+        self.pending = self.writer.pending  # the replies queued (recv sends them)
         self.timeout = config.timeout
         self.reader = Reader(self, config.timeout,  # DATA's rate needs its grace as a timeout at once
                              config.min_data_rate_grace if config.min_data_rate > 0 else None,

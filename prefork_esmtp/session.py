@@ -17,7 +17,6 @@ import random
 import socket
 import ssl
 import time
-from bisect import bisect_left as _bisect_left
 from collections.abc import Callable
 from typing import Any
 
@@ -49,9 +48,6 @@ _new_reply = tuple.__new__
 _new_object = object.__new__
 _getrandbits = random.getrandbits
 _SESSIONS = counters.SESSIONS
-#: The session-duration histogram (counters.observe's places): its buckets' bounds, first place, sum's place.
-_DURATION_BOUNDS, _SESSION_DURATION = counters.DURATION_BOUNDS, counters.SESSION_DURATION
-_SESSION_DURATION_SUM = _SESSION_DURATION + len(_DURATION_BOUNDS) + 1
 _monotonic = time.monotonic
 
 
@@ -268,9 +264,7 @@ class Session:
         """The session is over: count it, log an unfinished transaction, then the session's line."""
         duration = _monotonic() - self.began
         counts = self.counts
-        # counters.observe(counts, SESSION_DURATION, DURATION_BOUNDS, duration), without the call
-        counts[_SESSION_DURATION + _bisect_left(_DURATION_BOUNDS, duration)] += 1
-        counts[_SESSION_DURATION_SUM] += duration
+        counters.observe(counts, counters.SESSION_DURATION, counters.DURATION_BOUNDS, duration)
         counts[counters.RECEIVED_OCTETS] += self.reader.received
         transaction = self.transaction
         if transaction.started is not None:  # a transaction under way: logged as aborted

@@ -22,7 +22,6 @@ class ReplyWriter:
     __slots__ = ("sock", "pending")
 
     def __init__(self, sock: socket.socket) -> None:
-        # A Connection makes its writer without this call and sets these two slots itself.
         self.sock = sock
         #: the bytes queued, in order; the same list for the writer's life (the session appends to it)
         self.pending: list[bytes] = []

@@ -1,10 +1,9 @@
 """What a session sets up for the handler and counts at its end, as the engine makes them.
 
-The session makes its ConnectionState without the dataclass's ``__init__`` and
-its reply writer without ``ReplyWriter.__init__``, and counts its duration in
-the histogram without :func:`prefork_esmtp.counters.observe`; these tests hold
-each to what the full constructors and ``observe`` give.  Sessions run
-in-process over a socketpair with a real client on the other end.
+The session makes its ConnectionState without the dataclass's ``__init__``;
+these tests hold it, the handler's handles and the session-duration histogram
+to what the full constructors and :func:`prefork_esmtp.counters.observe` give.
+Sessions run in-process over a socketpair with a real client on the other end.
 """
 
 from __future__ import annotations
