@@ -3,7 +3,8 @@
 * ``drive``: one ``smtp-source`` run against one server, timed by the wall
   clock, with the CPU of the server's whole process tree before and after
   (every thread's runtime from ``/proc/PID/task/*/schedstat``, plus reaped
-  children; psutil's tick-sampled user/system split on the side);
+  children; psutil's tick-sampled user/system split on the side) and
+  smtp-source's own CPU (the client shares the machine's cores);
 * ``interleaved``: the warm-up and the repetitions, every server of the
   workload's group that runs in it once per repetition and workload, the
   order rotating;
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import signal
 import statistics
@@ -94,6 +96,7 @@ class Sample:
     cpu_sys: float
     ok: bool
     error: str = ""
+    client_cpu: float = 0.0  # smtp-source's own user + system seconds
 
 
 
@@ -166,19 +169,34 @@ def cpu_times(procs: list[psutil.Process]) -> tuple[float, float, float]:
 
 # -- driving ----------------------------------------------------------------------------------
 
-def drive(server: Server, wl: Workload, count: int, timeout: float) -> Sample:
-    """One smtp-source run against one server: wall time and the server tree's CPU."""
+def children_cpu() -> float:
+    """User + system seconds of this process's reaped children (the kernel adds them up to the runtime)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def drive(server: Server, wl: Workload, count: int, timeout: float,
+          client_cpus: set[int] | None = None) -> Sample:
+    """One smtp-source run against one server: wall time, the server tree's CPU and smtp-source's.
+
+    smtp-source is the only child that ends during the run, so the growth of
+    the reaped children's CPU is its own.  ``client_cpus`` pins it to those
+    CPUs (the reference run with the client on its own core).
+    """
     server.refresh_tree()
     c0, u0, s0 = cpu_times(server.procs)
     cmd = wl.args(count) + [f"{HOST}:{server.port}"]
+    pin = (lambda: os.sched_setaffinity(0, client_cpus)) if client_cpus else None
+    k0 = children_cpu()
     t0 = time.perf_counter()
-    proc = spawn(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = spawn(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=pin)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         end_process(proc, signal.SIGKILL, grace=1)
         return Sample(timeout, count, 0, 0, 0, False, f"timed out after {timeout:.0f} s")
     elapsed = time.perf_counter() - t0
+    client = max(0.0, children_cpu() - k0)
     release(proc)
     time.sleep(0.05)  # let the server finish the last QUIT/close
     server.refresh_tree()
@@ -186,7 +204,7 @@ def drive(server: Server, wl: Workload, count: int, timeout: float) -> Sample:
     text = (err or b"").decode(errors="replace").strip()
     ok = proc.returncode == 0 and "fatal" not in text
     return Sample(elapsed, count, max(0.0, c1 - c0), max(0.0, u1 - u0), max(0.0, s1 - s0), ok,
-                  "" if ok else (text.splitlines() or [f"exit {proc.returncode}"])[-1][:200])
+                  "" if ok else (text.splitlines() or [f"exit {proc.returncode}"])[-1][:200], client)
 
 
 def rate(wl: Workload, s: Sample) -> float:
@@ -208,6 +226,7 @@ class Stat:
     n_ok: int
     n_fail: int
     errors: list[str]
+    client_us: float | None = None  # smtp-source's CPU µs per message (median)
 
 
 def summarize(server: Server, wl: Workload) -> Stat:
@@ -220,9 +239,10 @@ def summarize(server: Server, wl: Workload) -> Stat:
     # repetitions together, and only when there is enough of it to mean something
     u, k = sum(s.cpu_user for s in good), sum(s.cpu_sys for s in good)
     users = [u / (u + k)] if u + k > 0.2 else []
+    clients = [s.client_cpu / s.messages * 1e6 for s in good if s.client_cpu > 0]
     return Stat(median(rates), min(rates) if rates else None, max(rates) if rates else None,
                 median(cpus), median(users), len(good), len(samples) - len(good),
-                [s.error for s in samples if not s.ok])
+                [s.error for s in samples if not s.ok], median(clients))
 
 
 

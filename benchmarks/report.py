@@ -115,15 +115,18 @@ def machine() -> dict[str, str]:
 def render(args: argparse.Namespace, workloads: list[Workload], servers: list[Server],
            bench_uss: list[int], idle_rows: list[dict[str, Any]], herd_rows: list[dict[str, Any]],
            started: datetime.datetime, elapsed: float, relay_mem: dict[str, Any] | None = None,
-           ops: dict[str, Any] | None = None, pool_rows: list[dict[str, Any]] | None = None) -> str:
-    """The whole report except the profile section, as markdown."""
+           ops: dict[str, Any] | None = None, pool_rows: list[dict[str, Any]] | None = None,
+           split: Workload | None = None) -> str:
+    """The whole report except the profile section, as markdown (``split``: the workload of the
+    reference run with the client on its own core, when it ran)."""
     m = machine()
     by_key = {s.key: s for s in servers}
     wl_by_key = {wl.key: wl for wl in workloads}
     ours = {}  # group -> prefork-esmtp's server in it (the first), the reference of its ratios
     for s in servers:
         ours.setdefault(s.group, s)
-    stats = {(s.key, wl.key): summarize(s, wl) for s in servers for wl in workloads if s.available}
+    stats = {(s.key, wl.key): summarize(s, wl) for s in servers
+             for wl in workloads + ([split] if split else []) if s.available}
     lines = []
     w = lines.append
     w("# prefork-esmtp benchmark results")
@@ -239,21 +242,22 @@ def render(args: argparse.Namespace, workloads: list[Workload], servers: list[Se
           f" per repetition")
         w("")
         w(f"| server | {unit} (median) | min – max | CPU µs/msg | user share of CPU | "
-          f"prefork-esmtp ÷ this ({unit}) | this CPU ÷ prefork-esmtp CPU | runs ok/failed |")
-        w("|---|--:|--:|--:|--:|--:|--:|--:|")
+          f"smtp-source CPU µs/msg | prefork-esmtp ÷ this ({unit}) | this CPU ÷ prefork-esmtp CPU | "
+          f"runs ok/failed |")
+        w("|---|--:|--:|--:|--:|--:|--:|--:|--:|")
         prefork = ours[wl.group]
         ref = stats.get((prefork.key, wl.key))
         group = [s for s in servers if s.group == wl.group and s.runs(wl.key)]
         for s in group:
             if not s.available:
-                w(f"| {s.label} | not run: {s.reason} | | | | | | |")
+                w(f"| {s.label} | not run: {s.reason} | | | | | | | |")
                 continue
             st = stats[(s.key, wl.key)]
             d = 1 if wl.big else 0
             ratio = (ref.rate / st.rate) if ref and ref.rate and st.rate else None
             cpu_ratio = (st.cpu_us / ref.cpu_us) if ref and ref.cpu_us and st.cpu_us else None
             w(f"| {s.label} | {fmt(st.rate, d)} | {fmt(st.lo, d)} – {fmt(st.hi, d)} | "
-              f"{fmt(st.cpu_us)} | {pct(st.user_share)} | "
+              f"{fmt(st.cpu_us)} | {pct(st.user_share)} | {fmt(st.client_us)} | "
               f"{'—' if s is prefork else times(ratio)} | "
               f"{'—' if s is prefork else times(cpu_ratio)} | {st.n_ok}/{st.n_fail} |")
         errors = [f"{s.label}: {e}" for s in group if s.available
@@ -266,6 +270,11 @@ def render(args: argparse.Namespace, workloads: list[Workload], servers: list[Se
         if floor:
             w(floor)
             w("")
+        for sentence in shared_cores_sentences(wl, group, stats):
+            w(sentence)
+            w("")
+    if split is not None:
+        lines += split_section(split, servers, stats)
 
     # memory
     w("## prefork-esmtp worker memory (USS)")
@@ -391,6 +400,65 @@ def render(args: argparse.Namespace, workloads: list[Workload], servers: list[Se
               f"{fmt(r.get('idle_window_s'))} s | {'yes' if r['ok'] else 'no'} |")
     w("")
     return "\n".join(lines)
+
+
+def shared_cores_sentences(wl: Workload, group: list[Server], stats: dict[tuple[str, str], Any]) -> list[str]:
+    """After a 2 KB table, for each msgs/s target of that workload: how the client's share of the cores
+    enters the ratio.
+
+    With the cores busy, msgs/s go as one over the CPU a message costs the
+    machine: the server's and smtp-source's together.  The client's part is
+    the same for every server, so it pulls every ratio towards 1; the
+    sentence gives that ratio of sums beside the servers' own CPU ratio, and
+    what the Python floor reached against the same peer in this run.
+    """
+    if wl.big or not group or not group[0].available:
+        return []
+    ours = stats.get((group[0].key, wl.key))
+    floor = next((s for s in group if s.reference and s.available), None)
+    low = stats.get((floor.key, wl.key)) if floor else None
+    out = []
+    for wl_key, peer_key, need in RATIO_TARGETS:
+        peer = next((s for s in group if s.key == peer_key and s.available), None)
+        theirs = stats.get((peer_key, wl.key)) if peer else None
+        if wl_key != wl.key or not ours or not theirs or None in (ours.cpu_us, ours.client_us, theirs.cpu_us,
+                                                                 theirs.client_us, ours.rate, theirs.rate):
+            continue
+        mine, its = ours.cpu_us + ours.client_us, theirs.cpu_us + theirs.client_us
+        text = (f"The client shares the cores (a reference for the ≥ {need:g}× target against {peer.label}): "
+                f"per message {group[0].label} {fmt(ours.cpu_us)} µs + smtp-source {fmt(ours.client_us)} µs, "
+                f"{peer.label} {fmt(theirs.cpu_us)} + {fmt(theirs.client_us)} µs. With the cores busy msgs/s go "
+                f"as 1 ÷ (server + client): {fmt(its)} ÷ {fmt(mine)} = **{its / mine:.2f}×** (measured "
+                f"{ours.rate / theirs.rate:.2f}×), where the servers' own CPU gives "
+                f"{theirs.cpu_us / ours.cpu_us:.2f}×")
+        if low and low.rate:
+            text += f"; the Python floor reached {low.rate / theirs.rate:.2f}× {peer.label}'s msgs/s in this run"
+        out.append(text + ".")
+    return out
+
+
+def split_section(split: Workload, servers: list[Server], stats: dict[tuple[str, str], Any]) -> list[str]:
+    """The reference run with each server on one core and smtp-source on another: its table and the
+    msgs/s ratio of prefork-esmtp to each server."""
+    group = [s for s in servers if s.available and stats.get((s.key, split.key)) and stats[(s.key, split.key)].n_ok]
+    if not group or group[0] is not servers[0]:  # prefork-esmtp's figure is the reference of the ratios
+        return []
+    ref = stats[(group[0].key, split.key)]
+    out = [f"### Reference: {split.title}", "",
+           "Not a target: the same servers (still running, same flags) with every thread of each pinned to one "
+           "CPU and `smtp-source` pinned to the other (`sched_setaffinity`), so a server's msgs/s is what one "
+           "core of its own gives it, as with clients on other machines; "
+           f"`smtp-source -s {split.sessions} -m {split.count} -l {split.size} -d`, same repetitions.", "",
+           "| server | msgs/s (median) | min – max | CPU µs/msg | smtp-source CPU µs/msg | "
+           "prefork-esmtp ÷ this (msgs/s) | runs ok/failed |",
+           "|---|--:|--:|--:|--:|--:|--:|"]
+    for s in group:
+        st = stats[(s.key, split.key)]
+        ratio = ref.rate / st.rate if ref.rate and st.rate else None
+        out.append(f"| {s.label} | {fmt(st.rate)} | {fmt(st.lo)} – {fmt(st.hi)} | {fmt(st.cpu_us)} | "
+                   f"{fmt(st.client_us)} | {'—' if s is group[0] else times(ratio)} | {st.n_ok}/{st.n_fail} |")
+    out.append("")
+    return out
 
 
 def floor_sentence(wl: Workload, group: list[Server], stats: dict[tuple[str, str], Any]) -> str:

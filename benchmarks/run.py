@@ -26,6 +26,12 @@ smtp_forward, both forwarding to one shared ``smtp-sink`` upstream:
   messages, measures the relay workers' peak memory against the same workers
   idle before it.
 
+Then, a reference and never a target, the ``persist`` workload once more with
+every server pinned to one CPU and ``smtp-source`` to another
+(``split_cores.py``): what one core of its own gives each server, since on
+two shared cores the client's CPU pulls every msgs/s ratio towards 1
+(``--no-split`` skips it).
+
 Then, with a handler that records every message it accepts
 (``production.py``), the connection-per-message load three ways, every
 session accounted for (refused, cut, lost): direct, with 5 HUPs during the
@@ -33,9 +39,9 @@ run, and through a real HAProxy sending the PROXY protocol v2 header; beside
 them, a reference and never a target, Postfix's smtp-sink direct and through
 a second HAProxy forwarding plain TCP (what the machine allows through it).
 
-For each run it records the wall time of ``smtp-source`` and the user+system
+For each run it records the wall time of ``smtp-source``, the user+system
 CPU time of the server's whole process tree (psutil, before and after; the
-times of reaped children are included).  It reports median messages/s (MB/s
+times of reaped children are included) and smtp-source's own CPU.  It reports median messages/s (MB/s
 for ``big``), CPU microseconds per message, the median USS of prefork-esmtp's
 workers, the median idle worker USS of a fresh server after 2,000 sessions,
 ratios of prefork-esmtp to each peer and pass/fail against the targets
@@ -56,6 +62,7 @@ when absent; Haraka is npm-installed into a cache directory outside the repo).
 This file is the command line and the order of the phases; the parts live
 beside it: ``servers.py`` (how each server is installed, started and stopped),
 ``measure.py`` (smtp-source runs, CPU and memory accounting, the accept herd),
+``split_cores.py`` (the run with the client on its own core),
 ``production.py`` (reload under load, behind HAProxy), ``report.py``
 (targets and RESULTS.md) and ``procs.py`` (the processes started and their
 clean-up).
@@ -79,6 +86,7 @@ import measure
 import production
 import report
 import servers as peers
+import split_cores
 from procs import end_all, log, on_signal
 
 HERE = Path(__file__).resolve().parent
@@ -120,6 +128,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "memory and the relay memory run), production (reload under load, HAProxy), "
                         "idle-uss, herd, pool; default: all")
     p.add_argument("--no-pool", action="store_true", help="skip the large-pool start-up and idle-CPU phase")
+    p.add_argument("--no-split", action="store_true",
+                   help="skip the reference run of persistent sessions with smtp-source on its own core")
     p.add_argument("--pool-workers", default="1000",
                    help="comma-separated pool sizes: time to all workers idle, then their idle CPU")
     p.add_argument("--pool-idle-seconds", type=float, default=10.0,
@@ -190,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     herd_rows: list[dict[str, Any]] = []
     pool_rows: list[dict[str, Any]] = []
     ops: dict[str, Any] | None = None
+    split: measure.Workload | None = None
     try:
         log(f"work dir {workdir}; phases: {', '.join(sorted(args.phases))}")
         if "side-by-side" in args.phases:
@@ -202,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
                 servers += relays
                 active += peers.start_relays(upstream, relays, workdir)
             measure.interleaved(active, workloads, args.reps, args.run_timeout)
+            persist = next((wl for wl in workloads if wl.key == "persist"), None)
+            if persist is not None and not args.no_split:
+                split = split_cores.run(active, persist, args.reps, args.run_timeout)
             bench_uss = servers[0].worker_uss()
             for s in servers:
                 s.stop()
@@ -227,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         end_all()
 
     body = report.render(args, workloads, servers, bench_uss, idle_rows, herd_rows, started,
-                         time.monotonic() - t_start, relay_mem, ops, pool_rows)
+                         time.monotonic() - t_start, relay_mem, ops, pool_rows, split)
     report.write_results(args.output, body)
     if args.json:
         raw = {s.key: {k: [vars(x) for x in v] for k, v in s.samples.items()} for s in servers}

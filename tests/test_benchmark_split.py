@@ -1,0 +1,133 @@
+"""The benchmark's client CPU and its reference run with the client on its own core.
+
+``measure.drive`` takes smtp-source's own CPU beside the server's, and
+``split_cores`` pins a server's whole process tree to one CPU and the client
+to another, then gives the server every CPU back.  Both are run here for real:
+the Python floor (two forked workers on loopback, started by its adapter) and
+Postfix's smtp-source.  The report's sentences and table are rendered from
+made-up samples, so their arithmetic can be checked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import require_tool
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+if str(BENCHMARKS) not in sys.path:
+    sys.path.append(str(BENCHMARKS))  # appended: the benchmark's module names never shadow others
+
+import measure  # noqa: E402
+import procs  # noqa: E402
+import report  # noqa: E402
+import servers  # noqa: E402
+import split_cores  # noqa: E402
+from measure import Sample, Workload  # noqa: E402
+
+PERSIST = Workload("persist", "Persistent sessions (2 KB, 2 sessions, `-d`)", 2, 2048, True, 200)
+
+
+@pytest.fixture
+def floor(tmp_path: Path) -> Iterator[servers.PythonFloorServer]:
+    """The Python floor with two workers, as ``make bench`` starts it; stopped afterwards."""
+    require_tool("smtp-source")
+    server = servers.PythonFloorServer(2)
+    server.start(tmp_path)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def _affinities(server: servers.Server) -> list[set[int]]:
+    """The CPUs each thread of the server's tree may run on."""
+    out = []
+    for proc in procs.process_tree(server.root):
+        for tid in os.listdir(f"/proc/{proc.pid}/task"):
+            out.append(os.sched_getaffinity(int(tid)))
+    return out
+
+
+def test_drive_takes_smtp_sources_own_cpu_beside_the_servers(floor: servers.PythonFloorServer) -> None:
+    sample = measure.drive(floor, PERSIST, 200, timeout=60)
+    assert sample.ok, sample.error
+    assert sample.messages == 200
+    # smtp-source does real work for each of its 200 messages (a few system calls each, at least)
+    assert sample.client_cpu > 0
+    assert sample.cpu > 0
+    assert not floor.samples  # drive() measures; the repetitions record
+
+
+def test_split_run_pins_server_and_client_apart_then_gives_every_cpu_back(
+        floor: servers.PythonFloorServer) -> None:
+    everything = os.sched_getaffinity(0)
+    where = split_cores.cpus()
+    if len(everything) < 2:
+        assert where is None and split_cores.run([floor], PERSIST, 1, 60) is None
+        return
+    server_cpus, client_cpus = where
+    assert server_cpus.isdisjoint(client_cpus) and server_cpus | client_cpus <= everything
+    # while pinned, every thread of the server (master and workers) is on the one CPU
+    assert split_cores.pin(floor, server_cpus) >= 3
+    assert all(cpus == server_cpus for cpus in _affinities(floor))
+    split_cores.pin(floor, everything)
+    wl = split_cores.run([floor], PERSIST, 2, 60)
+    assert wl is not None and wl.key == "persist-split" and wl.persistent and wl.count == PERSIST.count
+    samples = floor.samples["persist-split"]
+    assert len(samples) == 2 and all(s.ok and s.client_cpu > 0 for s in samples)
+    assert "persist" not in floor.samples  # the shared-cores figures are not touched
+    assert all(cpus == everything for cpus in _affinities(floor))
+
+
+def _sample(server_us: float, client_us: float, rate: float, messages: int = 1000) -> Sample:
+    return Sample(messages / rate, messages, server_us * messages / 1e6, 0.0, 0.0, True,
+                  client_cpu=client_us * messages / 1e6)
+
+
+def test_report_gives_the_shared_cores_ratio_and_the_split_table() -> None:
+    wls = measure.workloads(20, 4, 1000, 1000, 10)
+    persist = wls[1]
+    split = Workload("persist-split", persist.title + ", smtp-source on its own core", 20, 2048, True, 1000)
+    ours = servers.Server("prefork-esmtp", "prefork-esmtp", version="1")
+    haraka = servers.Server("haraka", "Haraka (2 nodes)", version="3")
+    floor = servers.Server("python-floor", "Python floor (no SMTP engine; reference only)",
+                           version="Python 3", only=frozenset({"conn", "persist"}), reference=True)
+    others = [servers.Server(k, k, False, "not selected (--servers)") for k in ("aiosmtpd", "smtp-sink")]
+    ours.samples = {"persist": [_sample(60, 40, 18000)], "persist-split": [_sample(70, 45, 14000)]}
+    haraka.samples = {"persist": [_sample(160, 50, 9000)], "persist-split": [_sample(210, 60, 4700)]}
+    floor.samples = {"persist": [_sample(50, 40, 20000)], "persist-split": [_sample(52, 44, 18000)]}
+    args = argparse.Namespace(quick=True, workers=22, reps=1, herd_connections=0)
+    text = report.render(args, wls, [ours, others[0], others[1], haraka, floor], [], [], [],
+                         datetime.datetime.now().astimezone(), 60.0, split=split)
+    tables = text.split("## Throughput and CPU")[1].split("## prefork-esmtp worker memory")[0]
+    persist_text = tables.split("### ")[2]
+    assert "| prefork-esmtp | 18,000 | 18,000 – 18,000 | 60 | n/a | 40 | — | — | 1/0 |" in persist_text
+    # (160 + 50) / (60 + 40) = 2.10x with the cores busy; the servers alone 160 / 60 = 2.67x
+    assert ("With the cores busy msgs/s go as 1 ÷ (server + client): 210 ÷ 100 = **2.10×** (measured 2.00×), "
+            "where the servers' own CPU gives 2.67×; the Python floor reached 2.22× Haraka (2 nodes)'s "
+            "msgs/s in this run.") in persist_text
+    assert "client shares the cores" not in tables.split("### ")[1]  # no server of a conn target ran
+    section = tables.split("### Reference: ")[1]
+    assert section.startswith(split.title)
+    assert "| Haraka (2 nodes) | 4,700 | 4,700 – 4,700 | 210 | 60 | 2.98× | 1/0 |" in section
+    assert "| Python floor (no SMTP engine; reference only) | 18,000 | 18,000 – 18,000 | 52 | 44 | 0.78× |" in section
+    targets = text.split("## Targets")[1].split("## Throughput and CPU")[0]
+    assert "split" not in targets and "own core" not in targets
+
+
+def test_report_has_no_split_section_without_the_run() -> None:
+    wls = measure.workloads(20, 4, 1000, 1000, 10)
+    ours = servers.Server("prefork-esmtp", "prefork-esmtp", version="1")
+    ours.samples = {"persist": [_sample(60, 40, 18000)]}
+    others = [servers.Server(k, k, False, "not selected (--servers)") for k in ("aiosmtpd", "smtp-sink", "haraka")]
+    args = argparse.Namespace(quick=True, workers=22, reps=1, herd_connections=0)
+    text = report.render(args, wls, [ours, *others], [], [], [], datetime.datetime.now().astimezone(), 60.0)
+    assert "### Reference:" not in text and "own core" not in text
