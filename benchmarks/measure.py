@@ -97,6 +97,7 @@ class Sample:
     ok: bool
     error: str = ""
     client_cpu: float = 0.0  # smtp-source's own user + system seconds
+    steal: float = 0.0  # share of the machine's CPU time the hypervisor gave to other guests meanwhile
 
 
 
@@ -169,6 +170,21 @@ def cpu_times(procs: list[psutil.Process]) -> tuple[float, float, float]:
 
 # -- driving ----------------------------------------------------------------------------------
 
+def cpu_ticks() -> tuple[int, int]:
+    """(steal, total) clock ticks of all CPUs so far, from /proc/stat; (0, 0) where there is none.
+
+    Steal is time a virtual machine's CPUs were runnable but the hypervisor
+    ran another guest: on a shared host it slows every server measured then.
+    """
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return 0, 0
+    # user nice system idle iowait irq softirq steal (guest time is counted in user already)
+    return (fields[7] if len(fields) == 8 else 0), sum(fields)
+
+
 def children_cpu() -> float:
     """User + system seconds of this process's reaped children (the kernel adds them up to the runtime)."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -177,7 +193,8 @@ def children_cpu() -> float:
 
 def drive(server: Server, wl: Workload, count: int, timeout: float,
           client_cpus: set[int] | None = None) -> Sample:
-    """One smtp-source run against one server: wall time, the server tree's CPU and smtp-source's.
+    """One smtp-source run against one server: wall time, the server tree's CPU and smtp-source's,
+    and the host's steal meanwhile.
 
     smtp-source is the only child that ends during the run, so the growth of
     the reaped children's CPU is its own.  ``client_cpus`` pins it to those
@@ -188,6 +205,7 @@ def drive(server: Server, wl: Workload, count: int, timeout: float,
     cmd = wl.args(count) + [f"{HOST}:{server.port}"]
     pin = (lambda: os.sched_setaffinity(0, client_cpus)) if client_cpus else None
     k0 = children_cpu()
+    steal0, ticks0 = cpu_ticks()
     t0 = time.perf_counter()
     proc = spawn(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=pin)
     try:
@@ -197,6 +215,7 @@ def drive(server: Server, wl: Workload, count: int, timeout: float,
         return Sample(timeout, count, 0, 0, 0, False, f"timed out after {timeout:.0f} s")
     elapsed = time.perf_counter() - t0
     client = max(0.0, children_cpu() - k0)
+    steal1, ticks1 = cpu_ticks()
     release(proc)
     time.sleep(0.05)  # let the server finish the last QUIT/close
     server.refresh_tree()
@@ -204,7 +223,8 @@ def drive(server: Server, wl: Workload, count: int, timeout: float,
     text = (err or b"").decode(errors="replace").strip()
     ok = proc.returncode == 0 and "fatal" not in text
     return Sample(elapsed, count, max(0.0, c1 - c0), max(0.0, u1 - u0), max(0.0, s1 - s0), ok,
-                  "" if ok else (text.splitlines() or [f"exit {proc.returncode}"])[-1][:200], client)
+                  "" if ok else (text.splitlines() or [f"exit {proc.returncode}"])[-1][:200], client,
+                  (steal1 - steal0) / (ticks1 - ticks0) if ticks1 > ticks0 else 0.0)
 
 
 def rate(wl: Workload, s: Sample) -> float:

@@ -170,6 +170,9 @@ def render(args: argparse.Namespace, workloads: list[Workload], servers: list[Se
       "user/system times are too coarse for a 1-second run; reaped children's user+system "
       "included), median per message. \"User share\" is psutil's user/(user+system) summed over "
       "the repetitions (tick-sampled, so approximate).")
+    steal = steal_line(servers)
+    if steal:
+        w(steal)
     w("")
 
     # targets
@@ -402,18 +405,23 @@ def render(args: argparse.Namespace, workloads: list[Workload], servers: list[Se
     return "\n".join(lines)
 
 
-def shared_cores_sentences(wl: Workload, group: list[Server], stats: dict[tuple[str, str], Any]) -> list[str]:
+def shared_cores_sentences(wl: Workload, group: list[Server], stats: dict[tuple[str, str], Any],
+                           cores: int | None = None) -> list[str]:
     """After a 2 KB table, for each msgs/s target of that workload: how the client's share of the cores
     enters the ratio.
 
-    With the cores busy, msgs/s go as one over the CPU a message costs the
-    machine: the server's and smtp-source's together.  The client's part is
-    the same for every server, so it pulls every ratio towards 1; the
-    sentence gives that ratio of sums beside the servers' own CPU ratio, and
-    what the Python floor reached against the same peer in this run.
+    Where a server and smtp-source keep the machine's cores busy, msgs/s go
+    as one over the CPU a message costs the machine: the server's and
+    smtp-source's together.  The client's part is about the same for every
+    server, so it pulls such a ratio towards 1.  The sentence gives the cores
+    each kept busy (msgs/s × those µs, so a reader sees whether the model
+    holds: a single process, or a server waiting on its upstream, fills
+    less), the ratio of the sums beside the measured one, the servers' own
+    CPU ratio, and what the Python floor reached against the same peer.
     """
     if wl.big or not group or not group[0].available:
         return []
+    cores = cores or psutil.cpu_count() or 1
     ours = stats.get((group[0].key, wl.key))
     floor = next((s for s in group if s.reference and s.available), None)
     low = stats.get((floor.key, wl.key)) if floor else None
@@ -425,12 +433,13 @@ def shared_cores_sentences(wl: Workload, group: list[Server], stats: dict[tuple[
                                                                  theirs.client_us, ours.rate, theirs.rate):
             continue
         mine, its = ours.cpu_us + ours.client_us, theirs.cpu_us + theirs.client_us
-        text = (f"The client shares the cores (a reference for the ≥ {need:g}× target against {peer.label}): "
-                f"per message {group[0].label} {fmt(ours.cpu_us)} µs + smtp-source {fmt(ours.client_us)} µs, "
-                f"{peer.label} {fmt(theirs.cpu_us)} + {fmt(theirs.client_us)} µs. With the cores busy msgs/s go "
-                f"as 1 ÷ (server + client): {fmt(its)} ÷ {fmt(mine)} = **{its / mine:.2f}×** (measured "
-                f"{ours.rate / theirs.rate:.2f}×), where the servers' own CPU gives "
-                f"{theirs.cpu_us / ours.cpu_us:.2f}×")
+        text = (f"smtp-source shares the {cores} cores (a reference for the ≥ {need:g}× target against "
+                f"{peer.label}): per message {group[0].label} {fmt(ours.cpu_us)} µs + smtp-source "
+                f"{fmt(ours.client_us)} µs, {peer.label} {fmt(theirs.cpu_us)} + {fmt(theirs.client_us)} µs, "
+                f"keeping {ours.rate * mine / 1e6:.2f} and {theirs.rate * its / 1e6:.2f} of the {cores} cores "
+                f"busy. Where both fill the cores, msgs/s go as 1 ÷ (server + client): {fmt(its)} ÷ {fmt(mine)} "
+                f"= **{its / mine:.2f}×** (measured {ours.rate / theirs.rate:.2f}×), where the servers' own "
+                f"CPU gives {theirs.cpu_us / ours.cpu_us:.2f}×")
         if low and low.rate:
             text += f"; the Python floor reached {low.rate / theirs.rate:.2f}× {peer.label}'s msgs/s in this run"
         out.append(text + ".")
@@ -459,6 +468,28 @@ def split_section(split: Workload, servers: list[Server], stats: dict[tuple[str,
                    f"{fmt(st.client_us)} | {'—' if s is group[0] else times(ratio)} | {st.n_ok}/{st.n_fail} |")
     out.append("")
     return out
+
+
+#: A run with more steal than this is named in the header's steal line.
+STEAL_NOTED = 0.05
+
+
+def steal_line(servers: list[Server]) -> str:
+    """The header's line on the host's steal during the measured runs ("" where none was measured).
+
+    On a virtual machine sharing its host, steal (CPU time the hypervisor gave
+    to other guests) slows whichever server runs then; the ratios of a run with
+    much of it say less.  Median and largest over every recorded run, and how
+    many had more than :data:`STEAL_NOTED`.
+    """
+    values = [x.steal for s in servers for samples in s.samples.values() for x in samples]
+    if not values or not any(values):
+        return ""
+    noted = sum(1 for v in values if v > STEAL_NOTED)
+    return (f"- Host steal (CPU time the hypervisor gave to other guests, from `/proc/stat`) during the "
+            f"{len(values)} recorded smtp-source runs below: median {median(values):.1%}, largest "
+            f"{max(values):.1%}; {noted} run(s) above {STEAL_NOTED:.0%}, whose figures the host slowed, "
+            f"not the server.")
 
 
 def floor_sentence(wl: Workload, group: list[Server], stats: dict[tuple[str, str], Any]) -> str:
