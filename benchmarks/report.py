@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import platform
 from pathlib import Path
 from typing import Any
@@ -169,7 +170,8 @@ def render(args: argparse.Namespace, workloads: list[Workload], servers: list[Se
       "`/proc/PID/task/*/schedstat` gives the runtime in ns, since psutil's tick-sampled "
       "user/system times are too coarse for a 1-second run; reaped children's user+system "
       "included), median per message. \"User share\" is psutil's user/(user+system) summed over "
-      "the repetitions (tick-sampled, so approximate).")
+      "the repetitions (tick-sampled, so approximate). smtp-source's CPU: its user+system time from "
+      "`RUSAGE_CHILDREN` around each run (the kernel's runtime; it is the only child ending in a run).")
     steal = steal_line(servers)
     if steal:
         w(steal)
@@ -419,9 +421,9 @@ def shared_cores_sentences(wl: Workload, group: list[Server], stats: dict[tuple[
     less), the ratio of the sums beside the measured one, the servers' own
     CPU ratio, and what the Python floor reached against the same peer.
     """
-    if wl.big or not group or not group[0].available:
-        return []
-    cores = cores or psutil.cpu_count() or 1
+    if wl.big or wl.group != "sink" or not group or not group[0].available:
+        return []  # (a relay's upstream smtp-sink shares the cores too: the model leaves it out)
+    cores = cores or len(os.sched_getaffinity(0))
     ours = stats.get((group[0].key, wl.key))
     floor = next((s for s in group if s.reference and s.available), None)
     low = stats.get((floor.key, wl.key)) if floor else None
@@ -429,8 +431,8 @@ def shared_cores_sentences(wl: Workload, group: list[Server], stats: dict[tuple[
     for wl_key, peer_key, need in RATIO_TARGETS:
         peer = next((s for s in group if s.key == peer_key and s.available), None)
         theirs = stats.get((peer_key, wl.key)) if peer else None
-        if wl_key != wl.key or not ours or not theirs or None in (ours.cpu_us, ours.client_us, theirs.cpu_us,
-                                                                 theirs.client_us, ours.rate, theirs.rate):
+        if wl_key != wl.key or not ours or not theirs or not all((ours.cpu_us, ours.client_us, theirs.cpu_us,
+                                                                     theirs.client_us, ours.rate, theirs.rate)):
             continue
         mine, its = ours.cpu_us + ours.client_us, theirs.cpu_us + theirs.client_us
         text = (f"smtp-source shares the {cores} cores (a reference for the ≥ {need:g}× target against "
@@ -447,15 +449,16 @@ def shared_cores_sentences(wl: Workload, group: list[Server], stats: dict[tuple[
 
 
 def split_section(split: Workload, servers: list[Server], stats: dict[tuple[str, str], Any]) -> list[str]:
-    """The reference run with each server on one core and smtp-source on another: its table and the
-    msgs/s ratio of prefork-esmtp to each server."""
-    group = [s for s in servers if s.available and stats.get((s.key, split.key)) and stats[(s.key, split.key)].n_ok]
-    if not group or group[0] is not servers[0]:  # prefork-esmtp's figure is the reference of the ratios
+    """The reference run with each server on one core and smtp-source on another: its table (every
+    server that ran in it, failed runs included) and the msgs/s ratio of prefork-esmtp to each."""
+    group = [s for s in servers if s.available and s.samples.get(split.key)]
+    if not group:
         return []
-    ref = stats[(group[0].key, split.key)]
+    ours = servers[0]  # prefork-esmtp: the reference of the ratios
+    ref = stats.get((ours.key, split.key)) if ours in group else None
     out = [f"### Reference: {split.title}", "",
            "Not a target: the same servers (still running, same flags) with every thread of each pinned to one "
-           "CPU and `smtp-source` pinned to the other (`sched_setaffinity`), so a server's msgs/s is what one "
+           "CPU and `smtp-source` pinned to another (`sched_setaffinity`), so a server's msgs/s is what one "
            "core of its own gives it, as with clients on other machines; "
            f"`smtp-source -s {split.sessions} -m {split.count} -l {split.size} -d`, same repetitions.", "",
            "| server | msgs/s (median) | min – max | CPU µs/msg | smtp-source CPU µs/msg | "
@@ -463,9 +466,12 @@ def split_section(split: Workload, servers: list[Server], stats: dict[tuple[str,
            "|---|--:|--:|--:|--:|--:|--:|"]
     for s in group:
         st = stats[(s.key, split.key)]
-        ratio = ref.rate / st.rate if ref.rate and st.rate else None
+        ratio = ref.rate / st.rate if ref and ref.rate and st.rate else None
         out.append(f"| {s.label} | {fmt(st.rate)} | {fmt(st.lo)} – {fmt(st.hi)} | {fmt(st.cpu_us)} | "
-                   f"{fmt(st.client_us)} | {'—' if s is group[0] else times(ratio)} | {st.n_ok}/{st.n_fail} |")
+                   f"{fmt(st.client_us)} | {'—' if s is ours else times(ratio)} | {st.n_ok}/{st.n_fail} |")
+    errors = [f"{s.label}: {e}" for s in group for e in stats[(s.key, split.key)].errors]
+    if errors:
+        out += ["", "Failed runs: " + "; ".join(sorted(set(errors))[:6])]
     out.append("")
     return out
 
@@ -475,19 +481,19 @@ STEAL_NOTED = 0.05
 
 
 def steal_line(servers: list[Server]) -> str:
-    """The header's line on the host's steal during the measured runs ("" where none was measured).
+    """The header's line on the host's steal during the measured runs ("" without a successful run).
 
     On a virtual machine sharing its host, steal (CPU time the hypervisor gave
     to other guests) slows whichever server runs then; the ratios of a run with
     much of it say less.  Median and largest over every recorded run, and how
     many had more than :data:`STEAL_NOTED`.
     """
-    values = [x.steal for s in servers for samples in s.samples.values() for x in samples]
-    if not values or not any(values):
+    values = [x.steal for s in servers for samples in s.samples.values() for x in samples if x.ok]
+    if not values:
         return ""
     noted = sum(1 for v in values if v > STEAL_NOTED)
     return (f"- Host steal (CPU time the hypervisor gave to other guests, from `/proc/stat`) during the "
-            f"{len(values)} recorded smtp-source runs below: median {median(values):.1%}, largest "
+            f"{len(values)} recorded smtp-source run(s) below: median {median(values):.1%}, largest "
             f"{max(values):.1%}; {noted} run(s) above {STEAL_NOTED:.0%}, whose figures the host slowed, "
             f"not the server.")
 

@@ -39,23 +39,46 @@ def pin(server: Server, where: set[int]) -> int:
     is skipped; a process started later inherits its parent's CPUs.
     """
     pinned = 0
+    for tid in _threads(server):
+        try:
+            os.sched_setaffinity(tid, where)
+            pinned += 1
+        except OSError:
+            pass  # gone meanwhile; one that stays unpinned is found by pinned_to()
+    return pinned
+
+
+def pinned_to(server: Server, where: set[int]) -> bool:
+    """Whether every thread of the server's process tree may run on ``where`` only."""
+    found = False
+    for tid in _threads(server):
+        try:
+            if os.sched_getaffinity(tid) != where:
+                return False
+        except OSError:
+            continue  # gone meanwhile
+        found = True
+    return found
+
+
+def _threads(server: Server) -> list[int]:
+    """Thread ids of every process of the server's tree."""
+    tids = []
     for proc in process_tree(server.root):
         try:
-            tids = os.listdir(f"/proc/{proc.pid}/task")
+            tids += [int(t) for t in os.listdir(f"/proc/{proc.pid}/task")]
         except OSError:
             continue
-        for tid in tids:
-            try:
-                os.sched_setaffinity(int(tid), where)
-                pinned += 1
-            except OSError:
-                pass
-    return pinned
+    return tids
 
 
 def run(active: list[Server], wl: Workload, reps: int, timeout: float) -> Workload | None:
     """Run ``wl`` with the servers of its group pinned apart from the client: the workload it was
-    recorded under (``wl.key + SUFFIX``, in each server's samples), or None when fewer than two CPUs."""
+    recorded under (``wl.key + SUFFIX``, in each server's samples), or None when fewer than two CPUs.
+
+    RuntimeError when a server could not be pinned (its figures would not be
+    what the report says they are); the servers get every CPU back either way.
+    """
     where = cpus()
     if where is None:
         log("split cores: fewer than two CPUs, not run")
@@ -69,6 +92,8 @@ def run(active: list[Server], wl: Workload, reps: int, timeout: float) -> Worklo
     try:
         for s in group:
             pin(s, server_cpus)
+            if not pinned_to(s, server_cpus):
+                raise RuntimeError(f"split cores: {s.label} could not be pinned to CPU {min(server_cpus)}")
         log(f"split cores: servers on CPU {min(server_cpus)}, smtp-source on CPU {min(client_cpus)}; warm-up")
         for s in group:
             drive(s, split, max(wl.sessions * 2, wl.count // 10), timeout, client_cpus)

@@ -67,7 +67,7 @@ def test_drive_takes_smtp_sources_own_cpu_beside_the_servers(floor: servers.Pyth
 
 
 def test_split_run_pins_server_and_client_apart_then_gives_every_cpu_back(
-        floor: servers.PythonFloorServer) -> None:
+        floor: servers.PythonFloorServer, monkeypatch: pytest.MonkeyPatch) -> None:
     everything = os.sched_getaffinity(0)
     where = split_cores.cpus()
     if len(everything) < 2:
@@ -75,16 +75,43 @@ def test_split_run_pins_server_and_client_apart_then_gives_every_cpu_back(
         return
     server_cpus, client_cpus = where
     assert server_cpus.isdisjoint(client_cpus) and server_cpus | client_cpus <= everything
-    # while pinned, every thread of the server (master and workers) is on the one CPU
-    assert split_cores.pin(floor, server_cpus) >= 3
-    assert all(cpus == server_cpus for cpus in _affinities(floor))
+    assert split_cores.pin(floor, server_cpus) >= 3  # the master and its two workers, at least
+    assert split_cores.pinned_to(floor, server_cpus)
     split_cores.pin(floor, everything)
+    assert not split_cores.pinned_to(floor, server_cpus)
+    seen = []  # what each smtp-source run of the phase found: the server's threads' CPUs, the client's
+    real_drive = split_cores.drive
+
+    def watched(server: servers.Server, wl: Workload, count: int, timeout: float,
+                client_cpus: set[int] | None = None) -> Sample:
+        seen.append((_affinities(server), client_cpus))
+        return real_drive(server, wl, count, timeout, client_cpus)
+
+    monkeypatch.setattr(split_cores, "drive", watched)
     wl = split_cores.run([floor], PERSIST, 2, 60)
     assert wl is not None and wl.key == "persist-split" and wl.persistent and wl.count == PERSIST.count
+    assert len(seen) == 3  # the warm-up and two repetitions, each with the server on its CPU only
+    assert all(all(cpus == server_cpus for cpus in threads) and client == client_cpus for threads, client in seen)
     samples = floor.samples["persist-split"]
     assert len(samples) == 2 and all(s.ok and s.client_cpu > 0 for s in samples)
     assert "persist" not in floor.samples  # the shared-cores figures are not touched
     assert all(cpus == everything for cpus in _affinities(floor))
+
+
+class _AffinityProbe(Workload):
+    """A "client" that prints the CPUs it may run on and fails, so drive() hands its line back as the error."""
+
+    def args(self, count: int) -> list[str]:
+        return ["sh", "-c", "grep Cpus_allowed_list /proc/self/status >&2; exit 1", "probe"]
+
+
+def test_drive_pins_the_client_where_it_is_told(floor: servers.PythonFloorServer) -> None:
+    cpu = max(os.sched_getaffinity(0))
+    probe = _AffinityProbe("probe", "probe", 1, 1, True, 1)
+    sample = measure.drive(floor, probe, 1, timeout=30, client_cpus={cpu})
+    assert not sample.ok and sample.error.split(":")[1].strip() == str(cpu)
+    unpinned = measure.drive(floor, probe, 1, timeout=30)
+    assert unpinned.error.split(":")[1].strip() != str(cpu) or len(os.sched_getaffinity(0)) == 1
 
 
 def _sample(server_us: float, client_us: float, rate: float, messages: int = 1000) -> Sample:
@@ -126,6 +153,20 @@ def test_report_gives_the_shared_cores_ratio_and_the_split_table() -> None:
     assert "split" not in targets and "own core" not in targets
 
 
+def test_split_section_shows_failed_runs_and_stays_when_prefork_esmtp_failed() -> None:
+    split = Workload("persist-split", "Persistent sessions, smtp-source on its own core", 20, 2048, True, 1000)
+    ours = servers.Server("prefork-esmtp", "prefork-esmtp", version="1")
+    haraka = servers.Server("haraka", "Haraka (2 nodes)", version="3")
+    ours.samples = {"persist-split": [Sample(60.0, 1000, 0, 0, 0, False, "timed out after 60 s")]}
+    haraka.samples = {"persist-split": [_sample(210, 60, 4700)]}
+    stats = {(s.key, split.key): measure.summarize(s, split) for s in (ours, haraka)}
+    lines = report.split_section(split, [ours, haraka], stats)
+    text = "\n".join(lines)
+    assert "| prefork-esmtp | n/a | n/a – n/a | n/a | n/a | — | 0/1 |" in text
+    assert "| Haraka (2 nodes) | 4,700 | 4,700 – 4,700 | 210 | 60 | n/a | 1/0 |" in text
+    assert "Failed runs: prefork-esmtp: timed out after 60 s" in text
+
+
 def test_report_has_no_split_section_without_the_run() -> None:
     wls = measure.workloads(20, 4, 1000, 1000, 10)
     ours = servers.Server("prefork-esmtp", "prefork-esmtp", version="1")
@@ -144,6 +185,8 @@ def test_drive_reads_the_hosts_steal_and_the_header_names_noisy_runs() -> None:
     quiet.steal, noisy.steal = 0.004, 0.21
     ours.samples = {"persist": [quiet, quiet, noisy]}
     line = report.steal_line([ours])
-    assert "3 recorded smtp-source runs below: median 0.4%, largest 21.0%; 1 run(s) above 5%" in line
-    ours.samples = {"persist": [_sample(60, 40, 18000)]}  # no steal measured (or none at all): no line
-    assert report.steal_line([ours]) == ""
+    assert "3 recorded smtp-source run(s) below: median 0.4%, largest 21.0%; 1 run(s) above 5%" in line
+    ours.samples = {"persist": [_sample(60, 40, 18000)]}  # a quiet host is said too
+    assert "1 recorded smtp-source run(s) below: median 0.0%, largest 0.0%; 0 run(s) above 5%" in report.steal_line([ours])
+    ours.samples = {"persist": [Sample(60.0, 1000, 0, 0, 0, False, "timed out after 60 s")]}
+    assert report.steal_line([ours]) == ""  # failed runs are not recorded figures
