@@ -266,18 +266,21 @@ def summarize(server: Server, wl: Workload) -> Stat:
 
 
 
-def interleaved(active: list[Server], wls: list[Workload], reps: int, timeout: float) -> None:
+def interleaved(active: list[Server], wls: list[Workload], reps: int, timeout: float,
+                client_cpus: set[int] | None = None, suffix: str = "") -> None:
     """One unrecorded warm-up run each, then ``reps`` recorded repetitions into ``server.samples``.
 
     For each repetition and workload every server of the workload's group runs
     once; the order of the servers rotates from one repetition to the next, so
-    that no server always runs right after the same neighbour.
+    that no server always runs right after the same neighbour.  ``client_cpus``
+    pins smtp-source (see :func:`drive`); the samples go under the workload's
+    key plus ``suffix``.
     """
     log("warm-up")
     for wl in wls:
         for s in active:
             if s.group == wl.group and s.runs(wl.key):
-                drive(s, wl, max(wl.sessions * 2, wl.count // 10), timeout)
+                drive(s, wl, max(wl.sessions * 2, wl.count // 10), timeout, client_cpus)
     for rep in range(reps):
         for wl in wls:
             group = [s for s in active if s.group == wl.group and s.runs(wl.key)]
@@ -285,10 +288,10 @@ def interleaved(active: list[Server], wls: list[Workload], reps: int, timeout: f
                 continue
             k = rep % len(group)
             for s in group[k:] + group[:k]:
-                sample = drive(s, wl, wl.count, timeout)
-                s.samples.setdefault(wl.key, []).append(sample)
+                sample = drive(s, wl, wl.count, timeout, client_cpus)
+                s.samples.setdefault(wl.key + suffix, []).append(sample)
                 unit = "MB/s" if wl.big else "msgs/s"
-                log(f"rep {rep + 1}/{reps} {wl.key:9s} {s.label:30s} "
+                log(f"rep {rep + 1}/{reps} {wl.key + suffix:9s} {s.label:30s} "
                     f"{rate(wl, sample):9.1f} {unit}  "
                     f"cpu {sample.cpu / sample.messages * 1e6:7.0f} µs/msg"
                     + ("" if sample.ok else f"  FAILED: {sample.error}"))

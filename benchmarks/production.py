@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import resource
 import select
 import signal
 import subprocess
@@ -54,7 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from measure import Workload, cpu_times, median
+from measure import Workload, children_cpu, cpu_times, median
 from procs import HOST, end_process, log, release, spawn
 from servers import HAProxyServer, PreforkCountingServer, Server, SmtpSinkServer
 
@@ -161,12 +160,6 @@ def source_command(wl: Workload, count: int, port: int) -> list[str]:
     return base[:1] + ["-A", "-C", str(CONNECT_TRIES), "-c"] + base[1:] + [f"{HOST}:{port}"]
 
 
-def _children_cpu() -> float:
-    """User + system CPU seconds of this process's children that have ended and been waited for."""
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
 def counted_run(mode: str, server: Server, wl: Workload, count: int, timeout: float,
                 hups: int = 0, front: Server | None = None) -> Run:
     """One smtp-source run of ``count`` messages against ``server`` (through ``front`` when given).
@@ -192,7 +185,7 @@ def counted_run(mode: str, server: Server, wl: Workload, count: int, timeout: fl
         reloads0, failures0, durations0 = notices.reloads, notices.failed, len(notices.durations)
 
     err_chunks: list[bytes] = []
-    k0 = _children_cpu()  # smtp-source is the only child that ends during the run
+    k0 = children_cpu()  # smtp-source is the only child that ends during the run
     t0 = time.perf_counter()
     proc = spawn(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     reader = threading.Thread(target=lambda: err_chunks.append(proc.stderr.read()), daemon=True)
@@ -232,7 +225,7 @@ def counted_run(mode: str, server: Server, wl: Workload, count: int, timeout: fl
             timed_out = True
             end_process(proc, signal.SIGKILL, grace=1)
     elapsed = time.perf_counter() - t0
-    client = max(0.0, _children_cpu() - k0)
+    client = max(0.0, children_cpu() - k0)
     release(proc)
     reader.join(timeout=5)
     if notices is not None:

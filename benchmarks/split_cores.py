@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 
-from measure import Workload, drive, rate
+from measure import Workload, interleaved
 from procs import log, process_tree
 from servers import Server
 
@@ -94,18 +94,8 @@ def run(active: list[Server], wl: Workload, reps: int, timeout: float) -> Worklo
             pin(s, server_cpus)
             if not pinned_to(s, server_cpus):
                 raise RuntimeError(f"split cores: {s.label} could not be pinned to CPU {min(server_cpus)}")
-        log(f"split cores: servers on CPU {min(server_cpus)}, smtp-source on CPU {min(client_cpus)}; warm-up")
-        for s in group:
-            drive(s, split, max(wl.sessions * 2, wl.count // 10), timeout, client_cpus)
-        for rep in range(reps):
-            k = rep % len(group)
-            for s in group[k:] + group[:k]:
-                sample = drive(s, split, wl.count, timeout, client_cpus)
-                s.samples.setdefault(split.key, []).append(sample)
-                log(f"rep {rep + 1}/{reps} {split.key:14s} {s.label:30s} "
-                    f"{rate(split, sample):9.1f} msgs/s  "
-                    f"cpu {sample.cpu / sample.messages * 1e6:7.0f} µs/msg"
-                    + ("" if sample.ok else f"  FAILED: {sample.error}"))
+        log(f"split cores: servers on CPU {min(server_cpus)}, smtp-source on CPU {min(client_cpus)}")
+        interleaved(group, [wl], reps, timeout, client_cpus, SUFFIX)
     finally:
         for s in group:
             pin(s, everything)

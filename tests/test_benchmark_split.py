@@ -80,14 +80,14 @@ def test_split_run_pins_server_and_client_apart_then_gives_every_cpu_back(
     split_cores.pin(floor, everything)
     assert not split_cores.pinned_to(floor, server_cpus)
     seen = []  # what each smtp-source run of the phase found: the server's threads' CPUs, the client's
-    real_drive = split_cores.drive
+    real_drive = measure.drive
 
     def watched(server: servers.Server, wl: Workload, count: int, timeout: float,
                 client_cpus: set[int] | None = None) -> Sample:
         seen.append((_affinities(server), client_cpus))
         return real_drive(server, wl, count, timeout, client_cpus)
 
-    monkeypatch.setattr(split_cores, "drive", watched)
+    monkeypatch.setattr(measure, "drive", watched)  # the one interleaved() calls
     wl = split_cores.run([floor], PERSIST, 2, 60)
     assert wl is not None and wl.key == "persist-split" and wl.persistent and wl.count == PERSIST.count
     assert len(seen) == 3  # the warm-up and two repetitions, each with the server on its CPU only
